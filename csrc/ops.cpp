@@ -1,0 +1,76 @@
+// fastlm._C: the one registration file of the fastlm op schemas (namespace "fastlm"), plus a minimal
+// Python-limited-API module so that `import fastlm._C` loads the library and runs the static initialisers
+// that register the ops with the dispatcher (torch must be imported first).
+//
+// The schemas are defined here whatever the build: without CUDA sources (FASTLM_BUILD_CUDA=0) the ops exist
+// but have no CUDA kernel, so the Python side can say "built without CUDA kernels" instead of "no such op".
+// Kernels register themselves for their dispatch key in their own files (csrc/cuda/*.cu).
+//
+// Python.h must come first (it may set feature macros that affect the standard headers).
+#include <Python.h>
+
+#include <torch/csrc/stable/library.h>
+
+#ifdef FASTLM_WITH_CUDA
+#define FASTLM_WITH_CUDA_FLAG 1
+#else
+#define FASTLM_WITH_CUDA_FLAG 0
+#endif
+#ifndef FASTLM_CUDA_VERSION
+#define FASTLM_CUDA_VERSION ""
+#endif
+#ifndef FASTLM_CUDA_ARCHS
+#define FASTLM_CUDA_ARCHS ""
+#endif
+#ifndef FASTLM_TORCH_BUILD_VERSION
+#define FASTLM_TORCH_BUILD_VERSION ""
+#endif
+
+// A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
+// "fastlm::..."), and a fragment never competes with another library claiming to own "fastlm".
+STABLE_TORCH_LIBRARY(fastlm, m) {
+  // LayerNorm (rms=false) / RMSNorm (rms=true) over the last dim of a 2-D x, with an optional fused residual
+  // add. Returns y, h = x + residual (empty (0,) without residual), mean (float32 (M,), (0,) for RMS), rstd
+  // (float32 (M,)).
+  m.def(
+      "norm_fwd_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
+      "(Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // Gradients of norm_fwd_cuda; x is the normalised input (h when there was a residual). dx includes dh when
+  // given. dw/db (weight's dtype; db is float32 when weight is None) are empty (0,) when not wanted; they are
+  // reduced without atomics, so they are bitwise reproducible.
+  m.def(
+      "norm_bwd_cuda(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh, bool rms, "
+      "bool has_bias) -> (Tensor dx, Tensor dw, Tensor db)");
+}
+
+namespace {
+
+PyModuleDef fastlm_module = {
+    PyModuleDef_HEAD_INIT,
+    "fastlm._C",
+    "fastlm compiled ops (registered with the torch dispatcher as torch.ops.fastlm.*) and build information.",
+    -1,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&fastlm_module);
+  if (m == nullptr) return nullptr;
+  PyObject* with_cuda = PyBool_FromLong(FASTLM_WITH_CUDA_FLAG);
+  const bool ok = with_cuda != nullptr && PyModule_AddObjectRef(m, "with_cuda", with_cuda) == 0 &&
+                  PyModule_AddStringConstant(m, "cuda_version", FASTLM_CUDA_VERSION) == 0 &&
+                  PyModule_AddStringConstant(m, "cuda_archs", FASTLM_CUDA_ARCHS) == 0 &&
+                  PyModule_AddStringConstant(m, "torch_build_version", FASTLM_TORCH_BUILD_VERSION) == 0;
+  Py_XDECREF(with_cuda);
+  if (!ok) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,96 @@
+"""Backend choice: ``triton``, ``cuda``, ``torch`` or ``auto``.
+
+``with fastlm.backend("triton"): ...`` or the environment variable ``FASTLM_BACKEND`` (read at import) select the
+kernels for every fastlm op. ``auto`` (the default) picks, per op family and device, the backend in ``AUTO``:
+the fastest one known to be correct there. A backend that was asked for by name and cannot run raises
+``BackendUnavailableError`` saying what is missing; nothing falls back silently.
+
+The choice is a module global rather than a context variable so that torch.compile reads it as a constant (and
+guards on it) instead of breaking the graph; it is therefore per process, not per thread.
+"""
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from fastlm import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# auto: (op family, device type) -> backend. Updated from the committed device results (benchmarks/results/).
+# On CUDA the Triton kernels are the default until the CUDA C++ kernels have been measured and verified on a GPU.
+AUTO = {
+    ("norms", "cuda"): "triton",
+    ("norms", "cpu"): "torch",  # no CPU kernels yet: torch's own ops
+}
+
+# Which op families each compiled backend implements.
+IMPLEMENTED = {
+    "triton": {"norms"},
+    "cuda": {"norms"},
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run the op on these inputs."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_current = _check_name(os.environ.get("FASTLM_BACKEND", "auto"))
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def current_backend() -> str:
+    """The backend name in force (may be ``auto``)."""
+    return _current
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the enclosed fastlm ops on backend ``name`` (one of ``auto``, ``triton``, ``cuda``, ``torch``)."""
+    global _current
+    previous, _current = _current, _check_name(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def unavailable_reason(name: str, family: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run op family ``family`` on ``device`` (None when it can)."""
+    if name == "torch":
+        return None
+    if family not in IMPLEMENTED[name]:
+        return f"the {name} backend has no {family} kernels"
+    if name == "triton":
+        if not _TRITON_FOUND:
+            return "triton is not installed"
+        if device.type != "cuda" and not _INTERPRET:
+            return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
+        return None
+    reason = _ext.cuda_unavailable_reason()
+    if reason is None and device.type != "cuda":
+        reason = f"the CUDA kernels need CUDA tensors (got {device.type})"
+    return reason
+
+
+def resolve(family: str, x: torch.Tensor) -> str:
+    """The concrete backend (``triton``, ``cuda`` or ``torch``) that runs op family ``family`` on tensor ``x``."""
+    name = _current
+    if name == "auto":
+        if x.dtype not in FUSED_DTYPES:
+            return "torch"  # fp64 and friends: the fused kernels are fp32/fp16/bf16 only
+        name = AUTO.get((family, x.device.type), "torch")
+    reason = unavailable_reason(name, family, x.device)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastlm backend {name!r} cannot run {family}: {reason}")
+    return name

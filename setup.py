@@ -1,0 +1,85 @@
+"""Build of fastlm: the Python packages plus one extension, ``fastlm._C``, from ``csrc/``.
+
+``fastlm._C`` is written against the LibTorch stable ABI (``TORCH_TARGET_VERSION`` = torch 2.10) and the
+Python limited API (``abi3``, CPython >= 3.10), so one build serves every torch >= 2.10 and every CPython >= 3.10.
+
+Environment switches:
+  FASTLM_BUILD_CUDA=0|1   skip / force the CUDA sources (default: when torch is a CUDA build and nvcc is found)
+  TORCH_CUDA_ARCH_LIST    archs to compile (default "8.0;9.0" when no GPU is visible)
+  MAX_JOBS                parallel compile jobs (read by torch.utils.cpp_extension / ninja)
+
+Build with ``pip install --no-build-isolation -e .`` (torch must already be installed: we compile against it).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCH_TARGET_VERSION = "0x020a000000000000"  # torch 2.10: the oldest torch the stable-ABI build supports
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FASTLM_BUILD_CUDA")
+    if flag is not None:
+        if flag not in ("0", "1"):
+            raise SystemExit(f"FASTLM_BUILD_CUDA must be 0 or 1, got {flag!r}")
+        if flag == "1" and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
+            raise SystemExit(
+                "FASTLM_BUILD_CUDA=1 but "
+                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+            )
+        return flag == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    define = [
+        f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}",
+        "-DPy_LIMITED_API=0x030a0000",
+        f"-DFASTLM_TORCH_BUILD_VERSION=\"{torch.__version__.split('+')[0]}\"",
+    ]
+    cxx = ["-O3", *define]
+    ext_kwargs = {}
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        cuda_define = [
+            "-DUSE_CUDA",  # the aoti shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA
+            "-DFASTLM_WITH_CUDA",
+            f"-DFASTLM_CUDA_VERSION=\"{torch.version.cuda}\"",
+            f"-DFASTLM_CUDA_ARCHS=\"{archs}\"",
+        ]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cxx += cuda_define
+        ext_kwargs["extra_compile_args"] = {
+            "cxx": cxx,
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *define, *cuda_define],
+        }
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext_cls = cpp_extension.CppExtension
+    return ext_cls(
+        name="fastlm._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        py_limited_api=True,
+        **ext_kwargs,
+    )
+
+
+setup(
+    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels"],
+    package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -1,0 +1,49 @@
+"""Test set-up: Triton runs through its interpreter on CPU-only machines, and kernel outputs are poisoned.
+
+Both variables must be set before triton / fastlm are imported (triton.jit reads TRITON_INTERPRET at decoration
+time), which is why this happens at the top of conftest.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTLM_POISON", "1")  # NaN-fill kernel outputs so unwritten elements fail the comparison
+
+import pytest  # noqa: E402
+
+import fastlm  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# Fused backends under test: Triton everywhere (interpreted on CPU), CUDA C++ only on a GPU.
+BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu]),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs each test, but reproducible from the test id when one fails."""
+    seed = hash(request.node.nodeid) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fastlm.backend(request.param):
+        yield request.param

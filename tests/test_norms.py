@@ -1,0 +1,241 @@
+"""LayerNorm / RMSNorm (+ residual) on the fused backends against a float64 reference: outputs and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import DEVICE, ON_GPU
+from helpers import assert_close_ref
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlm
+import fastlm.functional as F
+from fastlm import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KINDS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+# Row widths: 1, primes, non-powers of two, and both sides of every block-size class boundary of the kernels
+# (single-pass forward <= 16384, single-pass backward <= 8192, 4096-wide chunks beyond), up to the maximum.
+WIDTHS = [1, 7, 127, 128, 129, 768, 1000, 4096, 4097, 8192, 8193, 16384, 16385, 65536]
+
+
+def _rows_for(n: int) -> int:
+    return max(2, min(37, (300_000 if ON_GPU else 150_000) // n))  # keep the interpreter's work small on CPU
+
+
+def _call(kind, x, r, shape, w, b, eps):
+    if kind == "layer_norm":
+        return (F.layer_norm(x, shape, w, b, eps),)
+    if kind == "rms_norm":
+        return (F.rms_norm(x, shape, w, eps),)
+    if kind == "add_layer_norm":
+        return F.add_layer_norm(x, r, shape, w, b, eps)
+    return F.add_rms_norm(x, r, shape, w, eps)
+
+
+def _ref(kind, x, r, shape, w, b, eps):
+    """The same computation in plain torch (float64 inputs give the oracle)."""
+    if kind == "layer_norm":
+        return (TF.layer_norm(x, shape, w, b, eps),)
+    if kind == "rms_norm":
+        return (TF.rms_norm(x, shape, w, eps),)
+    if kind == "add_layer_norm":
+        return reference.add_layer_norm(x, r, shape, w, b, eps)
+    return reference.add_rms_norm(x, r, shape, w, eps)
+
+
+def check_norm(
+    kind,
+    shape,
+    n_dims=1,
+    dtype=torch.float32,
+    *,
+    w_dtype=None,
+    has_w=True,
+    has_b=True,
+    eps=1e-5,
+    view=lambda t: t,
+    base_shape=None,
+):
+    """Run ``kind`` on fresh random inputs and compare the outputs and the gradients of x, residual, weight and
+    bias with the float64 reference and with torch's own result in ``dtype``.
+
+    ``view`` maps a leaf of ``base_shape`` to the (possibly strided) input of ``shape``.
+    """
+    nshape = tuple(shape[-n_dims:])
+    w_dtype = w_dtype or dtype
+    rms = "rms" in kind
+    add = kind.startswith("add")
+    if rms and eps == 1e-5:
+        eps = None  # exercise torch's default
+    base_shape = base_shape or shape
+    leaves = {"x": (torch.randn(base_shape, device=DEVICE) * 2 + 0.5).to(dtype)}
+    if add:
+        leaves["residual"] = torch.randn(base_shape, device=DEVICE).to(dtype)
+    if has_w:
+        leaves["weight"] = (torch.randn(nshape, device=DEVICE) * 0.5 + 1).to(w_dtype)
+    if has_b and not rms:
+        leaves["bias"] = (torch.randn(nshape, device=DEVICE) * 0.5).to(w_dtype)
+
+    eps_ref = torch.finfo(dtype).eps if eps is None else eps  # what eps=None means for the input's dtype
+
+    def run(fn, ls, eps):
+        ls = {k: v.detach().clone().requires_grad_() for k, v in ls.items()}
+        outs = fn(kind, view(ls["x"]), view(ls["residual"]) if add else None, nshape, ls.get("weight"), ls.get("bias"), eps)
+        return ls, outs
+
+    ls, outs = run(_call, leaves, eps)
+    assert all(o.dtype == dtype for o in outs), [o.dtype for o in outs]
+    grads_out = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, list(ls.values()), grads_out)
+
+    ls64, outs64 = run(_ref, {k: v.double() for k, v in leaves.items()}, eps_ref)
+    grads64 = torch.autograd.grad(outs64, list(ls64.values()), [g.double() for g in grads_out])
+
+    torch_outs = None
+    if dtype != torch.float32:
+        _, torch_outs = run(_ref, leaves, eps)
+
+    names = ["out", "h"][: len(outs)]
+    for i, name in enumerate(names):
+        assert_close_ref(outs[i], outs64[i], dtype, name, torch_outs[i] if torch_outs else None)
+    for i, key in enumerate(ls):
+        tol_dtype = dtype if key in ("x", "residual") else (w_dtype if w_dtype != torch.float32 else dtype)
+        assert_close_ref(grads[i].to(grads64[i].dtype), grads64[i], tol_dtype, f"d{key}")
+
+
+@pytest.mark.parametrize("N", WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_widths_dtypes(backend, kind, dtype, N):
+    check_norm(kind, (_rows_for(N), N), dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("has_w,has_b", [(False, False), (True, False), (False, True)])
+def test_affine_optional(backend, kind, has_w, has_b):
+    check_norm(kind, (9, 300), has_w=has_w, has_b=has_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("N", [1000, 20000])
+def test_mixed_fp32_weight(backend, kind, dtype, N):
+    """Low-precision input with float32 weight and bias, as in torch's mixed-precision training."""
+    check_norm(kind, (5, N), dtype=dtype, w_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leading_dims_and_multidim_normalized_shape(backend, kind):
+    check_norm(kind, (2, 3, 4, 6), n_dims=2)
+    check_norm(kind, (2, 3, 5, 257), n_dims=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("N", [300, 20000])
+def test_strided_rows_no_copy(backend, kind, N):
+    """Rows with a stride (a slice of a wider tensor): the kernel reads them in place."""
+    check_norm(kind, (6, N), base_shape=(6, 2 * N + 3), view=lambda t: t[:, :N])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_noncontiguous_inputs(backend, kind):
+    """A transposed leading layout (rows not mergeable) and a non-unit last stride: copied once, still right."""
+    check_norm(kind, (5, 4, 96), base_shape=(4, 5, 96), view=lambda t: t.transpose(0, 1))
+    check_norm(kind, (7, 100), base_shape=(7, 200), view=lambda t: t[:, ::2])
+
+
+def test_strided_rows_are_not_copied(backend, monkeypatch):
+    """The row-strided input reaches the op as a view of the caller's storage (no hidden .contiguous())."""
+    from fastlm.ops import norms as ops_norms
+
+    seen = {}
+    real = ops_norms.FWD_OPS[backend]
+
+    def spy(x, *args):
+        seen["ptr"], seen["stride"] = x.data_ptr(), x.stride()
+        return real(x, *args)
+
+    monkeypatch.setitem(ops_norms.FWD_OPS, backend, spy)
+    base = torch.randn(8, 512, device=DEVICE)
+    F.layer_norm(base[:, :300], (300,))
+    assert seen == {"ptr": base.data_ptr(), "stride": (512, 1)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_rows(backend, kind):
+    check_norm(kind, (0, 64))
+    check_norm(kind, (3, 0, 64))
+
+
+def test_expanded_grad(backend):
+    """A zero-strided incoming gradient (from .sum()) is handled."""
+    x = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, device=DEVICE, requires_grad=True)
+    b = torch.randn(33, device=DEVICE, requires_grad=True)
+    # sum() of a LayerNorm output has zero gradient for x up to rounding; weight it to get a non-trivial dx
+    (F.layer_norm(x, (33,), w, b) * torch.arange(33, device=DEVICE)).sum().backward()
+    ours = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    (TF.layer_norm(x, (33,), w, b) * torch.arange(33, device=DEVICE)).sum().backward()
+    for a, t in zip(ours, (x, w, b), strict=True):
+        torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-4)
+    F.rms_norm(x, (33,), w).sum().backward()  # a pure expand(): the op gets a (0, 0)-strided dy
+
+
+@pytest.mark.parametrize("kind", ["add_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("N", [1000, 20000])
+def test_backward_deterministic(backend, kind, N):
+    """Two backward passes on the same inputs are bitwise equal (no atomics in the dW/dB reduction)."""
+    M = 64 if N < 10000 else 9
+    x = torch.randn(M, N, device=DEVICE, requires_grad=True)
+    r = torch.randn(M, N, device=DEVICE, requires_grad=True)
+    w = torch.randn(N, device=DEVICE, requires_grad=True)
+    b = torch.randn(N, device=DEVICE, requires_grad=True)
+    dy = torch.randn(M, N, device=DEVICE)
+
+    def grads():
+        if kind == "add_layer_norm":
+            y, h = F.add_layer_norm(x, r, (N,), w, b)
+            return torch.autograd.grad((y, h), (x, r, w, b), (dy, dy))
+        return torch.autograd.grad(F.rms_norm(x, (N,), w), (x, w), dy)
+
+    first, second = grads(), grads()
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 3000),
+    kind=st.sampled_from(KINDS),
+    has_w=st.booleans(),
+    has_b=st.booleans(),
+)
+def test_random_shapes(m, n, kind, has_w, has_b):
+    with fastlm.backend("triton"):
+        check_norm(kind, (m, n), has_w=has_w, has_b=has_b)
+
+
+# The Triton interpreter truncates float32 -> bfloat16 instead of rounding to nearest even (GPUs round), so the
+# bitwise check of bfloat16 runs only on a GPU.
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=str
+)
+@pytest.mark.parametrize("N", [200, 20000])
+def test_add_norm_h_is_the_rounded_sum(backend, dtype, N):
+    """h is exactly input + residual in the input dtype (the new residual stream)."""
+    x = torch.randn(5, N, device=DEVICE, dtype=dtype)
+    r = torch.randn(5, N, device=DEVICE, dtype=dtype)
+    _, h = F.add_rms_norm(x, r, (N,), torch.ones(N, device=DEVICE, dtype=dtype))
+    assert torch.equal(h, x + r)
+
+
+def test_large_offset_is_stable(backend):
+    """A mean much larger than the spread: the variance must not cancel (no E[x^2] - E[x]^2)."""
+    x = torch.randn(4, 4096, device=DEVICE) + 1000.0
+    check = F.layer_norm(x, (4096,))
+    ref = TF.layer_norm(x.double(), (4096,)).float()
+    torch.testing.assert_close(check, ref, atol=2e-3, rtol=0)
