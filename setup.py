@@ -77,7 +77,7 @@ def _extension():
 
 
 setup(
-    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels"],
+    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.bench", "fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

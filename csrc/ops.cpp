@@ -28,7 +28,7 @@
 
 // A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
 // "fastlm::..."), and a fragment never competes with another library claiming to own "fastlm".
-STABLE_TORCH_LIBRARY(fastlm, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   // LayerNorm (rms=false) / RMSNorm (rms=true) over the last dim of a 2-D x, with an optional fused residual
   // add. Returns y, h = x + residual (empty (0,) without residual), mean (float32 (M,), (0,) for RMS), rstd
   // (float32 (M,)).

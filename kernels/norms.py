@@ -33,7 +33,8 @@ MAX_N = 65536  # widest row the kernels accept
 MAX_FUSED_N_FWD = 16384  # widest row held in registers by the forward (16 warps x 32 fp32 each: no spills on sm_90)
 MAX_FUSED_N_BWD = 8192  # the backward also keeps dw/db accumulators live, so it chunks earlier
 CHUNK_N = 4096  # chunk width of the multi-pass path
-TILE = 4096  # elements per program for narrow rows (BLOCK_M rows x BLOCK_N columns)
+TILE_FWD = 4096  # elements per program for narrow rows (BLOCK_M rows x BLOCK_N columns)
+TILE_BWD = 2048  # the backward holds x, dy and their products: half the tile keeps it spill-free
 
 
 @triton.jit
@@ -261,27 +262,27 @@ def fwd_config(N: int) -> dict:
     """Block sizes and warps of the forward for a row of N elements."""
     if N <= MAX_FUSED_N_FWD:
         block_n = triton.next_power_of_2(N)
-        block_m = max(1, TILE // block_n)
+        block_m = max(1, TILE_FWD // block_n)
         single = True
     else:
         block_n, block_m, single = CHUNK_N, 1, False
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n, 16))
 
 
 def bwd_config(N: int) -> dict:
     """Block sizes and warps of the backward for a row of N elements."""
     if N <= MAX_FUSED_N_BWD:
         block_n = triton.next_power_of_2(N)
-        block_m = max(1, TILE // block_n)
+        block_m = max(1, TILE_BWD // block_n)
         single = True
     else:
         block_n, block_m, single = CHUNK_N, 1, False
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n, 8))
 
 
-def _warps(tile: int) -> int:
-    # ~16 fp32 elements per thread for the tiles above; 16 warps at most (512 threads, 128 registers each).
-    return max(1, min(16, tile // 512))
+def _warps(tile: int, per_thread: int) -> int:
+    # About per_thread fp32 elements of each live tile per thread; 16 warps at most (512 threads, 128 registers).
+    return max(1, min(16, tile // (32 * per_thread)))
 
 
 def _num_programs_bwd(M: int, block_m: int, device: torch.device) -> int:
@@ -377,3 +378,31 @@ def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     dw = dw_part.sum(0).to(w_dtype) if has_w else dw_part.to(w_dtype)
     db = db_part.sum(0).to(w_dtype) if has_db else db_part.to(w_dtype)
     return dx, dw, db
+
+
+def static_configs():
+    """Every block-size class the launchers can pick, with the heaviest flag set (LayerNorm, residual, weight,
+    bias; bf16 data, fp32 weights), for the static report: (kernel, signature, constexprs, num_warps, name, label)."""
+    fwd_sig = {k: "*bf16" for k in ("X", "R", "Y", "H")}
+    fwd_sig.update({k: "*fp32" for k in ("W", "B", "Mean", "Rstd")})
+    fwd_sig.update({"stride_x": "i32", "stride_r": "i32", "M": "i32", "N": "i32", "eps": "fp32"})
+    bwd_sig = {k: "*bf16" for k in ("DY", "X", "DH", "DX")}
+    bwd_sig.update({k: "*fp32" for k in ("W", "Mean", "Rstd", "DW", "DB")})
+    bwd_sig.update({"stride_dy": "i32", "stride_x": "i32", "stride_dh": "i32", "M": "i32", "N": "i32"})
+    bwd_sig["rows_per_program"] = "i32"
+    widths = [2**i for i in range(15)] + [MAX_N]  # one N per block-size class, and the chunked path
+    seen = set()
+    for kernel, sig, config, flags in (
+        (_norm_fwd_kernel, fwd_sig, fwd_config, dict(RMS=False, HAS_RES=True, HAS_W=True, HAS_B=True)),
+        (_norm_bwd_kernel, bwd_sig, bwd_config, dict(RMS=False, HAS_W=True, HAS_DB=True, HAS_DH=True)),
+    ):
+        for n in widths:
+            cfg = config(n)
+            key = (kernel.__name__, tuple(sorted(cfg.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            consts = {**flags, **{k: v for k, v in cfg.items() if k != "num_warps"}}
+            full_sig = {**sig, **{k: "constexpr" for k in consts}}
+            label = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} single={cfg['SINGLE_PASS']} w={cfg['num_warps']}"
+            yield kernel, full_sig, consts, cfg["num_warps"], kernel.__name__.strip("_"), label

@@ -33,6 +33,9 @@ using torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 
 constexpr int kMaxN = 65536;
+// Shared memory kept free of dynamic allocations: the kernels' static smem (<= 256 B) plus the 1 KiB that
+// sm_90 counts as reserved per block, with room to spare.
+constexpr size_t kSmemMargin = 4096;
 
 // ------------------------------------------------------------------------------------------------------------
 // Forward.
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const FwdArgs<T, W> a) {
   const T* xr = a.x + r * a.sx;
   const T* rr = a.res ? a.res + r * a.sr : nullptr;
   T* hr = a.h ? a.h + r * N : nullptr;
-  T* cache = reinterpret_cast<T*>(dynamic_smem()) + threadIdx.y * (nchunks * V);
+  T* cache = a.cache ? reinterpret_cast<T*>(dynamic_smem()) + threadIdx.y * (nchunks * V) : nullptr;
 
   auto load_h = [&](int col0, float (&v)[V]) {
     load_chunk<V>(xr, col0, N, a.vec, v);
@@ -167,14 +170,14 @@ __global__ void __launch_bounds__(1024) norm_fwd_kernel(const FwdArgs<T, W> a) {
 // Backward, stage 1.
 //   xhat = (x - mean) * rstd (LN) or x * rstd (RMS);  g = dy * w (dy without weight);
 //   dx = rstd * (g - (xhat * mean(g * xhat) + mean(g)))   (the mean(g) term is LN only)   [+ dh]
-//   per-slot partials: pdw[col] = sum over the slot's rows of dy * xhat, pdb[col] = sum of dy.
-// Slot s = blockIdx.x * blockDim.y + threadIdx.y handles rows s, s + S, s + 2S, ... (S = gridDim.x *
-// blockDim.y), in that order, and writes its partials to row s of the (S, npad) fp32 workspaces: no atomics,
-// so dw/db are bitwise reproducible for a given (M, N, dtypes, device). Accumulators live in dynamic shared
-// memory when they fit (`smem_acc`), else directly in the slot's workspace row (thread-private
-// read-modify-write, still deterministic).
+//   per-block partials: pdw[b, col] = sum over block b's rows of dy * xhat, pdb[b, col] = sum of dy.
+// Row group ty of block b handles rows b*R + ty + k*G*R (R = blockDim.y, G = gridDim.x, k = 0, 1, ...) in
+// that order; at the end the block adds its R row-group partials in ty order and writes row b of the (G, npad)
+// fp32 workspaces. No atomics: dw/db are bitwise reproducible for a given (M, N, dtypes, device).
+// Accumulators live in dynamic shared memory when they fit (`smem_acc`); otherwise (very wide rows, where the
+// host guarantees R == 1) directly in the block's workspace row, as thread-private read-modify-writes.
 // Bytes moved per row: reads 2*N*sizeof(T) (dy, x; pass 2 re-reads them from L1/L2) [+ N*sizeof(T) dh]
-// + weight (L2-resident) + 8 (stats), writes N*sizeof(T) (dx). Once per slot: npad*4 per partial.
+// + weight (L2-resident) + 8 (stats), writes N*sizeof(T) (dx). Once per block: npad*4 per partial.
 // ------------------------------------------------------------------------------------------------------------
 template <typename T, typename W>
 struct BwdArgs {
@@ -185,8 +188,8 @@ struct BwdArgs {
   const float* rstd;
   const T* dh;  // nullptr: no residual gradient
   T* dx;        // (M, N) contiguous
-  float* pdw;   // (S, npad) workspace, nullptr: dw not wanted
-  float* pdb;   // (S, npad) workspace, nullptr: db not wanted
+  float* pdw;   // (G, npad) workspace, nullptr: dw not wanted
+  float* pdb;   // (G, npad) workspace, nullptr: db not wanted
   int64_t M;
   int64_t sdy;  // row strides in elements
   int64_t sx;
@@ -194,27 +197,25 @@ struct BwdArgs {
   int N;
   bool rms;
   bool vec;       // all rows 16-byte aligned and N % V == 0
-  bool smem_acc;  // dynamic smem holds blockDim.y * (#partials) * npad floats
+  bool smem_acc;  // dynamic smem holds blockDim.y * (#partials) * npad floats; if false, blockDim.y == 1
 };
 
+// p[0, V) += v, for a 16-byte aligned fp32 accumulator chunk (npad * 4 and col0 * 4 are multiples of 16).
 template <int V>
 __device__ __forceinline__ void acc_chunk(float* p, const float (&v)[V]) {
-  // p is 16-byte aligned (npad * 4 and col0 * 4 are multiples of 16): float4 read-modify-write.
+  float t[V];
+  load_chunk<V>(p, 0, V, true, t);
 #pragma unroll
-  for (int i = 0; i < V / 4; ++i) {
-    float4 t = reinterpret_cast<float4*>(p)[i];
-    t.x += v[4 * i];
-    t.y += v[4 * i + 1];
-    t.z += v[4 * i + 2];
-    t.w += v[4 * i + 3];
-    reinterpret_cast<float4*>(p)[i] = t;
-  }
+  for (int k = 0; k < V; ++k) t[k] += v[k];
+  store_chunk<V>(p, 0, V, true, t);
 }
 
 template <int V>
-__device__ __forceinline__ void fill_chunk(float* p, float value) {
+__device__ __forceinline__ void zero_chunk(float* p) {
+  float t[V];
 #pragma unroll
-  for (int i = 0; i < V / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(value, value, value, value);
+  for (int k = 0; k < V; ++k) t[k] = 0.f;
+  store_chunk<V>(p, 0, V, true, t);
 }
 
 template <typename T, typename W>
@@ -224,30 +225,30 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const BwdArgs<T, W> a) {
   const int N = a.N;
   const int nchunks = (N + V - 1) / V;
   const int npad = nchunks * V;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t nslots = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int nacc = (a.pdw ? 1 : 0) + (a.pdb ? 1 : 0);
+  // smem layout: row group ty owns floats [ty * nacc * npad, (ty + 1) * nacc * npad): dw partial, then db.
+  float* sm = reinterpret_cast<float*>(dynamic_smem());
 
   float* adw = nullptr;
   float* adb = nullptr;
   if (a.smem_acc) {
-    float* sm = reinterpret_cast<float*>(dynamic_smem());
-    const int nacc = (a.pdw ? 1 : 0) + (a.pdb ? 1 : 0);
     float* mine = sm + static_cast<int64_t>(threadIdx.y) * nacc * npad;
     if (a.pdw) adw = mine;
     if (a.pdb) adb = mine + (a.pdw ? npad : 0);
-  } else {
-    if (a.pdw) adw = a.pdw + slot * npad;
-    if (a.pdb) adb = a.pdb + slot * npad;
+  } else {  // blockDim.y == 1: the block's workspace row belongs to this row group alone
+    if (a.pdw) adw = a.pdw + static_cast<int64_t>(blockIdx.x) * npad;
+    if (a.pdb) adb = a.pdb + static_cast<int64_t>(blockIdx.x) * npad;
   }
-  // Every slot zeroes its own columns, including slots that get no row: stage 2 sums all S rows.
+  // Zeroed even by blocks that get no row: stage 2 sums all G rows.
   for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
-    if (adw) fill_chunk<V>(adw + c * V, 0.f);
-    if (adb) fill_chunk<V>(adb + c * V, 0.f);
+    if (adw) zero_chunk<V>(adw + c * V);
+    if (adb) zero_chunk<V>(adb + c * V);
   }
 
   // The loop runs over row *groups* so that its trip count is the same for every thread of the block
-  // (row_sum2 holds barriers); a slot whose row is past M idles through that iteration.
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.M; base += nslots) {
+  // (row_sum2 holds barriers); a row group whose row is past M idles through that iteration.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.M; base += rows_per_step) {
     const int64_t row = base + threadIdx.y;
     const bool active = row < a.M;
     const int end = active ? nchunks : 0;
@@ -321,18 +322,23 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const BwdArgs<T, W> a) {
   }
 
   if (a.smem_acc) {
-    // Same thread, same columns as the accumulation: no barrier needed.
-    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+    // Block partial = sum of the row-group partials in ty order, chunk by chunk over all threads of the block.
+    __syncthreads();  // other row groups' accumulators are complete
+    const int nthreads = blockDim.x * blockDim.y;
+    for (int c = threadIdx.y * blockDim.x + threadIdx.x; c < nchunks; c += nthreads) {
       const int col0 = c * V;
-      if (adw) {
-        float* dst = a.pdw + slot * npad + col0;
+      for (int j = 0; j < nacc; ++j) {
+        float t[V];
 #pragma unroll
-        for (int i = 0; i < V / 4; ++i) reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(adw + col0)[i];
-      }
-      if (adb) {
-        float* dst = a.pdb + slot * npad + col0;
+        for (int k = 0; k < V; ++k) t[k] = 0.f;
+        for (int y = 0; y < static_cast<int>(blockDim.y); ++y) {
+          float u[V];
+          load_chunk<V>(sm + (static_cast<int64_t>(y) * nacc + j) * npad, col0, npad, true, u);
 #pragma unroll
-        for (int i = 0; i < V / 4; ++i) reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(adb + col0)[i];
+          for (int k = 0; k < V; ++k) t[k] += u[k];
+        }
+        float* ws = (j == 0 && a.pdw) ? a.pdw : a.pdb;
+        store_chunk<V>(ws + static_cast<int64_t>(blockIdx.x) * npad, col0, npad, true, t);
       }
     }
   }
@@ -544,7 +550,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const 
     int tpr, rpb;
     row_shape(nchunks, 4, tpr, rpb);
     const size_t cache_bytes = static_cast<size_t>(rpb) * nchunks * 16;
-    a.cache = cache_bytes + 1024 <= static_cast<size_t>(di.smem_optin);  // 1 KiB: static smem and slack
+    a.cache = cache_bytes + kSmemMargin <= static_cast<size_t>(di.smem_optin);
     const size_t smem = a.cache ? cache_bytes : 0;
     const int64_t blocks = (M + rpb - 1) / rpb;
     STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastlm: too many rows (", M, ")");
@@ -593,17 +599,21 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
     constexpr int V = kVec<T>;
     const int nchunks = (N + V - 1) / V;
     const int npad = nchunks * V;
+    const int nacc = (need_dw ? 1 : 0) + (need_db ? 1 : 0);
     int tpr, rpb;
     row_shape(nchunks, 2, tpr, rpb);
-    // G blocks: enough to fill every SM with 2048 threads, never more than there are row groups. Depends
-    // only on (M, N, dtype, SM count), so the partial-sum layout, hence dw/db, are reproducible.
+    const size_t acc_bytes = static_cast<size_t>(rpb) * nacc * npad * sizeof(float);
+    const bool smem_acc = nacc > 0 && acc_bytes + kSmemMargin <= static_cast<size_t>(di.smem_optin);
+    // Without shared-memory accumulators each block's workspace row must belong to one row group.
+    if (nacc > 0 && !smem_acc) rpb = 1;
+    // G blocks: enough to fill every SM with 2048 threads, never more than there are row groups. G depends
+    // only on (M, N, dtypes, SM count), so the partial-sum layout, hence dw/db, are reproducible.
     const int64_t groups = (M + rpb - 1) / rpb;
     const int64_t per_sm = std::max(1, 2048 / (tpr * rpb));
     const int64_t G = std::min<int64_t>(groups, static_cast<int64_t>(di.sms) * per_sm);
-    const int64_t S = G * rpb;
-    const int nacc = (need_dw ? 1 : 0) + (need_db ? 1 : 0);
-    Tensor ws_dw = torch::stable::new_empty(x, {need_dw ? S : 0, need_dw ? npad : 0}, ScalarType::Float);
-    Tensor ws_db = torch::stable::new_empty(x, {need_db ? S : 0, need_db ? npad : 0}, ScalarType::Float);
+    STD_TORCH_CHECK(G <= 0x7fffffff, "fastlm: too many rows (", M, ")");
+    Tensor ws_dw = torch::stable::new_empty(x, {need_dw ? G : 0, need_dw ? npad : 0}, ScalarType::Float);
+    Tensor ws_db = torch::stable::new_empty(x, {need_db ? G : 0, need_db ? npad : 0}, ScalarType::Float);
 
     BwdArgs<T, W> a{};
     a.dy = static_cast<const T*>(dy.data_ptr());
@@ -623,13 +633,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
     a.rms = rms;
     a.vec = N % V == 0 && rows_aligned(a.dy, M, a.sdy, sizeof(T)) && rows_aligned(a.x, M, a.sx, sizeof(T)) &&
             (!a.dh || rows_aligned(a.dh, M, a.sdh, sizeof(T))) && (!a.w || aligned16(a.w)) && aligned16(a.dx);
-    // The accumulators use float4 accesses unconditionally: the workspaces come from the caching allocator
+    // Accumulator chunks are accessed as whole 16-byte words: the workspaces come from the caching allocator
     // (>= 256-byte aligned) and npad * 4 is a multiple of 16.
     STD_TORCH_CHECK((!a.pdw || aligned16(a.pdw)) && (!a.pdb || aligned16(a.pdb)), "fastlm: misaligned workspace");
-    const size_t acc_bytes = static_cast<size_t>(rpb) * nacc * npad * sizeof(float);
-    a.smem_acc = nacc > 0 && acc_bytes + 1024 <= static_cast<size_t>(di.smem_optin);
-    const size_t smem = a.smem_acc ? acc_bytes : 0;
-    STD_TORCH_CHECK(G <= 0x7fffffff, "fastlm: too many rows (", M, ")");
+    a.smem_acc = smem_acc;
+    const size_t smem = smem_acc ? acc_bytes : 0;
     allow_dynamic_smem(norm_bwd_kernel<T, W>, smem);
     norm_bwd_kernel<T, W><<<static_cast<unsigned>(G), dim3(tpr, rpb), smem, stream>>>(a);
     check_cuda(cudaGetLastError(), "norm_bwd_kernel launch");
@@ -642,7 +650,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
       using O = decltype(o_tag);
       O* out0 = static_cast<O*>(need_dw ? dw.data_ptr() : db.data_ptr());
       O* out1 = need_dw && need_db ? static_cast<O*>(db.data_ptr()) : nullptr;
-      col_sum_kernel<O><<<grid, dim3(32, 32), 0, stream>>>(ws0, ws1, out0, out1, S, N, npad);
+      col_sum_kernel<O><<<grid, dim3(32, 32), 0, stream>>>(ws0, ws1, out0, out1, G, N, npad);
       check_cuda(cudaGetLastError(), "col_sum_kernel launch");
     };
     // dw and db share one dtype: the weight's (W), or float32 when there is no weight (then only db exists).

@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext, reference
-from fastlm.backend import FUSED_DTYPES, resolve
+from fastlm.dispatch import FUSED_DTYPES, resolve
 
 MAX_N = 65536  # widest normalised row of the fused kernels (both backends)
 

@@ -1,0 +1,169 @@
+"""Benchmark machinery shared by ``fastlm bench`` and ``pytest benchmarks/``: timing, ceilings, the result schema.
+
+Timing on GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between repetitions, median / p20 / p80), with
+the inputs rotated over several copies so that the repetitions do not hit L2. On CPU: wall clock over repeated calls
+(median / p20 / p80). Every result is reported as GB/s or TFLOP/s and as a fraction of the ceiling measured in the
+same run.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+import fastlm
+
+
+@dataclasses.dataclass
+class Result:
+    """One measured case (the result schema: one JSON object per case)."""
+
+    kernel: str  # e.g. "layer_norm"
+    provider: str  # e.g. "fastlm-triton", "torch-eager", "torch-compile"
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    shape: str  # e.g. "8192x4096"
+    dtype: str
+    metric: str  # "throughput"
+    unit: str  # "GB/s" or "TFLOP/s"
+    p50: float
+    p20: float
+    p80: float
+    ms: float  # median time
+    fraction_of_ceiling: float | None = None
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+
+def quantiles_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) of one call's time in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return p50, p20, p80
+    fn()  # warm-up (and first-call compilation)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    q = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 2 + [max(times)] * 7
+    return statistics.median(times), q[1], q[7]
+
+
+def rotating(make: Callable[[], tuple], nbytes: int, device: torch.device, l2_bytes: int = 64 << 20):
+    """Enough copies of the inputs from ``make()`` that cycling through them exceeds the L2 cache (GPU only);
+    returns a function giving the next copy on each call."""
+    copies = 1 if device.type != "cuda" else max(1, min(8, (2 * l2_bytes) // max(nbytes, 1) + 1))
+    pool = [make() for _ in range(copies)]
+    state = {"i": 0}
+
+    def next_inputs():
+        state["i"] = (state["i"] + 1) % len(pool)
+        return pool[state["i"]]
+
+    return next_inputs
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), the memory-bound ceiling."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = quantiles_ms(lambda: dst.copy_(src), device)
+    return 2 * n / ms / 1e6
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """bf16 matmul throughput on GPU (fp32 on CPU), the compute-bound ceiling."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _, _ = quantiles_ms(lambda: a @ b, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver, versions, commit and time stamp recorded with every run."""
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor()})",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "fastlm": fastlm.__version__,
+        "python": platform.python_version(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["driver"] = _nvidia_smi("driver_version")
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError):
+        return None
+
+
+def write_reports(results: list[Result], env: dict, ceilings: dict, out_dir: str, stem: str = "bench") -> list[str]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {"environment": env, "ceilings": ceilings, "results": [dataclasses.asdict(r) for r in results]}
+    jpath = os.path.join(out_dir, f"{stem}.json")
+    with open(jpath, "w") as f:
+        json.dump(payload, f, indent=1)
+    mpath = os.path.join(out_dir, f"{stem}.md")
+    with open(mpath, "w") as f:
+        f.write(markdown(results, env, ceilings))
+    return [jpath, mpath]
+
+
+def markdown(results: list[Result], env: dict, ceilings: dict) -> str:
+    lines = [
+        f"# fastlm benchmarks on {env['device']}",
+        "",
+        f"torch {env['torch']}, triton {env.get('triton')}, fastlm {env['fastlm']} ({env.get('git_commit')}), "
+        f"{env['timestamp']}",
+        "",
+        "Ceilings measured in this run: "
+        + ", ".join(f"{k} = {v:.1f}" for k, v in ceilings.items() if isinstance(v, (int, float))),
+        "",
+        "| kernel | shape | dtype | mode | provider | median ms | throughput | of ceiling | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        frac = f"{100 * r.fraction_of_ceiling:.0f}%" if r.fraction_of_ceiling is not None else ""
+        lines.append(
+            f"| {r.kernel} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.4f} | "
+            f"{r.p50:.1f} {r.unit} | {frac} | {r.note} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""Static kernel report: compile the shipped Triton kernel configurations for sm_90 (and sm_80) without a GPU and
+read registers, spills and instruction counts with the cuobjdump that Triton ships.
+
+Spills show as local memory (LOCAL / STACK in ``cuobjdump -res-usage``); 128-bit global accesses as
+``LDG.E.128`` / ``STG.E.128`` in the SASS.
+"""
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclasses.dataclass
+class KernelStat:
+    kernel: str
+    config: str
+    arch: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int
+    ldg128: int
+    stg128: int
+    hmma: int  # HMMA (sm_80 tensor cores) + HGMMA (sm_90 wgmma)
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in the triton package ({path})")
+    return path
+
+
+def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str):
+    """Compile one kernel configuration for ``arch`` and read its resource usage and SASS."""
+    # As the launcher sees a typical call: 16-byte aligned pointers, and strides and N multiples of 16 (Triton
+    # specialises on that at run time, which is what enables 128-bit accesses).
+    aligned = [
+        i
+        for i, name in enumerate(fn.arg_names)
+        if signature.get(name, "").startswith("*") or name.startswith("stride") or name == "N"
+    ]
+    if not hasattr(fn, "cache_key"):  # an InterpretedFunction (TRITON_INTERPRET=1): compile the Python source anyway
+        from triton.runtime.jit import JITFunction
+
+        fn = JITFunction(fn.fn)
+    src = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True)
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res.stdout))
+    text = sass.stdout
+    return KernelStat(
+        kernel=name,
+        config=config,
+        arch=arch,
+        registers=int(usage.get("REG", 0)),
+        stack_bytes=int(usage.get("STACK", 0)),
+        local_bytes=int(usage.get("LOCAL", 0)),
+        shared_bytes=int(usage.get("SHARED", 0)),
+        ldg128=len(re.findall(r"LDG\.E\.128|LDG\.E\.[A-Z.]*128", text)),
+        stg128=len(re.findall(r"STG\.E\.128|STG\.E\.[A-Z.]*128", text)),
+        hmma=len(re.findall(r"\bH(?:G)?MMA\b", text)),
+    )
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, num_warps, label) the launchers can pick, per op family."""
+    from fastlm.kernels import norms
+
+    yield from norms.static_configs()
+
+
+def report(archs=(90,)) -> list[KernelStat]:
+    stats = []
+    for fn, sig, consts, warps, name, label in shipped_configs():
+        for arch in archs:
+            stats.append(compile_stat(fn, sig, consts, warps, arch, name, label))
+    return stats
+
+
+def format_table(stats: list[KernelStat]) -> str:
+    lines = [
+        "| kernel | config | sm | regs | spill (stack/local B) | smem B | LDG.128 | STG.128 | (H)MMA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stats:
+        lines.append(
+            f"| {s.kernel} | {s.config} | {s.arch} | {s.registers} | {s.stack_bytes}/{s.local_bytes} | "
+            f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} |"
+        )
+    return "\n".join(lines)

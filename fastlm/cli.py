@@ -1,0 +1,62 @@
+"""The ``fastlm`` command: ``fastlm info`` and ``fastlm bench``."""
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    import fastlm
+    from fastlm import _ext, dispatch
+
+    print(f"fastlm {fastlm.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    print(f"GPU: {gpu}")
+    info = _ext.build_info()
+    if info:
+        print(
+            f"fastlm._C: built against torch {info['torch_build_version']}, CUDA kernels: {info['with_cuda']}"
+            + (f" (CUDA {info['cuda_version']}, archs {info['cuda_archs']})" if info["with_cuda"] else "")
+        )
+    else:
+        print(f"fastlm._C: {_ext.LOAD_ERROR}")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("triton", "cuda", "torch"):
+        reason = dispatch.unavailable_reason(name, "norms", dev)
+        print(f"backend {name:<6} on {dev.type}: {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"backend in force: {fastlm.current_backend()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastlm", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU")
+    b = sub.add_parser("bench", help="run the benchmark suite on this machine")
+    b.add_argument("--ops", default="norms", help="comma-separated op families (now: norms)")
+    b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
+    b.add_argument("--out", default="bench-out", help="folder for the JSON / Markdown reports")
+    b.add_argument("--no-static", action="store_true", help="skip the static sm_90 kernel report")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return _info()
+    from fastlm.bench import run
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in run.FAMILIES]
+    if unknown:
+        parser.error(f"unknown op families {unknown}; known: {sorted(run.FAMILIES)}")
+    return run.run(ops, args.quick, args.dtype, args.out, static=not args.no_static)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
