@@ -25,12 +25,14 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTO = {
     ("norms", "cuda"): "triton",
     ("norms", "cpu"): "torch",  # no CPU kernels yet: torch's own ops
+    ("softmax", "cuda"): "triton",  # softmax, log_softmax, scaled_masked_softmax, cross-entropy
+    ("softmax", "cpu"): "torch",
 }
 
 # Which op families each compiled backend implements.
 IMPLEMENTED = {
-    "triton": {"norms"},
-    "cuda": {"norms"},
+    "triton": {"norms", "softmax"},
+    "cuda": {"norms", "softmax"},
 }
 
 

@@ -3,6 +3,17 @@
 Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispatch.py``).
 """
 
+from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
 
-__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "cross_entropy",
+    "layer_norm",
+    "log_softmax",
+    "rms_norm",
+    "scaled_masked_softmax",
+    "softmax",
+]

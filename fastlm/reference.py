@@ -5,6 +5,7 @@ Called with float64 tensors they are the tests' high-precision reference.
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
@@ -32,3 +33,20 @@ def add_rms_norm(
     """Unfused ``h = input + residual; (rms_norm(h), h)``."""
     h = input + residual
     return TF.rms_norm(h, normalized_shape, weight, eps), h
+
+
+def scaled_masked_softmax(
+    input: Tensor, mask: Tensor | None = None, scale: float = 1.0, is_causal: bool = False
+) -> Tensor:
+    """Unfused ``softmax(input * scale + mask)`` over the last dim, in float32 (float64 for float64 input); fully
+    masked rows give zeros."""
+    s = input.to(torch.promote_types(input.dtype, torch.float32)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    if is_causal:
+        Sq, Sk = s.shape[-2:]
+        keep = torch.ones(Sq, Sk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    return p.masked_fill(empty, 0.0).to(input.dtype)

@@ -1,0 +1,199 @@
+"""Cross-entropy and linear (LM-head) cross-entropy: registered ops, fake impls, autograd, public functions.
+
+Ops (for <backend> in {triton, cuda}):
+    fastlm::cross_entropy_fwd_<backend>(input, target, weight?, ignore_index, label_smoothing, reduction,
+                                        compute_grad) -> (loss, grad)
+``input`` is (N, C) with a unit class stride or contiguous (N, C, D); ``target`` is (N*D,) int64; ``weight`` (C,)
+fp32. ``loss`` is fp32: (N*D,) for reduction "none", a scalar otherwise; ``grad`` is d loss / d input for an
+incoming gradient of 1 (input's dtype and shape), written in the same pass as the loss, or (0,) when not asked for.
+The backward only scales it by the incoming gradient.
+
+    fastlm::linear_cross_entropy_fwd(input, linear_weight, target, linear_bias?, weight?, ignore_index,
+                                     label_smoothing, reduction, compute_grad, chunk_size, backend)
+        -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
+processes the tokens in chunks: logits of the chunk (a matmul) -> the fused cross-entropy kernel writes the loss and
+the logits' gradient in place -> grad_input of the chunk and the accumulated grad_linear_weight (two matmuls). The
+full (tokens, vocab) logits never exist. With reduction "none" the per-token incoming gradients are needed before
+the weight gradient can be formed, so the gradients are recomputed chunk by chunk in the backward instead.
+"""
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastlm import _ext
+from fastlm.dispatch import FUSED_DTYPES, resolve
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int, C: int) -> Tensor:
+    """The mean's denominator as a (1,) fp32 device tensor: sum of w[target] over the rows not ignored (no sync)."""
+    keep = target != ignore_index
+    if weight is None:
+        return keep.sum(dtype=torch.float32).reshape(1)
+    return (weight[target.clamp(0, C - 1)] * keep).sum(dtype=torch.float32).reshape(1)
+
+
+def _reduce(losses: Tensor, reduction: int, denom: Tensor | None) -> Tensor:
+    if reduction == 0:
+        return losses
+    total = losses.sum()
+    return total / denom[0] if reduction == 1 else total
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd_triton", mutates_args=())
+def cross_entropy_fwd_triton(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels import cross_entropy as k
+
+    denom = _denominator(target, weight, ignore_index, input.shape[1]) if reduction == 1 else None
+    losses, grad = k.cross_entropy_rows(input, target, weight, denom, ignore_index, label_smoothing, compute_grad)
+    if grad is None:
+        grad = input.new_empty((0,))
+    return _reduce(losses, reduction, denom), grad
+
+
+def _ce_fake(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+    loss = input.new_empty((target.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return loss, input.new_empty(input.shape if compute_grad else (0,))
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.save_for_backward(output[1])
+
+
+def _ce_backward(ctx, dloss, _dgrad):
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
+        g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
+        return grad * g.to(grad.dtype), None, None, None, None, None, None
+    return grad * dloss.to(grad.dtype), None, None, None, None, None, None
+
+
+CE_FWD: dict = {}
+
+
+def _register(backend: str) -> None:
+    name = f"fastlm::cross_entropy_fwd_{backend}"
+    if backend != "triton":
+        torch.library.register_fake(name)(_ce_fake)
+    torch.library.register_autograd(name, _ce_backward, setup_context=_ce_setup)
+    CE_FWD[backend] = getattr(torch.ops.fastlm, f"cross_entropy_fwd_{backend}").default
+
+
+cross_entropy_fwd_triton.register_fake(_ce_fake)
+_register("triton")
+if _ext._C is not None and hasattr(torch.ops.fastlm, "cross_entropy_fwd_cuda"):
+    _register("cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation shared by cross_entropy and linear_cross_entropy
+
+
+def _check(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float, backend):
+    if input.dtype not in FUSED_DTYPES:
+        raise TypeError(
+            f"input must be float32, float16 or bfloat16 for the {backend} backend, got {input.dtype} "
+            "(use fastlm.backend('torch') for other dtypes)"
+        )
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"target must hold class indices as int64 (or int32), got {target.dtype}; "
+            "class-probability targets are not supported by the fused kernels"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if weight is not None:
+        if weight.shape != (C,):
+            raise ValueError(f"weight must have shape [{C}] (one per class), got {list(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+
+
+def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
+    """On CPU the range check costs no device sync, so bad targets raise; on GPU they give NaN (documented)."""
+    if target.device.type == "cpu" and target.numel():
+        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+        if bool(bad.any()):
+            raise ValueError(
+                f"target has class indices outside [0, {C}) that are not ignore_index={ignore_index}: "
+                f"{target[bad][:5].tolist()}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy over class-index targets; same signature and semantics as
+    ``torch.nn.functional.cross_entropy`` (``size_average`` / ``reduce`` are torch's deprecated arguments and must
+    be None).
+
+    Args:
+        input: ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` logits; vocabularies up to 262144 and beyond.
+        target: ``(N,)``, ``()`` or ``(N, d1, ...)`` class indices (int64). A target outside ``[0, C)`` that is
+            not ``ignore_index`` raises on CPU tensors and gives a NaN loss on GPU (no device sync to check it).
+        weight: ``(C,)`` class weights.
+        reduction: ``"none"`` (shape of target), ``"mean"`` (weighted mean over the rows not ignored; NaN when every
+            row is ignored, as torch) or ``"sum"``.
+
+    Returns:
+        The loss in input's dtype (computed in float32). The gradient is written in the forward pass; the
+        backward only scales it.
+    """
+    if size_average is not None or reduce is not None:
+        raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
+    backend = resolve("softmax", input)
+    if backend == "torch":
+        return TF.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    _check(input, target, weight, reduction, label_smoothing, backend)
+    if input.dim() == 1:  # unbatched (C,) with a () target
+        return cross_entropy(input[None], target.reshape(1), weight, None, ignore_index, None, reduction,
+                             label_smoothing).reshape(())
+    if target.shape != (input.shape[0], *input.shape[2:]):
+        raise ValueError(
+            f"target must have shape {[input.shape[0], *input.shape[2:]]} for input {list(input.shape)}, "
+            f"got {list(target.shape)}"
+        )
+    C = input.shape[1]
+    _check_target_range(target, C, ignore_index)
+    if input.dim() == 2:
+        x = input if input.stride(1) == 1 else input.contiguous()
+    else:
+        x = input.reshape(input.shape[0], C, -1).contiguous()  # (N, C, D): classes strided by D, no transpose
+    t = target.reshape(-1).to(torch.int64)
+    w = weight.float().contiguous() if weight is not None else None
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    loss, _ = CE_FWD[backend](x, t, w, int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], compute_grad)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    return loss.to(input.dtype)

@@ -1,0 +1,54 @@
+"""The compiled extension: it loads, carries CUDA kernels for the default archs when the build could compile them
+(CI compiles them on a machine without a GPU so that the CUDA code never rots), and fails cleanly on CPU tensors."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import fastlm
+from fastlm import _ext
+
+CUDA_BUILD_EXPECTED = (
+    torch.version.cuda is not None
+    and cpp_extension.CUDA_HOME is not None
+    and os.environ.get("FASTLM_BUILD_CUDA", "1") != "0"
+)
+
+
+def test_extension_loads():
+    assert _ext._C is not None, _ext.LOAD_ERROR
+    assert str(torch.ops.fastlm)  # the namespace exists
+    assert hasattr(torch.ops.fastlm, "norm_fwd_cuda") and hasattr(torch.ops.fastlm, "norm_bwd_cuda")
+    assert _ext.build_info()["torch_build_version"]
+
+
+@pytest.mark.skipif(not CUDA_BUILD_EXPECTED, reason="torch is a CPU build, nvcc is missing or FASTLM_BUILD_CUDA=0")
+def test_cuda_kernels_compiled():
+    info = _ext.build_info()
+    assert info["with_cuda"], "nvcc and a CUDA torch were available, but fastlm._C has no CUDA kernels"
+    archs = info["cuda_archs"]
+    so = _ext._C.__file__
+    tool = os.path.join(cpp_extension.CUDA_HOME, "bin", "cuobjdump")
+    listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    for arch in archs.replace(" ", ";").split(";"):
+        if arch:
+            sm = "sm_" + arch.split("+")[0].replace(".", "")
+            assert sm in listing, f"{sm} listed in TORCH_CUDA_ARCH_LIST={archs} but not in {so}:\n{listing}"
+    if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        assert "sm_80" in listing and "sm_90" in listing, listing
+
+
+def test_cuda_op_on_cpu_tensor_raises_cleanly():
+    x = torch.randn(2, 8)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        torch.ops.fastlm.norm_fwd_cuda(x, None, None, None, 1e-5, False)
+
+
+def test_import_and_info_cli():
+    out = subprocess.run(
+        [os.sys.executable, "-m", "fastlm", "info"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert f"fastlm {fastlm.__version__}" in out and "backend cuda" in out
