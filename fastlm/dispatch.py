@@ -27,11 +27,13 @@ AUTO = {
     ("norms", "cpu"): "torch",  # no CPU kernels yet: torch's own ops
     ("softmax", "cuda"): "triton",  # softmax, log_softmax, scaled_masked_softmax, cross-entropy
     ("softmax", "cpu"): "torch",
+    ("linear_ce", "cuda"): "triton",  # cuBLAS matmuls around the Triton cross-entropy kernel
+    ("linear_ce", "cpu"): "torch",
 }
 
 # Which op families each compiled backend implements.
 IMPLEMENTED = {
-    "triton": {"norms", "softmax"},
+    "triton": {"norms", "softmax", "linear_ce"},
     "cuda": {"norms", "softmax"},
 }
 

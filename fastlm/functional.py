@@ -4,6 +4,7 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 """
 
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
 
@@ -12,6 +13,7 @@ __all__ = [
     "add_rms_norm",
     "cross_entropy",
     "layer_norm",
+    "linear_cross_entropy",
     "log_softmax",
     "rms_norm",
     "scaled_masked_softmax",

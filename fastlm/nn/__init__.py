@@ -1,5 +1,6 @@
 """Drop-in modules: subclasses of the torch.nn classes (same constructor, state_dict keys and isinstance)."""
 
 from fastlm.nn.norms import LayerNorm, RMSNorm
+from fastlm.nn.softmax import CrossEntropyLoss, LogSoftmax, Softmax
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LogSoftmax", "RMSNorm", "Softmax"]
