@@ -25,3 +25,38 @@ def assert_close_ref(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
         torch_err = (torch_out.double() - ref64).abs().max().item()
         floor = torch.finfo(dtype).eps * scale
         assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {floor:.3g}"
+
+
+def compare_with_reference(fn, ref_fn, inputs: dict, dtype: torch.dtype, differentiable=None, two_x_rule=True):
+    """Run ``fn(**inputs)`` (fastlm) and ``ref_fn`` on float64 copies (oracle) and on the same inputs (torch's own
+    low-precision result); compare the output and the gradient of every floating input in ``differentiable``
+    (default: all floating inputs) against the oracle with the dtype's tolerance and the 2x rule."""
+    differentiable = [
+        k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ] if differentiable is None else differentiable
+
+    def run(f, cast):
+        leaves = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = cast(v).detach().clone()
+                if k in differentiable:
+                    v.requires_grad_()
+            leaves[k] = v
+        out = f(**leaves)
+        return leaves, out
+
+    leaves, out = run(fn, lambda t: t)
+    g_out = torch.randn_like(out) if out.numel() else torch.ones_like(out)
+    grads = torch.autograd.grad(out, [leaves[k] for k in differentiable], g_out) if differentiable else []
+    leaves64, out64 = run(ref_fn, lambda t: t.double())
+    grads64 = torch.autograd.grad(out64, [leaves64[k] for k in differentiable], g_out.double()) if differentiable else []
+    torch_out, torch_grads = None, [None] * len(differentiable)
+    if two_x_rule and dtype != torch.float32:
+        leaves_t, torch_out = run(ref_fn, lambda t: t)
+        if differentiable:
+            torch_grads = torch.autograd.grad(torch_out, [leaves_t[k] for k in differentiable], g_out)
+    assert_close_ref(out, out64, dtype, "out", torch_out)
+    for k, g, g64, gt in zip(differentiable, grads, grads64, torch_grads, strict=True):
+        assert_close_ref(g, g64, dtype, f"d{k}", gt)
+    return out

@@ -128,8 +128,9 @@ def _check(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
 
 
 def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
-    """On CPU the range check costs no device sync, so bad targets raise; on GPU they give NaN (documented)."""
-    if target.device.type == "cpu" and target.numel():
+    """On CPU the range check costs no device sync, so bad targets raise; on GPU, and inside torch.compile (where
+    the check would be a data-dependent branch), they give NaN (documented)."""
+    if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise ValueError(

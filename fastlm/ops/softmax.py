@@ -135,7 +135,10 @@ def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
     if input.dim() == 0:
         input = input.reshape(1)
         return _softmax(input, 0, None, log).reshape(())
-    d = dim % input.dim()
+    nd = input.dim()
+    if not -nd <= dim < nd:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-nd}, {nd - 1}], but got {dim})")
+    d = dim % nd
     if d == input.dim() - 1:
         R = input.shape[-1]
         x2 = input.reshape(-1, R)  # a view for row-strided inputs

@@ -1,0 +1,231 @@
+"""Cross-entropy and linear cross-entropy on the fused backends against torch (float64 oracle)."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import DEVICE, ON_GPU
+from helpers import compare_with_reference
+
+import fastlm
+import fastlm.functional as F
+from fastlm import nn as fnn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VOCABS = [1, 7, 1000, 8192, 8193, 40000, 262144]
+OPCHECK_TESTS = None if ON_GPU else ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _targets(shape, C, ignore_frac=0.2, ignore_index=-100):
+    t = torch.randint(0, C, shape, device=DEVICE)
+    return t.masked_fill(torch.rand(shape, device=DEVICE) < ignore_frac, ignore_index)
+
+
+@pytest.mark.parametrize("C", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vocab_sizes(backend, dtype, C):
+    N = max(2, min(16, (400_000 if ON_GPU else 60_000) // C))
+    x = torch.randn(N, C, device=DEVICE, dtype=dtype) * 2
+    t = _targets((N,), C)
+    compare_with_reference(lambda x: F.cross_entropy(x, t), lambda x: TF.cross_entropy(x, t), {"x": x}, dtype)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_reductions_weights_smoothing(backend, reduction, weighted, smoothing):
+    """Every reduction with and without class weights and label smoothing, gradients included (Liger once shipped
+    wrong gradients for reduction="none": the random incoming gradient below would catch that)."""
+    N, C = 37, 300
+    x = torch.randn(N, C, device=DEVICE)
+    t = _targets((N,), C)
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    compare_with_reference(
+        lambda x: F.cross_entropy(x, t, w, **kw),
+        lambda x: TF.cross_entropy(x, t, w.to(x.dtype) if w is not None else None, **kw),
+        {"x": x},
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_spatial_targets_and_custom_ignore_index(backend, reduction):
+    x = torch.randn(3, 11, 4, 5, device=DEVICE)
+    t = _targets((3, 4, 5), 11, ignore_index=7)
+    kw = dict(reduction=reduction, ignore_index=7, label_smoothing=0.05)
+    compare_with_reference(lambda x: F.cross_entropy(x, t, **kw), lambda x: TF.cross_entropy(x, t, **kw), {"x": x},
+                           torch.float32)
+
+
+def test_unbatched_and_strided(backend):
+    x = torch.randn(50, device=DEVICE)
+    t = torch.tensor(3, device=DEVICE)
+    compare_with_reference(lambda x: F.cross_entropy(x, t), lambda x: TF.cross_entropy(x, t), {"x": x}, torch.float32)
+    base = torch.randn(6, 90, device=DEVICE)
+    t2 = _targets((6,), 40)
+    compare_with_reference(lambda b: F.cross_entropy(b[:, :40], t2), lambda b: TF.cross_entropy(b[:, :40], t2),
+                           {"b": base}, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored_matches_torch(backend, reduction, weighted):
+    """Every target ignored: mean is 0/0 = NaN (as torch), the gradient is zero."""
+    x = torch.randn(5, 9, device=DEVICE, requires_grad=True)
+    t = torch.full((5,), -100, device=DEVICE)
+    w = torch.rand(9, device=DEVICE) if weighted else None
+    loss = F.cross_entropy(x, t, w, reduction=reduction)
+    ref = TF.cross_entropy(x, t, w, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    (gr,) = torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g, gr) and torch.equal(g, torch.zeros_like(g))
+
+
+def test_extreme_logits(backend):
+    x = torch.randn(6, 500, device=DEVICE) * 1e4
+    x[1, 3] = float("-inf")
+    t = torch.randint(0, 500, (6,), device=DEVICE)
+    t[1] = 4
+    torch.testing.assert_close(F.cross_entropy(x, t, reduction="none"), TF.cross_entropy(x, t, reduction="none"),
+                               rtol=1e-5, atol=1e-2)
+
+
+def test_out_of_range_target_raises_on_cpu():
+    x = torch.randn(4, 10)
+    with fastlm.backend("triton"):
+        for bad in (10, -1):
+            t = torch.tensor([1, bad, 2, -100])
+            with pytest.raises(ValueError, match="outside"):
+                F.cross_entropy(x, t)
+
+
+@pytest.mark.gpu
+def test_out_of_range_target_gives_nan_on_gpu():
+    x = torch.randn(4, 10, device="cuda")
+    t = torch.tensor([1, 12, 2, -100], device="cuda")
+    with fastlm.backend("triton"):
+        loss = F.cross_entropy(x, t, reduction="none")
+    assert loss[1].isnan() and not loss[[0, 2, 3]].isnan().any()
+
+
+def test_module(backend):
+    w = torch.rand(20, device=DEVICE)
+    ours = fnn.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=0.1)
+    ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss) and ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(8, 20, device=DEVICE)
+    t = torch.randint(0, 20, (8,), device=DEVICE)
+    torch.testing.assert_close(ours(x, t), ref(x, t))
+
+
+def test_opcheck(backend):
+    op = getattr(torch.ops.fastlm, f"cross_entropy_fwd_{backend}")
+    x = torch.randn(6, 30, device=DEVICE, requires_grad=True)
+    t = _targets((6,), 30)
+    w = torch.rand(30, device=DEVICE)
+    for red in (0, 1, 2):
+        torch.library.opcheck(op, (x, t, w, -100, 0.1, red, True), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(op, (torch.randn(3, 30, 4, device=DEVICE), _targets((12,), 30), None, -100, 0.0, 1, False),
+                          test_utils=OPCHECK_TESTS)
+
+
+def test_compile_fullgraph(backend):
+    def f(x, t):
+        return F.cross_entropy(x, t, label_smoothing=0.1) + F.cross_entropy(x, t, reduction="none").sum()
+
+    x = torch.randn(8, 50, device=DEVICE, requires_grad=True)
+    t = _targets((8,), 50)
+    got = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")(x, t)
+    want = f(x, t)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int32, device=DEVICE), _targets((3,), 4)), TypeError,
+         "input must be"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE).to(torch.float8_e4m3fn), _targets((3,), 4)),
+         TypeError, "input must be"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, device=DEVICE)), TypeError,
+         "target must hold class indices"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((4,), 4)), ValueError,
+         "target must have shape"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), torch.rand(5, device=DEVICE)),
+         ValueError, "weight must have shape"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4).to("meta")), ValueError,
+         "target is on meta"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), reduction="avg"), ValueError,
+         "reduction must be"),
+        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), label_smoothing=1.5),
+         ValueError, "label_smoothing"),
+    ],
+)
+def test_bad_input(backend, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy
+
+
+def _lce_ref(x, w, t, b=None, weight=None, **kw):
+    logits = TF.linear(x, w, b)
+    loss = TF.cross_entropy(logits.reshape(-1, w.shape[0]), t.reshape(-1), weight, **kw)
+    return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
+
+
+@pytest.mark.parametrize("chunk", [None, 16, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy(reduction, bias, chunk):
+    """Against linear + cross_entropy: loss and the gradients of input, linear_weight and linear_bias; several
+    chunks (a ragged last one with chunk 7) and a single chunk."""
+    with fastlm.backend("triton"):
+        B, S, H, V = 2, 25, 32, 300
+        x = torch.randn(B, S, H, device=DEVICE)
+        w = torch.randn(V, H, device=DEVICE) * 0.2
+        b = torch.randn(V, device=DEVICE) if bias else None
+        t = _targets((B, S), V)
+        cw = torch.rand(V, device=DEVICE) + 0.5
+        kw = dict(reduction=reduction, label_smoothing=0.1, ignore_index=-100)
+        inputs = {"x": x, "w": w} | ({"b": b} if bias else {})
+        compare_with_reference(
+            lambda x, w, b=None: F.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, chunk_size=chunk, **kw),
+            lambda x, w, b=None: _lce_ref(x, w, t, b, cw.to(x.dtype), **kw),
+            inputs,
+            torch.float32,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)
+def test_linear_cross_entropy_low_precision(dtype):
+    # fp16 only on CPU: the matmuls run in torch, the cross-entropy in the (fp16-exact) interpreter
+    with fastlm.backend("triton"):
+        x = torch.randn(40, 64, device=DEVICE, dtype=dtype)
+        w = (torch.randn(500, 64, device=DEVICE) * 0.1).to(dtype)
+        t = _targets((40,), 500)
+        compare_with_reference(
+            lambda x, w: F.linear_cross_entropy(x, w, t, chunk_size=16), lambda x, w: _lce_ref(x, w, t), {"x": x, "w": w},
+            dtype,
+        )
+
+
+def test_linear_cross_entropy_no_grad_and_bad_input():
+    with fastlm.backend("triton"):
+        x = torch.randn(10, 8, device=DEVICE)
+        w = torch.randn(30, 8, device=DEVICE)
+        t = torch.randint(0, 30, (10,), device=DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(F.linear_cross_entropy(x, w, t), _lce_ref(x, w, t))
+        with pytest.raises(ValueError, match="share H"):
+            F.linear_cross_entropy(x, torch.randn(30, 9, device=DEVICE), t)
+        with pytest.raises(TypeError, match="linear_weight must match"):
+            F.linear_cross_entropy(x, w.double(), t)
+        with pytest.raises(ValueError, match="target must have shape"):
+            F.linear_cross_entropy(x, w, t[:5])
+    with fastlm.backend("cuda"), pytest.raises(fastlm.BackendUnavailableError, match="linear_ce"):
+        F.linear_cross_entropy(x, w, t)
