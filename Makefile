@@ -21,7 +21,7 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 test: build
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
-		$(PY) -m pytest -q tests
+		$(PY) -m pytest -q tests benchmarks --benchmark-disable
 
 bench: build
 	$(PY) -m fastlm bench --out bench-out

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU")
     b = sub.add_parser("bench", help="run the benchmark suite on this machine")
-    b.add_argument("--ops", default="norms", help="comma-separated op families (now: norms)")
+    b.add_argument("--ops", default="norms,softmax,ce", help="comma-separated op families: norms, softmax, ce")
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
     b.add_argument("--out", default="bench-out", help="folder for the JSON / Markdown reports")

@@ -21,6 +21,74 @@ import torch
 import fastlm
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: ``work`` is the bytes (unit GB/s) or FLOPs (unit TFLOP/s) one call must move or do."""
+
+    kernel: str
+    shape: str  # e.g. "8192x4096"
+    dtype: torch.dtype
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    work: float
+    unit: str = "GB/s"
+    params: tuple = ()  # family-specific sizes, e.g. (rows, hidden)
+
+    def throughput(self, ms: float) -> float:
+        scale = 1e6 if self.unit == "GB/s" else 1e9
+        return self.work / (ms * scale)
+
+
+def fastlm_providers(device: torch.device, backends=("triton", "cuda")) -> dict[str, str | None]:
+    """Provider name -> fastlm backend (None for the torch baselines). On CPU only the torch baselines run: the
+    fused kernels need a GPU (the interpreter is a test tool, not a timing)."""
+    names = {"torch-eager": None, "torch-compile": None}
+    if device.type == "cuda":
+        names = {**{f"fastlm-{b}": b for b in backends}, **names}
+    return names
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile for a baseline that is timed over a grid of shapes and replays its backward."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False  # the bwd timing replays one graph's backward (retain_graph=True)
+    # One compiled function serves every shape of the grid: raise dynamo's recompile limit so that no case
+    # silently falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(fn, fullgraph=True)
+
+
+def timed_call(fn: Callable, args: list, mode: str, grad_inputs: list | None = None) -> Callable[[], object]:
+    """The callable timed for ``mode``: the forward, the backward of one kept graph, or both."""
+    if mode == "fwd":
+        return lambda: fn(*args)
+    leaves = grad_inputs if grad_inputs is not None else [
+        a for a in args if isinstance(a, torch.Tensor) and a.requires_grad
+    ]
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+    def step():
+        o = fn(*args)
+        return torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
+
+    return step
+
+
+def with_backend(fn: Callable, backend: str | None) -> Callable:
+    if backend is None:
+        return fn
+
+    def call(*args, **kwargs):
+        with fastlm.backend(backend):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 @dataclasses.dataclass
 class Result:
     """One measured case (the result schema: one JSON object per case)."""

@@ -13,9 +13,11 @@ import sys
 import torch
 
 from fastlm.bench import core
+from fastlm.bench import cross_entropy as ce_cases
 from fastlm.bench import norms as norm_cases
+from fastlm.bench import softmax as softmax_cases
 
-FAMILIES = {"norms": norm_cases}
+FAMILIES = {"norms": norm_cases, "softmax": softmax_cases, "ce": ce_cases}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -61,21 +63,21 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
         except Exception as exc:  # a missing fastlm backend on a GPU machine is an error, reported at the end
             errors.append(f"{label}: {type(exc).__name__}: {exc}")
             continue
-        gbs = case.bytes() / (p50 * 1e6)
+        ceiling = ceilings["copy_GB/s"] if case.unit == "GB/s" else ceilings["matmul_TFLOP/s"]
         results.append(
             core.Result(
                 kernel=case.kernel,
                 provider=provider,
                 mode=case.mode,
                 shape=case.shape,
-                dtype=str(dt).replace("torch.", ""),
+                dtype=str(case.dtype).replace("torch.", ""),
                 metric="throughput",
-                unit="GB/s",
-                p50=gbs,
-                p20=case.bytes() / (p80 * 1e6),  # the 20th percentile of throughput is the 80th of time
-                p80=case.bytes() / (p20 * 1e6),
+                unit=case.unit,
+                p50=case.throughput(p50),
+                p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
+                p80=case.throughput(p20),
                 ms=p50,
-                fraction_of_ceiling=gbs / ceilings["copy_GB/s"],
+                fraction_of_ceiling=case.throughput(p50) / ceiling,
                 peak_mem_mb=peak,
             )
         )

@@ -1,0 +1,28 @@
+"""Shared pytest-benchmark driver: every ``benchmarks/bench_<family>.py`` times the cases of ``fastlm bench``."""
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+
+def params(family) -> list:
+    return [
+        pytest.param(case, provider, id=f"{case.kernel}-{case.shape}-{case.mode}-{provider}")
+        for case in family.cases(DEVICE, DTYPE, quick=True)
+        for provider in family.providers(DEVICE)
+    ]
+
+
+def run(benchmark, family, case, provider) -> None:
+    fn = family.runner(case, provider, DEVICE)()
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+
+    def timed():
+        fn()
+        sync()
+
+    benchmark.extra_info["work"] = case.work  # bytes or FLOPs; throughput = work / median seconds
+    benchmark.extra_info["unit"] = case.unit
+    benchmark(timed)

@@ -1,0 +1,77 @@
+"""Benchmark cases of cross-entropy and the LM-head linear cross-entropy.
+
+cross_entropy, bytes per call (N rows of C logits, e = element size); the same count for every provider (the
+least traffic the op needs), so the GB/s compare times:
+    fwd (loss only, no grad):   read the logits          -> N * C * e
+    fwd+bwd:                    + read them again (or the softmax) and write the gradient -> 3 * N * C * e
+linear_cross_entropy: TFLOP/s of the three matmuls of forward + backward, 6 * T * V * H, and the peak memory
+(the headline number: the full logits are never materialised).
+"""
+
+import torch
+import torch.nn.functional as TF
+
+import fastlm.functional as F
+from fastlm.bench.core import Case, compiled, fastlm_providers, timed_call, with_backend
+
+VOCABS_GPU = (256, 4096, 32768, 131072, 262144)
+VOCABS_GPU_QUICK = (4096, 131072)
+VOCABS_CPU = (1024, 32768)
+INPUT_BYTES_GPU, INPUT_BYTES_CPU = 256 << 20, 4 << 20
+LCE_GPU = (8192, 131072, 4096)  # tokens x vocab x hidden (LLaMA-3-8B's head)
+LCE_CPU = (256, 8192, 256)
+
+
+def _lce_ref(x, w, t):
+    return TF.cross_entropy(TF.linear(x, w), t)
+
+
+FUNCS = {
+    "cross_entropy": (lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t)),
+    "linear_cross_entropy": (lambda x, w, t: F.linear_cross_entropy(x, w, t), _lce_ref),
+}
+
+
+def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    gpu = device.type == "cuda"
+    vocabs = (VOCABS_GPU_QUICK if quick else VOCABS_GPU) if gpu else VOCABS_CPU
+    size = INPUT_BYTES_GPU if gpu else INPUT_BYTES_CPU
+    e = torch.finfo(dtype).bits // 8
+    out = []
+    for c in vocabs:
+        n = max(1, size // (c * e))
+        for mode in ("fwd", "fwd+bwd"):
+            out.append(Case("cross_entropy", f"{n}x{c}", dtype, mode, (1 if mode == "fwd" else 3) * n * c * e,
+                            "GB/s", (n, c)))
+    t, v, h = LCE_GPU if gpu else LCE_CPU
+    out.append(Case("linear_cross_entropy", f"{t}x{v}x{h}", dtype, "fwd+bwd", 6 * t * v * h, "TFLOP/s", (t, v, h)))
+    return out
+
+
+def providers(device: torch.device) -> dict[str, str | None]:
+    return fastlm_providers(device)
+
+
+def runner(case: Case, provider: str, device: torch.device):
+    backend = providers(device)[provider]
+    ours, ref = FUNCS[case.kernel]
+    if case.kernel == "linear_cross_entropy" and backend == "cuda":
+        backend = "triton"  # its fused step is the Triton cross-entropy kernel (no CUDA C++ variant)
+    fn = ref if backend is None else with_backend(ours, backend)
+    if provider == "torch-compile":
+        fn = compiled(fn)
+
+    def setup():
+        req = case.mode != "fwd"
+        if case.kernel == "linear_cross_entropy":
+            t, v, h = case.params
+            x = torch.randn(t, h, device=device, dtype=case.dtype, requires_grad=True)
+            w = (torch.randn(v, h, device=device) * h**-0.5).to(case.dtype).requires_grad_()
+            tgt = torch.randint(0, v, (t,), device=device)
+            return timed_call(fn, [x, w, tgt], case.mode, [x, w])
+        n, c = case.params
+        x = torch.randn(n, c, device=device, dtype=case.dtype, requires_grad=req)
+        tgt = torch.randint(0, c, (n,), device=device)
+        return timed_call(fn, [x, tgt], case.mode, [x] if req else None)
+
+    return setup
