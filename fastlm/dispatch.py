@@ -29,12 +29,14 @@ AUTO = {
     ("softmax", "cpu"): "torch",
     ("linear_ce", "cuda"): "triton",  # cuBLAS matmuls around the Triton cross-entropy kernel
     ("linear_ce", "cpu"): "torch",
+    ("attention", "cuda"): "triton",
+    ("attention", "cpu"): "torch",
 }
 
 # Which op families each compiled backend implements.
 IMPLEMENTED = {
-    "triton": {"norms", "softmax", "linear_ce"},
-    "cuda": {"norms", "softmax"},
+    "triton": {"norms", "softmax", "linear_ce", "attention"},
+    "cuda": {"norms", "softmax", "attention"},
 }
 
 

@@ -3,6 +3,7 @@
 Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispatch.py``).
 """
 
+from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -16,6 +17,8 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "rms_norm",
+    "scaled_dot_product_attention",
     "scaled_masked_softmax",
     "softmax",
+    "varlen_attention",
 ]

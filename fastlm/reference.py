@@ -50,3 +50,18 @@ def scaled_masked_softmax(
     p = torch.softmax(s, dim=-1)
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     return p.masked_fill(empty, 0.0).to(input.dtype)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_causal=False, scale=None) -> Tensor:
+    """Packed-sequence attention as a loop of torch SDPA calls, one per sequence: q (total_q, H, D)."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    for i in range(len(cq) - 1):
+        qi = q[cq[i] : cq[i + 1]].transpose(0, 1)  # (H, Sq, D)
+        ki = k[ck[i] : ck[i + 1]].transpose(0, 1)
+        vi = v[ck[i] : ck[i + 1]].transpose(0, 1)
+        oi = TF.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                             enable_gqa=gqa)
+        outs.append(oi.transpose(0, 1))
+    return torch.cat(outs, 0)

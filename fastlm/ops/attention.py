@@ -1,0 +1,294 @@
+"""Scaled dot-product attention (dense and varlen): registered ops, fake impls, autograd, public functions.
+
+Ops (for <backend> in {triton, cuda}):
+    fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng)
+        -> (o, lse)
+    fastlm::attention_bwd_<backend>(do, q, k, v, o, lse, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal,
+                                    dropout_p, rng) -> (dq, dk, dv)
+Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) (H a multiple of Hkv), any strides with a unit last stride; mask an
+expanded (B, H, Sq, Sk) view (bool, True = attend, or additive float). Varlen: q (total_q, H, D), k/v
+(total_k, Hkv, D), cu_q/cu_k int32 (n + 1,). ``rng`` is a CPU int64 tensor holding the dropout seed (drawn from
+torch's default generator, so torch.manual_seed makes dropout reproducible). lse is fp32: (B, H, Sq) or
+(H, total_q); it is not differentiable.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastlm import _ext
+from fastlm.dispatch import resolve
+
+MAX_HEAD_DIM = 256
+ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
+    from fastlm.kernels import attention
+
+    seed = int(rng[0]) if dropout_p > 0 else 0
+    return attention.attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+
+
+@torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
+def attention_fwd_triton(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_q: Tensor | None, cu_k: Tensor | None, max_q: int,
+    max_k: int, scale: float, causal: bool, dropout_p: float, rng: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
+
+
+@torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
+def attention_bwd_triton(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: Tensor | None, cu_q: Tensor | None,
+    cu_k: Tensor | None, max_q: int, max_k: int, scale: float, causal: bool, dropout_p: float, rng: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels import attention
+
+    seed = int(rng[0]) if dropout_p > 0 else 0
+    return attention.attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q,
+                              max_k)
+
+
+def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else q.shape[:3]
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _bwd_fake(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+FWD: dict = {}
+
+
+def _register(backend: str) -> None:
+    bwd = getattr(torch.ops.fastlm, f"attention_bwd_{backend}").default
+    if backend != "triton":
+        torch.library.register_fake(f"fastlm::attention_fwd_{backend}")(_fwd_fake)
+        torch.library.register_fake(f"fastlm::attention_bwd_{backend}")(_bwd_fake)
+
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
+        max_q, max_k, scale, causal, dropout_p = ctx.args
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"fastlm::attention_fwd_{backend}", backward, setup_context=_setup)
+    FWD[backend] = getattr(torch.ops.fastlm, f"attention_fwd_{backend}").default
+
+
+attention_fwd_triton.register_fake(_fwd_fake)
+attention_bwd_triton.register_fake(_bwd_fake)
+_register("triton")
+if _ext._C is not None and hasattr(torch.ops.fastlm, "attention_fwd_cuda"):
+    _register("cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() < min_dim:
+            raise ValueError(f"{name} must have at least {min_dim} dims, got shape {list(t.shape)}")
+        if t.dtype not in ATTN_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {backend} backend, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(
+            f"query, key and value must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
+        )
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+
+
+def _rng(dropout_p: float) -> Tensor:
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64)  # torch's default CPU generator: reproducible
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()  # a non-unit last stride: one copy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)`` (Hkv == H, or H % Hkv == 0 with
+            ``enable_gqa``). Any strides with a unit last stride (e.g. HF's transposed views): no copy.
+            float16/bfloat16 (float32 too on the Triton path); D <= 256.
+        attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask (no
+            gradient). Read tile by tile; fully masked tiles are skipped. May be combined with ``is_causal``
+            (torch raises there).
+        dropout_p: dropout on the attention probabilities, generated in the kernel from torch's default generator
+            (``torch.manual_seed`` makes it reproducible) and regenerated in the backward.
+        is_causal: top-left aligned causal mask (query i sees keys j <= i), as torch::
+
+                keys ->      Sq = 3, Sk = 5
+                q0  x . . . .
+                q1  x x . . .
+                q2  x x x . .
+
+        scale: defaults to ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp of the scores, ``(*, H, Sq)`` fp32 (not differentiable), for
+            merging partial attentions.
+
+    Returns:
+        ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
+    """
+    backend = resolve("attention", query)
+    if backend == "torch":
+        if return_lse:
+            raise ValueError("return_lse needs a fused backend (triton or cuda)")
+        return TF.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                               enable_gqa=enable_gqa)
+    _check_qkv(query, key, value, backend, 2)
+    if query.dim() != key.dim() or key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            f"key and value must have the same shape but the head dim, and as many dims as query; got query "
+            f"{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}"
+        )
+    q4 = query if query.dim() >= 3 else query[None]
+    k4 = key if key.dim() >= 3 else key[None]
+    v4 = value if value.dim() >= 3 else value[None]
+    lead = q4.shape[:-3]
+    if k4.shape[:-3] != lead:
+        raise ValueError(f"query and key batch dims differ: {list(q4.shape[:-3])} vs {list(k4.shape[:-3])}")
+    H, Sq, D = q4.shape[-3:]
+    Hkv, Sk = k4.shape[-3], k4.shape[-2]
+    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
+        raise ValueError(
+            f"query has {H} heads and key/value {Hkv}: they must be equal, or enable_gqa=True with H a multiple "
+            "of Hkv"
+        )
+    B = math.prod(lead)
+    q4, k4, v4 = (_unit_last(t).reshape(B, *t.shape[-3:]) for t in (q4, k4, v4))
+    mask4 = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
+            raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.requires_grad:
+            raise ValueError("attn_mask requires grad, but the fused attention gives the mask no gradient")
+        full = (*lead, H, Sq, Sk)
+        try:
+            mask4 = attn_mask.expand(full).reshape(B, H, Sq, Sk)  # stride-0 broadcast dims: no copy
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {list(attn_mask.shape)} is not broadcastable to {list(full)}"
+            ) from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    o, lse = FWD[backend](q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p),
+                          _rng(dropout_p))
+    o = o.reshape(*query.shape[:-1], D)
+    if return_lse:
+        return o, lse.reshape(*query.shape[:-1])
+    return o
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    Args:
+        q: ``(total_q, H, D)``; k, v: ``(total_k, Hkv, D)`` with H a multiple of Hkv (GQA).
+        cu_seqlens_q, cu_seqlens_k: int32 ``(n + 1,)``, 0 first, non-decreasing, last = total; sequence i is
+            ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``. They are checked on the host (one small copy).
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (checked).
+        is_causal: top-left aligned within each sequence.
+
+    Returns:
+        ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
+    """
+    backend = resolve("attention", q)
+    if backend == "torch":
+        from fastlm import reference
+
+        if return_lse:
+            raise ValueError("return_lse needs a fused backend (triton or cuda)")
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale)
+    _check_qkv(q, k, v, backend, 3)
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"varlen q must be (total_q, H, D) and k, v (total_k, Hkv, D); got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    lens = []
+    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise TypeError(f"{name} must be a 1-D int32 tensor of n + 1 >= 2 offsets, got "
+                            f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        host = cu.cpu()
+        d = host[1:] - host[:-1]
+        if host[0] != 0 or host[-1] != total or bool((d < 0).any()):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}; got {host.tolist()[:8]}")
+        if int(d.max()) > mx:
+            raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {mx}")
+        lens.append(cu)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, lse = FWD[backend](q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                          bool(is_causal), float(dropout_p), _rng(dropout_p))
+    return (o, lse) if return_lse else o
