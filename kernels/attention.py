@@ -316,12 +316,25 @@ def fwd_config(D: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def bwd_config(D: int) -> dict:
+def bwd_dkdv_config(D: int) -> dict:
+    """BLOCK_N keys per program, BLOCK_M queries per step. Chosen from the static sm_90 report: every dot on wgmma
+    (HGMMA) and no spills up to D = 128; at D = 256 no wgmma tiling is spill-free, so mma.sync tiles are used."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if D <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    if D <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def bwd_dq_config(D: int) -> dict:
+    """BLOCK_M queries per program, BLOCK_N keys per step (same criteria as bwd_dkdv_config)."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if D <= 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -411,19 +424,42 @@ def attn_bwd(do, q, k, v, o, lse, mask, scale: float, causal: bool, dropout_p: f
     )
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
-    cfg = bwd_config(D)
     common = dict(MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD,
-                  PREC=precision(q.dtype), **cfg)
+                  PREC=precision(q.dtype))
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
+    cfg = bwd_dkdv_config(D)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), n_seq * Hkv)](
         q, k, v, m_arg, do, lse, delta, dk, dv, cq, ck,
         *st(q), *st(k), *st(v), *st(do), *st(dk), *st(dv), *sm, lse_sb, lse_sh,
-        H, Hkv, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common,
+        H, Hkv, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common, **cfg,
     )
+    cfg = bwd_dq_config(D)
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](
         q, k, v, m_arg, do, lse, delta, dq, cq, ck,
         *st(q), *st(k), *st(v), *st(do), *st(dq), *sm, lse_sb, lse_sh,
-        H, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common,
+        H, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common, **cfg,
     )
     return dq, dk, dv
+
+
+def static_configs():
+    """The shipped launch configurations (bf16, no mask, causal and not, head dims 64/128/256) of the forward and
+    the two backward kernels, for the static report: (kernel, signature, constexprs, num_warps, name, label)."""
+    from fastlm.bench.static import signature
+
+    bf16 = {n: "*bf16" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
+    ptrs = bf16 | {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
+    floats = ("qk_scale", "sm_scale", "dropout_p")
+    for D in (64, 128, 256):
+        for causal in (False, True):
+            for name, kernel, config in (("attn_fwd", _attn_fwd_kernel, fwd_config),
+                                         ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, bwd_dkdv_config),
+                                         ("attn_bwd_dq", _attn_bwd_dq_kernel, bwd_dq_config)):
+                cfg = dict(config(D))
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=block_d(D),
+                              PREC="tf32", **cfg)
+                sig = signature(kernel, consts, ptrs, floats, ("seed", "rng_offset"))
+                label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
+                yield kernel, sig, consts, (warps, stages), name, label

@@ -23,3 +23,16 @@ def test_wide_norm_configs_use_128_bit_accesses(stats):
     assert wide
     for s in wide:
         assert s.ldg128 > 0 and s.stg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads/stores"
+
+
+def test_attention_uses_wgmma_on_sm90(stats):
+    """Forward at every head dim and backward up to D = 128 run their dots on wgmma (HGMMA). At D = 256 no wgmma
+    tiling of the backward is spill-free on sm_90, so it uses mma.sync (HMMA): checked too, so a change shows."""
+    attn = [s for s in stats if s.kernel.startswith("attn")]
+    assert len(attn) == 18
+    for s in attn:
+        d256_bwd = "D=256" in s.config and "bwd" in s.kernel
+        if d256_bwd:
+            assert s.hmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"
+        else:
+            assert s.hgmma > 0, f"{s.kernel} [{s.config}] has no HGMMA (wgmma) on sm_90"

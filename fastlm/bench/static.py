@@ -27,7 +27,8 @@ class KernelStat:
     shared_bytes: int
     ldg128: int
     stg128: int
-    hmma: int  # HMMA (sm_80 tensor cores) + HGMMA (sm_90 wgmma)
+    hmma: int  # HMMA: mma.sync tensor-core instructions (sm_80 style)
+    hgmma: int  # HGMMA: sm_90 warpgroup MMA (wgmma)
 
     @property
     def spills(self) -> bool:
@@ -41,7 +42,8 @@ def _tool(name: str) -> str:
     return path
 
 
-def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str):
+def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str,
+                 num_stages: int = 3):
     """Compile one kernel configuration for ``arch`` and read its resource usage and SASS."""
     # As the launcher sees a typical call: 16-byte aligned pointers, and strides and N multiples of 16 (Triton
     # specialises on that at run time, which is what enables 128-bit accesses).
@@ -55,7 +57,7 @@ def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
 
         fn = JITFunction(fn.fn)
     src = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -71,36 +73,58 @@ def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
         registers=int(usage.get("REG", 0)),
         stack_bytes=int(usage.get("STACK", 0)),
         local_bytes=int(usage.get("LOCAL", 0)),
-        shared_bytes=int(usage.get("SHARED", 0)),
+        shared_bytes=int(k.metadata.shared),  # dynamic shared memory (cuobjdump shows only the static part)
         ldg128=len(re.findall(r"LDG\.E\.128|LDG\.E\.[A-Z.]*128", text)),
         stg128=len(re.findall(r"STG\.E\.128|STG\.E\.[A-Z.]*128", text)),
-        hmma=len(re.findall(r"\bH(?:G)?MMA\b", text)),
+        hmma=len(re.findall(r"\bHMMA\.", text)),
+        hgmma=len(re.findall(r"\bHGMMA\.", text)),
     )
+
+
+def signature(fn, consts: dict, pointers: dict, floats=(), int64=()) -> dict:
+    """A compile signature from the kernel's argument names: pointers by name (e.g. ``{"X": "*bf16"}``), then
+    fp32 / i64 scalars by name, constexprs, and i32 for every other argument."""
+    names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.__code__.co_varnames[: fn.fn.__code__.co_argcount]
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = pointers[n]
+        elif n in floats:
+            sig[n] = "fp32"
+        elif n in int64:
+            sig[n] = "i64"
+        else:
+            sig[n] = "i32"
+    return sig
 
 
 def shipped_configs():
     """Every (kernel, signature, constexprs, num_warps, label) the launchers can pick, per op family."""
-    from fastlm.kernels import norms
+    from fastlm.kernels import attention, norms
 
     yield from norms.static_configs()
+    yield from attention.static_configs()
 
 
 def report(archs=(90,)) -> list[KernelStat]:
     stats = []
-    for fn, sig, consts, warps, name, label in shipped_configs():
+    for fn, sig, consts, launch, name, label in shipped_configs():
+        warps, stages = launch if isinstance(launch, tuple) else (launch, 3)
         for arch in archs:
-            stats.append(compile_stat(fn, sig, consts, warps, arch, name, label))
+            stats.append(compile_stat(fn, sig, consts, warps, arch, name, label, num_stages=stages))
     return stats
 
 
 def format_table(stats: list[KernelStat]) -> str:
     lines = [
-        "| kernel | config | sm | regs | spill (stack/local B) | smem B | LDG.128 | STG.128 | (H)MMA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | sm | regs | spill (stack/local B) | smem B | LDG.128 | STG.128 | HMMA | HGMMA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stats:
         lines.append(
             f"| {s.kernel} | {s.config} | {s.arch} | {s.registers} | {s.stack_bytes}/{s.local_bytes} | "
-            f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} |"
+            f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} | {s.hgmma} |"
         )
     return "\n".join(lines)
