@@ -13,11 +13,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTLM_POISON", "1")  # NaN-fill kernel outputs so unwritten elements fail the comparison
 
 import pytest  # noqa: E402
+from helpers import ON_GPU  # noqa: E402
 
 import fastlm  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEVICE.type == "cuda"
 
 # Fused backends under test: Triton everywhere (interpreted on CPU), CUDA C++ only on a GPU.
 BACKENDS = [

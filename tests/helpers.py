@@ -2,6 +2,9 @@
 
 import torch
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
 # Tolerances of a fused kernel against the float64 reference, per dtype: (atol, rtol), atol relative to the
 # reference's largest magnitude (gradients such as dW grow with the number of rows).
 TOL = {

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import DEVICE, ON_GPU
+from helpers import DEVICE, ON_GPU
 
 import fastlm
 import fastlm.functional as F

@@ -31,7 +31,9 @@ def test_cuda_kernels_compiled():
     assert info["with_cuda"], "nvcc and a CUDA torch were available, but fastlm._C has no CUDA kernels"
     archs = info["cuda_archs"]
     so = _ext._C.__file__
-    tool = os.path.join(cpp_extension.CUDA_HOME, "bin", "cuobjdump")
+    from fastlm.bench.static import _tool
+
+    tool = _tool("cuobjdump")  # the one Triton ships (a CUDA toolkit without it is common)
     listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     for arch in archs.replace(" ", ";").split(";"):
         if arch:

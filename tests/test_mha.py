@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE
+from helpers import DEVICE
 
 from fastlm import nn as fnn
 

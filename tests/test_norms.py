@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import DEVICE, ON_GPU
-from helpers import assert_close_ref
+from helpers import DEVICE, ON_GPU, assert_close_ref
 
 import fastlm
 import fastlm.functional as F

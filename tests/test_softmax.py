@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import DEVICE, ON_GPU
-from helpers import compare_with_reference
+from helpers import DEVICE, ON_GPU, compare_with_reference
 
 import fastlm
 import fastlm.functional as F

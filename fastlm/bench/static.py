@@ -52,10 +52,6 @@ def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
         for i, name in enumerate(fn.arg_names)
         if signature.get(name, "").startswith("*") or name.startswith("stride") or name == "N"
     ]
-    if not hasattr(fn, "cache_key"):  # an InterpretedFunction (TRITON_INTERPRET=1): compile the Python source anyway
-        from triton.runtime.jit import JITFunction
-
-        fn = JITFunction(fn.fn)
     src = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,12 +105,31 @@ def shipped_configs():
 
 
 def report(archs=(90,)) -> list[KernelStat]:
+    """Compile and inspect every shipped config for each arch. Under TRITON_INTERPRET=1 the kernels are
+    interpreter objects that cannot be compiled, so the report then runs in a subprocess without it."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _report_in_subprocess(archs)
     stats = []
     for fn, sig, consts, launch, name, label in shipped_configs():
         warps, stages = launch if isinstance(launch, tuple) else (launch, 3)
         for arch in archs:
             stats.append(compile_stat(fn, sig, consts, warps, arch, name, label, num_stages=stages))
     return stats
+
+
+def _report_in_subprocess(archs) -> list[KernelStat]:
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import dataclasses, json, sys; from fastlm.bench import static; "
+        f"print(json.dumps([dataclasses.asdict(s) for s in static.report({tuple(archs)!r})]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"static report subprocess failed:\n{out.stderr[-3000:]}")
+    return [KernelStat(**d) for d in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def format_table(stats: list[KernelStat]) -> str:
