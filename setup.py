@@ -14,9 +14,8 @@ Build with ``pip install --no-build-isolation -e .`` (torch must already be inst
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +42,7 @@ def _extension():
     define = [
         f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}",
         "-DPy_LIMITED_API=0x030a0000",
-        f"-DFASTLM_TORCH_BUILD_VERSION=\"{torch.__version__.split('+')[0]}\"",
+        f'-DFASTLM_TORCH_BUILD_VERSION="{torch.__version__.split("+")[0]}"',
     ]
     cxx = ["-O3", *define]
     ext_kwargs = {}
@@ -54,8 +53,8 @@ def _extension():
         cuda_define = [
             "-DUSE_CUDA",  # the aoti shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA
             "-DFASTLM_WITH_CUDA",
-            f"-DFASTLM_CUDA_VERSION=\"{torch.version.cuda}\"",
-            f"-DFASTLM_CUDA_ARCHS=\"{archs}\"",
+            f'-DFASTLM_CUDA_VERSION="{torch.version.cuda}"',
+            f'-DFASTLM_CUDA_ARCHS="{archs}"',
         ]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cxx += cuda_define

@@ -1,7 +1,7 @@
-"""pytest-benchmark view of the cross_entropy cases of ``fastlm bench`` (the cases live in fastlm/bench/cross_entropy.py).
+"""pytest-benchmark view of the cross_entropy cases of ``fastlm bench`` (cases: fastlm/bench/cross_entropy.py).
 
-    pytest benchmarks/bench_cross_entropy.py                 # time every case
-    pytest benchmarks/ --benchmark-disable          # smoke: run each case once
+pytest benchmarks/bench_cross_entropy.py                 # time every case
+pytest benchmarks/ --benchmark-disable          # smoke: run each case once
 """
 
 import pytest

@@ -1,7 +1,7 @@
-"""pytest-benchmark view of the norms cases of ``fastlm bench`` (the cases live in fastlm/bench/norms.py).
+"""pytest-benchmark view of the norms cases of ``fastlm bench`` (cases: fastlm/bench/norms.py).
 
-    pytest benchmarks/bench_norms.py                 # time every case
-    pytest benchmarks/ --benchmark-disable          # smoke: run each case once
+pytest benchmarks/bench_norms.py                 # time every case
+pytest benchmarks/ --benchmark-disable          # smoke: run each case once
 """
 
 import pytest

@@ -1,7 +1,7 @@
-"""pytest-benchmark view of the softmax cases of ``fastlm bench`` (the cases live in fastlm/bench/softmax.py).
+"""pytest-benchmark view of the softmax cases of ``fastlm bench`` (cases: fastlm/bench/softmax.py).
 
-    pytest benchmarks/bench_softmax.py                 # time every case
-    pytest benchmarks/ --benchmark-disable          # smoke: run each case once
+pytest benchmarks/bench_softmax.py                 # time every case
+pytest benchmarks/ --benchmark-disable          # smoke: run each case once
 """
 
 import pytest

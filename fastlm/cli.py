@@ -41,16 +41,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU")
     b = sub.add_parser("bench", help="run the benchmark suite on this machine")
-    b.add_argument("--ops", default="norms,softmax,ce", help="comma-separated op families: norms, softmax, ce")
+    b.add_argument(
+        "--ops", default="norms,softmax,ce,attention", help="comma-separated op families: norms, softmax, ce, attention"
+    )
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
     b.add_argument("--out", default="bench-out", help="folder for the JSON / Markdown reports")
     b.add_argument("--no-static", action="store_true", help="skip the static sm_90 kernel report")
+    b.add_argument(
+        "--static",
+        action="store_true",
+        help="only the static report: compile every shipped kernel config for sm_80/sm_90, no GPU",
+    )
+    b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratios of two JSON runs")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return _info()
     from fastlm.bench import run
 
+    if args.compare:
+        return run.compare(*args.compare)
+    if args.static:
+        return run.static_report(args.out)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in run.FAMILIES]
     if unknown:

@@ -44,6 +44,11 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run the op on these inputs."""
 
 
+class UnsupportedCaseError(BackendUnavailableError):
+    """The backend exists but does not implement this case (e.g. a head dim the CUDA kernels lack); the message
+    names the case. ``auto`` never picks a backend for a case it does not support."""
+
+
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

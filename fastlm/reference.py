@@ -61,7 +61,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_caus
         qi = q[cq[i] : cq[i + 1]].transpose(0, 1)  # (H, Sq, D)
         ki = k[ck[i] : ck[i + 1]].transpose(0, 1)
         vi = v[ck[i] : ck[i + 1]].transpose(0, 1)
-        oi = TF.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                             enable_gqa=gqa)
+        oi = TF.scaled_dot_product_attention(
+            qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
         outs.append(oi.transpose(0, 1))
     return torch.cat(outs, 0)

@@ -47,14 +47,27 @@ def _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, Mask, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale,
-            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK: tl.constexpr, PREC: tl.constexpr):
+def _scores(
+    q,
+    k,
+    Mask,
+    offs_m,
+    offs_n,
+    Sq,
+    Sk,
+    sm_m,
+    sm_n,
+    qk_scale,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CHECK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Base-2 scores q k^T * scale * log2(e) of a [BLOCK_M, BLOCK_N] tile, masked."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASK_KIND != 0:
         ok = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-        mv = tl.load(Mask + offs_m[:, None].to(tl.int64) * sm_m + offs_n[None, :].to(tl.int64) * sm_n, mask=ok,
-                     other=0)
+        mv = tl.load(Mask + offs_m[:, None].to(tl.int64) * sm_m + offs_n[None, :].to(tl.int64) * sm_n, mask=ok, other=0)
         if MASK_KIND == 1:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -87,10 +100,35 @@ def _keep(seed, rng_rows, offs_n, dropout_p):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, K_, V_, M_, start_n, offs_m, offs_n0, offs_d, Sq, Sk, D, stride_kn, stride_vn,
-               sm_m, sm_n, qk_scale, dropout_p, seed, rng_rows,
-               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK: tl.constexpr, DROPOUT: tl.constexpr,
-               PREC: tl.constexpr):
+def _fwd_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_,
+    V_,
+    M_,
+    start_n,
+    offs_m,
+    offs_n0,
+    offs_d,
+    Sq,
+    Sk,
+    D,
+    stride_kn,
+    stride_vn,
+    sm_m,
+    sm_n,
+    qk_scale,
+    dropout_p,
+    seed,
+    rng_rows,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CHECK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     offs_n = start_n + offs_n0
     if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
         kv_ok = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
@@ -112,12 +150,49 @@ def _fwd_block(acc, m_i, l_i, q, K_, V_, M_, start_n, offs_m, offs_n0, offs_d, S
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, O, Lse, CuQ, CuK,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, sm_b, sm_h, sm_m, sm_n, lse_sb, lse_sh,
-    H, GROUP, Sq_max, Sk_max, D, qk_scale, dropout_p, seed, rng_offset,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    O,
+    Lse,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    sm_b,
+    sm_h,
+    sm_m,
+    sm_n,
+    lse_sb,
+    lse_sh,
+    H,
+    GROUP,
+    Sq_max,
+    Sk_max,
+    D,
+    qk_scale,
+    dropout_p,
+    seed,
+    rng_offset,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -147,13 +222,65 @@ def _attn_fwd_kernel(
             hi = Sk
             full_hi = Sk // BLOCK_N * BLOCK_N
         for start_n in range(0, full_hi, BLOCK_N):  # off-band: no causal or bounds masks
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_, V_, M_, start_n, offs_m, offs_n0, offs_d, Sq, Sk, D,
-                                       stride_kn, stride_vn, sm_m, sm_n, qk_scale, dropout_p, seed, rng_rows,
-                                       MASK_KIND, False, False, DROPOUT, PREC)
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_,
+                V_,
+                M_,
+                start_n,
+                offs_m,
+                offs_n0,
+                offs_d,
+                Sq,
+                Sk,
+                D,
+                stride_kn,
+                stride_vn,
+                sm_m,
+                sm_n,
+                qk_scale,
+                dropout_p,
+                seed,
+                rng_rows,
+                MASK_KIND,
+                False,
+                False,
+                DROPOUT,
+                PREC,
+            )
         for start_n in range(full_hi, hi, BLOCK_N):  # on-band: the diagonal and the ragged last block
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_, V_, M_, start_n, offs_m, offs_n0, offs_d, Sq, Sk, D,
-                                       stride_kn, stride_vn, sm_m, sm_n, qk_scale, dropout_p, seed, rng_rows,
-                                       MASK_KIND, CAUSAL, True, DROPOUT, PREC)
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_,
+                V_,
+                M_,
+                start_n,
+                offs_m,
+                offs_n0,
+                offs_d,
+                Sq,
+                Sk,
+                D,
+                stride_kn,
+                stride_vn,
+                sm_m,
+                sm_n,
+                qk_scale,
+                dropout_p,
+                seed,
+                rng_rows,
+                MASK_KIND,
+                CAUSAL,
+                True,
+                DROPOUT,
+                PREC,
+            )
         empty_row = l_i == 0.0
         l_safe = tl.where(empty_row, 1.0, l_i)
         o = acc / l_safe[:, None]
@@ -164,8 +291,24 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
-                         lse_sb, lse_sh, H, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_preprocess(
+    O,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    lse_sb,
+    lse_sh,
+    H,
+    Sq,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta = rowsum(dO * O) over dense (B, H, Sq, D) or varlen (total, H, D) (then B = 1, Sq = total)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -181,13 +324,59 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV, CuQ, CuK,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    sm_b, sm_h, sm_m, sm_n, lse_sb, lse_sh,
-    H, Hkv, GROUP, Sq_max, Sk_max, D, sm_scale, dropout_p, seed, rng_offset,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    sm_b,
+    sm_h,
+    sm_m,
+    sm_n,
+    lse_sb,
+    lse_sh,
+    H,
+    Hkv,
+    GROUP,
+    Sq_max,
+    Sk_max,
+    D,
+    sm_scale,
+    dropout_p,
+    seed,
+    rng_offset,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // Hkv
@@ -201,10 +390,16 @@ def _attn_bwd_dkdv_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         kv_ok = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
         kv_rows = offs_n[:, None].to(tl.int64)
-        k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + (k0.to(tl.int64) + kv_rows) * stride_kn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + (k0.to(tl.int64) + kv_rows) * stride_vn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
+        k = tl.load(
+            K + b64 * stride_kb + hk64 * stride_kh + (k0.to(tl.int64) + kv_rows) * stride_kn + offs_d[None, :],
+            mask=kv_ok,
+            other=0.0,
+        )
+        v = tl.load(
+            V + b64 * stride_vb + hk64 * stride_vh + (k0.to(tl.int64) + kv_rows) * stride_vn + offs_d[None, :],
+            mask=kv_ok,
+            other=0.0,
+        )
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         qk_scale = sm_scale * 1.4426950408889634
@@ -246,13 +441,54 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    sm_b, sm_h, sm_m, sm_n, lse_sb, lse_sh,
-    H, GROUP, Sq_max, Sk_max, D, sm_scale, dropout_p, seed, rng_offset,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    sm_b,
+    sm_h,
+    sm_m,
+    sm_n,
+    lse_sb,
+    lse_sh,
+    H,
+    GROUP,
+    Sq_max,
+    Sk_max,
+    D,
+    sm_scale,
+    dropout_p,
+    seed,
+    rng_offset,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -265,10 +501,11 @@ def _attn_bwd_dq_kernel(
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         q_ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-        rows = (q0.to(tl.int64) + offs_m[:, None].to(tl.int64))
+        rows = q0.to(tl.int64) + offs_m[:, None].to(tl.int64)
         q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_ok,
-                     other=0.0)
+        do = tl.load(
+            DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0
+        )
         lse_idx = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64) + offs_m
         lse = tl.load(Lse + lse_idx, mask=offs_m < Sq, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -296,8 +533,11 @@ def _attn_bwd_dq_kernel(
                     ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dq *= sm_scale
-        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=q_ok)
+        tl.store(
+            DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=q_ok,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,8 +598,21 @@ def _varlen_strides(t):  # (total, H, D) -> (0, stride_h, stride_token)
     return 0, t.stride(1), t.stride(0)
 
 
-def attn_fwd(q, k, v, mask, scale: float, causal: bool, dropout_p: float, seed: int, offset: int,
-             cu_q=None, cu_k=None, max_q: int = 0, max_k: int = 0):
+def attn_fwd(
+    q,
+    k,
+    v,
+    mask,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    cu_q=None,
+    cu_k=None,
+    max_q: int = 0,
+    max_k: int = 0,
+):
     """o, lse. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask a (B, H, Sq, Sk) view or None.
     Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask."""
     varlen = cu_q is not None
@@ -388,17 +641,59 @@ def attn_fwd(q, k, v, mask, scale: float, causal: bool, dropout_p: float, seed: 
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)
     cu = cu_q if varlen else lse
     _attn_fwd_kernel[grid](
-        q, k, v, mask if mask is not None else q, o, lse, cu, cu_k if varlen else lse,
-        *qs, *ks, *vs, *os_, *sm, lse_sb, lse_sh,
-        H, H // Hkv, Sq, Sk, D, scale * LOG2E, dropout_p, seed, offset,
-        MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=block_d(D),
-        PREC=precision(q.dtype), **cfg,
+        q,
+        k,
+        v,
+        mask if mask is not None else q,
+        o,
+        lse,
+        cu,
+        cu_k if varlen else lse,
+        *qs,
+        *ks,
+        *vs,
+        *os_,
+        *sm,
+        lse_sb,
+        lse_sh,
+        H,
+        H // Hkv,
+        Sq,
+        Sk,
+        D,
+        scale * LOG2E,
+        dropout_p,
+        seed,
+        offset,
+        MASK_KIND=mask_kind,
+        CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen,
+        BLOCK_D=block_d(D),
+        PREC=precision(q.dtype),
+        **cfg,
     )
     return o, lse
 
 
-def attn_bwd(do, q, k, v, o, lse, mask, scale: float, causal: bool, dropout_p: float, seed: int, offset: int,
-             cu_q=None, cu_k=None, max_q: int = 0, max_k: int = 0):
+def attn_bwd(
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    mask,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    cu_q=None,
+    cu_k=None,
+    max_q: int = 0,
+    max_k: int = 0,
+):
     """dq, dk, dv (in q/k/v's layouts, contiguous), deterministic."""
     varlen = cu_q is not None
     D = q.shape[-1]
@@ -420,25 +715,92 @@ def attn_bwd(do, q, k, v, o, lse, mask, scale: float, causal: bool, dropout_p: f
     delta = torch.empty_like(lse)
     BD = block_d(D)
     _attn_bwd_preprocess[(triton.cdiv(pre_grid_rows, 64), pre_b * H)](
-        o, do, delta, *st(o), *st(do), lse_sb, lse_sh, H, pre_grid_rows, D, BLOCK_M=64, BLOCK_D=BD,
+        o,
+        do,
+        delta,
+        *st(o),
+        *st(do),
+        lse_sb,
+        lse_sh,
+        H,
+        pre_grid_rows,
+        D,
+        BLOCK_M=64,
+        BLOCK_D=BD,
     )
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
-    common = dict(MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD,
-                  PREC=precision(q.dtype))
+    common = dict(
+        MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD, PREC=precision(q.dtype)
+    )
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     cfg = bwd_dkdv_config(D)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), n_seq * Hkv)](
-        q, k, v, m_arg, do, lse, delta, dk, dv, cq, ck,
-        *st(q), *st(k), *st(v), *st(do), *st(dk), *st(dv), *sm, lse_sb, lse_sh,
-        H, Hkv, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common, **cfg,
+        q,
+        k,
+        v,
+        m_arg,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        cq,
+        ck,
+        *st(q),
+        *st(k),
+        *st(v),
+        *st(do),
+        *st(dk),
+        *st(dv),
+        *sm,
+        lse_sb,
+        lse_sh,
+        H,
+        Hkv,
+        H // Hkv,
+        Sq,
+        Sk,
+        D,
+        scale,
+        dropout_p,
+        seed,
+        offset,
+        **common,
+        **cfg,
     )
     cfg = bwd_dq_config(D)
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](
-        q, k, v, m_arg, do, lse, delta, dq, cq, ck,
-        *st(q), *st(k), *st(v), *st(do), *st(dq), *sm, lse_sb, lse_sh,
-        H, H // Hkv, Sq, Sk, D, scale, dropout_p, seed, offset, **common, **cfg,
+        q,
+        k,
+        v,
+        m_arg,
+        do,
+        lse,
+        delta,
+        dq,
+        cq,
+        ck,
+        *st(q),
+        *st(k),
+        *st(v),
+        *st(do),
+        *st(dq),
+        *sm,
+        lse_sb,
+        lse_sh,
+        H,
+        H // Hkv,
+        Sq,
+        Sk,
+        D,
+        scale,
+        dropout_p,
+        seed,
+        offset,
+        **common,
+        **cfg,
     )
     return dq, dk, dv
 
@@ -453,13 +815,16 @@ def static_configs():
     floats = ("qk_scale", "sm_scale", "dropout_p")
     for D in (64, 128, 256):
         for causal in (False, True):
-            for name, kernel, config in (("attn_fwd", _attn_fwd_kernel, fwd_config),
-                                         ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, bwd_dkdv_config),
-                                         ("attn_bwd_dq", _attn_bwd_dq_kernel, bwd_dq_config)):
+            for name, kernel, config in (
+                ("attn_fwd", _attn_fwd_kernel, fwd_config),
+                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, bwd_dkdv_config),
+                ("attn_bwd_dq", _attn_bwd_dq_kernel, bwd_dq_config),
+            ):
                 cfg = dict(config(D))
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=block_d(D),
-                              PREC="tf32", **cfg)
+                consts = dict(
+                    MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=block_d(D), PREC="tf32", **cfg
+                )
                 sig = signature(kernel, consts, ptrs, floats, ("seed", "rng_offset"))
                 label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
                 yield kernel, sig, consts, (warps, stages), name, label

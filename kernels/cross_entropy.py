@@ -35,9 +35,21 @@ def _ce_kernel(
     G,  # gradient, addressed like X with the g_* strides (WRITE_GRAD); may alias X
     Denom,  # (1,) fp32 denominator of the mean (MEAN)
     WSum,  # (1,) fp32 sum of the class weights (HAS_W; C without weights)
-    n_rows, C, inner, stride_outer, stride_inner, stride_col, g_stride_outer, g_stride_inner, g_stride_col,
-    ignore_index, smoothing,
-    HAS_W: tl.constexpr, MEAN: tl.constexpr, WRITE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
+    n_rows,
+    C,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_col,
+    g_stride_outer,
+    g_stride_inner,
+    g_stride_col,
+    ignore_index,
+    smoothing,
+    HAS_W: tl.constexpr,
+    MEAN: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SMOOTH: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -128,9 +140,29 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
     go, gi, gc = _view(g, 1)[3:]
     w_sum = weight.sum().reshape(1) if weight is not None else losses  # a device scalar: no sync
     _ce_kernel[(n_rows,)](
-        x, target, weight if weight is not None else x, losses, g, denom if denom is not None else losses, w_sum,
-        n_rows, C, inner, so, si, sc, go, gi, gc, ignore_index, smoothing,
-        HAS_W=weight is not None, MEAN=denom is not None, WRITE_GRAD=write_grad, SMOOTH=smoothing > 0.0,
-        BLOCK_N=block_n(C), num_warps=warps(C),
+        x,
+        target,
+        weight if weight is not None else x,
+        losses,
+        g,
+        denom if denom is not None else losses,
+        w_sum,
+        n_rows,
+        C,
+        inner,
+        so,
+        si,
+        sc,
+        go,
+        gi,
+        gc,
+        ignore_index,
+        smoothing,
+        HAS_W=weight is not None,
+        MEAN=denom is not None,
+        WRITE_GRAD=write_grad,
+        SMOOTH=smoothing > 0.0,
+        BLOCK_N=block_n(C),
+        num_warps=warps(C),
     )
     return losses, grad

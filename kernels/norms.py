@@ -404,5 +404,7 @@ def static_configs():
             seen.add(key)
             consts = {**flags, **{k: v for k, v in cfg.items() if k != "num_warps"}}
             full_sig = {**sig, **{k: "constexpr" for k in consts}}
-            label = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} single={cfg['SINGLE_PASS']} w={cfg['num_warps']}"
+            label = (
+                f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} single={cfg['SINGLE_PASS']} w={cfg['num_warps']}"
+            )
             yield kernel, full_sig, consts, cfg["num_warps"], kernel.__name__.strip("_"), label

@@ -42,9 +42,22 @@ def _row_offsets(rows, inner, stride_outer, stride_inner):
 
 @triton.jit
 def _scores(
-    X, Mask, rows, cols, mask2d, x_base, stride_col, scale, Sq, H,
-    sm_b, sm_h, sm_q, sm_k,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    X,
+    Mask,
+    rows,
+    cols,
+    mask2d,
+    x_base,
+    stride_col,
+    scale,
+    Sq,
+    H,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """The fp32 scores of a [rows, cols] tile: x * scale, masked; -inf outside the row or where masked."""
     s = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_col, mask=mask2d, other=float("-inf"))
@@ -69,10 +82,26 @@ def _scores(
 
 @triton.jit
 def _softmax_stats_kernel(
-    X, Mask, WS,  # WS: (rows, n_chunks, 2) fp32 piece max and sum of exp
-    n_rows, R, inner, stride_outer, stride_inner, stride_col, scale, Sq, H,
-    sm_b, sm_h, sm_q, sm_k, n_chunks,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    Mask,
+    WS,  # WS: (rows, n_chunks, 2) fp32 piece max and sum of exp
+    n_rows,
+    R,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_col,
+    scale,
+    Sq,
+    H,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    n_chunks,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -91,12 +120,35 @@ def _softmax_stats_kernel(
 
 @triton.jit
 def _softmax_fwd_kernel(
-    X, Mask, Y, WS,
-    n_rows, R, inner, stride_outer, stride_inner, stride_col,
-    y_stride_outer, y_stride_inner, y_stride_col,
-    scale, Sq, H, sm_b, sm_h, sm_q, sm_k, n_chunks,
-    LOG: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, ZERO_EMPTY: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    X,
+    Mask,
+    Y,
+    WS,
+    n_rows,
+    R,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_col,
+    y_stride_outer,
+    y_stride_inner,
+    y_stride_col,
+    scale,
+    Sq,
+    H,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    n_chunks,
+    LOG: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,9 +183,21 @@ def _softmax_fwd_kernel(
 
 @triton.jit
 def _softmax_bwd_stats_kernel(
-    Y, DY, WS,  # WS: (rows, n_chunks) fp32 partial sums of y * dy (softmax) or dy (log-softmax)
-    n_rows, R, inner, stride_outer, stride_inner, stride_col, dy_stride_outer, dy_stride_inner, dy_stride_col,
-    n_chunks, LOG: tl.constexpr, BLOCK_N: tl.constexpr,
+    Y,
+    DY,
+    WS,  # WS: (rows, n_chunks) fp32 partial sums of y * dy (softmax) or dy (log-softmax)
+    n_rows,
+    R,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_col,
+    dy_stride_outer,
+    dy_stride_inner,
+    dy_stride_col,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -154,10 +218,26 @@ def _softmax_bwd_stats_kernel(
 
 @triton.jit
 def _softmax_bwd_kernel(
-    Y, DY, DX, WS,
-    n_rows, R, inner, stride_outer, stride_inner, stride_col, dy_stride_outer, dy_stride_inner, dy_stride_col,
-    scale, n_chunks,
-    LOG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    Y,
+    DY,
+    DX,
+    WS,
+    n_rows,
+    R,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_col,
+    dy_stride_outer,
+    dy_stride_inner,
+    dy_stride_col,
+    scale,
+    n_chunks,
+    LOG: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
     """dx has y's layout (y and dx are both contiguous outputs of this module or y's strided twin)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -245,14 +325,53 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"], 2), dtype=torch.float32, device=x.device)
         _softmax_stats_kernel[(n_rows, cfg["n_chunks"])](
-            x, mask_arg, ws, n_rows, R, inner, so, si, sc, scale, Sq, H, *sm, cfg["n_chunks"],
-            MASK_KIND=mask_kind, CAUSAL=causal, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            x,
+            mask_arg,
+            ws,
+            n_rows,
+            R,
+            inner,
+            so,
+            si,
+            sc,
+            scale,
+            Sq,
+            H,
+            *sm,
+            cfg["n_chunks"],
+            MASK_KIND=mask_kind,
+            CAUSAL=causal,
+            BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"],
         )
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
     _softmax_fwd_kernel[grid](
-        x, mask_arg, y, ws, n_rows, R, inner, so, si, sc, yo, yi, yc, scale, Sq, H, *sm, cfg["n_chunks"],
-        LOG=log, MASK_KIND=mask_kind, CAUSAL=causal, ZERO_EMPTY=mask_view is not None, SPLIT=cfg["SPLIT"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CHUNKS=_chunks_pow2(cfg["n_chunks"]),
+        x,
+        mask_arg,
+        y,
+        ws,
+        n_rows,
+        R,
+        inner,
+        so,
+        si,
+        sc,
+        yo,
+        yi,
+        yc,
+        scale,
+        Sq,
+        H,
+        *sm,
+        cfg["n_chunks"],
+        LOG=log,
+        MASK_KIND=mask_kind,
+        CAUSAL=causal,
+        ZERO_EMPTY=mask_view is not None,
+        SPLIT=cfg["SPLIT"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        CHUNKS=_chunks_pow2(cfg["n_chunks"]),
         num_warps=cfg["num_warps"],
     )
     return y
@@ -270,13 +389,45 @@ def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"]), dtype=torch.float32, device=y.device)
         _softmax_bwd_stats_kernel[(n_rows, cfg["n_chunks"])](
-            y, dy, ws, n_rows, R, inner, so, si, sc, do, di, dc, cfg["n_chunks"],
-            LOG=log, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            y,
+            dy,
+            ws,
+            n_rows,
+            R,
+            inner,
+            so,
+            si,
+            sc,
+            do,
+            di,
+            dc,
+            cfg["n_chunks"],
+            LOG=log,
+            BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"],
         )
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
     _softmax_bwd_kernel[grid](
-        y, dy, dx, ws, n_rows, R, inner, so, si, sc, do, di, dc, scale, cfg["n_chunks"],
-        LOG=log, SPLIT=cfg["SPLIT"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        CHUNKS=_chunks_pow2(cfg["n_chunks"]), num_warps=cfg["num_warps"],
+        y,
+        dy,
+        dx,
+        ws,
+        n_rows,
+        R,
+        inner,
+        so,
+        si,
+        sc,
+        do,
+        di,
+        dc,
+        scale,
+        cfg["n_chunks"],
+        LOG=log,
+        SPLIT=cfg["SPLIT"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        CHUNKS=_chunks_pow2(cfg["n_chunks"]),
+        num_warps=cfg["num_warps"],
     )
     return dx

@@ -34,9 +34,11 @@ def compare_with_reference(fn, ref_fn, inputs: dict, dtype: torch.dtype, differe
     """Run ``fn(**inputs)`` (fastlm) and ``ref_fn`` on float64 copies (oracle) and on the same inputs (torch's own
     low-precision result); compare the output and the gradient of every floating input in ``differentiable``
     (default: all floating inputs) against the oracle with the dtype's tolerance and the 2x rule."""
-    differentiable = [
-        k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    ] if differentiable is None else differentiable
+    differentiable = (
+        [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if differentiable is None
+        else differentiable
+    )
 
     def run(f, cast):
         leaves = {}
@@ -53,7 +55,9 @@ def compare_with_reference(fn, ref_fn, inputs: dict, dtype: torch.dtype, differe
     g_out = torch.randn_like(out) if out.numel() else torch.ones_like(out)
     grads = torch.autograd.grad(out, [leaves[k] for k in differentiable], g_out) if differentiable else []
     leaves64, out64 = run(ref_fn, lambda t: t.double())
-    grads64 = torch.autograd.grad(out64, [leaves64[k] for k in differentiable], g_out.double()) if differentiable else []
+    grads64 = (
+        torch.autograd.grad(out64, [leaves64[k] for k in differentiable], g_out.double()) if differentiable else []
+    )
     torch_out, torch_grads = None, [None] * len(differentiable)
     if two_x_rule and dtype != torch.float32:
         leaves_t, torch_out = run(ref_fn, lambda t: t)

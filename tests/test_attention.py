@@ -52,9 +52,17 @@ def check_attention(B, H, Hkv, Sq, Sk, D, dtype, causal=False, mask=None, layout
         out = fn(*leaves)
         return leaves, out
 
-    ours_leaves, out = run(lambda t: t, lambda q, k, v: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.to(dtype), is_causal=causal,
-        enable_gqa=gqa))
+    ours_leaves, out = run(
+        lambda t: t,
+        lambda q, k, v: F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.to(dtype),
+            is_causal=causal,
+            enable_gqa=gqa,
+        ),
+    )
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, ours_leaves, dout)
 
@@ -71,7 +79,8 @@ def check_attention(B, H, Hkv, Sq, Sk, D, dtype, causal=False, mask=None, layout
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     lp_leaves, lp = run(lambda t: t, ref_fn)
     lp_grads = torch.autograd.grad(lp, lp_leaves, dout)
-    for name, a, r, t in [("out", out, ref, lp)] + list(zip(("dq", "dk", "dv"), grads, ref_grads, lp_grads)):
+    pairs = [("out", out, ref, lp), *zip(("dq", "dk", "dv"), grads, ref_grads, lp_grads, strict=True)]
+    for name, a, r, t in pairs:
         assert a.shape == r.shape and not a.isnan().any(), f"{name}: shape or NaN"
         t = t.nan_to_num(0.0)
         err = (a.double() - r).abs().max().item()
@@ -108,11 +117,13 @@ def test_gqa(backend, H, Hkv, causal):
 
 MASKS = {
     "bool_full": lambda B, H, Sq, Sk: torch.rand(B, H, Sq, Sk, device=DEVICE) > 0.3,
-    "bool_padding": lambda B, H, Sq, Sk: (torch.arange(Sk, device=DEVICE) < torch.tensor([Sk, Sk // 2],
-                                          device=DEVICE)[:, None]).view(B, 1, 1, Sk),
+    "bool_padding": lambda B, H, Sq, Sk: (
+        torch.arange(Sk, device=DEVICE) < torch.tensor([Sk, Sk // 2], device=DEVICE)[:, None]
+    ).view(B, 1, 1, Sk),
     "float_heads": lambda B, H, Sq, Sk: torch.randn(B, 1, Sq, Sk, device=DEVICE),
     "float_2d_inf": lambda B, H, Sq, Sk: torch.randn(Sq, Sk, device=DEVICE).masked_fill(
-        torch.rand(Sq, Sk, device=DEVICE) < 0.3, float("-inf")),
+        torch.rand(Sq, Sk, device=DEVICE) < 0.3, float("-inf")
+    ),
 }
 
 
@@ -126,8 +137,7 @@ def test_masks(backend, dtype, kind, causal):
 
 def test_masks_with_gqa_and_strided_layout(backend):
     B, H, Sq, Sk = 2, 4, 21, 50
-    check_attention(B, H, 2, Sq, Sk, 64, torch.float16, False, mask=MASKS["bool_padding"](B, H, Sq, Sk),
-                    layout="bshd")
+    check_attention(B, H, 2, Sq, Sk, 64, torch.float16, False, mask=MASKS["bool_padding"](B, H, Sq, Sk), layout="bshd")
     check_attention(B, H, 1, Sq, Sk, 64, torch.float16, True, layout="bshd")
 
 
@@ -196,8 +206,9 @@ def test_dropout_statistics_and_consistency(backend):
     ref = (torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(D), -1) * zmask) @ vd
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     do = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, ref_leaves, do.double()),
-                    strict=True):
+    for a, b in zip(
+        torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, ref_leaves, do.double()), strict=True
+    ):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
@@ -219,9 +230,15 @@ def test_varlen(backend, dtype, causal):
     lp_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     lp = reference.varlen_attention(*lp_leaves, cu(lq), cu(lk), is_causal=causal)
     do = torch.randn_like(out)
-    pairs = [("out", out, ref, lp)] + list(zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, do),
-                                               torch.autograd.grad(ref, ref_leaves, do.double()),
-                                               torch.autograd.grad(lp, lp_leaves, do)))
+    pairs = [("out", out, ref, lp)] + list(
+        zip(
+            ("dq", "dk", "dv"),
+            torch.autograd.grad(out, leaves, do),
+            torch.autograd.grad(ref, ref_leaves, do.double()),
+            torch.autograd.grad(lp, lp_leaves, do),
+            strict=True,
+        )
+    )
     for name, a, r, t in pairs:
         err, terr = (a.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
         floor = 2 * torch.finfo(dtype).eps * max(r.abs().max().item(), 1.0) + 1e-5
@@ -242,8 +259,10 @@ def test_opcheck(backend):
 
 def test_compile_fullgraph(backend):
     def f(q, k, v, m):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m).sum() + F.scaled_dot_product_attention(
-            q, k, v, is_causal=True).square().sum()
+        return (
+            F.scaled_dot_product_attention(q, k, v, attn_mask=m).sum()
+            + F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+        )
 
     q, k, v = (torch.randn(1, 2, 24, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     m = torch.rand(24, 24, device=DEVICE) > 0.2
@@ -265,33 +284,82 @@ def _cu(*vals):
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), ValueError,
-         "head dim"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 300), _t(1, 2, 4, 300), _t(1, 2, 4, 300)), ValueError,
-         r"head dim must be in \[1, 256\]"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(2, 2, 4, 32), _t(2, 2, 4, 32)), ValueError,
-         "batch dims"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(1, 2, 4, 32, dtype=torch.float16),
-                                                _t(1, 2, 4, 32)), TypeError, "share a dtype"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 3, 4, 32), _t(1, 2, 4, 32), _t(1, 2, 4, 32), enable_gqa=True),
-         ValueError, "multiple"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 4, 4, 32), _t(1, 2, 4, 32), _t(1, 2, 4, 32)), ValueError,
-         "enable_gqa"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(1, 2, 5, 32), _t(1, 2, 5, 32),
-                                                attn_mask=_t(4, 4) > 0), ValueError, "not broadcastable"),
-        (lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(1, 2, 4, 32), _t(1, 2, 4, 32),
-                                                attn_mask=torch.ones(4, 4, dtype=torch.int64, device=DEVICE)),
-         TypeError, "attn_mask must be bool"),
-        (lambda: F.scaled_dot_product_attention(*(torch.ones(1, 2, 4, 32, dtype=torch.int32, device=DEVICE),) * 3),
-         TypeError, "query must be"),
-        (lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 6).long(), _cu(0, 6), 6, 6),
-         TypeError, "int32"),
-        (lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 4, 2, 6), _cu(0, 2, 4, 6), 6,
-                                    6), ValueError, "non-decreasing"),
-        (lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 6), _cu(0, 6), 3, 6),
-         ValueError, "max_seqlen"),
-        (lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 5), _cu(0, 6), 6, 6),
-         ValueError, "end at 6"),
+        (
+            lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(1, 2, 4, 16), _t(1, 2, 4, 16)),
+            ValueError,
+            "head dim",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 300), _t(1, 2, 4, 300), _t(1, 2, 4, 300)),
+            ValueError,
+            r"head dim must be in \[1, 256\]",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(2, 2, 4, 32), _t(2, 2, 4, 32)),
+            ValueError,
+            "batch dims",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(
+                _t(1, 2, 4, 32), _t(1, 2, 4, 32, dtype=torch.float16), _t(1, 2, 4, 32)
+            ),
+            TypeError,
+            "share a dtype",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(_t(1, 3, 4, 32), _t(1, 2, 4, 32), _t(1, 2, 4, 32), enable_gqa=True),
+            ValueError,
+            "multiple",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(_t(1, 4, 4, 32), _t(1, 2, 4, 32), _t(1, 2, 4, 32)),
+            ValueError,
+            "enable_gqa",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(
+                _t(1, 2, 4, 32), _t(1, 2, 5, 32), _t(1, 2, 5, 32), attn_mask=_t(4, 4) > 0
+            ),
+            ValueError,
+            "not broadcastable",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(
+                _t(1, 2, 4, 32),
+                _t(1, 2, 4, 32),
+                _t(1, 2, 4, 32),
+                attn_mask=torch.ones(4, 4, dtype=torch.int64, device=DEVICE),
+            ),
+            TypeError,
+            "attn_mask must be bool",
+        ),
+        (
+            lambda: F.scaled_dot_product_attention(*(torch.ones(1, 2, 4, 32, dtype=torch.int32, device=DEVICE),) * 3),
+            TypeError,
+            "query must be",
+        ),
+        (
+            lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 6).long(), _cu(0, 6), 6, 6),
+            TypeError,
+            "int32",
+        ),
+        (
+            lambda: F.varlen_attention(
+                _t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 4, 2, 6), _cu(0, 2, 4, 6), 6, 6
+            ),
+            ValueError,
+            "non-decreasing",
+        ),
+        (
+            lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 6), _cu(0, 6), 3, 6),
+            ValueError,
+            "max_seqlen",
+        ),
+        (
+            lambda: F.varlen_attention(_t(6, 2, 32), _t(6, 2, 32), _t(6, 2, 32), _cu(0, 5), _cu(0, 6), 6, 6),
+            ValueError,
+            "end at 6",
+        ),
     ],
 )
 def test_bad_input(backend, call, exc, match):
@@ -302,5 +370,7 @@ def test_bad_input(backend, call, exc, match):
 def test_torch_backend_matches_torch():
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     with fastlm.backend("torch"):
-        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                           TF.scaled_dot_product_attention(q, k, v, is_causal=True))
+        assert torch.equal(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            TF.scaled_dot_product_attention(q, k, v, is_causal=True),
+        )

@@ -52,8 +52,9 @@ def test_spatial_targets_and_custom_ignore_index(backend, reduction):
     x = torch.randn(3, 11, 4, 5, device=DEVICE)
     t = _targets((3, 4, 5), 11, ignore_index=7)
     kw = dict(reduction=reduction, ignore_index=7, label_smoothing=0.05)
-    compare_with_reference(lambda x: F.cross_entropy(x, t, **kw), lambda x: TF.cross_entropy(x, t, **kw), {"x": x},
-                           torch.float32)
+    compare_with_reference(
+        lambda x: F.cross_entropy(x, t, **kw), lambda x: TF.cross_entropy(x, t, **kw), {"x": x}, torch.float32
+    )
 
 
 def test_unbatched_and_strided(backend):
@@ -62,8 +63,9 @@ def test_unbatched_and_strided(backend):
     compare_with_reference(lambda x: F.cross_entropy(x, t), lambda x: TF.cross_entropy(x, t), {"x": x}, torch.float32)
     base = torch.randn(6, 90, device=DEVICE)
     t2 = _targets((6,), 40)
-    compare_with_reference(lambda b: F.cross_entropy(b[:, :40], t2), lambda b: TF.cross_entropy(b[:, :40], t2),
-                           {"b": base}, torch.float32)
+    compare_with_reference(
+        lambda b: F.cross_entropy(b[:, :40], t2), lambda b: TF.cross_entropy(b[:, :40], t2), {"b": base}, torch.float32
+    )
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -86,8 +88,9 @@ def test_extreme_logits(backend):
     x[1, 3] = float("-inf")
     t = torch.randint(0, 500, (6,), device=DEVICE)
     t[1] = 4
-    torch.testing.assert_close(F.cross_entropy(x, t, reduction="none"), TF.cross_entropy(x, t, reduction="none"),
-                               rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(
+        F.cross_entropy(x, t, reduction="none"), TF.cross_entropy(x, t, reduction="none"), rtol=1e-5, atol=1e-2
+    )
 
 
 def test_out_of_range_target_raises_on_cpu():
@@ -125,8 +128,11 @@ def test_opcheck(backend):
     w = torch.rand(30, device=DEVICE)
     for red in (0, 1, 2):
         torch.library.opcheck(op, (x, t, w, -100, 0.1, red, True), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(op, (torch.randn(3, 30, 4, device=DEVICE), _targets((12,), 30), None, -100, 0.0, 1, False),
-                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(
+        op,
+        (torch.randn(3, 30, 4, device=DEVICE), _targets((12,), 30), None, -100, 0.0, 1, False),
+        test_utils=OPCHECK_TESTS,
+    )
 
 
 def test_compile_fullgraph(backend):
@@ -144,22 +150,46 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int32, device=DEVICE), _targets((3,), 4)), TypeError,
-         "input must be"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE).to(torch.float8_e4m3fn), _targets((3,), 4)),
-         TypeError, "input must be"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, device=DEVICE)), TypeError,
-         "target must hold class indices"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((4,), 4)), ValueError,
-         "target must have shape"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), torch.rand(5, device=DEVICE)),
-         ValueError, "weight must have shape"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4).to("meta")), ValueError,
-         "target is on meta"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), reduction="avg"), ValueError,
-         "reduction must be"),
-        (lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), label_smoothing=1.5),
-         ValueError, "label_smoothing"),
+        (
+            lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int32, device=DEVICE), _targets((3,), 4)),
+            TypeError,
+            "input must be",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE).to(torch.float8_e4m3fn), _targets((3,), 4)),
+            TypeError,
+            "input must be",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, device=DEVICE)),
+            TypeError,
+            "target must hold class indices",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((4,), 4)),
+            ValueError,
+            "target must have shape",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), torch.rand(5, device=DEVICE)),
+            ValueError,
+            "weight must have shape",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4).to("meta")),
+            ValueError,
+            "target is on meta",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), reduction="avg"),
+            ValueError,
+            "reduction must be",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((3,), 4), label_smoothing=1.5),
+            ValueError,
+            "label_smoothing",
+        ),
     ],
 )
 def test_bad_input(backend, call, exc, match):
@@ -208,7 +238,9 @@ def test_linear_cross_entropy_low_precision(dtype):
         w = (torch.randn(500, 64, device=DEVICE) * 0.1).to(dtype)
         t = _targets((40,), 500)
         compare_with_reference(
-            lambda x, w: F.linear_cross_entropy(x, w, t, chunk_size=16), lambda x, w: _lce_ref(x, w, t), {"x": x, "w": w},
+            lambda x, w: F.linear_cross_entropy(x, w, t, chunk_size=16),
+            lambda x, w: _lce_ref(x, w, t),
+            {"x": x, "w": w},
             dtype,
         )
 

@@ -26,7 +26,9 @@ def test_matches_torch(backend, batch_first, masks):
     kv = torch.randn(shape(N, S), device=DEVICE, requires_grad=True)
     kw = {}
     if masks in ("padding", "both"):
-        kw["key_padding_mask"] = torch.arange(S, device=DEVICE)[None, :] >= torch.tensor([13, 7, 10], device=DEVICE)[:, None]
+        kw["key_padding_mask"] = (
+            torch.arange(S, device=DEVICE)[None, :] >= torch.tensor([13, 7, 10], device=DEVICE)[:, None]
+        )
     if masks in ("attn_bool", "both"):
         kw["attn_mask"] = (torch.rand(L, S, device=DEVICE) > 0.7) & ~torch.eye(L, S, dtype=torch.bool, device=DEVICE)
     if masks == "attn_float":
@@ -51,8 +53,9 @@ def test_matches_torch(backend, batch_first, masks):
 def test_kdim_vdim_unbatched_and_need_weights(backend):
     ours, ref = _pair(embed_dim=32, num_heads=2, kdim=20, vdim=24)
     q, k, v = torch.randn(5, 32, device=DEVICE), torch.randn(7, 20, device=DEVICE), torch.randn(7, 24, device=DEVICE)
-    torch.testing.assert_close(ours(q, k, v, need_weights=False)[0], ref(q, k, v, need_weights=False)[0],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours(q, k, v, need_weights=False)[0], ref(q, k, v, need_weights=False)[0], atol=1e-5, rtol=1e-5
+    )
     a, wa = ours(q, k, v)  # need_weights=True: torch's unfused path, weights returned
     b, wb = ref(q, k, v)
     torch.testing.assert_close(a, b)

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as TF
 from helpers import DEVICE, ON_GPU, assert_close_ref
 
-import fastlm
 import fastlm.functional as F
 from fastlm import reference
 
@@ -78,7 +77,9 @@ def check_norm(
 
     def run(fn, ls, eps):
         ls = {k: v.detach().clone().requires_grad_() for k, v in ls.items()}
-        outs = fn(kind, view(ls["x"]), view(ls["residual"]) if add else None, nshape, ls.get("weight"), ls.get("bias"), eps)
+        outs = fn(
+            kind, view(ls["x"]), view(ls["residual"]) if add else None, nshape, ls.get("weight"), ls.get("bias"), eps
+        )
         return ls, outs
 
     ls, outs = run(_call, leaves, eps)

@@ -120,8 +120,8 @@ def test_scaled_masked_wide_and_3d(backend, Sk):
     mask = torch.rand(2, 1, Sk, device=DEVICE) > 0.5
     for causal in (False, True):
         compare_with_reference(
-            lambda x: F.scaled_masked_softmax(x, mask, 2.0, causal),
-            lambda x: reference.scaled_masked_softmax(x, mask, 2.0, causal),
+            lambda x, c=causal: F.scaled_masked_softmax(x, mask, 2.0, c),
+            lambda x, c=causal: reference.scaled_masked_softmax(x, mask, 2.0, c),
             {"x": x},
             torch.float32,
         )
@@ -148,8 +148,9 @@ def test_opcheck(backend):
     x = torch.randn(5, 33, device=DEVICE, requires_grad=True)
     fwd = getattr(torch.ops.fastlm, f"softmax_fwd_{backend}")
     torch.library.opcheck(fwd, (x, 1, False), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(fwd, (torch.randn(4, 6, 5, device=DEVICE, requires_grad=True), 1, True),
-                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(
+        fwd, (torch.randn(4, 6, 5, device=DEVICE, requires_grad=True), 1, True), test_utils=OPCHECK_TESTS
+    )
     x4 = torch.randn(2, 3, 4, 33, device=DEVICE, requires_grad=True)
     m4 = (torch.rand(2, 1, 4, 33, device=DEVICE) > 0.5).expand(2, 3, 4, 33)
     masked = getattr(torch.ops.fastlm, f"masked_softmax_fwd_{backend}")
@@ -168,8 +169,8 @@ def test_compile_fullgraph(backend):
     got = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")(x, mask)
     want = f(x, mask)
     torch.testing.assert_close(got, want)
-    g1, = torch.autograd.grad(got.square().sum(), x)
-    g2, = torch.autograd.grad(want.square().sum(), x)
+    (g1,) = torch.autograd.grad(got.square().sum(), x)
+    (g2,) = torch.autograd.grad(want.square().sum(), x)
     torch.testing.assert_close(g1, g2)
 
 
@@ -192,8 +193,11 @@ def _x(*shape, dtype=torch.float32):
         (lambda: F.log_softmax(_x(3, 4).to(torch.float8_e5m2), -1), TypeError, "input must be"),
         (lambda: F.softmax(_x(3, 4), 2), IndexError, "range"),
         (lambda: F.scaled_masked_softmax(_x(2, 3, 4), _x(5, 4) > 0), ValueError, "not broadcastable"),
-        (lambda: F.scaled_masked_softmax(_x(3, 4), torch.ones(3, 4, dtype=torch.int32, device=DEVICE)), TypeError,
-         "mask must be bool"),
+        (
+            lambda: F.scaled_masked_softmax(_x(3, 4), torch.ones(3, 4, dtype=torch.int32, device=DEVICE)),
+            TypeError,
+            "mask must be bool",
+        ),
         (lambda: F.scaled_masked_softmax(_x(3, 4), (_x(3, 4) > 0).to("meta")), ValueError, "mask is on meta"),
         (lambda: F.scaled_masked_softmax(_x(3, 4), _x(2, 3, 4)), ValueError, "broadcast input"),
         (lambda: F.scaled_masked_softmax(_x(4)), ValueError, "at least 2 dims"),

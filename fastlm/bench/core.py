@@ -21,6 +21,10 @@ import torch
 import fastlm
 
 
+class SkipCase(Exception):
+    """A baseline cannot run this case (e.g. an SDPA backend that refuses a mask): noted, not an error."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmark case: ``work`` is the bytes (unit GB/s) or FLOPs (unit TFLOP/s) one call must move or do."""
@@ -62,9 +66,9 @@ def timed_call(fn: Callable, args: list, mode: str, grad_inputs: list | None = N
     """The callable timed for ``mode``: the forward, the backward of one kept graph, or both."""
     if mode == "fwd":
         return lambda: fn(*args)
-    leaves = grad_inputs if grad_inputs is not None else [
-        a for a in args if isinstance(a, torch.Tensor) and a.requires_grad
-    ]
+    leaves = (
+        grad_inputs if grad_inputs is not None else [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    )
     outs = fn(*args)
     outs = outs if isinstance(outs, tuple) else (outs,)
     grads = [torch.randn_like(o) for o in outs]

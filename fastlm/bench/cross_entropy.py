@@ -41,8 +41,9 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     for c in vocabs:
         n = max(1, size // (c * e))
         for mode in ("fwd", "fwd+bwd"):
-            out.append(Case("cross_entropy", f"{n}x{c}", dtype, mode, (1 if mode == "fwd" else 3) * n * c * e,
-                            "GB/s", (n, c)))
+            out.append(
+                Case("cross_entropy", f"{n}x{c}", dtype, mode, (1 if mode == "fwd" else 3) * n * c * e, "GB/s", (n, c))
+            )
     t, v, h = LCE_GPU if gpu else LCE_CPU
     out.append(Case("linear_cross_entropy", f"{t}x{v}x{h}", dtype, "fwd+bwd", 6 * t * v * h, "TFLOP/s", (t, v, h)))
     return out

@@ -12,12 +12,14 @@ import sys
 
 import torch
 
+from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import softmax as softmax_cases
+from fastlm.dispatch import UnsupportedCaseError
 
-FAMILIES = {"norms": norm_cases, "softmax": softmax_cases, "ce": ce_cases}
+FAMILIES = {"norms": norm_cases, "softmax": softmax_cases, "ce": ce_cases, "attention": attention_cases}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -50,7 +52,7 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
         for case in family.cases(device, dt, quick):
             for provider in family.providers(device):
                 work.append((family, case, provider))
-    results, errors = [], []
+    results, errors, skipped = [], [], []
     for i, (family, case, provider) in enumerate(work):
         label = f"{case.kernel} {case.shape} {case.mode} {provider}"
         _progress(i, len(work), label)
@@ -60,8 +62,14 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
                 torch.cuda.reset_peak_memory_stats()
             p50, p20, p80 = core.quantiles_ms(fn, device)
             peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-        except Exception as exc:  # a missing fastlm backend on a GPU machine is an error, reported at the end
-            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # A baseline that cannot run a case, or a fastlm backend that does not implement it, is noted; a
+            # fastlm backend failing otherwise (missing on a GPU machine, crashing) is an error (exit code 1).
+            note = f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if isinstance(exc, (core.SkipCase, UnsupportedCaseError)) or not provider.startswith("fastlm-"):
+                skipped.append(note)
+            else:
+                errors.append(note)
             continue
         ceiling = ceilings["copy_GB/s"] if case.unit == "GB/s" else ceilings["matmul_TFLOP/s"]
         results.append(
@@ -84,30 +92,102 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
     _progress(len(work), len(work), "done")
     paths = core.write_reports(results, env, ceilings, out_dir)
     print(core.markdown(results, env, ceilings))
+    paths.extend(plots(results, ceilings, out_dir))
     if static:
-        _static(out_dir)
+        static_report(out_dir)
     if not on_gpu:
         _committed_gpu_results()
+    for note in skipped:
+        print(f"skipped {note}")
     print("wrote " + ", ".join(paths))
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
     return 1 if errors else 0
 
 
-def _static(out_dir: str) -> None:
+def static_report(out_dir: str, archs=(80, 90)) -> int:
+    """``fastlm bench --static``: compile every shipped Triton config for sm_80 / sm_90 without a GPU, read the
+    CUDA kernels in fastlm._C, print both tables and write static.md / static.json. Returns 1 if any spills."""
+    import dataclasses
+    import json
+
     from fastlm.bench import static
 
-    try:
-        stats = static.report((90,))
-    except (ImportError, FileNotFoundError, RuntimeError) as exc:
-        print(f"static report skipped: {exc}")
-        return
+    stats = static.report(archs)
+    cuda_rows = [r for a in archs for r in static.cuda_extension_report(a)]
     table = static.format_table(stats)
+    ctable = static.format_cuda_table(cuda_rows) if cuda_rows else "(fastlm._C has no CUDA kernels in this build)"
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "static.md"), "w") as f:
-        f.write("# Static sm_90 report of the shipped Triton configs\n\n" + table + "\n")
+        f.write(f"# Static report (sm_{', sm_'.join(map(str, archs))}; no GPU needed)\n\n{table}\n\n{ctable}\n")
+    with open(os.path.join(out_dir, "static.json"), "w") as f:
+        json.dump({"triton": [dataclasses.asdict(s) for s in stats], "cuda": cuda_rows}, f, indent=1)
     spills = [s for s in stats if s.spills]
-    print("Static sm_90 report of the shipped Triton configs (no GPU needed):\n" + table)
-    print(f"{len(stats)} configs, {len(spills)} with register spills\n")
+    cuda_spills = [r for r in cuda_rows if r.get("stack", 0) or r.get("local", 0)]
+    print("Static report of the shipped Triton configs (compiled here, no GPU):\n" + table + "\n")
+    print("CUDA kernels in fastlm._C:\n" + ctable + "\n")
+    print(
+        f"{len(stats)} Triton configs: {len(spills)} with register spills "
+        f"({', '.join(f'{s.kernel} {s.config} sm_{s.arch}' for s in spills) or 'none'}); "
+        f"{len(cuda_rows)} CUDA kernel entries: {len(cuda_spills)} with spills"
+    )
+    return 0
+
+
+def plots(results: list, ceilings: dict, out_dir: str) -> list[str]:
+    """One PNG per (kernel, mode): throughput against size, a line per provider, the ceiling drawn in."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install fastlm[plot])")
+        return []
+    paths = []
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.kernel, r.mode, r.unit), []).append(r)
+    for (kernel, mode, unit), rs in groups.items():
+        shapes = list(dict.fromkeys(r.shape for r in rs))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for provider in dict.fromkeys(r.provider for r in rs):
+            pts = [(shapes.index(r.shape), r.p50) for r in rs if r.provider == provider]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ceiling = ceilings["copy_GB/s"] if unit == "GB/s" else ceilings["matmul_TFLOP/s"]
+        ax.axhline(ceiling, color="gray", linestyle="--", label=f"measured ceiling {ceiling:.0f} {unit}")
+        ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{kernel} {mode}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{kernel}_{mode.replace('+', '_')}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def compare(a_path: str, b_path: str) -> int:
+    """Ratios B / A of the median throughput of the cases two JSON runs share."""
+    import json
+
+    def load(p):
+        with open(p) as f:
+            d = json.load(f)
+        return d, {(r["kernel"], r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in d["results"]}
+
+    (da, a), (db, b) = load(a_path), load(b_path)
+    print(f"A: {a_path} ({da['environment']['device']}, {da['environment'].get('git_commit')})")
+    print(f"B: {b_path} ({db['environment']['device']}, {db['environment'].get('git_commit')})\n")
+    print("| kernel | shape | dtype | mode | provider | A | B | B / A |\n|---|---|---|---|---|---|---|---|")
+    for key in a.keys() & b.keys():
+        ra, rb = a[key], b[key]
+        print(f"| {' | '.join(key)} | {ra['p50']:.1f} {ra['unit']} | {rb['p50']:.1f} | {rb['p50'] / ra['p50']:.2f}x |")
+    only = a.keys() ^ b.keys()
+    if only:
+        print(f"\n{len(only)} cases are in only one of the runs")
+    return 0
 
 
 def _committed_gpu_results() -> None:

@@ -30,8 +30,10 @@ def _masked_unfused(x, mask, scale, causal):
 FUNCS = {
     "softmax": (lambda x: F.softmax(x, -1), lambda x: TF.softmax(x, -1)),
     "log_softmax": (lambda x: F.log_softmax(x, -1), lambda x: TF.log_softmax(x, -1)),
-    "scaled_masked_softmax": (lambda x, m: F.scaled_masked_softmax(x, m, 0.125, True),
-                              lambda x, m: _masked_unfused(x, m, 0.125, True)),
+    "scaled_masked_softmax": (
+        lambda x, m: F.scaled_masked_softmax(x, m, 0.125, True),
+        lambda x, m: _masked_unfused(x, m, 0.125, True),
+    ),
 }
 
 

@@ -42,8 +42,9 @@ def _tool(name: str) -> str:
     return path
 
 
-def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str,
-                 num_stages: int = 3):
+def compile_stat(
+    fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str, num_stages: int = 3
+):
     """Compile one kernel configuration for ``arch`` and read its resource usage and SASS."""
     # As the launcher sees a typical call: 16-byte aligned pointers, and strides and N multiples of 16 (Triton
     # specialises on that at run time, which is what enables 128-bit accesses).
@@ -53,7 +54,9 @@ def compile_stat(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
         if signature.get(name, "").startswith("*") or name.startswith("stride") or name == "N"
     ]
     src = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    k = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -141,5 +144,52 @@ def format_table(stats: list[KernelStat]) -> str:
         lines.append(
             f"| {s.kernel} | {s.config} | {s.arch} | {s.registers} | {s.stack_bytes}/{s.local_bytes} | "
             f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} | {s.hgmma} |"
+        )
+    return "\n".join(lines)
+
+
+def cuda_extension_report(arch: int = 90) -> list[dict]:
+    """Registers, spills and shared memory of the CUDA kernels compiled into fastlm._C for ``arch``."""
+    from fastlm import _ext
+
+    if _ext._C is None or not _ext._C.with_cuda:
+        return []
+    res = subprocess.run(
+        [_tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", _ext._C.__file__], capture_output=True, text=True
+    )
+    rows = []
+    name = None
+    for line in res.stdout.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line))
+        if name and usage:
+            rows.append({"kernel": name, "arch": arch, **{k.lower(): int(v) for k, v in usage.items()}})
+            name = None
+    return _demangle(rows)
+
+
+def _demangle(rows: list[dict]) -> list[dict]:
+    """Readable kernel names (``fastlm::norm_fwd_kernel<__nv_bfloat16, float>``) via c++filt when present."""
+    import shutil
+
+    if not rows or shutil.which("c++filt") is None:
+        return rows
+    out = subprocess.run(["c++filt"], input="\n".join(r["kernel"] for r in rows), capture_output=True, text=True)
+    names = out.stdout.splitlines()
+    for r, n in zip(rows, names, strict=False):
+        n = n.replace("(anonymous namespace)::", "").removeprefix("void ")
+        r["kernel"] = n.split("(")[0]  # drop the argument list
+    return rows
+
+
+def format_cuda_table(rows: list[dict]) -> str:
+    lines = ["| CUDA kernel (fastlm._C) | sm | regs | spill (stack/local B) | static smem B |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| `{r['kernel'][:90]}` | {r['arch']} | {r.get('reg', 0)} | {r.get('stack', 0)}/"
+            f"{r.get('local', 0)} | {r.get('shared', 0)} |"
         )
     return "\n".join(lines)

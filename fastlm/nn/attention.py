@@ -50,11 +50,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             if not need_weights and not getattr(self, "_fastlm_warned", False):
-                warnings.warn("fastlm.nn.MultiheadAttention: add_bias_kv / add_zero_attn run torch's unfused "
-                              "implementation", stacklevel=2)
+                warnings.warn(
+                    "fastlm.nn.MultiheadAttention: add_bias_kv / add_zero_attn run torch's unfused implementation",
+                    stacklevel=2,
+                )
                 self._fastlm_warned = True
-            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, is_causal)
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

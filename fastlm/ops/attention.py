@@ -34,22 +34,44 @@ def _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng
 
 @torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
 def attention_fwd_triton(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_q: Tensor | None, cu_k: Tensor | None, max_q: int,
-    max_k: int, scale: float, causal: bool, dropout_p: float, rng: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    cu_q: Tensor | None,
+    cu_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
     return _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
 def attention_bwd_triton(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: Tensor | None, cu_q: Tensor | None,
-    cu_k: Tensor | None, max_q: int, max_k: int, scale: float, causal: bool, dropout_p: float, rng: Tensor,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    cu_q: Tensor | None,
+    cu_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    rng: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import attention
 
     seed = int(rng[0]) if dropout_p > 0 else 0
-    return attention.attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q,
-                              max_k)
+    return attention.attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
 
 
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
@@ -177,8 +199,9 @@ def scaled_dot_product_attention(
     if backend == "torch":
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton or cuda)")
-        return TF.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                               enable_gqa=enable_gqa)
+        return TF.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
     _check_qkv(query, key, value, backend, 2)
     if query.dim() != key.dim() or key.shape[:-1] != value.shape[:-1]:
         raise ValueError(
@@ -195,8 +218,7 @@ def scaled_dot_product_attention(
     Hkv, Sk = k4.shape[-3], k4.shape[-2]
     if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
         raise ValueError(
-            f"query has {H} heads and key/value {Hkv}: they must be equal, or enable_gqa=True with H a multiple "
-            "of Hkv"
+            f"query has {H} heads and key/value {Hkv}: they must be equal, or enable_gqa=True with H a multiple of Hkv"
         )
     B = math.prod(lead)
     q4, k4, v4 = (_unit_last(t).reshape(B, *t.shape[-3:]) for t in (q4, k4, v4))
@@ -220,8 +242,9 @@ def scaled_dot_product_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    o, lse = FWD[backend](q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p),
-                          _rng(dropout_p))
+    o, lse = FWD[backend](
+        q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
+    )
     o = o.reshape(*query.shape[:-1], D)
     if return_lse:
         return o, lse.reshape(*query.shape[:-1])
@@ -263,17 +286,23 @@ def varlen_attention(
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale)
     _check_qkv(q, k, v, backend, 3)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"varlen q must be (total_q, H, D) and k, v (total_k, Hkv, D); got {list(q.shape)}, "
-                         f"{list(k.shape)}, {list(v.shape)}")
+        raise ValueError(
+            f"varlen q must be (total_q, H, D) and k, v (total_k, Hkv, D); got {list(q.shape)}, "
+            f"{list(k.shape)}, {list(v.shape)}"
+        )
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     lens = []
-    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+    for name, cu, total, mx in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise TypeError(f"{name} must be a 1-D int32 tensor of n + 1 >= 2 offsets, got "
-                            f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}")
+            raise TypeError(
+                f"{name} must be a 1-D int32 tensor of n + 1 >= 2 offsets, got "
+                f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}"
+            )
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
         host = cu.cpu()
@@ -289,6 +318,18 @@ def varlen_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     q, k, v = (_unit_last(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, lse = FWD[backend](q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                          bool(is_causal), float(dropout_p), _rng(dropout_p))
+    o, lse = FWD[backend](
+        q,
+        k,
+        v,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        scale,
+        bool(is_causal),
+        float(dropout_p),
+        _rng(dropout_p),
+    )
     return (o, lse) if return_lse else o

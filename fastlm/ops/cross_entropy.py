@@ -178,8 +178,9 @@ def cross_entropy(
         )
     _check(input, target, weight, reduction, label_smoothing, backend)
     if input.dim() == 1:  # unbatched (C,) with a () target
-        return cross_entropy(input[None], target.reshape(1), weight, None, ignore_index, None, reduction,
-                             label_smoothing).reshape(())
+        return cross_entropy(
+            input[None], target.reshape(1), weight, None, ignore_index, None, reduction, label_smoothing
+        ).reshape(())
     if target.shape != (input.shape[0], *input.shape[2:]):
         raise ValueError(
             f"target must have shape {[input.shape[0], *input.shape[2:]]} for input {list(input.shape)}, "

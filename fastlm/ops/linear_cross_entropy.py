@@ -83,23 +83,36 @@ def linear_cross_entropy_fwd(
             logits = input[s:e] @ linear_weight.T
             if linear_bias is not None:
                 logits += linear_bias
-            losses[s:e], _ = k.cross_entropy_rows(logits, target[s:e], weight, None, ignore_index, label_smoothing,
-                                                  False)
+            losses[s:e], _ = k.cross_entropy_rows(
+                logits, target[s:e], weight, None, ignore_index, label_smoothing, False
+            )
     gb_out = gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,))
     return _reduce(losses, reduction, denom), gx, gw, gb_out
 
 
 @linear_cross_entropy_fwd.register_fake
-def _fake(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, reduction, compute_grad,
-          chunk_size):
+def _fake(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    compute_grad,
+    chunk_size,
+):
     loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=torch.float32)
     now = compute_grad and reduction != 0
     return (
         loss,
         input.new_empty(input.shape if now else (0,)),
         linear_weight.new_empty(linear_weight.shape if now else (0,)),
-        input.new_empty(linear_bias.shape if now and linear_bias is not None else (0,),
-                        dtype=linear_bias.dtype if linear_bias is not None else input.dtype),
+        input.new_empty(
+            linear_bias.shape if now and linear_bias is not None else (0,),
+            dtype=linear_bias.dtype if linear_bias is not None else input.dtype,
+        ),
     )
 
 
@@ -164,9 +177,14 @@ def linear_cross_entropy(
     backend = resolve("linear_ce", input)
     if backend == "torch":
         logits = TF.linear(input, linear_weight, linear_bias)
-        return TF.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight,
-                                ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing).reshape(target.shape if reduction == "none" else ())
+        return TF.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        ).reshape(target.shape if reduction == "none" else ())
     if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
         raise ValueError(
             f"input (*, H) and linear_weight (V, H) must share H: got {list(input.shape)} and "
@@ -179,8 +197,9 @@ def linear_cross_entropy(
         )
     V = linear_weight.shape[0]
     if linear_bias is not None and (linear_bias.shape != (V,) or linear_bias.dtype != input.dtype):
-        raise ValueError(f"linear_bias must be a ({V},) tensor of {input.dtype}, got {list(linear_bias.shape)} "
-                         f"{linear_bias.dtype}")
+        raise ValueError(
+            f"linear_bias must be a ({V},) tensor of {input.dtype}, got {list(linear_bias.shape)} {linear_bias.dtype}"
+        )
     if target.shape != input.shape[:-1]:
         raise ValueError(f"target must have shape {list(input.shape[:-1])}, got {list(target.shape)}")
     x = input.reshape(-1, input.shape[-1])
@@ -188,10 +207,19 @@ def linear_cross_entropy(
     _check_target_range(target, V, ignore_index)
     t = target.reshape(-1).to(torch.int64)
     chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1])
-    needs_grad = torch.is_grad_enabled() and (input.requires_grad or linear_weight.requires_grad or (
-        linear_bias is not None and linear_bias.requires_grad))
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
+    )
     loss, *_ = linear_cross_entropy_fwd(
-        x.contiguous(), linear_weight.contiguous(), t, linear_bias, weight.float().contiguous() if weight is not None
-        else None, int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], needs_grad, int(chunk)
+        x.contiguous(),
+        linear_weight.contiguous(),
+        t,
+        linear_bias,
+        weight.float().contiguous() if weight is not None else None,
+        int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        needs_grad,
+        int(chunk),
     )
     return (loss.view(target.shape) if reduction == "none" else loss).to(input.dtype)

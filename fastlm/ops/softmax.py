@@ -34,8 +34,14 @@ def masked_softmax_fwd_triton(x: Tensor, mask: Tensor | None, scale: float, caus
     from fastlm.kernels import softmax
 
     B, H, Sq, Sk = x.shape
-    y = softmax.softmax_fwd(x.view(B * H * Sq, Sk) if x.is_contiguous() else x.reshape(-1, Sk), 1, False,
-                            scale=scale, causal=causal, mask_view=(mask, H, Sq))
+    y = softmax.softmax_fwd(
+        x.view(B * H * Sq, Sk) if x.is_contiguous() else x.reshape(-1, Sk),
+        1,
+        False,
+        scale=scale,
+        causal=causal,
+        mask_view=(mask, H, Sq),
+    )
     return y.view(B, H, Sq, Sk)
 
 
@@ -97,7 +103,9 @@ def _register(backend: str) -> None:
         return dx.view(B, H, Sq, Sk), None, None, None
 
     torch.library.register_autograd(f"fastlm::softmax_fwd_{backend}", backward, setup_context=setup)
-    torch.library.register_autograd(f"fastlm::masked_softmax_fwd_{backend}", masked_backward, setup_context=masked_setup)
+    torch.library.register_autograd(
+        f"fastlm::masked_softmax_fwd_{backend}", masked_backward, setup_context=masked_setup
+    )
     FWD[backend], MASKED[backend] = fwd, masked
 
 

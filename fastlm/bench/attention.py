@@ -1,0 +1,144 @@
+"""Benchmark cases of attention: TFLOP/s of forward, backward and both.
+
+FLOPs per call: forward 4 * B * H * Sq * Sk * D (two matmuls of 2 * Sq * Sk * D each), halved for causal;
+backward 2.5x the forward (five matmuls, as FlashAttention counts). Batch x sequence = 16k tokens, head dims
+64 / 128 / 256 (hidden 2048 -> H = hidden / D), causal and not, a padding mask (bool (B, 1, 1, S), half the batch
+padded to 3/4 of S), and GQA (8 query heads per key/value head).
+
+Providers: fastlm-triton and fastlm-cuda; torch SDPA with each backend it has (flash, efficient, cudnn, and math
+at small sizes); FlexAttention under torch.compile.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as TF
+
+import fastlm.functional as F
+from fastlm.bench.core import Case, SkipCase, timed_call, with_backend
+
+TOKENS = 16384
+SEQS_GPU = (512, 1024, 2048, 4096, 8192, 16384)
+SEQS_GPU_QUICK = (1024, 8192)
+HEAD_DIMS = (64, 128, 256)
+HIDDEN = 2048
+MATH_MAX_SEQ = 2048  # torch's math backend materialises (B, H, S, S): only at small sizes
+
+
+def attn_flops(B, H, Sq, Sk, D, causal, mode) -> float:
+    fwd = 4 * B * H * Sq * Sk * D / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    if device.type != "cuda":
+        # the CPU has no fused attention yet: torch's CPU SDPA at a small size, so the suite still says something
+        return [
+            Case(
+                "sdpa",
+                "B2 H4 S256 D64",
+                torch.float32,
+                m,
+                attn_flops(2, 4, 256, 256, 64, False, m),
+                "TFLOP/s",
+                (2, 4, 4, 256, 64, False, "none"),
+            )
+            for m in ("fwd", "fwd+bwd")
+        ]
+    out = []
+    for S in SEQS_GPU_QUICK if quick else SEQS_GPU:
+        for D in (128,) if quick else HEAD_DIMS:
+            B, H = max(1, TOKENS // S), HIDDEN // D
+            for causal in (False, True):
+                for mode in ("fwd", "bwd", "fwd+bwd"):
+                    out.append(
+                        Case(
+                            "sdpa",
+                            f"B{B} H{H} S{S} D{D}{' causal' if causal else ''}",
+                            dtype,
+                            mode,
+                            attn_flops(B, H, S, S, D, causal, mode),
+                            "TFLOP/s",
+                            (B, H, H, S, D, causal, "none"),
+                        )
+                    )
+            if not quick or S == SEQS_GPU_QUICK[-1]:
+                for variant, hkv in (("padding", H), ("gqa", max(1, H // 8))):
+                    out.append(
+                        Case(
+                            "sdpa",
+                            f"B{B} H{H}/{hkv} S{S} D{D} {variant}",
+                            dtype,
+                            "fwd+bwd",
+                            attn_flops(B, H, S, S, D, False, "fwd+bwd"),
+                            "TFLOP/s",
+                            (B, H, hkv, S, D, False, variant),
+                        )
+                    )
+    return out
+
+
+def providers(device: torch.device) -> dict[str, object]:
+    if device.type != "cuda":
+        return {"torch-sdpa": None}
+    from torch.nn.attention import SDPBackend
+
+    names = {"fastlm-triton": "triton", "fastlm-cuda": "cuda"}
+    for name, b in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("math", SDPBackend.MATH),
+    ):
+        names[f"torch-sdpa-{name}"] = b
+    names["flex-attention"] = "flex"
+    return names
+
+
+def _padding_mask(B, S, device):
+    lens = torch.full((B,), S, device=device)
+    lens[: B // 2] = 3 * S // 4
+    return (torch.arange(S, device=device)[None, :] < lens[:, None]).view(B, 1, 1, S)
+
+
+def runner(case: Case, provider: str, device: torch.device):
+    B, H, Hkv, S, D, causal, variant = case.params
+    backend = providers(device)[provider]
+
+    def setup():
+        req = case.mode != "fwd"
+        mk = lambda h: torch.randn(B, h, S, D, device=device, dtype=case.dtype, requires_grad=req)  # noqa: E731
+        q, k, v = mk(H), mk(Hkv), mk(Hkv)
+        mask = _padding_mask(B, S, device) if variant == "padding" else None
+        gqa = Hkv != H
+        if provider == "flex-attention":
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex = torch.compile(flex_attention)
+            lens = mask.view(B, S).sum(-1) if mask is not None else None
+
+            def mod(b, h, qi, ki):
+                ok = qi >= ki if causal else qi >= 0
+                return ok & (ki < lens[b]) if lens is not None else ok
+
+            block = create_block_mask(mod, B if lens is not None else None, None, S, S, device=device)
+            fn = lambda q, k, v: flex(q, k, v, block_mask=block, enable_gqa=gqa)  # noqa: E731
+        elif isinstance(backend, str):
+            fn = with_backend(
+                lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+                ),
+                backend,
+            )
+        else:
+            if backend is not None and "math" in provider and S > MATH_MAX_SEQ:
+                raise SkipCase(f"the math backend materialises (B, H, S, S) at S = {S}")
+            from torch.nn.attention import sdpa_kernel
+
+            def fn(q, k, v):
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+        return timed_call(fn, [q, k, v], case.mode)
+
+    return setup
