@@ -12,7 +12,9 @@ Build with ``pip install --no-build-isolation -e .`` (torch must already be inst
 """
 
 import glob
+import json
 import os
+import re
 
 import torch
 from setuptools import setup
@@ -75,10 +77,34 @@ def _extension():
     )
 
 
+def _version(with_cuda: bool) -> str:
+    with open(os.path.join(ROOT, "fastlm", "__init__.py")) as f:
+        base = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+    return f"{base}+cu{torch.version.cuda.split('.')[0]}" if with_cuda else base
+
+
+EXTENSION = _extension()
+WITH_CUDA = "-DFASTLM_WITH_CUDA" in EXTENSION.extra_compile_args["cxx"]
+
+# What this build was made for, readable even when fastlm._C cannot load (the import guard reports it).
+with open(os.path.join(ROOT, "fastlm", "_build_info.json"), "w") as f:
+    json.dump(
+        {
+            "with_cuda": WITH_CUDA,
+            "cuda_version": torch.version.cuda if WITH_CUDA else "",
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else "",
+            "torch_build_version": torch.__version__.split("+")[0],
+            "min_torch": "2.10",
+        },
+        f,
+    )
+
 setup(
+    version=_version(WITH_CUDA),
+    package_data={"fastlm": ["_build_info.json"]},
     packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.bench", "fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[EXTENSION],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

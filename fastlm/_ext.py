@@ -5,22 +5,61 @@ holds the reason, which the ``cuda`` backend reports when asked for (and ``fastl
 """
 
 import importlib
+import json
+import os
+import re
 
 import torch
 
 _C = None
 LOAD_ERROR: str | None = None
 
-try:
-    _C = importlib.import_module("fastlm._C")  # its static initialisers register the torch.ops.fastlm.*_cuda ops
-except ImportError as exc:  # not built (pure-Python checkout) or built for another torch / CUDA
-    LOAD_ERROR = f"fastlm._C could not be loaded: {exc}"
+
+def _build_info_file() -> dict:
+    """What the installed build was made for (written by setup.py), readable even when _C cannot load."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _torch_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+BUILT = _build_info_file()
+_min = tuple(int(x) for x in BUILT.get("min_torch", "2.10").split("."))
+if _torch_version() < _min:
+    LOAD_ERROR = (
+        f"fastlm._C needs torch >= {BUILT.get('min_torch', '2.10')} (it targets that stable ABI), this is torch "
+        f"{torch.__version__}; upgrade torch"
+    )
+else:
+    try:
+        _C = importlib.import_module("fastlm._C")  # its static initialisers register the torch.ops.fastlm.* ops
+    except ImportError as exc:  # not built (pure-Python checkout), or built for another CUDA / a CUDA torch
+        LOAD_ERROR = f"fastlm._C could not be loaded: {exc}"
+        if BUILT.get("with_cuda") and torch.version.cuda is None:
+            LOAD_ERROR += (
+                f" -- this fastlm was built with CUDA {BUILT['cuda_version']} kernels (torch "
+                f"{BUILT['torch_build_version']}), but this torch ({torch.__version__}) is a CPU build: install a "
+                "CUDA build of torch, or build fastlm here (FASTLM_BUILD_CUDA=0 for a CPU-only build)"
+            )
+        elif BUILT.get("with_cuda") and torch.version.cuda.split(".")[0] != BUILT["cuda_version"].split(".")[0]:
+            LOAD_ERROR += (
+                f" -- built for CUDA {BUILT['cuda_version']}, running torch with CUDA {torch.version.cuda}: install "
+                f"the fastlm wheel for CUDA {torch.version.cuda.split('.')[0]}"
+            )
 
 
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA kernels cannot run in this process, or None when they can."""
     if _C is None:
-        return LOAD_ERROR + " (build it with `pip install --no-build-isolation -e .` on a CUDA build of torch)"
+        if not BUILT:
+            return LOAD_ERROR + " (build it with `pip install --no-build-isolation -e .` on a CUDA build of torch)"
+        return LOAD_ERROR
     if not _C.with_cuda:
         return (
             "fastlm._C was built without CUDA kernels (torch was a CPU build or nvcc was not found at build time; "

@@ -1,15 +1,50 @@
 """Static checks of the shipped Triton kernels, compiled for sm_90 on CPU (no GPU): no register spills, and the
 memory-bound kernels use 128-bit global accesses on the wide configs."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("triton")
-from fastlm.bench import static  # noqa: E402
+from fastlm.bench.static import KernelStat  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def stats():
-    return static.report((90,))
+def report(tmp_path_factory):
+    """``fastlm bench --static`` as CI runs it (sm_80 and sm_90, without the interpreter); its printed table and
+    its static.json."""
+    out = tmp_path_factory.mktemp("static")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "fastlm", "bench", "--static", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "static.json") as f:
+        return run.stdout, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def stats(report):
+    return [KernelStat(**d) for d in report[1]["triton"] if d["arch"] == 90]
+
+
+def test_cli_prints_the_sm90_table(report):
+    stdout, data = report
+    assert "| kernel | config | sm | regs |" in stdout and "HGMMA" in stdout
+    assert {d["arch"] for d in data["triton"]} == {80, 90}
+
+
+def test_cuda_kernels_do_not_spill(report):
+    rows = report[1]["cuda"]
+    spilled = [r for r in rows if r.get("stack", 0) or r.get("local", 0)]
+    assert not spilled, spilled
 
 
 def test_every_shipped_config_compiles_without_spills(stats):
