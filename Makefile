@@ -5,7 +5,8 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark hypothesis matplotlib ruff setuptools wheel
+DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark hypothesis matplotlib ruff setuptools wheel \
+              transformers
 STAMP      := $(VENV)/.fastlm-deps
 CSRC       := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 SO         := fastlm/.built

@@ -14,6 +14,21 @@ from fastlm import (  # noqa: F401
     nn,
     ops,
 )
+from fastlm import hf as _hf
 from fastlm.dispatch import BackendUnavailableError, backend, current_backend
+from fastlm.patch import patch, patch_summary, unpatch
 
-__all__ = ["BackendUnavailableError", "backend", "current_backend", "functional", "nn", "ops", "__version__"]
+_hf.install()  # attn_implementation="fastlm" in transformers, now or once transformers is imported
+
+__all__ = [
+    "BackendUnavailableError",
+    "backend",
+    "current_backend",
+    "functional",
+    "nn",
+    "ops",
+    "patch",
+    "patch_summary",
+    "unpatch",
+    "__version__",
+]

@@ -1,0 +1,152 @@
+"""``fastlm.patch(model)``: swap a model's norms, attention and softmax modules for fused ones, in place.
+
+One table of adapters, no per-model-family functions. Each adapter matches a module and names the class it becomes:
+the swap changes the module's ``__class__`` in place, so parameters, buffers, hooks, ``state_dict`` keys and even
+``isinstance`` checks against the original class keep working, and :func:`unpatch` swaps the class back.
+
+- ``torch.nn.LayerNorm`` / ``RMSNorm`` / ``MultiheadAttention`` / ``Softmax`` / ``LogSoftmax`` /
+  ``CrossEntropyLoss`` -> fastlm.nn's subclasses of them;
+- Hugging Face norms: any module whose class name ends in ``LayerNorm`` or ``RMSNorm`` and has a ``weight`` and an
+  ``eps`` or ``variance_epsilon`` -> a subclass of that class whose forward is the fused kernel (Gemma's
+  ``x * (1 + weight)`` RMSNorm included);
+- Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from fastlm import nn as fnn
+from fastlm.ops import norms
+
+
+def _eps(m: nn.Module) -> float | None:
+    return getattr(m, "variance_epsilon", getattr(m, "eps", None))
+
+
+def _hf_rms_forward(self, hidden_states: Tensor) -> Tensor:
+    weight = self.weight + 1.0 if self._fastlm_offset else self.weight  # Gemma: x * (1 + w)
+    return norms.rms_norm(hidden_states, weight.shape, weight, _eps(self))
+
+
+def _hf_ln_forward(self, hidden_states: Tensor) -> Tensor:
+    return norms.layer_norm(hidden_states, self.weight.shape, self.weight, getattr(self, "bias", None), _eps(self))
+
+
+def _is_hf_norm(m: nn.Module, suffix: str) -> bool:
+    cls = type(m)
+    return (
+        cls.__name__.endswith(suffix)
+        and not cls.__module__.startswith(("torch.", "fastlm."))
+        and isinstance(getattr(m, "weight", None), Tensor)
+        and isinstance(_eps(m), float)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    name: str
+    group: str  # "norms", "attention" or "softmax": the switch of fastlm.patch that enables it
+    matches: Callable[[nn.Module], bool]
+    fused_class: Callable[[type], type]  # original class -> the class to swap in
+
+
+_derived: dict = {}
+
+
+def _derive(forward: Callable) -> Callable[[type], type]:
+    """A subclass of the module's own class whose forward is ``forward`` (cached per class)."""
+
+    def make(cls: type) -> type:
+        key = (cls, forward)
+        if key not in _derived:
+            _derived[key] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        return _derived[key]
+
+    return make
+
+
+def _exact(cls: type) -> Callable[[nn.Module], bool]:
+    return lambda m: type(m) is cls
+
+
+ADAPTERS = [
+    Adapter("torch.nn.LayerNorm", "norms", _exact(nn.LayerNorm), lambda cls: fnn.LayerNorm),
+    Adapter("torch.nn.RMSNorm", "norms", _exact(nn.RMSNorm), lambda cls: fnn.RMSNorm),
+    Adapter("HF *RMSNorm", "norms", lambda m: _is_hf_norm(m, "RMSNorm"), _derive(_hf_rms_forward)),
+    Adapter("HF *LayerNorm", "norms", lambda m: _is_hf_norm(m, "LayerNorm"), _derive(_hf_ln_forward)),
+    Adapter(
+        "torch.nn.MultiheadAttention", "attention", _exact(nn.MultiheadAttention), lambda cls: fnn.MultiheadAttention
+    ),
+    Adapter("torch.nn.Softmax", "softmax", _exact(nn.Softmax), lambda cls: fnn.Softmax),
+    Adapter("torch.nn.LogSoftmax", "softmax", _exact(nn.LogSoftmax), lambda cls: fnn.LogSoftmax),
+    Adapter("torch.nn.CrossEntropyLoss", "softmax", _exact(nn.CrossEntropyLoss), lambda cls: fnn.CrossEntropyLoss),
+]
+
+
+def patch(
+    model: nn.Module, *, norms: bool = True, attention: bool = True, softmax: bool = True, verbose: bool = False
+) -> nn.Module:
+    """Swap, in place, the modules of ``model`` that fastlm has fused versions of; returns ``model``.
+
+    ``fastlm.patch_summary(model)`` (or ``verbose=True``) reports what was replaced; :func:`unpatch` restores it.
+    """
+    groups = {"norms": norms, "attention": attention, "softmax": softmax}
+    summary: dict[str, int] = {}
+    for module in model.modules():
+        if getattr(module, "_fastlm_original_class", None) is not None:
+            continue  # already patched
+        for a in ADAPTERS:
+            if groups[a.group] and a.matches(module):
+                original = type(module)
+                module._fastlm_offset = "Gemma" in original.__name__
+                module.__class__ = a.fused_class(original)
+                module._fastlm_original_class = original
+                summary[a.name] = summary.get(a.name, 0) + 1
+                break
+    if attention and _is_hf_model(model):
+        from fastlm import hf
+
+        hf.register()
+        model._fastlm_previous_attn = model.config._attn_implementation
+        model.set_attn_implementation(hf.NAME)
+        summary["HF attention -> 'fastlm'"] = 1
+    model._fastlm_patch_summary = summary
+    if verbose:
+        print(format_summary(summary))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: every swapped module gets its original class back (and an HF model its previous
+    attention implementation)."""
+    for module in model.modules():
+        original = getattr(module, "_fastlm_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            del module._fastlm_original_class
+    previous = getattr(model, "_fastlm_previous_attn", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        del model._fastlm_previous_attn
+    model._fastlm_patch_summary = {}
+    return model
+
+
+def patch_summary(model: nn.Module) -> dict[str, int]:
+    """What the last :func:`patch` replaced: adapter name -> number of modules."""
+    return dict(getattr(model, "_fastlm_patch_summary", {}))
+
+
+def format_summary(summary: dict[str, int]) -> str:
+    if not summary:
+        return "fastlm.patch: nothing to replace"
+    return "fastlm.patch replaced:\n" + "\n".join(f"  {n:>4} x {name}" for name, n in summary.items())
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return hasattr(model, "set_attn_implementation") and hasattr(getattr(model, "config", None), "_attn_implementation")
+
+
+__all__ = ["ADAPTERS", "Adapter", "format_summary", "patch", "patch_summary", "unpatch"]
