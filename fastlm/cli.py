@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only the static report: compile every shipped kernel config for sm_80/sm_90, no GPU",
     )
     b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratios of two JSON runs")
+    from fastlm import train
+
+    train.add_arguments(sub)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return _info()
+    if args.cmd in ("train", "finetune", "eval"):
+        return train.main(args)
     from fastlm.bench import run
 
     if args.compare:

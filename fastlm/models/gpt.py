@@ -1,0 +1,146 @@
+"""A GPT (decoder-only causal LM) on fastlm's kernels only: fused add + LayerNorm between sublayers, flash attention,
+and the fused linear cross-entropy on the tied LM head (the (tokens, vocab) logits are never materialised).
+
+Pre-norm blocks with the residual carried beside the hidden state, so every norm is a fused ``add_layer_norm``::
+
+    normed, residual = add_layer_norm(hidden, residual)     # residual += hidden; normed = LN(residual)
+    hidden = attn(normed)
+    normed, residual = add_layer_norm(hidden, residual)
+    hidden = mlp(normed)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import fastlm
+import fastlm.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024  # maximum sequence length
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    positions: str = "learned"  # or "sinusoidal"
+    backend: str = "auto"  # fastlm backend for every kernel of the model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # (B, T, nh, hs) each
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs): strided views, no copy
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        normed, residual = _add_ln(hidden, residual, self.ln_1)
+        hidden = self.attn(normed)
+        normed, residual = _add_ln(hidden, residual, self.ln_2)
+        return self.mlp(normed), residual
+
+
+def _add_ln(hidden: Tensor, residual: Tensor | None, ln: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    if residual is None:
+        return F.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps), hidden
+    return F.add_layer_norm(hidden, residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def sinusoidal(block_size: int, dim: int) -> Tensor:
+    pos = torch.arange(block_size)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(block_size, dim)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
+    return pe
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pe", sinusoidal(cfg.block_size, cfg.n_embd), persistent=False)
+        else:
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {cfg.positions!r}")
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, C) final hidden states."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = self.wpe.weight[:T] if self.config.positions == "learned" else self.pe[:T]
+        hidden, residual = self.drop(self.wte(idx) + pos), None  # (B, T, C)
+        for block in self.blocks:
+            hidden, residual = block(hidden, residual)
+        normed, _ = _add_ln(hidden, residual, self.ln_f)
+        return normed
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Returns (logits, loss): with targets (B, T) the loss by the fused linear cross-entropy and no logits;
+        without, the logits of the last position only (B, 1, vocab), for generation."""
+        with fastlm.backend(self.config.backend):
+            h = self.hidden_states(idx)
+            if targets is not None:
+                return None, F.linear_cross_entropy(h, self.wte.weight, targets, ignore_index=-100)
+            return h[:, -1:] @ self.wte.weight.T, None
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            logits = logits[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1)
+            idx = torch.cat([idx, nxt], 1)
+        return idx
