@@ -374,3 +374,24 @@ def test_torch_backend_matches_torch():
             F.scaled_dot_product_attention(q, k, v, is_causal=True),
             TF.scaled_dot_product_attention(q, k, v, is_causal=True),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kw,case",
+    [
+        (dict(dropout_p=0.1), "dropout"),
+        (dict(attn_mask=True), "attn_mask"),
+        (dict(D=80), "head dim 80"),
+        (dict(dtype=torch.float32), "dtype"),
+    ],
+)
+def test_cuda_backend_unsupported_cases_raise(kw, case):
+    from fastlm.dispatch import UnsupportedCaseError
+
+    D, dtype = kw.pop("D", 64), kw.pop("dtype", torch.float16)
+    q, k, v = (torch.randn(1, 2, 32, D, device="cuda", dtype=dtype) for _ in range(3))
+    if kw.pop("attn_mask", False):
+        kw["attn_mask"] = torch.ones(32, 32, dtype=torch.bool, device="cuda")
+    with fastlm.backend("cuda"), pytest.raises(UnsupportedCaseError, match=case):
+        F.scaled_dot_product_attention(q, k, v, **kw)

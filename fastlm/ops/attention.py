@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import resolve
+from fastlm.dispatch import UnsupportedCaseError, resolve
 
 MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,6 +144,33 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> N
         raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
 
 
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def check_cuda_case(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, varlen: bool) -> None:
+    """The CUDA C++ kernels cover dense fp16/bf16 attention with head dims 64 and 128, causal or not, GQA, rows
+    aligned to 16 bytes; anything else raises, naming the case (use the triton backend or auto for it)."""
+    case = None
+    if varlen:
+        case = "varlen (packed) sequences"
+    elif mask is not None:
+        case = "an attn_mask"
+    elif dropout_p > 0:
+        case = "dropout"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        case = f"dtype {q.dtype}"
+    elif q.shape[-1] not in CUDA_HEAD_DIMS:
+        case = f"head dim {q.shape[-1]} (has {CUDA_HEAD_DIMS})"
+    else:
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+                case = f"{name} rows not 16-byte aligned (strides {t.stride()})"
+    if case is not None:
+        raise UnsupportedCaseError(
+            f"the cuda backend's attention does not support {case}; use fastlm.backend('triton') or 'auto'"
+        )
+
+
 def _rng(dropout_p: float) -> Tensor:
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64)  # torch's default CPU generator: reproducible
@@ -242,6 +269,8 @@ def scaled_dot_product_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if backend == "cuda":
+        check_cuda_case(q4, k4, v4, mask4, dropout_p, varlen=False)
     o, lse = FWD[backend](
         q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
     )
@@ -317,6 +346,8 @@ def varlen_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     q, k, v = (_unit_last(t) for t in (q, k, v))
+    if backend == "cuda":
+        check_cuda_case(q, k, v, None, dropout_p, varlen=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = FWD[backend](
         q,
