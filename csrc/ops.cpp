@@ -41,6 +41,24 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "norm_bwd_cuda(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh, bool rms, "
       "bool has_bias) -> (Tensor dx, Tensor dw, Tensor db)");
+  // Softmax (log=false) / log-softmax (log=true) along dim. x is 2-D with unit last stride (any row stride) and
+  // dim == 1, or contiguous of any rank with any dim (a strided launch, no transpose copy). Returns y: contiguous,
+  // x's shape and dtype. A row of all -inf gives NaN (torch semantics).
+  m.def("softmax_fwd_cuda(Tensor x, int dim, bool log) -> Tensor");
+  // softmax(x * scale + mask) over the last dim of (B, H, Sq, Sk) scores with unit last stride. mask: None or an
+  // expanded (B, H, Sq, Sk) view, bool (True = keep) or an additive float; causal: key > query is masked (top-left).
+  // Returns y: contiguous (B, H, Sq, Sk), x's dtype; fully masked rows give zeros.
+  m.def("masked_softmax_fwd_cuda(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
+  // Gradient of (log-)softmax from the saved output y (contiguous; or 2-D with unit last stride for dim == 1):
+  // softmax: dx = scale * y * (dy - sum(y * dy)); log: dx = scale * (dy - exp(y) * sum(dy)). dx: contiguous, y's dtype.
+  m.def("softmax_bwd_cuda(Tensor dy, Tensor y, int dim, bool log, float scale) -> Tensor");
+  // Cross-entropy over class-index targets: input (N, C) with unit class stride or contiguous (N, C, D); target
+  // (N*D,) int64; weight (C,) float32. reduction 0 none / 1 mean / 2 sum. Returns loss (float32: (N*D,) or 0-dim)
+  // and grad = d loss / d input for an incoming gradient of 1 (input's shape and dtype, contiguous; (0,) when
+  // compute_grad is false), both from one pass over the logits; deterministic reductions, no host sync.
+  m.def(
+      "cross_entropy_fwd_cuda(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }
 
 namespace {

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -119,6 +120,32 @@ __device__ __forceinline__ void row_sum2(float& a, float& b, float2* scratch) {
   a = warp_sum(r.x);
   b = warp_sum(r.y);
 }
+
+// Max over a full warp (fmaxf: a NaN operand is dropped, so callers that need NaN propagation carry it in a
+// sum, as the softmax kernels do through their sum of exponentials). Order-independent, hence deterministic.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over the blockDim.x threads that share threadIdx.y; same contract as row_sum (and may share its scratch).
+__device__ __forceinline__ float row_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int nw = blockDim.x >> 5;
+  if (nw == 1) return v;
+  const int lane = threadIdx.x & 31;
+  const int warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const float r = lane < nw ? scratch[threadIdx.y * nw + lane] : -INFINITY;
+  return warp_max(r);
+}
+
+// The shift used for exp(v - shift) in a softmax whose running max is m: m itself, or 0 when m == -inf (no
+// finite value seen yet), so that exp(-inf - shift) is 0 and never exp(-inf + inf) = NaN.
+__device__ __forceinline__ float softmax_shift(float m) { return m == -INFINITY ? 0.f : m; }
 
 // 16-byte aligned dynamic shared memory, shared by all kernels of a translation unit.
 __device__ __forceinline__ unsigned char* dynamic_smem() {

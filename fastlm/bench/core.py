@@ -38,7 +38,7 @@ class Case:
     params: tuple = ()  # family-specific sizes, e.g. (rows, hidden)
 
     def throughput(self, ms: float) -> float:
-        scale = 1e6 if self.unit == "GB/s" else 1e9
+        scale = {"GB/s": 1e6, "TFLOP/s": 1e9, "tok/s": 1e-3}[self.unit]
         return self.work / (ms * scale)
 
 

@@ -15,11 +15,18 @@ import torch
 from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
+from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import softmax as softmax_cases
 from fastlm.dispatch import UnsupportedCaseError
 
-FAMILIES = {"norms": norm_cases, "softmax": softmax_cases, "ce": ce_cases, "attention": attention_cases}
+FAMILIES = {
+    "norms": norm_cases,
+    "softmax": softmax_cases,
+    "ce": ce_cases,
+    "attention": attention_cases,
+    "model": model_cases,
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -71,7 +78,7 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
             else:
                 errors.append(note)
             continue
-        ceiling = ceilings["copy_GB/s"] if case.unit == "GB/s" else ceilings["matmul_TFLOP/s"]
+        ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
         results.append(
             core.Result(
                 kernel=case.kernel,
@@ -85,7 +92,7 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
                 p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
                 p80=case.throughput(p20),
                 ms=p50,
-                fraction_of_ceiling=case.throughput(p50) / ceiling,
+                fraction_of_ceiling=case.throughput(p50) / ceiling if ceiling else None,
                 peak_mem_mb=peak,
             )
         )
@@ -154,8 +161,9 @@ def plots(results: list, ceilings: dict, out_dir: str) -> list[str]:
         for provider in dict.fromkeys(r.provider for r in rs):
             pts = [(shapes.index(r.shape), r.p50) for r in rs if r.provider == provider]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-        ceiling = ceilings["copy_GB/s"] if unit == "GB/s" else ceilings["matmul_TFLOP/s"]
-        ax.axhline(ceiling, color="gray", linestyle="--", label=f"measured ceiling {ceiling:.0f} {unit}")
+        ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(unit)
+        if ceiling:
+            ax.axhline(ceiling, color="gray", linestyle="--", label=f"measured ceiling {ceiling:.0f} {unit}")
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(unit)
         ax.set_title(f"{kernel} {mode}")
