@@ -59,6 +59,20 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "cross_entropy_fwd_cuda(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
       "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // Flash-attention forward (csrc/cuda/attention_fwd.cu), the op contract of attention_fwd_triton: q (B, H, Sq,
+  // D), k/v (B, Hkv, Sk, D) with H % Hkv == 0, unit last stride; causal is top-left (query i sees keys j <= i).
+  // Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (natural log of the scaled
+  // scores' sum-exp; -inf for a row with no visible key). The CUDA kernels take dense fp16/bf16 with D in
+  // {64, 128} only: mask, cu_q/cu_k (varlen) and dropout_p > 0 raise "unsupported case"; rng is ignored.
+  m.def(
+      "attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_q, Tensor? cu_k, int max_q, "
+      "int max_k, float scale, bool causal, float dropout_p, Tensor rng) -> (Tensor o, Tensor lse)");
+  // Gradients of attention_fwd_cuda (csrc/cuda/attention_bwd.cu), FlashAttention-2 scheme without atomics
+  // (deterministic): dq, dk, dv contiguous in q's, k's and v's shapes and dtype. Same scope as the forward.
+  m.def(
+      "attention_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? mask, "
+      "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, bool causal, float dropout_p, Tensor rng) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

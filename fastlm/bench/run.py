@@ -199,8 +199,12 @@ def compare(a_path: str, b_path: str) -> int:
 
 
 def _committed_gpu_results() -> None:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
-    found = sorted(glob.glob(os.path.join(root, "results", "*", "*.md")), key=os.path.getmtime)
+    # run from a checkout (make bench): its benchmarks/results; an editable install also finds them beside the package
+    candidates = [os.path.join(os.getcwd(), "benchmarks"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "benchmarks")]
+    root = next((c for c in candidates if os.path.isdir(os.path.join(c, "results"))), candidates[0])
+    found = sorted(glob.glob(os.path.join(root, "results", "*", "bench.md")), key=os.path.getmtime)
     if not found:
         print("No committed GPU results under benchmarks/results/ yet.")
         return

@@ -103,8 +103,8 @@ def _register(backend: str) -> None:
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
         max_q, max_k, scale, causal, dropout_p = ctx.args
-        if do.stride(-1) != 1:
-            do = do.contiguous()
+        if do.stride(-1) != 1 or (backend == "cuda" and (do.data_ptr() % 16 or any(s % 8 for s in do.stride()))):
+            do = do.contiguous()  # the CUDA kernels read 16-byte aligned rows
         dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
