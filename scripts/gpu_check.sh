@@ -8,7 +8,8 @@
 #
 # The test step runs the whole suite: on a GPU every kernel test runs on CUDA tensors (Triton compiled, not
 # interpreted) and the tests marked `gpu` (the CUDA C++ backend, bitwise bf16 checks) are no longer skipped.
-# Step limits (s): env 30, build 150, tests 150, bench 150 -> at most 8 minutes.
+# Step limits (s): env 20, build 120, tests 170, bench 170 -> at most 8 minutes. Files in OUT_DIR (at most 8):
+# 1-env.log 2-build.log 3-tests.log 4-bench.log bench.json bench.md summary.txt (plots stay in a temporary folder).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [--wheel PATH]}
 shift
@@ -37,14 +38,17 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
   [ $rc -eq 0 ] || failed+=("$name(rc=$rc)")
 }
 
-step 1-env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__)'; nvcc --version"
+step 1-env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__)'; nvcc --version"
 if [ -n "$WHEEL" ]; then
   step 2-build 120 $PY -m pip install --no-deps --force-reinstall "$WHEEL"
 else
-  step 2-build 150 $PY -m pip install --no-build-isolation --no-deps -e .
+  step 2-build 120 $PY -m pip install --no-build-isolation --no-deps --force-reinstall .
 fi
-step 3-tests 150 $PY -m pytest -q --maxfail=30 -p no:cacheprovider tests -o addopts="-ra"
-step 4-bench 150 $PY -m fastlm bench --quick --out "$OUT"
+# from outside the source tree, so that the installed build is what gets imported
+REPO=$(pwd)
+step 3-tests 170 bash -c "cd /tmp && $PY -m pytest -q --maxfail=30 -p no:cacheprovider --rootdir=$REPO -c $REPO/pyproject.toml $REPO/tests -o addopts=-ra"
+BENCH_TMP=$(mktemp -d)
+step 4-bench 170 bash -c "cd /tmp && $PY -m fastlm bench --quick --no-static --out $BENCH_TMP && cp $BENCH_TMP/bench.json $BENCH_TMP/bench.md $OUT/"
 
 echo "total $(( $(date +%s) - t0 )) s; failed steps: ${failed[*]:-none}" | tee "$OUT/summary.txt"
 [ ${#failed[@]} -eq 0 ]

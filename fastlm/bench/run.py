@@ -8,6 +8,7 @@ report, and shows the latest committed GPU results from ``benchmarks/results/``,
 
 import glob
 import os
+import subprocess
 import sys
 
 import torch
@@ -101,7 +102,10 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
     print(core.markdown(results, env, ceilings))
     paths.extend(plots(results, ceilings, out_dir))
     if static:
-        static_report(out_dir)
+        try:
+            static_report(out_dir)
+        except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            print(f"static report failed: {type(exc).__name__}: {exc}")
     if not on_gpu:
         _committed_gpu_results()
     for note in skipped:
@@ -200,9 +204,10 @@ def compare(a_path: str, b_path: str) -> int:
 
 def _committed_gpu_results() -> None:
     # run from a checkout (make bench): its benchmarks/results; an editable install also finds them beside the package
-    candidates = [os.path.join(os.getcwd(), "benchmarks"),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "benchmarks")]
+    candidates = [
+        os.path.join(os.getcwd(), "benchmarks"),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"),
+    ]
     root = next((c for c in candidates if os.path.isdir(os.path.join(c, "results"))), candidates[0])
     found = sorted(glob.glob(os.path.join(root, "results", "*", "bench.md")), key=os.path.getmtime)
     if not found:
