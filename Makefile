@@ -7,7 +7,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(abspath $(VENV))/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark hypothesis matplotlib ruff setuptools wheel \
+DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark hypothesis matplotlib ruff setuptools wheel build \
               transformers
 STAMP      := $(VENV)/.fastlm-deps
 WHEEL      := dist/.built

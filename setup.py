@@ -5,7 +5,7 @@ Python limited API (``abi3``, CPython >= 3.10), so one build serves every torch 
 
 Environment switches:
   FASTLM_BUILD_CUDA=0|1   skip / force the CUDA sources (default: when torch is a CUDA build and nvcc is found)
-  TORCH_CUDA_ARCH_LIST    archs to compile (default "8.0;9.0" when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST    archs to compile (default "8.0;9.0+PTX" when no GPU is visible)
   MAX_JOBS                parallel compile jobs (read by torch.utils.cpp_extension / ninja)
 
 Build with ``pip install --no-build-isolation -e .`` (torch must already be installed: we compile against it).
@@ -50,7 +50,7 @@ def _extension():
     ext_kwargs = {}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX of the newest: newer GPUs can JIT it
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         cuda_define = [
             "-DUSE_CUDA",  # the aoti shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA

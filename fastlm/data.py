@@ -74,7 +74,10 @@ def stdlib_corpus(max_chars: int = 4_000_000) -> str:
                     except Exception:  # optional submodules (e.g. needing a missing C library)
                         continue
             for m in mods:
-                for obj in [m, *(getattr(m, a) for a in sorted(dir(m)) if not a.startswith("_"))]:
+                # the module and what it defines itself: independent of what else happens to be imported
+                own = [getattr(m, a) for a in sorted(vars(m)) if not a.startswith("_")]
+                own = [o for o in own if getattr(o, "__module__", None) == m.__name__]
+                for obj in [m, *own]:
                     doc = getattr(obj, "__doc__", None)
                     if isinstance(doc, str) and len(doc) > 40:
                         parts.append(doc.strip())

@@ -131,13 +131,14 @@ def train(args) -> dict:
     teacher = None
     if args.teacher:
         teacher = load_checkpoint(args.teacher, device)[0].eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     step0 = 0
     ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.out else None
+    state = None
     if args.resume and ckpt_path and os.path.exists(ckpt_path):
+        if args.fsdp:
+            raise ValueError("--resume with --fsdp is not supported yet (its optimizer state is sharded); use DDP")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step0 = state["step"]
         torch.set_rng_state(state["rng"])
     if world > 1:
@@ -146,9 +147,12 @@ def train(args) -> dict:
 
             for block in model.blocks:
                 fully_shard(block)
-            fully_shard(model)
+            fully_shard(model)  # replaces the parameters with sharded ones: the optimizer is made after this
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     history = {"loss": [], "val_ppl": []}
     t0, tokens = time.time(), 0
@@ -182,8 +186,8 @@ def train(args) -> dict:
             history["val_ppl"].append((step + 1, ppl))
             if rank == 0:
                 print(f"step {step + 1}: validation perplexity {ppl:.2f}", flush=True)
-        if ckpt_path and rank == 0 and ((step + 1) % args.save_every == 0 or step == args.steps - 1):
-            save_checkpoint(ckpt_path, getattr(model, "module", model), opt, step + 1, args, tok)
+        if ckpt_path and ((step + 1) % args.save_every == 0 or step == args.steps - 1):
+            save_checkpoint(ckpt_path, getattr(model, "module", model), opt, step + 1, args, tok, rank, args.fsdp)
     return history
 
 
@@ -205,11 +209,22 @@ def evaluate_ppl(model, objective: str, val_ids: torch.Tensor, args, device, bat
     return math.exp(sum(losses) / len(losses))
 
 
-def save_checkpoint(path: str, model, opt, step: int, args, tok) -> None:
+def save_checkpoint(path: str, model, opt, step: int, args, tok, rank: int = 0, fsdp: bool = False) -> None:
+    """Rank 0 writes model, optimizer, step and RNG state. With FSDP2 every rank joins the gathering of the full
+    model state and the (sharded) optimizer state is not saved."""
+    if fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optim = None
+    else:
+        weights, optim = model.state_dict(), opt.state_dict()
+    if rank != 0:
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": weights,
+        "optimizer": optim,
         "step": step,
         "rng": torch.get_rng_state(),
         "config": vars(model.config),

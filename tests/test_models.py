@@ -201,3 +201,24 @@ def test_zero_shot_runs_and_prefers_the_likelier_word():
         lp = F.log_softmax(logits.float(), -1)[0, -len(w) :].gather(-1, ids[0, -len(w) :, None]).sum()
         scores.append(lp.item())
     assert preds[0] == max(range(2), key=scores.__getitem__)
+
+
+def _train_worker(rank, world, port, fsdp, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    hist = T.train(_args(steps=4, batch=2, fsdp=fsdp))
+    torch.save(hist["loss"], f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_train_cli_two_processes_match_one(tmp_path, fsdp):
+    """`fastlm train` under 2 gloo processes (DDP, or FSDP2 with --fsdp): the mean of the ranks' losses follows the
+    single-process run on the same global batches (each rank takes its half of the step's rows)."""
+    out = str(tmp_path / "loss")
+    mp.spawn(_train_worker, args=(2, _free_port(), fsdp, out), nprocs=2, join=True)
+    per_rank = [torch.load(f"{out}.{r}") for r in range(2)]
+    mean = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+    single = T.train(_args(steps=4, batch=4))["loss"]
+    torch.testing.assert_close(torch.tensor(mean), torch.tensor(single), atol=2e-4, rtol=1e-4)

@@ -20,6 +20,14 @@ import torch
 
 import fastlm
 
+# The real model configurations the benchmark shapes come from (one table for every family).
+MODELS = {
+    "gpt2": dict(hidden=768, heads=12, kv_heads=12, head_dim=64, vocab=50257),
+    "bert-base": dict(hidden=768, heads=12, kv_heads=12, head_dim=64, vocab=30522),
+    "llama3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256),
+    "llama3-70b": dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, vocab=128256),
+}
+
 
 class SkipCase(Exception):
     """A baseline cannot run this case (e.g. an SDPA backend that refuses a mask): noted, not an error."""

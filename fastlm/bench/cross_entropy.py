@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as TF
 
 import fastlm.functional as F
-from fastlm.bench.core import Case, compiled, fastlm_providers, timed_call, with_backend
+from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
 
-VOCABS_GPU = (256, 4096, 32768, 131072, 262144)
+VOCABS_GPU = tuple(sorted({m["vocab"] for m in MODELS.values()} | {256, 4096, 262144}))  # BERT, GPT-2, LLaMA-3
 VOCABS_GPU_QUICK = (4096, 131072)
 VOCABS_CPU = (1024, 32768)
 INPUT_BYTES_GPU, INPUT_BYTES_CPU = 256 << 20, 4 << 20

@@ -12,13 +12,12 @@ import torch.nn.functional as TF
 
 import fastlm.functional as F
 from fastlm import reference
-from fastlm.bench.core import Case, compiled, fastlm_providers, timed_call, with_backend
+from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
 
 KERNELS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "bwd", "fwd+bwd")
-# Hidden sizes of real models: GPT-2 / BERT-base 768, GPT-2-medium 1024, LLaMA-3-8B 4096, LLaMA-3-70B 8192, and the
-# wide end up to 65536.
-HIDDEN_GPU = (768, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+# Hidden sizes of the real models in core.MODELS (768, 4096, 8192) plus the range up to 65536 the targets cover.
+HIDDEN_GPU = tuple(sorted({m["hidden"] for m in MODELS.values()} | {1024, 2048, 16384, 32768, 65536}))
 # --quick: the two plain norms over the range, the fused residual variant at LLaMA-3-8B's width.
 QUICK_GPU = {"layer_norm": (1024, 4096, 16384, 65536), "rms_norm": (1024, 4096, 16384, 65536), "add_rms_norm": (4096,)}
 HIDDEN_CPU = (768, 4096)

@@ -7,6 +7,7 @@ report, and shows the latest committed GPU results from ``benchmarks/results/``,
 """
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -61,7 +62,12 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
             for provider in family.providers(device):
                 work.append((family, case, provider))
     results, errors, skipped = [], [], []
+    for pkg, name in (("liger_kernel", "Liger-Kernel"), ("flash_attn", "flash-attn")):
+        if importlib.util.find_spec(pkg) is None:
+            skipped.append(f"{name} is not installed: its baselines are not measured")
     for i, (family, case, provider) in enumerate(work):
+        if i and work[i - 1][0] is not family:  # a family is done: write what we have (a time-out keeps it)
+            core.write_reports(results, env, ceilings, out_dir)
         label = f"{case.kernel} {case.shape} {case.mode} {provider}"
         _progress(i, len(work), label)
         try:
