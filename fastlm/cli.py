@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the static report: compile every shipped kernel config for sm_80/sm_90, no GPU",
     )
+    b.add_argument("--archs", default="80,90", help="compute capabilities of the static report (default 80,90)")
     b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratios of two JSON runs")
     from fastlm import train
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         return run.compare(*args.compare)
     if args.static:
-        return run.static_report(args.out)
+        return run.static_report(args.out, tuple(int(a) for a in args.archs.split(",")))
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in run.FAMILIES]
     if unknown:

@@ -17,6 +17,9 @@ from fastlm.models import BERT, GPT, BERTConfig, GPTConfig, mask_tokens
 TINY_GPT = dict(vocab_size=260, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
+TEXT = os.path.join(os.path.dirname(__file__), "data", "tiny_corpus.txt")
+
+
 def _args(**kw):
     base = dict(
         objective="clm",
@@ -41,7 +44,7 @@ def _args(**kw):
         teacher=None,
         kd_alpha=0.5,
         kd_temperature=2.0,
-        data=None,
+        data=[TEXT],  # a 60 kB slice of the stdlib corpus: the tests need no corpus build
     )
     base.update(kw)
     return argparse.Namespace(**base)

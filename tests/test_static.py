@@ -14,12 +14,12 @@ from fastlm.bench.static import KernelStat  # noqa: E402
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """``fastlm bench --static`` as CI runs it (sm_80 and sm_90, without the interpreter); its printed table and
-    its static.json."""
+    """``fastlm bench --static`` as CI runs it (sm_90 here, to keep CI short; the command's default adds sm_80),
+    without the interpreter; its printed table and its static.json."""
     out = tmp_path_factory.mktemp("static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "fastlm", "bench", "--static", "--out", str(out)],
+        [sys.executable, "-m", "fastlm", "bench", "--static", "--archs", "90", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def stats(report):
 def test_cli_prints_the_sm90_table(report):
     stdout, data = report
     assert "| kernel | config | sm | regs |" in stdout and "HGMMA" in stdout
-    assert {d["arch"] for d in data["triton"]} == {80, 90}
+    assert {d["arch"] for d in data["triton"]} == {90}
 
 
 def test_cuda_kernels_do_not_spill(report):
