@@ -43,7 +43,6 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     define = [
         f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}",
-        "-DPy_LIMITED_API=0x030a0000",
         f'-DFASTLM_TORCH_BUILD_VERSION="{torch.__version__.split("+")[0]}"',
     ]
     cxx = ["-O3", *define]

@@ -339,7 +339,7 @@ def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     dx = empty((M, N), x.dtype, dev)
     has_w = weight is not None
     has_db = has_bias and not rms
-    w_dtype = weight.dtype if has_w else x.dtype
+    w_dtype = weight.dtype if has_w else torch.float32  # dw/db in the weight's dtype; fp32 db without a weight
     if M == 0:
         dw = torch.zeros((N,) if has_w else (0,), dtype=w_dtype, device=dev)
         db = torch.zeros((N,) if has_db else (0,), dtype=w_dtype, device=dev)

@@ -378,13 +378,11 @@ __global__ void __launch_bounds__(1024)
 // Host side.
 // ------------------------------------------------------------------------------------------------------------
 const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    default: return "an unsupported dtype";
-  }
+  return t == ScalarType::Float      ? "float32"
+         : t == ScalarType::Half     ? "float16"
+         : t == ScalarType::BFloat16 ? "bfloat16"
+         : t == ScalarType::Double   ? "float64"
+                                     : "an unsupported dtype";
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -417,11 +415,13 @@ cudaStream_t current_stream(int32_t dev) {
   return static_cast<cudaStream_t>(s);
 }
 
+// Above 48 KiB of dynamic shared memory a kernel must opt in. The limit is always set to the same value (the
+// most any launch here asks for), so concurrent host threads launching with different sizes cannot undo it.
 template <typename K>
-void allow_dynamic_smem(K* kernel, size_t bytes) {
-  // Above 48 KiB of dynamic shared memory a kernel must opt in; below, setting it is harmless but skipped.
+void allow_dynamic_smem(K* kernel, size_t bytes, const DeviceInfo& di) {
   if (bytes > 40 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+    const int limit = di.smem_optin - static_cast<int>(kSmemMargin);
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
 }
@@ -441,7 +441,7 @@ void check_cuda_tensor(const Tensor& t, const char* name, int32_t dev) {
                   " but x is on cuda:", dev, "; all tensors must be on the same device");
 }
 
-// (M, N) matrix of dtype `dt` with unit column stride (any row stride).
+// (M, N) matrix of x's dtype with unit column stride (any row stride: rows are only read).
 void check_matrix(const Tensor& t, const char* name, const Tensor& x, int32_t dev) {
   check_cuda_tensor(t, name, dev);
   STD_TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastlm: ", name,
@@ -450,7 +450,6 @@ void check_matrix(const Tensor& t, const char* name, const Tensor& x, int32_t de
                   dtype_name(x.scalar_type()), "), got ", dtype_name(t.scalar_type()));
   STD_TORCH_CHECK(t.size(1) == 1 || t.stride(1) == 1, "fastlm: ", name,
                   " must have unit stride along the last dimension, got stride ", t.stride(1));
-  STD_TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= 0, "fastlm: ", name, " has a negative row stride");
 }
 
 // (N,) vector of x's dtype or float32, unit stride.
@@ -483,7 +482,6 @@ void check_x(const Tensor& x, const char* name) {
                   " must be in [1, ", kMaxN, "]");
   STD_TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, "fastlm: ", name,
                   " must have unit stride along the last dimension, got stride ", x.stride(1));
-  STD_TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= 0, "fastlm: ", name, " has a negative row stride");
 }
 
 // Calls f(T{}, W{}) for the five supported (element, weight) type pairs.
@@ -558,7 +556,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const 
     const size_t smem = a.cache ? cache_bytes : 0;
     const int64_t blocks = (M + rpb - 1) / rpb;
     STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastlm: too many rows (", M, ")");
-    allow_dynamic_smem(norm_fwd_kernel<T, W>, smem);
+    allow_dynamic_smem(norm_fwd_kernel<T, W>, smem, di);
     norm_fwd_kernel<T, W><<<static_cast<unsigned>(blocks), dim3(tpr, rpb), smem, stream>>>(a);
     check_cuda(cudaGetLastError(), "norm_fwd_kernel launch");
   });
@@ -642,7 +640,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
     STD_TORCH_CHECK((!a.pdw || aligned16(a.pdw)) && (!a.pdb || aligned16(a.pdb)), "fastlm: misaligned workspace");
     a.smem_acc = smem_acc;
     const size_t smem = smem_acc ? acc_bytes : 0;
-    allow_dynamic_smem(norm_bwd_kernel<T, W>, smem);
+    allow_dynamic_smem(norm_bwd_kernel<T, W>, smem, di);
     norm_bwd_kernel<T, W><<<static_cast<unsigned>(G), dim3(tpr, rpb), smem, stream>>>(a);
     check_cuda(cudaGetLastError(), "norm_bwd_kernel launch");
 

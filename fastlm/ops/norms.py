@@ -67,7 +67,7 @@ def _fwd_fake(x, residual, weight, bias, eps, rms):
 
 def _bwd_fake(dy, x, weight, mean, rstd, dh, rms, has_bias):
     M, N = x.shape
-    w_dtype = weight.dtype if weight is not None else x.dtype
+    w_dtype = weight.dtype if weight is not None else torch.float32  # fp32 db without a weight (both backends)
     return (
         x.new_empty((M, N)),
         x.new_empty((N,) if weight is not None else (0,), dtype=w_dtype),
@@ -81,6 +81,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.rms = rms
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -99,7 +100,7 @@ def _make_backward(bwd_op):
             dx,
             dx if ctx.has_residual else None,
             dw if weight is not None else None,
-            db if ctx.has_bias else None,
+            db.to(ctx.bias_dtype) if ctx.has_bias else None,
             None,
             None,
         )
