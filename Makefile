@@ -29,8 +29,8 @@ test: install
 	cd /tmp && TRITON_INTERPRET=$${TRITON_INTERPRET-$(INTERPRET)} $(abspath $(VENV))/bin/pytest -q \
 		--rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests $(CURDIR)/benchmarks --benchmark-disable
 
-bench: install
-	$(PY) -m fastlm bench --out bench-out
+bench: install  # the console script: `python -m` from here would import the source tree instead of the wheel
+	$(abspath $(VENV))/bin/fastlm bench --out bench-out
 
 wheel: $(WHEEL)
 

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU")
     b = sub.add_parser("bench", help="run the benchmark suite on this machine")
     b.add_argument(
-        "--ops", default="norms,softmax,ce,attention", help="comma-separated op families: norms, softmax, ce, attention"
+        "--ops",
+        default="norms,softmax,ce,attention,model",
+        help="comma-separated op families: norms, softmax, ce, attention, model",
     )
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")

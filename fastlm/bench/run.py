@@ -33,6 +33,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _progress(i: int, n: int, label: str) -> None:
+    """A progress bar on a terminal; in a log, one line per tenth of the work."""
+    if not sys.stderr.isatty():
+        if i == n or i % max(1, n // 10) == 0:
+            print(f"[{i}/{n}] {label}", file=sys.stderr, flush=True)
+        return
     width = 30
     done = int(width * i / max(n, 1))
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
