@@ -224,3 +224,16 @@ def test_large_offset_is_stable(backend):
     check = F.layer_norm(x, (4096,))
     ref = TF.layer_norm(x.double(), (4096,)).float()
     torch.testing.assert_close(check, ref, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bias_without_weight_keeps_the_bias_dtype(backend, dtype):
+    """LayerNorm with a float32 bias and no weight on low-precision input: db arrives in the bias dtype."""
+    x = torch.randn(6, 40, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, requires_grad=True)
+    F.layer_norm(x, (40,), None, b).float().square().sum().backward()
+    assert b.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    xr = x.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_()
+    TF.layer_norm(xr, (40,), None, br).square().sum().backward()
+    torch.testing.assert_close(b.grad.double(), br.grad, atol=0.05 * br.grad.abs().max().item(), rtol=0.05)
