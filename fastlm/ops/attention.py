@@ -25,11 +25,8 @@ MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
-    from fastlm.kernels import attention
-
-    seed = int(rng[0]) if dropout_p > 0 else 0
-    return attention.attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+def _seed(rng: Tensor, dropout_p: float) -> int:
+    return int(rng[0]) if dropout_p > 0 else 0  # rng is a CPU tensor: no device sync
 
 
 @torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
@@ -47,7 +44,11 @@ def attention_fwd_triton(
     dropout_p: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    return _impl(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
+    from fastlm.kernels import attention
+
+    return attention.attn_fwd(
+        q, k, v, mask, scale, causal, dropout_p, _seed(rng, dropout_p), 0, cu_q, cu_k, max_q, max_k
+    )
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
@@ -70,7 +71,7 @@ def attention_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import attention
 
-    seed = int(rng[0]) if dropout_p > 0 else 0
+    seed = _seed(rng, dropout_p)
     return attention.attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
 
 
