@@ -40,12 +40,13 @@ def _want_cuda() -> bool:
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define = [
         f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}",
         f'-DFASTLM_TORCH_BUILD_VERSION="{torch.__version__.split("+")[0]}"',
     ]
-    cxx = ["-O3", *define]
+    # -fopenmp-simd: `#pragma omp simd` (vectorised reductions in csrc/cpu/) without an OpenMP runtime.
+    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", *define]
     ext_kwargs = {}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

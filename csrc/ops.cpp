@@ -11,6 +11,8 @@
 
 #include <torch/csrc/stable/library.h>
 
+#include <string>
+
 #ifdef FASTLM_WITH_CUDA
 #define FASTLM_WITH_CUDA_FLAG 1
 #else
@@ -26,53 +28,76 @@
 #define FASTLM_TORCH_BUILD_VERSION ""
 #endif
 
-// A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
-// "fastlm::..."), and a fragment never competes with another library claiming to own "fastlm".
-STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+// The schemas of the C++ backends: each op exists as <name>_cuda (csrc/cuda/, CUDA tensors) and <name>_cpu
+// (csrc/cpu/, CPU tensors) with the same contract, so that the Python side wires both alike. Where a backend
+// narrows the contract (the CUDA attention: fp16/bf16, D 64/128; the CPU attention: no dropout, no varlen) the
+// Python side raises UnsupportedCaseError before calling the op.
+namespace {
+
+// Defines "<name><suffix><rest>" (string literal pieces; the library copies the schema).
+void def(torch::stable::detail::StableLibrary& m, const char* name, const char* suffix, const char* rest) {
+  const std::string schema = std::string(name) + suffix + rest;
+  m.def(schema.c_str());
+}
+
+void define_native_schemas(torch::stable::detail::StableLibrary& m, const char* B) {
   // LayerNorm (rms=false) / RMSNorm (rms=true) over the last dim of a 2-D x, with an optional fused residual
   // add. Returns y, h = x + residual (empty (0,) without residual), mean (float32 (M,), (0,) for RMS), rstd
   // (float32 (M,)).
-  m.def(
-      "norm_fwd_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
+  def(m,
+      "norm_fwd_", B, "(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
       "(Tensor y, Tensor h, Tensor mean, Tensor rstd)");
-  // Gradients of norm_fwd_cuda; x is the normalised input (h when there was a residual). dx includes dh when
+  // Gradients of norm_fwd; x is the normalised input (h when there was a residual). dx includes dh when
   // given. dw/db (weight's dtype; db is float32 when weight is None) are empty (0,) when not wanted; they are
   // reduced without atomics, so they are bitwise reproducible.
-  m.def(
-      "norm_bwd_cuda(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh, bool rms, "
+  def(m,
+      "norm_bwd_", B, "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh, bool rms, "
       "bool has_bias) -> (Tensor dx, Tensor dw, Tensor db)");
   // Softmax (log=false) / log-softmax (log=true) along dim. x is 2-D with unit last stride (any row stride) and
   // dim == 1, or contiguous of any rank with any dim (a strided launch, no transpose copy). Returns y: contiguous,
   // x's shape and dtype. A row of all -inf gives NaN (torch semantics).
-  m.def("softmax_fwd_cuda(Tensor x, int dim, bool log) -> Tensor");
+  def(m, "softmax_fwd_", B, "(Tensor x, int dim, bool log) -> Tensor");
   // softmax(x * scale + mask) over the last dim of (B, H, Sq, Sk) scores with unit last stride. mask: None or an
   // expanded (B, H, Sq, Sk) view, bool (True = keep) or an additive float; causal: key > query is masked (top-left).
   // Returns y: contiguous (B, H, Sq, Sk), x's dtype; fully masked rows give zeros.
-  m.def("masked_softmax_fwd_cuda(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
+  def(m, "masked_softmax_fwd_", B, "(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   // Gradient of (log-)softmax from the saved output y (contiguous; or 2-D with unit last stride for dim == 1):
   // softmax: dx = scale * y * (dy - sum(y * dy)); log: dx = scale * (dy - exp(y) * sum(dy)). dx: contiguous, y's dtype.
-  m.def("softmax_bwd_cuda(Tensor dy, Tensor y, int dim, bool log, float scale) -> Tensor");
+  def(m, "softmax_bwd_", B, "(Tensor dy, Tensor y, int dim, bool log, float scale) -> Tensor");
   // Cross-entropy over class-index targets: input (N, C) with unit class stride or contiguous (N, C, D); target
   // (N*D,) int64; weight (C,) float32. reduction 0 none / 1 mean / 2 sum. Returns loss (float32: (N*D,) or 0-dim)
   // and grad = d loss / d input for an incoming gradient of 1 (input's shape and dtype, contiguous; (0,) when
   // compute_grad is false), both from one pass over the logits; deterministic reductions, no host sync.
-  m.def(
-      "cross_entropy_fwd_cuda(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+  def(m,
+      "cross_entropy_fwd_", B, "(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
       "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
-  // Flash-attention forward (csrc/cuda/attention_fwd.cu), the op contract of attention_fwd_triton: q (B, H, Sq,
-  // D), k/v (B, Hkv, Sk, D) with H % Hkv == 0, unit last stride; causal is top-left (query i sees keys j <= i).
-  // Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (natural log of the scaled
-  // scores' sum-exp; -inf for a row with no visible key). The CUDA kernels take dense fp16/bf16 with D in
-  // {64, 128} only: mask, cu_q/cu_k (varlen) and dropout_p > 0 raise "unsupported case"; rng is ignored.
-  m.def(
-      "attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_q, Tensor? cu_k, int max_q, "
+  // Flash-attention forward (csrc/cuda/attention_fwd.cu, csrc/cpu/attention.cpp), the op contract of
+  // attention_fwd_triton: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) with H % Hkv == 0, unit last stride; causal is
+  // top-left (query i sees keys j <= i). Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32
+  // (natural log of the scaled scores' sum-exp; -inf for a row with no visible key). The CUDA kernels take dense
+  // fp16/bf16 with D in {64, 128} only (mask, cu_q/cu_k and dropout_p > 0 raise "unsupported case"); the CPU
+  // kernel takes masks but neither varlen nor dropout. rng is ignored by both.
+  def(m,
+      "attention_fwd_", B, "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_q, Tensor? cu_k, int max_q, "
       "int max_k, float scale, bool causal, float dropout_p, Tensor rng) -> (Tensor o, Tensor lse)");
-  // Gradients of attention_fwd_cuda (csrc/cuda/attention_bwd.cu), FlashAttention-2 scheme without atomics
+  // Gradients of attention_fwd (csrc/cuda/attention_bwd.cu), FlashAttention-2 scheme without atomics
   // (deterministic): dq, dk, dv contiguous in q's, k's and v's shapes and dtype. Same scope as the forward.
-  m.def(
-      "attention_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? mask, "
+  def(m,
+      "attention_bwd_", B, "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? mask, "
       "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, bool causal, float dropout_p, Tensor rng) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+}  // namespace
+
+// A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
+// "fastlm::..."), and a fragment never competes with another library claiming to own "fastlm".
+STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  define_native_schemas(m, "cuda");
+  // The CPU backend (csrc/cpu/). attention_bwd_cpu has no C++ kernel: fastlm/ops/attention.py registers a CPU
+  // implementation of torch ops for it (recomputation from the saved lse; the CPU kernels target inference), so
+  // that training through the cpu backend still works.
+  define_native_schemas(m, "cpu");
 }
 
 namespace {

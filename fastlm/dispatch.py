@@ -1,4 +1,4 @@
-"""Backend choice: ``triton``, ``cuda``, ``torch`` or ``auto``.
+"""Backend choice: ``triton``, ``cuda``, ``cpu``, ``torch`` or ``auto``.
 
 ``with fastlm.backend("triton"): ...`` or the environment variable ``FASTLM_BACKEND`` (read at import) select the
 kernels for every fastlm op. ``auto`` (the default) picks, per op family and device, the backend in ``AUTO``:
@@ -17,7 +17,7 @@ import torch
 
 from fastlm import _ext
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # auto: (op family, device type) -> backend. Updated from the committed device results (benchmarks/results/).
@@ -37,6 +37,7 @@ AUTO = {
 IMPLEMENTED = {
     "triton": {"norms", "softmax", "linear_ce", "attention"},
     "cuda": {"norms", "softmax", "attention"},
+    "cpu": {"norms", "softmax", "attention"},  # csrc/cpu/: attention forward only (its backward is torch ops)
 }
 
 
@@ -67,7 +68,7 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Run the enclosed fastlm ops on backend ``name`` (one of ``auto``, ``triton``, ``cuda``, ``torch``)."""
+    """Run the enclosed fastlm ops on backend ``name`` (one of ``auto``, ``triton``, ``cuda``, ``cpu``, ``torch``)."""
     global _current
     previous, _current = _current, _check_name(name)
     try:
@@ -88,6 +89,12 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
         if device.type != "cuda" and not _INTERPRET:
             return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
         return None
+    if name == "cpu":
+        if _ext._C is None:
+            return _ext.LOAD_ERROR
+        if device.type != "cpu":
+            return f"the cpu backend's kernels need CPU tensors (got {device.type})"
+        return None
     reason = _ext.cuda_unavailable_reason()
     if reason is None and device.type != "cuda":
         reason = f"the CUDA kernels need CUDA tensors (got {device.type})"
@@ -95,7 +102,7 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
 
 
 def resolve(family: str, x: torch.Tensor) -> str:
-    """The concrete backend (``triton``, ``cuda`` or ``torch``) that runs op family ``family`` on tensor ``x``."""
+    """The concrete backend (``triton``, ``cuda``, ``cpu`` or ``torch``) that runs op family ``family`` on tensor ``x``."""
     name = _current
     if name == "auto":
         if x.dtype not in FUSED_DTYPES:

@@ -18,10 +18,12 @@ from helpers import ON_GPU  # noqa: E402
 
 import fastlm  # noqa: E402
 
-# Fused backends under test: Triton everywhere (interpreted on CPU), CUDA C++ only on a GPU.
+# Fused backends under test: Triton everywhere (interpreted on CPU), CUDA C++ only on a GPU, the CPU C++ kernels
+# only where the tests' tensors live on the CPU (on a GPU machine they are tested by the CPU-only CI).
 BACKENDS = [
     pytest.param("triton", id="triton"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu]),
+    pytest.param("cpu", id="cpu", marks=[pytest.mark.skipif(ON_GPU, reason="tests' tensors are on the GPU")]),
 ]
 
 
@@ -50,15 +52,15 @@ def backend(request):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    """A generic kernel test run on the cuda backend skips (with the reason) the cases the CUDA kernels do not
-    implement: they raise UnsupportedCaseError, which names the case (and is tested on its own)."""
+    """A generic kernel test run on the cuda or cpu backend skips (with the reason) the cases those C++ kernels do
+    not implement: they raise UnsupportedCaseError, which names the case (and is tested on its own)."""
     outcome = yield
     params = getattr(getattr(item, "callspec", None), "params", {})
     exc = outcome.excinfo
-    if exc is not None and params.get("backend") == "cuda":
+    if exc is not None and params.get("backend") in ("cuda", "cpu"):
         from fastlm.dispatch import UnsupportedCaseError
 
         if issubclass(exc[0], UnsupportedCaseError):
             outcome.force_exception(
-                pytest.skip.Exception(f"not in the CUDA kernels: {exc[1]}", _use_item_location=True)
+                pytest.skip.Exception(f"not in the {params['backend']} kernels: {exc[1]}", _use_item_location=True)
             )

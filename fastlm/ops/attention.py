@@ -1,6 +1,6 @@
 """Scaled dot-product attention (dense and varlen): registered ops, fake impls, autograd, public functions.
 
-Ops (for <backend> in {triton, cuda}):
+Ops (for <backend> in {triton, cuda, cpu}):
     fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng)
         -> (o, lse)
     fastlm::attention_bwd_<backend>(do, q, k, v, o, lse, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal,
@@ -116,8 +116,9 @@ def _register(backend: str) -> None:
 attention_fwd_triton.register_fake(_fwd_fake)
 attention_bwd_triton.register_fake(_bwd_fake)
 _register("triton")
-if _ext._C is not None and hasattr(torch.ops.fastlm, "attention_fwd_cuda"):
+if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
     _register("cuda")
+    _register("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------

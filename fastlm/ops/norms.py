@@ -3,7 +3,7 @@
 Ops (2-D, hidden size N on the last dim, unit column stride, any row stride):
     fastlm::norm_fwd_<backend>(x, residual?, weight?, bias?, eps, rms) -> (y, h, mean, rstd)
     fastlm::norm_bwd_<backend>(dy, x, weight?, mean, rstd, dh?, rms, has_bias) -> (dx, dw, db)
-for <backend> in {triton, cuda}. The Triton ops are Python ``custom_op``s; the CUDA ops are defined in
+for <backend> in {triton, cuda, cpu}. The Triton ops are Python ``custom_op``s; the C++ ops are defined in
 ``csrc/ops.cpp``. Both share the fake impls and the autograd formula below (``register_autograd`` builds the
 custom autograd Function over the op pair). ``h`` is ``x + residual`` (empty without a residual); ``mean`` is empty
 for RMSNorm; statistics are fp32.
@@ -126,6 +126,7 @@ norm_bwd_triton.register_fake(_bwd_fake)
 _register("triton")
 if _ext._C is not None:  # the schemas exist even in a build without CUDA kernels (then calling them raises)
     _register("cuda")
+    _register("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------

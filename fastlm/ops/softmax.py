@@ -1,6 +1,6 @@
 """Softmax, log-softmax and the scaled-masked softmax: registered ops, fake impls, autograd, public functions.
 
-Ops (for <backend> in {triton, cuda}):
+Ops (for <backend> in {triton, cuda, cpu}):
     fastlm::softmax_fwd_<backend>(x, dim, log) -> y
     fastlm::masked_softmax_fwd_<backend>(x, mask?, scale, causal) -> y      x: (B, H, Sq, Sk), mask: (B, H, Sq, Sk) view
     fastlm::softmax_bwd_<backend>(dy, y, dim, log, scale) -> dx
@@ -115,8 +115,9 @@ softmax_fwd_triton.register_fake(_fwd_fake)
 masked_softmax_fwd_triton.register_fake(_masked_fwd_fake)
 softmax_bwd_triton.register_fake(_bwd_fake)
 _register("triton")
-if _ext._C is not None and hasattr(torch.ops.fastlm, "softmax_fwd_cuda"):
+if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
     _register("cuda")
+    _register("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------

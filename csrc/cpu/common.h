@@ -1,0 +1,162 @@
+// Helpers shared by the fastlm CPU kernels (csrc/cpu/*.cpp): element types and their fp32 conversions, a
+// vectorisable exp, runtime ISA dispatch, dtype dispatch, argument checks and the row-parallel loop.
+//
+// Written against the LibTorch stable ABI only (torch/csrc/stable, TORCH_TARGET_VERSION = 2.10), like the CUDA
+// kernels, so the same abi3 wheel serves every torch >= 2.10. Threads come from torch's own pool through
+// torch::stable::parallel_for (so torch.set_num_threads applies); no OpenMP runtime of our own.
+//
+// SIMD: the inner loops are plain fp32 loops written so that GCC/Clang vectorise them (-O3, `#pragma omp simd`
+// with -fopenmp-simd for reductions: no -ffast-math, so NaN/inf semantics stay IEEE). The hot functions carry
+// FASTLM_CPU_CLONES: the compiler emits an x86-64-v4 (AVX-512), a v3 (AVX2 + FMA + F16C) and a baseline copy
+// and the loader picks one for the running CPU (GNU ifunc), so one portable wheel still runs AVX-512 code.
+// Rules for that to work: a cloned function must not call non-inline helpers in its inner loops (they would
+// run at the baseline ISA), so every helper here is FASTLM_INLINE; lambdas are never cloned, so a
+// parallel_for body calls a cloned function for its range of rows.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define FASTLM_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTLM_NO_CLONES)
+#define FASTLM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTLM_CPU_CLONES
+#endif
+
+namespace fastlm::cpu {
+
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+// ------------------------------------------------------------------------------------------------------------
+// Element types. fp16 is the compiler's _Float16 (IEEE binary16; conversions are exact widening / RNE and
+// become vcvtph2ps / vcvtps2ph under F16C). bf16 is a 16-bit pattern converted with integer ops (vectorisable).
+
+using half = _Float16;
+struct bf16 {
+  uint16_t bits;
+};
+static_assert(sizeof(half) == 2 && sizeof(bf16) == 2, "16-bit element types");
+
+FASTLM_INLINE float to_float(float v) { return v; }
+FASTLM_INLINE float to_float(half v) { return static_cast<float>(v); }
+FASTLM_INLINE float to_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+FASTLM_INLINE T from_float(float v);
+template <>
+FASTLM_INLINE float from_float<float>(float v) { return v; }
+template <>
+FASTLM_INLINE half from_float<half>(float v) { return static_cast<half>(v); }
+template <>
+FASTLM_INLINE bf16 from_float<bf16>(float v) {
+  // Round to nearest even; a NaN stays a (quiet) NaN.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+// The value v takes once stored as T, back in fp32.
+template <typename T>
+FASTLM_INLINE float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// exp(x) in fp32, branch-free so that loops over it vectorise (std::exp calls libm, which does not).
+// exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two for accuracy), exp(r) by a degree-6
+// polynomial on |r| <= ln2/2. Max relative error ~2 ulp over the normal range. exp(-inf) = 0, x < -87.3 gives 0
+// (no denormal results), x > 88.7 gives +inf, NaN gives NaN.
+FASTLM_INLINE float exp_fast(float x) {
+  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);
+  const float n = __builtin_rintf(xc * 1.44269504088896341f);
+  float r = __builtin_fmaf(n, -0.693145751953125f, xc);
+  r = __builtin_fmaf(n, -1.428606765330187045e-6f, r);
+  float p = 1.9875691500e-4f;
+  p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+  p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+  p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+  p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+  p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+  p = __builtin_fmaf(p * r, r, r) + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  out = x < -87.33654f ? 0.0f : out;
+  out = x > 88.72283f ? std::numeric_limits<float>::infinity() : out;
+  return x != x ? x : out;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Dtypes, checks, dispatch.
+
+inline const char* dtype_name(ScalarType t) {
+  return t == ScalarType::Float      ? "float32"
+         : t == ScalarType::Half     ? "float16"
+         : t == ScalarType::BFloat16 ? "bfloat16"
+         : t == ScalarType::Double   ? "float64"
+         : t == ScalarType::Long     ? "int64"
+         : t == ScalarType::Int      ? "int32"
+         : t == ScalarType::Bool     ? "bool"
+                                     : "an unsupported dtype";
+}
+
+inline bool is_float_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+// A CPU tensor of float32 / float16 / bfloat16.
+inline void check_cpu_float(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
+  STD_TORCH_CHECK(is_float_dtype(t.scalar_type()), "fastlm: ", name, " must be float32, float16 or bfloat16, got ",
+                  dtype_name(t.scalar_type()));
+}
+
+// Calls f(T{}) for the element type of dtype t: float, half or bf16.
+template <typename F>
+void dispatch_float(ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case ScalarType::Float: f(float{}); return;
+    case ScalarType::Half: f(half{}); return;
+    case ScalarType::BFloat16: f(bf16{}); return;
+    default: STD_TORCH_CHECK(false, "fastlm: ", name, " must be float32, float16 or bfloat16, got ", dtype_name(t));
+  }
+}
+
+// Runs f(begin, end) over [0, n) on torch's intra-op thread pool, in chunks of at least `grain` items (pick grain
+// so that a chunk is >= ~32 KiB of work: smaller chunks cost more in scheduling than they gain).
+template <typename F>
+void parallel_rows(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  if (n <= grain) {
+    f(int64_t{0}, n);
+    return;
+  }
+  torch::stable::parallel_for(0, n, grain, f);
+}
+
+// Rows per parallel chunk such that each chunk touches about `bytes_per_chunk` bytes.
+inline int64_t grain_for(int64_t bytes_per_row, int64_t bytes_per_chunk = 64 * 1024) {
+  const int64_t g = bytes_per_chunk / (bytes_per_row > 0 ? bytes_per_row : 1);
+  return g < 1 ? 1 : g;
+}
+
+}  // namespace fastlm::cpu
