@@ -113,11 +113,58 @@ def _register(backend: str) -> None:
     FWD[backend] = getattr(torch.ops.fastlm, f"attention_fwd_{backend}").default
 
 
+def attention_bwd_cpu(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    cu_q: Tensor | None,
+    cu_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    rng: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU implementation of ``fastlm::attention_bwd_cpu``: plain torch ops, NOT a fused kernel (the CPU kernels
+    target inference; this keeps training through the cpu backend working). It recomputes the probabilities from
+    the saved lse in fp32, P = exp(scale QK^T (+ mask) - lse) (0 where masked and on rows with no visible key), then
+    dV = P^T dO, dP = dO V^T, Delta = rowsum(dO * O), dS = P (dP - Delta), dQ = scale dS K, dK = scale dS^T Q, with
+    the query heads of a GQA group summed into their kv head. Materialises (B, H, Sq, Sk) fp32 scores."""
+    if cu_q is not None or cu_k is not None or dropout_p > 0:
+        raise RuntimeError("fastlm: unsupported case: varlen or dropout in the CPU attention backward")
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf, dof, of = (t.float() for t in (q, do, o))
+    kf, vf = (t.float().repeat_interleave(G, dim=1) if G > 1 else t.float() for t in (k, v))
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    if causal:
+        s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool).triu(1), float("-inf"))
+    lse = lse.float()
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # a row with no key: exp(-inf) = 0
+    dv = torch.matmul(p.transpose(-1, -2), dof)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    ds = p * (dp - (dof * of).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    if G > 1:
+        dk, dv = (t.view(B, Hkv, G, Sk, D).sum(2) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
 attention_fwd_triton.register_fake(_fwd_fake)
 attention_bwd_triton.register_fake(_bwd_fake)
 _register("triton")
 if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
     _register("cuda")
+    torch.library.register_kernel("fastlm::attention_bwd_cpu", "cpu")(attention_bwd_cpu)
     _register("cpu")
 
 
@@ -170,6 +217,16 @@ def check_cuda_case(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, var
     if case is not None:
         raise UnsupportedCaseError(
             f"the cuda backend's attention does not support {case}; use fastlm.backend('triton') or 'auto'"
+        )
+
+
+def check_cpu_case(dropout_p: float, varlen: bool) -> None:
+    """The CPU C++ kernel (csrc/cpu/attention.cpp) covers dense attention of any float dtype and head dim, with masks,
+    causal and GQA; varlen and dropout raise, naming the case (use the torch backend for them)."""
+    case = "varlen (packed) sequences" if varlen else "dropout" if dropout_p > 0 else None
+    if case is not None:
+        raise UnsupportedCaseError(
+            f"the cpu backend's attention does not support {case}; use fastlm.backend('torch') or 'auto'"
         )
 
 
@@ -273,6 +330,8 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "cuda":
         check_cuda_case(q4, k4, v4, mask4, dropout_p, varlen=False)
+    elif backend == "cpu":
+        check_cpu_case(dropout_p, varlen=False)
     o, lse = FWD[backend](
         q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
     )
@@ -350,6 +409,8 @@ def varlen_attention(
     q, k, v = (_unit_last(t) for t in (q, k, v))
     if backend == "cuda":
         check_cuda_case(q, k, v, None, dropout_p, varlen=True)
+    elif backend == "cpu":
+        check_cpu_case(dropout_p, varlen=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = FWD[backend](
         q,

@@ -1,0 +1,436 @@
+// Flash-attention forward on the CPU, registered as the CPU implementation of fastlm::attention_fwd_cpu (schema
+// and contract in csrc/ops.cpp): dense (B, H, S, D) views with any strides but a unit last one, GQA without
+// copying K/V, top-left causal, bool / additive float masks given as expanded (B, H, Sq, Sk) views, fp32 / fp16 /
+// bf16 with fp32 accumulation, any head dim. No varlen, no dropout (the Python side raises UnsupportedCaseError
+// first; the op itself raises too). The backward is torch ops (fastlm/ops/attention.py): this targets inference.
+//
+// Layout: everything is vectorised over QUERIES. A block of kBM = 32 queries of one (batch, head) keeps its
+// scaled queries transposed, qt[d][i] (fp32), and its output accumulator transposed too, ot[d][i]. Per tile of
+// kBN keys:
+//   st[j][i] = sum_d k[j][d] * qt[d][i]      register tile of 8 keys x 32 queries, k[j][d] broadcast
+//   + mask bias, causal -inf                  (outer products over d: 16 FMA per 10 loads, no reductions)
+//   online softmax per query: the row max / sum over keys are lane-wise max / add across the rows st[j][.]
+//   ot[d][i] = ot[d][i] * alpha[i] + sum_j v[j][d] * p[j][i]      register tile of 8 dims x 32 queries
+// so K and V are only ever read as broadcast scalars from their rows: fp32 K/V are used in place whatever their
+// strides, fp16/bf16 ones are widened once per (batch, kv head) into a per-thread fp32 copy (per tile when that
+// copy would be too big). The 16-lane vectors are GCC vector types, lowered by each ISA clone (FASTLM_CPU_CLONES)
+// to one zmm, two ymm or four xmm. Key tiles entirely above the causal diagonal are never visited; tiles whose
+// mask hides every key are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding,
+// Sq = 1, or a ragged last block) take a row-at-a-time path instead (dot products over D), since a 32-query
+// block would waste most of its lanes there.
+#include "cpu/common.h"
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kBM = 32;  // queries per block
+constexpr int kNV = kBM / kLanes;
+constexpr int kBN = 64;        // keys per tile
+constexpr int kR = 8;          // keys (q k^T) or head dims (p v) per register tile: 8 x kNV accumulators
+constexpr int kRowPath = 4;    // blocks with fewer valid queries than this go row by row
+constexpr int64_t kMaxHeadCopy = int64_t{4} << 20;  // fp32 elements of one K (or V) head copy per thread
+
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum MaskKind : int { kNoMask, kBoolMask, kF32Mask, kF16Mask, kBF16Mask };
+
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;
+  void* o;     // (B, H, Sq, D) contiguous
+  float* lse;  // (B, H, Sq) contiguous
+  int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // strides in elements
+  int64_t m_sb, m_sh, m_sq, m_sk;
+  int64_t H, group, Sq, Sk, D, n_qblocks;
+  int mask_kind;
+  float scale;
+  bool causal;
+};
+
+// The additive bias of mask element off: bool False -> -inf, True -> 0; float masks as they are.
+FASTLM_INLINE float mask_bias(int kind, const void* m, int64_t off) {
+  switch (kind) {
+    case kBoolMask: return static_cast<const uint8_t*>(m)[off] ? 0.f : kNegInf;
+    case kF32Mask: return static_cast<const float*>(m)[off];
+    case kF16Mask: return to_float(static_cast<const half*>(m)[off]);
+    default: return to_float(static_cast<const bf16*>(m)[off]);
+  }
+}
+
+// The 16 floats at p (64-byte aligned scratch), by reference: a vec passed by value would change the ABI by ISA.
+FASTLM_INLINE vec& at16(float* p) { return *reinterpret_cast<vec*>(p); }
+FASTLM_INLINE const vec& at16(const float* p) { return *reinterpret_cast<const vec*>(p); }
+
+// st[j][.] = sum_d k[j][d] qt[d][.] for R keys (rows of k ks elements apart).
+template <int R>
+FASTLM_INLINE void qk_tile(const float* qt, const float* k, int64_t ks, int64_t D, float* st) {
+  vec acc[R][kNV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < kNV; ++n) acc[r][n] = vec{};
+  for (int64_t d = 0; d < D; ++d) {
+    vec qv[kNV];
+    for (int n = 0; n < kNV; ++n) qv[n] = at16(qt + d * kBM + n * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float kv = k[r * ks + d];
+      for (int n = 0; n < kNV; ++n) acc[r][n] += kv * qv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < kNV; ++n) at16(st + r * kBM + n * kLanes) = acc[r][n];
+}
+
+// ot[d][.] += sum_j v[j][d] p[j][.] for R head dims starting at v's column 0 (rows vs elements apart).
+template <int R>
+FASTLM_INLINE void pv_tile(const float* pt, int64_t nj, const float* v, int64_t vs, float* ot) {
+  vec acc[R][kNV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < kNV; ++n) acc[r][n] = at16(ot + r * kBM + n * kLanes);
+  for (int64_t j = 0; j < nj; ++j) {
+    vec pv[kNV];
+    for (int n = 0; n < kNV; ++n) pv[n] = at16(pt + j * kBM + n * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float vv = v[j * vs + r];
+      for (int n = 0; n < kNV; ++n) acc[r][n] += vv * pv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < kNV; ++n) at16(ot + r * kBM + n * kLanes) = acc[r][n];
+}
+
+// The remainder (< kR) of a loop of register tiles: F is called with the tile height as a template argument.
+template <typename F>
+FASTLM_INLINE void tail(int64_t rest, F&& f) {
+  switch (rest) {
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+template <typename T>
+FASTLM_INLINE void widen_rows(const T* src, int64_t stride, int64_t rows, int64_t D, float* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const T* s = src + j * stride;
+    float* o = dst + j * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]);
+  }
+}
+
+// Per-thread scratch, allocated once per parallel chunk; every array 64-byte aligned.
+struct Scratch {
+  std::vector<float> buf;
+  float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow;
+  int64_t cached = -1;  // b * Hkv + hk whose K/V the whole-head copies kc/vc hold
+  bool whole_head = false;
+
+  Scratch(const Params& p, bool widen) {
+    const int64_t D = p.D;
+    whole_head = widen && p.Sk * D <= kMaxHeadCopy;
+    const int64_t kv_rows = !widen ? 0 : (whole_head ? p.Sk : kBN);
+    const int64_t sizes[] = {D * kBM, D * kBM, kBN * kBM, kBN * kBM, kBN, kv_rows * D, kv_rows * D, p.Sk, D, D};
+    int64_t total = 16;
+    for (int64_t s : sizes) total += (s + 15) / 16 * 16;
+    buf.resize(static_cast<size_t>(total));
+    float* at = buf.data() + (16 - (reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float)) % 16) % 16;
+    float** slots[] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow};
+    for (int i = 0; i < 10; ++i) {
+      *slots[i] = at;
+      at += (sizes[i] + 15) / 16 * 16;
+    }
+  }
+};
+
+// One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
+template <typename T>
+FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, T* o,
+                              float* lse, Scratch& w) {
+  const int64_t D = p.D;
+  const int64_t n = p.causal ? std::min(p.Sk, i + 1) : p.Sk;
+  float* qf = w.qrow;
+  float* s = w.srow;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
+  float mx = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kr = k + j * p.k_ss;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
+    if (p.mask_kind != kNoMask) acc += mask_bias(p.mask_kind, p.mask, mb + i * p.m_sq + j * p.m_sk);
+    s[j] = acc;
+    mx = std::max(mx, acc);
+  }
+  float* acc = w.orow;
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  if (mx == kNegInf) {  // no visible key (or none at all)
+    for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(0.f);
+    *lse = kNegInf;
+    return;
+  }
+  float l = 0.f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_fast(s[j] - mx);
+    l += s[j];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = s[j];
+    if (pj == 0.f) continue;
+    const T* vr = v + j * p.v_ss;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += pj * to_float(vr[d]);
+  }
+  const float inv = 1.f / l;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[d] * inv);
+  *lse = mx + std::log(l);
+}
+
+// Queries [i0, i0 + rows) of one (b, h), rows <= kBM: the flash loop over key tiles described at the top.
+template <typename T>
+FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& w) {
+  const int64_t D = p.D;
+  const int64_t hk = h / p.group;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + i0 * p.q_ss;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  T* o = static_cast<T*>(p.o) + ((b * p.H + h) * p.Sq + i0) * D;
+  float* lse = p.lse + (b * p.H + h) * p.Sq + i0;
+  const int64_t mb = b * p.m_sb + h * p.m_sh;
+  if (rows < kRowPath) {
+    for (int64_t r = 0; r < rows; ++r) attend_row<T>(p, q + r * p.q_ss, k, v, mb, i0 + r, o + r * D, lse + r, w);
+    return;
+  }
+  float *qt = w.qt, *ot = w.ot, *st = w.st, *bt = w.bt;
+  for (int64_t x = 0; x < D * kBM; ++x) qt[x] = 0.f, ot[x] = 0.f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) qt[d * kBM + r] = p.scale * to_float(q[r * p.q_ss + d]);
+  float m[kBM], l[kBM], mt[kBM], mu[kBM], alpha[kBM];
+  for (int i = 0; i < kBM; ++i) m[i] = kNegInf, l[i] = 0.f;
+
+  constexpr bool widen = !std::is_same_v<T, float>;
+  if (widen && w.whole_head && w.cached != b * (p.H / p.group) + hk) {
+    widen_rows(k, p.k_ss, p.Sk, D, w.kc);
+    widen_rows(v, p.v_ss, p.Sk, D, w.vc);
+    w.cached = b * (p.H / p.group) + hk;
+  }
+  const bool key_mask = p.mask_kind != kNoMask && p.m_sq == 0;  // padding-style: one bias per key
+  const bool full_mask = p.mask_kind != kNoMask && !key_mask;
+  const int64_t jend = p.causal ? std::min(p.Sk, i0 + rows) : p.Sk;
+  for (int64_t j0 = 0; j0 < jend; j0 += kBN) {
+    const int64_t nj = std::min<int64_t>(kBN, jend - j0);
+    // Masks first: a tile that hides every key costs no arithmetic.
+    if (key_mask) {
+      bool any = false;
+      for (int64_t j = 0; j < nj; ++j) {
+        w.kbias[j] = mask_bias(p.mask_kind, p.mask, mb + (j0 + j) * p.m_sk);
+        any = any || w.kbias[j] != kNegInf;
+      }
+      if (!any) continue;
+    } else if (full_mask) {
+      bool any = false;
+      for (int64_t i = 0; i < kBM; ++i) {
+        for (int64_t j = 0; j < nj; ++j) {
+          const float x = i < rows ? mask_bias(p.mask_kind, p.mask, mb + (i0 + i) * p.m_sq + (j0 + j) * p.m_sk)
+                                   : kNegInf;
+          bt[j * kBM + i] = x;
+          any = any || x != kNegInf;
+        }
+      }
+      if (!any) continue;
+    }
+    // K and V rows of this tile in fp32: in place for fp32 inputs, else the widened copies.
+    const float *kf, *vf;
+    int64_t ks = D, vs = D;
+    if constexpr (widen) {
+      if (w.whole_head) {
+        kf = w.kc + j0 * D;
+        vf = w.vc + j0 * D;
+      } else {
+        widen_rows(k + j0 * p.k_ss, p.k_ss, nj, D, w.kc);
+        widen_rows(v + j0 * p.v_ss, p.v_ss, nj, D, w.vc);
+        kf = w.kc;
+        vf = w.vc;
+      }
+    } else {
+      kf = k + j0 * p.k_ss;
+      vf = v + j0 * p.v_ss;
+      ks = p.k_ss;
+      vs = p.v_ss;
+    }
+    int64_t j = 0;
+    for (; j + kR <= nj; j += kR) qk_tile<kR>(qt, kf + j * ks, ks, D, st + j * kBM);
+    tail(nj - j, [&](auto R) { qk_tile<decltype(R)::value>(qt, kf + j * ks, ks, D, st + j * kBM); });
+
+    if (key_mask) {
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const float bias = w.kbias[jj];
+#pragma omp simd
+        for (int i = 0; i < kBM; ++i) st[jj * kBM + i] += bias;
+      }
+    } else if (full_mask) {
+#pragma omp simd
+      for (int64_t x = 0; x < nj * kBM; ++x) st[x] += bt[x];
+    }
+    if (p.causal && j0 + nj - 1 > i0) {  // the tile crosses the diagonal: key j0 + jj > query i0 + i is hidden
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const int64_t lim = j0 + jj - i0;  // hidden where i < lim
+#pragma omp simd
+        for (int i = 0; i < kBM; ++i) st[jj * kBM + i] = i < lim ? kNegInf : st[jj * kBM + i];
+      }
+    }
+
+    // Online softmax: lane-wise across the key rows of st.
+    for (int i = 0; i < kBM; ++i) mt[i] = kNegInf;
+    for (int64_t jj = 0; jj < nj; ++jj) {
+#pragma omp simd
+      for (int i = 0; i < kBM; ++i) mt[i] = std::max(mt[i], st[jj * kBM + i]);
+    }
+    bool any = false;
+    for (int i = 0; i < kBM; ++i) any = any || mt[i] != kNegInf;
+    if (!any) continue;  // e.g. a float mask of -inf over the whole tile
+#pragma omp simd
+    for (int i = 0; i < kBM; ++i) {
+      const float mn = std::max(m[i], mt[i]);
+      mu[i] = mn == kNegInf ? 0.f : mn;  // nothing visible yet: keep exp finite (p = 0)
+      alpha[i] = exp_fast(m[i] - mu[i]);
+      m[i] = mn;
+    }
+    float rs[kBM] = {};
+    for (int64_t jj = 0; jj < nj; ++jj) {
+#pragma omp simd
+      for (int i = 0; i < kBM; ++i) {
+        const float e = exp_fast(st[jj * kBM + i] - mu[i]);
+        st[jj * kBM + i] = e;
+        rs[i] += e;
+      }
+    }
+#pragma omp simd
+    for (int i = 0; i < kBM; ++i) l[i] = l[i] * alpha[i] + rs[i];
+    for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+      for (int i = 0; i < kBM; ++i) ot[d * kBM + i] *= alpha[i];
+    }
+
+    int64_t d = 0;
+    for (; d + kR <= D; d += kR) pv_tile<kR>(st, nj, vf + d, vs, ot + d * kBM);
+    tail(D - d, [&](auto R) { pv_tile<decltype(R)::value>(st, nj, vf + d, vs, ot + d * kBM); });
+  }
+
+  // Epilogue: normalise and transpose back; rows with no visible key get o = 0, lse = -inf.
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+    for (int64_t d = 0; d < D; ++d) o[r * D + d] = from_float<T>(ot[d * kBM + r] * inv);
+  }
+}
+
+// Work items [begin, end) of (b, h, query block), in that order: consecutive items share K/V (same head, or
+// the heads of one GQA group), so the widened copy is made once per kv head per thread.
+template <typename T>
+FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
+  Scratch w(p, !std::is_same_v<T, float>);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t qb = item % p.n_qblocks;
+    const int64_t bh = item / p.n_qblocks;
+    const int64_t i0 = qb * kBM;
+    attend_block<T>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(kBM, p.Sq - i0), w);
+  }
+}
+
+void check_bhsd(const Tensor& t, const char* name, ScalarType dt) {
+  check_cpu_float(t, name);
+  STD_TORCH_CHECK(t.dim() == 4, "fastlm: ", name, " must be 4-D (B, H, S, D), got ", t.dim(), " dimensions");
+  STD_TORCH_CHECK(t.scalar_type() == dt, "fastlm: ", name, " must have q's dtype ", dtype_name(dt), ", got ",
+                  dtype_name(t.scalar_type()));
+  STD_TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "fastlm: ", name,
+                  " must have unit stride along the head dim, got stride ", t.stride(3));
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
+                                             const std::optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                                             double scale, bool causal, double dropout_p, const Tensor& rng) {
+  (void)max_q;
+  (void)max_k;
+  (void)rng;
+  STD_TORCH_CHECK(!cu_q.has_value() && !cu_k.has_value(),
+                  "fastlm: unsupported case: varlen (cu_q / cu_k) attention in the CPU backend");
+  STD_TORCH_CHECK(dropout_p == 0.0, "fastlm: unsupported case: dropout (dropout_p = ", dropout_p,
+                  ") in the CPU attention backend");
+  check_cpu_float(q, "q");
+  const ScalarType dt = q.scalar_type();
+  check_bhsd(q, "q", dt);
+  check_bhsd(k, "k", dt);
+  check_bhsd(v, "v", dt);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B, "fastlm: q, k and v must share the batch size");
+  STD_TORCH_CHECK(k.size(3) == D && v.size(3) == D, "fastlm: q, k and v must share the head dim");
+  STD_TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Sk, "fastlm: k and v must have the same shape");
+  STD_TORCH_CHECK(D >= 1, "fastlm: the head dim must be at least 1");
+  STD_TORCH_CHECK(Hkv >= 1 || H == 0, "fastlm: k must have at least one head");
+  STD_TORCH_CHECK(Hkv == 0 || H % Hkv == 0, "fastlm: the number of query heads (", H,
+                  ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  Params p{};
+  if (mask.has_value()) {
+    const Tensor& m = *mask;
+    STD_TORCH_CHECK(m.is_cpu(), "fastlm: mask must be a CPU tensor for the cpu backend");
+    const ScalarType mt = m.scalar_type();
+    p.mask_kind = mt == ScalarType::Bool       ? kBoolMask
+                  : mt == ScalarType::Float    ? kF32Mask
+                  : mt == ScalarType::Half     ? kF16Mask
+                  : mt == ScalarType::BFloat16 ? kBF16Mask
+                                               : kNoMask;
+    STD_TORCH_CHECK(p.mask_kind != kNoMask, "fastlm: mask must be bool or float32/float16/bfloat16, got ",
+                    dtype_name(mt));
+    STD_TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == H && m.size(2) == Sq && m.size(3) == Sk,
+                    "fastlm: mask must be a (B, H, Sq, Sk) = (", B, ", ", H, ", ", Sq, ", ", Sk,
+                    ") view (expand a broadcastable mask)");
+    p.mask = m.data_ptr();
+    p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sq = m.stride(2), p.m_sk = m.stride(3);
+  }
+  Tensor o = torch::stable::new_empty(q, {B, H, Sq, D});
+  Tensor lse = torch::stable::new_empty(q, {B, H, Sq}, ScalarType::Float);
+  if (B == 0 || H == 0 || Sq == 0) return {o, lse};
+  if (Sk == 0) {  // no keys: every row is empty
+    torch::stable::zero_(o);
+    torch::stable::fill_(lse, -std::numeric_limits<double>::infinity());
+    return {o, lse};
+  }
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = o.data_ptr();
+  p.lse = static_cast<float*>(lse.data_ptr());
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.H = H, p.group = H / Hkv, p.Sq = Sq, p.Sk = Sk, p.D = D;
+  p.n_qblocks = (Sq + kBM - 1) / kBM;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  dispatch_float(dt, "q", [&](auto tag) {
+    using T = decltype(tag);
+    // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
+    parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) { attention_items<T>(p, begin, end); });
+  });
+  return {o, lse};
+}
+
+}  // namespace
+}  // namespace fastlm::cpu
+
+STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("attention_fwd_cpu", TORCH_BOX(&fastlm::cpu::attention_fwd_cpu)); }
