@@ -122,13 +122,33 @@ FASTLM_INLINE void tail(int64_t rest, F&& f) {
   }
 }
 
+// fp16 -> fp32 from the bits with integer ops and one multiply: GCC vectorises this, but not the _Float16
+// conversion of common.h without AVX512-FP16 (it emits one scalar vcvtph2ps per element). Exact for every input:
+// a subnormal half is a subnormal float before the 2^112 rebias and a normal one after; inf / NaN keep their bits.
+FASTLM_INLINE float wide(half h) {
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  const uint32_t em = static_cast<uint32_t>(b & 0x7fffu) << 13;
+  float f;
+  std::memcpy(&f, &em, 4);
+  f *= 0x1p112f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : u;
+  u |= static_cast<uint32_t>(b & 0x8000u) << 16;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FASTLM_INLINE float wide(float x) { return x; }
+FASTLM_INLINE float wide(bf16 x) { return to_float(x); }
+
 template <typename T>
 FASTLM_INLINE void widen_rows(const T* src, int64_t stride, int64_t rows, int64_t D, float* dst) {
   for (int64_t j = 0; j < rows; ++j) {
     const T* s = src + j * stride;
     float* o = dst + j * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]);
+    for (int64_t d = 0; d < D; ++d) o[d] = wide(s[d]);
   }
 }
 
@@ -165,13 +185,13 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
   float* qf = w.qrow;
   float* s = w.srow;
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
+  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * wide(q[d]);
   float mx = kNegInf;
   for (int64_t j = 0; j < n; ++j) {
     const T* kr = k + j * p.k_ss;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
+    for (int64_t d = 0; d < D; ++d) acc += qf[d] * wide(kr[d]);
     if (p.mask_kind != kNoMask) acc += mask_bias(p.mask_kind, p.mask, mb + i * p.m_sq + j * p.m_sk);
     s[j] = acc;
     mx = std::max(mx, acc);
@@ -194,7 +214,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
     if (pj == 0.f) continue;
     const T* vr = v + j * p.v_ss;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += pj * to_float(vr[d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += pj * wide(vr[d]);
   }
   const float inv = 1.f / l;
 #pragma omp simd
@@ -220,7 +240,7 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   float *qt = w.qt, *ot = w.ot, *st = w.st, *bt = w.bt;
   for (int64_t x = 0; x < D * kBM; ++x) qt[x] = 0.f, ot[x] = 0.f;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) qt[d * kBM + r] = p.scale * to_float(q[r * p.q_ss + d]);
+    for (int64_t d = 0; d < D; ++d) qt[d * kBM + r] = p.scale * wide(q[r * p.q_ss + d]);
   float m[kBM], l[kBM], mt[kBM], mu[kBM], alpha[kBM];
   for (int i = 0; i < kBM; ++i) m[i] = kNegInf, l[i] = 0.f;
 
