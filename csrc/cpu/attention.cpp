@@ -4,17 +4,19 @@
 // bf16 with fp32 accumulation, any head dim. No varlen, no dropout (the Python side raises UnsupportedCaseError
 // first; the op itself raises too). The backward is torch ops (fastlm/ops/attention.py): this targets inference.
 //
-// Layout: everything is vectorised over QUERIES. A block of kBM = 32 queries of one (batch, head) keeps its
+// Layout: everything is vectorised over QUERIES. A block of BM = 32 queries of one (batch, head) keeps its
 // scaled queries transposed, qt[d][i] (fp32), and its output accumulator transposed too, ot[d][i]. Per tile of
 // kBN keys:
-//   st[j][i] = sum_d k[j][d] * qt[d][i]      register tile of 8 keys x 32 queries, k[j][d] broadcast
+//   st[j][i] = sum_d k[j][d] * qt[d][i]      register tile of 8 keys x 32 queries (AVX-512), k[j][d] broadcast
 //   + mask bias, causal -inf                  (outer products over d: 16 FMA per 10 loads, no reductions)
 //   online softmax per query: the row max / sum over keys are lane-wise max / add across the rows st[j][.]
 //   ot[d][i] = ot[d][i] * alpha[i] + sum_j v[j][d] * p[j][i]      register tile of 8 dims x 32 queries
 // so K and V are only ever read as broadcast scalars from their rows: fp32 K/V are used in place whatever their
 // strides, fp16/bf16 ones are widened once per (batch, kv head) into a per-thread fp32 copy (per tile when that
-// copy would be too big). The 16-lane vectors are GCC vector types, lowered by each ISA clone (FASTLM_CPU_CLONES)
-// to one zmm, two ymm or four xmm. Key tiles entirely above the causal diagonal are never visited; tiles whose
+// copy would be too big). The vectors are GCC vector types of the ISA's native width, picked at run time together
+// with the tile shape (AVX-512: 16 lanes, 32 queries x 8; AVX2: 8 lanes, 16 x 6; SSE: 4 lanes, 8 x 6), in the ISA
+// clone (FASTLM_CPU_CLONES) of the same level: a 16-lane vector lowered to ymm pairs spills badly with GCC.
+// Key tiles entirely above the causal diagonal are never visited; tiles whose
 // mask hides every key are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding,
 // Sq = 1, or a ragged last block) take a row-at-a-time path instead (dot products over D), since a 32-query
 // block would waste most of its lanes there.
@@ -26,20 +28,21 @@
 #include <type_traits>
 #include <vector>
 
-
 namespace fastlm::cpu {
 namespace {
 
-constexpr int kLanes = 16;
-// Queries per block. 16 and 48 measured no better (the tiles are FMA-bound either way); 32 keeps causal
-// diagonal waste and ragged blocks small. 12 keys per register tile spill.
+// Most queries per block (AVX-512; scratch is sized for it). On AVX-512, blocks of 16 and 48 queries measured no
+// better (the tiles are FMA-bound either way) and 12 keys per register tile spill.
 constexpr int kBM = 32;
 constexpr int kBN = 64;        // keys per tile
-constexpr int kR = 8;  // keys (q k^T) or head dims (p v) per register tile: 8 x BM / 16 accumulators
 constexpr int kRowPath = 4;    // blocks with fewer valid queries than this go row by row
 constexpr int64_t kMaxHeadCopy = int64_t{4} << 20;  // fp32 elements of one K (or V) head copy per thread
 
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+// L fp32 lanes as a GCC vector: each ISA gets its native width (16 / 8 / 4), since wider ones are lowered badly.
+template <int L>
+struct Vec {
+  typedef float type __attribute__((vector_size(L * sizeof(float))));
+};
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum MaskKind : int { kNoMask, kBoolMask, kF32Mask, kF16Mask, kBF16Mask };
@@ -69,46 +72,54 @@ FASTLM_INLINE float mask_bias(int kind, const void* m, int64_t off) {
   }
 }
 
-// The 16 floats at p (64-byte aligned scratch), by reference: a vec passed by value would change the ABI by ISA.
-FASTLM_INLINE vec& at16(float* p) { return *reinterpret_cast<vec*>(p); }
-FASTLM_INLINE const vec& at16(const float* p) { return *reinterpret_cast<const vec*>(p); }
+// The L floats at p (64-byte aligned scratch), by reference: a vector passed by value would change the ABI by ISA.
+template <int L>
+FASTLM_INLINE typename Vec<L>::type& at(float* p) {
+  return *reinterpret_cast<typename Vec<L>::type*>(p);
+}
+template <int L>
+FASTLM_INLINE const typename Vec<L>::type& at(const float* p) {
+  return *reinterpret_cast<const typename Vec<L>::type*>(p);
+}
 
 // st[j][.] = sum_d k[j][d] qt[d][.] for R keys (rows of k ks elements apart).
-template <int BM, int R>
+template <int L, int BM, int R>
 FASTLM_INLINE void qk_tile(const float* qt, const float* k, int64_t ks, int64_t D, float* st) {
-  constexpr int kNV = BM / kLanes;
+  using vec = typename Vec<L>::type;
+  constexpr int kNV = BM / L;
   vec acc[R][kNV];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < kNV; ++n) acc[r][n] = vec{};
   for (int64_t d = 0; d < D; ++d) {
     vec qv[kNV];
-    for (int n = 0; n < kNV; ++n) qv[n] = at16(qt + d * BM + n * kLanes);
+    for (int n = 0; n < kNV; ++n) qv[n] = at<L>(qt + d * BM + n * L);
     for (int r = 0; r < R; ++r) {
       const float kv = k[r * ks + d];
       for (int n = 0; n < kNV; ++n) acc[r][n] += kv * qv[n];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) at16(st + r * BM + n * kLanes) = acc[r][n];
+    for (int n = 0; n < kNV; ++n) at<L>(st + r * BM + n * L) = acc[r][n];
 }
 
 // ot[d][.] += sum_j v[j][d] p[j][.] for R head dims starting at v's column 0 (rows vs elements apart).
-template <int BM, int R>
+template <int L, int BM, int R>
 FASTLM_INLINE void pv_tile(const float* pt, int64_t nj, const float* v, int64_t vs, float* ot) {
-  constexpr int kNV = BM / kLanes;
+  using vec = typename Vec<L>::type;
+  constexpr int kNV = BM / L;
   vec acc[R][kNV];
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) acc[r][n] = at16(ot + r * BM + n * kLanes);
+    for (int n = 0; n < kNV; ++n) acc[r][n] = at<L>(ot + r * BM + n * L);
   for (int64_t j = 0; j < nj; ++j) {
     vec pv[kNV];
-    for (int n = 0; n < kNV; ++n) pv[n] = at16(pt + j * BM + n * kLanes);
+    for (int n = 0; n < kNV; ++n) pv[n] = at<L>(pt + j * BM + n * L);
     for (int r = 0; r < R; ++r) {
       const float vv = v[j * vs + r];
       for (int n = 0; n < kNV; ++n) acc[r][n] += vv * pv[n];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) at16(ot + r * BM + n * kLanes) = acc[r][n];
+    for (int n = 0; n < kNV; ++n) at<L>(ot + r * BM + n * L) = acc[r][n];
 }
 
 // The remainder (0 < rest < N) of a loop of register tiles: f is called with rest as a template argument.
@@ -224,7 +235,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
 }
 
 // Queries [i0, i0 + rows) of one (b, h), rows <= BM: the flash loop over key tiles described at the top.
-template <typename T, int BM>
+template <typename T, int L, int BM, int kR>
 FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& w) {
   const int64_t D = p.D;
   const int64_t hk = h / p.group;
@@ -296,8 +307,8 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
       vs = p.v_ss;
     }
     int64_t j = 0;
-    for (; j + kR <= nj; j += kR) qk_tile<BM, kR>(qt, kf + j * ks, ks, D, st + j * BM);
-    tail<kR>(nj - j, [&](auto R) { qk_tile<BM, decltype(R)::value>(qt, kf + j * ks, ks, D, st + j * BM); });
+    for (; j + kR <= nj; j += kR) qk_tile<L, BM, kR>(qt, kf + j * ks, ks, D, st + j * BM);
+    tail<kR>(nj - j, [&](auto R) { qk_tile<L, BM, decltype(R)::value>(qt, kf + j * ks, ks, D, st + j * BM); });
 
     if (key_mask) {
       for (int64_t jj = 0; jj < nj; ++jj) {
@@ -350,8 +361,8 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
     }
 
     int64_t d = 0;
-    for (; d + kR <= D; d += kR) pv_tile<BM, kR>(st, nj, vf + d, vs, ot + d * BM);
-    tail<kR>(D - d, [&](auto R) { pv_tile<BM, decltype(R)::value>(st, nj, vf + d, vs, ot + d * BM); });
+    for (; d + kR <= D; d += kR) pv_tile<L, BM, kR>(st, nj, vf + d, vs, ot + d * BM);
+    tail<kR>(D - d, [&](auto R) { pv_tile<L, BM, decltype(R)::value>(st, nj, vf + d, vs, ot + d * BM); });
   }
 
   // Epilogue: normalise and transpose back; rows with no visible key get o = 0, lse = -inf.
@@ -364,14 +375,14 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 
 // Work items [begin, end) of (b, h, query block), in that order: consecutive items share K/V (same head, or
 // the heads of one GQA group), so the widened copy is made once per kv head per thread.
-template <typename T>
+template <typename T, int L, int BM, int R>
 FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
   Scratch w(p, !std::is_same_v<T, float>);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % p.n_qblocks;
     const int64_t bh = item / p.n_qblocks;
-    const int64_t i0 = qb * kBM;
-    attend_block<T, kBM>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(kBM, p.Sq - i0), w);
+    const int64_t i0 = qb * BM;
+    attend_block<T, L, BM, R>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(BM, p.Sq - i0), w);
   }
 }
 
@@ -440,13 +451,27 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
   p.H = H, p.group = H / Hkv, p.Sq = Sq, p.Sk = Sk, p.D = D;
-  p.n_qblocks = (Sq + kBM - 1) / kBM;
+  // Register tiles per ISA: AVX-512 (32 registers of 16 lanes): 32 queries x 8 keys = 16 accumulators; AVX2 (16
+  // registers of 8 lanes): 16 x 6 = 12; SSE: 8 x 6 = 12. The ISA clone that runs matches the one chosen here.
+  const int isa = __builtin_cpu_supports("avx512f")                                     ? 2
+                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                      : 0;
+  const int64_t bm = isa == 2 ? 32 : isa == 1 ? 16 : 8;
+  p.n_qblocks = (Sq + bm - 1) / bm;
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   dispatch_float(dt, "q", [&](auto tag) {
     using T = decltype(tag);
     // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
-    parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) { attention_items<T>(p, begin, end); });
+    parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) {
+      if (isa == 2) {
+        attention_items<T, 16, 32, 8>(p, begin, end);
+      } else if (isa == 1) {
+        attention_items<T, 8, 16, 6>(p, begin, end);
+      } else {
+        attention_items<T, 4, 8, 6>(p, begin, end);
+      }
+    });
   });
   return {o, lse};
 }

@@ -261,7 +261,7 @@ def scaled_dot_product_attention(
     Args:
         query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)`` (Hkv == H, or H % Hkv == 0 with
             ``enable_gqa``). Any strides with a unit last stride (e.g. HF's transposed views): no copy.
-            float16/bfloat16 (float32 too on the Triton path); D <= 256.
+            float16/bfloat16 (float32 too on the Triton and cpu paths); D <= 256.
         attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask (no
             gradient). Read tile by tile; fully masked tiles are skipped. May be combined with ``is_causal``
             (torch raises there).
@@ -284,7 +284,7 @@ def scaled_dot_product_attention(
     backend = resolve("attention", query)
     if backend == "torch":
         if return_lse:
-            raise ValueError("return_lse needs a fused backend (triton or cuda)")
+            raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
         return TF.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
@@ -372,7 +372,7 @@ def varlen_attention(
         from fastlm import reference
 
         if return_lse:
-            raise ValueError("return_lse needs a fused backend (triton or cuda)")
+            raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale)
     _check_qkv(q, k, v, backend, 3)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
