@@ -14,7 +14,9 @@
 //     weights), in row order.
 //  2. parallel over rows: the statistics in one read of the row (online: per chunk of kChunk logits a vectorised
 //     max, then the rescaled running sum of exp over the same chunk while it is in L1), the loss, and, if asked,
-//     the gradient in one more read + write of the row (no logits copy). Rows (N, C) with unit class stride are
+//     the gradient: the exps of the statistics sweep are kept (in the fp32 gradient row, or an fp32 scratch row
+//     for fp16/bf16) and rescaled in one more cache-resident sweep, so each logit is read once from memory and
+//     exponentiated once (no logits copy). Rows (N, C) with unit class stride are
 //     walked row by row; contiguous (N, C, D) with D > 1 by blocks of consecutive d, the d lanes as the vector
 //     dimension (unit stride), classes D apart.
 //  3. (mean / sum) serial: the sum of the per-row losses in row order, in double.
@@ -65,6 +67,13 @@ FASTLM_INLINE float weight_of(const float* w, int64_t c) {
 template <typename T, bool kSmooth, bool kW>
 FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
   const int64_t C = a.C;
+  const int64_t nchunks = (C + kChunk - 1) / kChunk;
+  // With the gradient, the statistics sweep keeps e = exp(x - m_chunk) (m_chunk: the running max when the chunk
+  // was summed, <= the row max, so e <= 1) in the fp32 gradient row itself, or in an fp32 scratch row for
+  // fp16/bf16; the gradient sweep rescales it by exp(m_chunk - lse): one exp per logit instead of two (the exp
+  // is what bounds this kernel, not memory).
+  std::vector<float> scratch(a.grad && !std::is_same_v<T, float> ? C : 0);
+  std::vector<float> cmax(nchunks);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = a.x + r * a.sn;
     T* gr = a.grad ? a.grad + r * C : nullptr;
@@ -78,9 +87,11 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       }
       continue;
     }
+    float* e = !gr ? nullptr : std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch.data();
     // Statistics, online over chunks: m the running max, s the sum of exp(x - m), sx = sum_c w_c x_c.
     float m = kNegInf, s = 0.f, sx = 0.f;
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const int64_t c0 = ci * kChunk;
       const T* p = xr + c0;
       const int64_t n = std::min(kChunk, C - c0);
       float cm = kNegInf;
@@ -93,17 +104,25 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
         s *= exp_fast(m - cm);  // m = -inf (first chunk): s = 0 * 0
         m = cm;
       }
+      cmax[ci] = m;
       float cs = 0.f, cx = 0.f;
-      if constexpr (kSmooth) {
+      if (e) {
+        float* ec = e + c0;
+#pragma omp simd reduction(+ : cs, cx)
+        for (int64_t k = 0; k < n; ++k) {
+          const float v = to_float(p[k]);
+          const float ev = exp_fast(v - m);
+          ec[k] = ev;
+          cs += ev;
+          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
+        }
+      } else {
 #pragma omp simd reduction(+ : cs, cx)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
           cs += exp_fast(v - m);
-          cx += weight_of<kW>(a.w, c0 + k) * v;
+          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
         }
-      } else {
-#pragma omp simd reduction(+ : cs)
-        for (int64_t k = 0; k < n; ++k) cs += exp_fast(to_float(p[k]) - m);
       }
       s += cs;
       sx += cx;
@@ -116,18 +135,26 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
     a.losses[r] = loss;
     if (!gr) continue;
 
+    // Gradient: p = e * exp(m_chunk - lse).
     const float coef = (1.f - a.eps) * w_t * a.scale;
     const float smc = a.eps_c * a.scale;
     const float W = a.W;
+    const float p_t = e[t] * exp_fast(cmax[t / kChunk] - lse);
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const int64_t c0 = ci * kChunk;
+      const int64_t n = std::min(kChunk, C - c0);
+      const float f = exp_fast(cmax[ci] - lse);
+      const float* ec = e + c0;
+      T* gc = gr + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const float p = exp_fast(to_float(xr[c]) - lse);
-      float g = coef * p;
-      if constexpr (kSmooth) g += smc * (W * p - weight_of<kW>(a.w, c));
-      gr[c] = from_float<T>(g);
+      for (int64_t k = 0; k < n; ++k) {
+        const float p = ec[k] * f;
+        float g = coef * p;
+        if constexpr (kSmooth) g += smc * (W * p - weight_of<kW>(a.w, c0 + k));
+        gc[k] = from_float<T>(g);  // for fp32, gc aliases ec element by element (same index): read before write
+      }
     }
     // The one-hot term, written over element t (kept out of the vector loop).
-    const float p_t = exp_fast(x_t - lse);
     float g_t = coef * (p_t - 1.f);
     if constexpr (kSmooth) g_t += smc * (W * p_t - weight_of<kW>(a.w, t));
     gr[t] = from_float<T>(g_t);
