@@ -180,6 +180,23 @@ def test_cpu_cross_entropy_out_of_range_target():
             f(x, t)
 
 
+def test_cpu_cross_entropy_backward_unit_shortcut():
+    """An incoming gradient of 1 hands the forward's gradient on without the multiply: x.grad must still be right,
+    a retained graph must give it again (not a mutated or aliased tensor), other incoming gradients still scale."""
+    x = torch.randn(8, 50, requires_grad=True)
+    t = _targets(8, 50)
+    x_ref = x.detach().clone().requires_grad_()
+    TF.cross_entropy(x_ref, t, label_smoothing=0.1).backward()
+    loss = F.cross_entropy(x, t, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    torch.testing.assert_close(g1, x_ref.grad)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * g1)
+    (g3,) = torch.autograd.grad(F.cross_entropy(x, t, label_smoothing=0.1) * 3, x)
+    torch.testing.assert_close(g3, 3 * g1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Determinism: bitwise equal across calls and thread counts (every row is computed by one thread, fixed order).
 

@@ -76,6 +76,10 @@ def _ce_backward(ctx, dloss, _dgrad):
     if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
         return grad * g.to(grad.dtype), None, None, None, None, None, None
+    if grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(dloss == 1):
+        # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
+        # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing)
+        return grad, None, None, None, None, None, None
     return grad * dloss.to(grad.dtype), None, None, None, None, None, None
 
 
