@@ -97,7 +97,9 @@ def timed_call(fn: Callable, args: list, mode: str, grad_inputs: list | None = N
     )
     outs = fn(*args)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn_like(o) for o in outs]
+    # A scalar output is a loss: its backward starts from 1, as loss.backward() does (a kernel may rely on that, e.g.
+    # the cross-entropy that skips scaling its saved gradient by 1); anything else gets a random incoming gradient.
+    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
     if mode == "bwd":
         return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
 
