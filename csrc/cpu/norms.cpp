@@ -29,6 +29,9 @@ namespace {
 
 constexpr int64_t kMaxN = 65536;
 
+// Lambdas are not cloned: the ones in the hot loops must be inlined into the (cloned) caller.
+#define FASTLM_INLINE_LAMBDA __attribute__((always_inline))
+
 // A 64-byte aligned fp32 buffer, one per row range (never per row).
 class Scratch {
  public:
@@ -56,6 +59,49 @@ FASTLM_INLINE const float* as_f32(const W* p, float* buf, int64_t N) {
     for (int64_t j = 0; j < N; ++j) buf[j] = to_float(p[j]);
     return buf;
   }
+}
+
+// sum over j in [0, N) of f(j). A single running sum (what `#pragma omp simd reduction` gives) makes the loop
+// latency-bound on the vector add chain; kAcc independent partial sums (4 zmm or 8 ymm registers) keep it
+// throughput-bound, which matters for the passes that re-read a row from L1. The partials are combined by a fixed
+// tree, so the result does not depend on the clone's vector width (only on FMA contraction).
+constexpr int kAcc = 64;
+
+template <typename F>
+FASTLM_INLINE float row_sum(int64_t N, const F& f) {
+  float acc[kAcc];
+  for (int k = 0; k < kAcc; ++k) acc[k] = 0.f;
+  int64_t j = 0;
+  for (; j + kAcc <= N; j += kAcc) {
+#pragma omp simd
+    for (int k = 0; k < kAcc; ++k) acc[k] += f(j + k);
+  }
+  for (int k = 0; j < N; ++j, ++k) acc[k] += f(j);
+  for (int width = kAcc / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  return acc[0];
+}
+
+// Two sums at once: f(j, a, b) adds its terms to a and b.
+template <typename F>
+FASTLM_INLINE void row_sum2(int64_t N, const F& f, float& out_a, float& out_b) {
+  float a[kAcc], b[kAcc];
+  for (int k = 0; k < kAcc; ++k) a[k] = b[k] = 0.f;
+  int64_t j = 0;
+  for (; j + kAcc <= N; j += kAcc) {
+#pragma omp simd
+    for (int k = 0; k < kAcc; ++k) f(j + k, a[k], b[k]);
+  }
+  for (int k = 0; j < N; ++j, ++k) f(j, a[k], b[k]);
+  for (int width = kAcc / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) {
+      a[k] += a[k + width];
+      b[k] += b[k + width];
+    }
+  }
+  out_a = a[0];
+  out_b = b[0];
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -100,58 +146,40 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
     const T* __restrict__ xr = a.x + r * a.sx;
     T* __restrict__ yr = a.y + r * N;
     // Pass 1: h (stored when there is a residual), its fp32 copy `hv`, and sum(h) (LN) or sum(h^2) (RMS).
+    // `load(j)` produces h[j] (storing it where needed); the sum runs over it or its square.
+    auto sum_h = [&](const auto& load) FASTLM_INLINE_LAMBDA -> float {
+      if (a.rms) {
+        return row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA {
+          const float v = load(j);
+          return v * v;
+        });
+      }
+      return row_sum(N, load);
+    };
     const float* hv;
-    float s = 0.f;
+    float s;
     if (a.res) {
       const T* __restrict__ rr = a.res + r * a.sr;
       T* __restrict__ hr = a.h + r * N;
-      float* __restrict__ c = kF32 ? reinterpret_cast<float*>(hr) : cache;
-      if (a.rms) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) {
-          const T t = from_float<T>(to_float(xr[j]) + to_float(rr[j]));
-          if constexpr (!kF32) hr[j] = t;  // fp32: c is hr itself
-          const float v = to_float(t);
-          c[j] = v;
-          s += v * v;
-        }
-      } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) {
-          const T t = from_float<T>(to_float(xr[j]) + to_float(rr[j]));
-          if constexpr (!kF32) hr[j] = t;
-          const float v = to_float(t);
-          c[j] = v;
-          s += v;
-        }
-      }
+      float* __restrict__ c = kF32 ? reinterpret_cast<float*>(hr) : cache;  // fp32: h itself is the fp32 row
+      s = sum_h([&](int64_t j) FASTLM_INLINE_LAMBDA {
+        const T t = from_float<T>(to_float(xr[j]) + to_float(rr[j]));
+        if constexpr (!kF32) hr[j] = t;
+        const float v = to_float(t);
+        c[j] = v;
+        return v;
+      });
       hv = c;
     } else if constexpr (kF32) {
       hv = reinterpret_cast<const float*>(xr);
-      if (a.rms) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) s += hv[j] * hv[j];
-      } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) s += hv[j];
-      }
+      s = sum_h([&](int64_t j) FASTLM_INLINE_LAMBDA { return hv[j]; });
     } else {
       float* __restrict__ c = cache;
-      if (a.rms) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) {
-          const float v = to_float(xr[j]);
-          c[j] = v;
-          s += v * v;
-        }
-      } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) {
-          const float v = to_float(xr[j]);
-          c[j] = v;
-          s += v;
-        }
-      }
+      s = sum_h([&](int64_t j) FASTLM_INLINE_LAMBDA {
+        const float v = to_float(xr[j]);
+        c[j] = v;
+        return v;
+      });
       hv = c;
     }
 
@@ -162,12 +190,10 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
     } else {
       mean = s * inv_n;
       // Pass 2: centred second moment, from the cached row.
-      float q = 0.f;
-#pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < N; ++j) {
+      const float q = row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA {
         const float d = hv[j] - mean;
-        q += d * d;
-      }
+        return d * d;
+      });
       var = q * inv_n;
     }
     const float rstd = 1.0f / std::sqrt(var + a.eps);
@@ -245,21 +271,25 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
       const float rs = a.rstd[r];
 
       // Pass 1: sum(g * xhat) and sum(g).
-      float sgx = 0.f, sg = 0.f;
+      float sgx, sg;
       if (w) {
-#pragma omp simd reduction(+ : sgx, sg)
-        for (int64_t j = 0; j < N; ++j) {
-          const float g = to_float(dyr[j]) * w[j];
-          sgx += g * ((to_float(xr[j]) - mu) * rs);
-          sg += g;
-        }
+        row_sum2(
+            N,
+            [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
+              const float g = to_float(dyr[j]) * w[j];
+              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
+              acc_g += g;
+            },
+            sgx, sg);
       } else {
-#pragma omp simd reduction(+ : sgx, sg)
-        for (int64_t j = 0; j < N; ++j) {
-          const float g = to_float(dyr[j]);
-          sgx += g * ((to_float(xr[j]) - mu) * rs);
-          sg += g;
-        }
+        row_sum2(
+            N,
+            [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
+              const float g = to_float(dyr[j]);
+              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
+              acc_g += g;
+            },
+            sgx, sg);
       }
       const float c1 = sgx * inv_n;
       const float c2 = a.rms ? 0.f : sg * inv_n;
@@ -424,8 +454,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const s
   }
   const ScalarType wt = weight ? weight->scalar_type() : bias ? bias->scalar_type() : xt;
 
-  Tensor y = torch::stable::new_empty(x, {M, N});
   Tensor h = residual ? torch::stable::new_empty(x, {M, N}) : torch::stable::new_empty(x, {0});
+  Tensor y = torch::stable::new_empty(x, {M, N});
   Tensor mean = torch::stable::new_empty(x, {rms ? 0 : M}, ScalarType::Float);
   Tensor rstd = torch::stable::new_empty(x, {M}, ScalarType::Float);
   if (M == 0) return {y, h, mean, rstd};
