@@ -32,71 +32,6 @@ constexpr int64_t kMaxN = 65536;
 // Lambdas are not cloned: the ones in the hot loops must be inlined into the (cloned) caller.
 #define FASTLM_INLINE_LAMBDA __attribute__((always_inline))
 
-// A 64-byte aligned fp32 buffer, one per row range (never per row).
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) / 64 * 64;
-    p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-    STD_TORCH_CHECK(p_ != nullptr, "fastlm: out of memory (", bytes, " bytes of scratch)");
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* get() const { return p_; }
-
- private:
-  float* p_;
-};
-
-// Element loads / stores in fp32. fp16 goes through integer bit operations rather than common.h's _Float16 casts:
-// GCC 12 converts _Float16 one element at a time (scalar vcvtph2ps, or a libcall), which keeps every fp16 loop
-// scalar; these vectorise under every clone. Same results: exact widening, round-to-nearest-even narrowing.
-FASTLM_INLINE float ld(float v) { return v; }
-FASTLM_INLINE float ld(bf16 v) { return to_float(v); }
-FASTLM_INLINE float ld(half v) {
-  uint16_t h;
-  std::memcpy(&h, &v, 2);
-  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa at the fp32 positions
-  float f;
-  std::memcpy(&f, &em, 4);
-  f *= 0x1p112f;  // rebias the exponent (15 -> 127); exact, and right for fp16 subnormals too
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : u;  // inf / NaN (payload kept)
-  u |= static_cast<uint32_t>(h & 0x8000u) << 16;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-FASTLM_INLINE T st(float v) {
-  if constexpr (std::is_same_v<T, half>) {
-    // fp32 -> fp16, round to nearest even, branch-free (F. Giesen's float_to_half_fast3_rtne).
-    uint32_t f;
-    std::memcpy(&f, &v, 4);
-    const uint32_t sign = f & 0x80000000u;
-    f ^= sign;
-    // |v| < 2^-14: fp16 subnormal or zero; adding 0.5f rounds the mantissa at the right place (RNE, FP unit).
-    float t;
-    std::memcpy(&t, &f, 4);
-    t += 0.5f;
-    uint32_t sub;
-    std::memcpy(&sub, &t, 4);
-    sub -= 0x3f000000u;
-    // Normal: rebias, round to nearest even on the 13 dropped bits (the carry may reach the exponent: inf).
-    const uint32_t norm = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;
-    uint32_t o = f < 0x38800000u ? sub : norm;
-    o = f >= 0x47800000u ? (f > 0x7f800000u ? 0x7e00u : 0x7c00u) : o;  // overflow to inf; NaN stays NaN
-    const uint16_t bits = static_cast<uint16_t>(o | (sign >> 16));
-    half out;
-    std::memcpy(&out, &bits, 2);
-    return out;
-  } else {
-    return from_float<T>(v);
-  }
-}
-
 // The weight / bias as fp32: the caller's pointer when W is float, else converted into buf (once per range).
 template <typename W>
 FASTLM_INLINE const float* as_f32(const W* p, float* buf, int64_t N) {
@@ -104,7 +39,7 @@ FASTLM_INLINE const float* as_f32(const W* p, float* buf, int64_t N) {
   if constexpr (std::is_same_v<W, float>) {
     return p;
   } else {
-    for (int64_t j = 0; j < N; ++j) buf[j] = ld(p[j]);
+    for (int64_t j = 0; j < N; ++j) buf[j] = to_float(p[j]);
     return buf;
   }
 }
@@ -208,9 +143,9 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
         float* __restrict__ c = cache;
         // Two loops again (store h, then widen it from L1): the vectoriser gives up on the fused form.
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) hr[j] = st<T>(ld(xr[j]) + ld(rr[j]));
+        for (int64_t j = 0; j < N; ++j) hr[j] = from_float<T>(to_float(xr[j]) + to_float(rr[j]));
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) c[j] = ld(hr[j]);
+        for (int64_t j = 0; j < N; ++j) c[j] = to_float(hr[j]);
         hv = c;
       }
     } else if constexpr (kF32) {
@@ -218,7 +153,7 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
     } else {
       float* __restrict__ c = cache;
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) c[j] = ld(xr[j]);
+      for (int64_t j = 0; j < N; ++j) c[j] = to_float(xr[j]);
       hv = c;
     }
     const float s = a.rms ? row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA { return hv[j] * hv[j]; })
@@ -244,16 +179,16 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
     // Pass 3: y. RMS has mean == 0, so one loop serves both (h - 0 is exact).
     if (w && b) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = st<T>((hv[j] - mean) * rstd * w[j] + b[j]);
+      for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>((hv[j] - mean) * rstd * w[j] + b[j]);
     } else if (w) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = st<T>((hv[j] - mean) * rstd * w[j]);
+      for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>((hv[j] - mean) * rstd * w[j]);
     } else if (b) {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = st<T>((hv[j] - mean) * rstd + b[j]);
+      for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>((hv[j] - mean) * rstd + b[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) yr[j] = st<T>((hv[j] - mean) * rstd);
+      for (int64_t j = 0; j < N; ++j) yr[j] = from_float<T>((hv[j] - mean) * rstd);
     }
   }
 }
@@ -317,8 +252,8 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
         row_sum2(
             N,
             [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
-              const float g = ld(dyr[j]) * w[j];
-              acc_gx += g * ((ld(xr[j]) - mu) * rs);
+              const float g = to_float(dyr[j]) * w[j];
+              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
               acc_g += g;
             },
             sgx, sg);
@@ -326,8 +261,8 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
         row_sum2(
             N,
             [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
-              const float g = ld(dyr[j]);
-              acc_gx += g * ((ld(xr[j]) - mu) * rs);
+              const float g = to_float(dyr[j]);
+              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
               acc_g += g;
             },
             sgx, sg);
@@ -340,26 +275,26 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
       if (w && dhr) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          const float xh = (ld(xr[j]) - mu) * rs;
-          dxr[j] = st<T>(rs * (ld(dyr[j]) * w[j] - (xh * c1 + c2)) + ld(dhr[j]));
+          const float xh = (to_float(xr[j]) - mu) * rs;
+          dxr[j] = from_float<T>(rs * (to_float(dyr[j]) * w[j] - (xh * c1 + c2)) + to_float(dhr[j]));
         }
       } else if (w) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          const float xh = (ld(xr[j]) - mu) * rs;
-          dxr[j] = st<T>(rs * (ld(dyr[j]) * w[j] - (xh * c1 + c2)));
+          const float xh = (to_float(xr[j]) - mu) * rs;
+          dxr[j] = from_float<T>(rs * (to_float(dyr[j]) * w[j] - (xh * c1 + c2)));
         }
       } else if (dhr) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          const float xh = (ld(xr[j]) - mu) * rs;
-          dxr[j] = st<T>(rs * (ld(dyr[j]) - (xh * c1 + c2)) + ld(dhr[j]));
+          const float xh = (to_float(xr[j]) - mu) * rs;
+          dxr[j] = from_float<T>(rs * (to_float(dyr[j]) - (xh * c1 + c2)) + to_float(dhr[j]));
         }
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          const float xh = (ld(xr[j]) - mu) * rs;
-          dxr[j] = st<T>(rs * (ld(dyr[j]) - (xh * c1 + c2)));
+          const float xh = (to_float(xr[j]) - mu) * rs;
+          dxr[j] = from_float<T>(rs * (to_float(dyr[j]) - (xh * c1 + c2)));
         }
       }
       const bool first = r == r0;
@@ -367,33 +302,33 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
         if (first) {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const float d = ld(dyr[j]);
-            pdw[j] = d * ((ld(xr[j]) - mu) * rs);
+            const float d = to_float(dyr[j]);
+            pdw[j] = d * ((to_float(xr[j]) - mu) * rs);
             pdb[j] = d;
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const float d = ld(dyr[j]);
-            pdw[j] += d * ((ld(xr[j]) - mu) * rs);
+            const float d = to_float(dyr[j]);
+            pdw[j] += d * ((to_float(xr[j]) - mu) * rs);
             pdb[j] += d;
           }
         }
       } else if (pdw) {
         if (first) {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdw[j] = ld(dyr[j]) * ((ld(xr[j]) - mu) * rs);
+          for (int64_t j = 0; j < N; ++j) pdw[j] = to_float(dyr[j]) * ((to_float(xr[j]) - mu) * rs);
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdw[j] += ld(dyr[j]) * ((ld(xr[j]) - mu) * rs);
+          for (int64_t j = 0; j < N; ++j) pdw[j] += to_float(dyr[j]) * ((to_float(xr[j]) - mu) * rs);
         }
       } else if (pdb) {
         if (first) {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdb[j] = ld(dyr[j]);
+          for (int64_t j = 0; j < N; ++j) pdb[j] = to_float(dyr[j]);
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdb[j] += ld(dyr[j]);
+          for (int64_t j = 0; j < N; ++j) pdb[j] += to_float(dyr[j]);
         }
       }
     }
@@ -417,7 +352,7 @@ FASTLM_CPU_CLONES void col_sum(const float* part, O* out, int64_t S, int64_t N, 
     }
     O* __restrict__ o = out + t0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) o[j] = st<O>(acc[j]);
+    for (int64_t j = 0; j < n; ++j) o[j] = from_float<O>(acc[j]);
   }
 }
 
