@@ -29,7 +29,7 @@ def _info() -> int:
     else:
         print(f"fastlm._C: {_ext.LOAD_ERROR}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("triton", "cuda", "torch"):
+    for name in ("triton", "cuda", "cpu", "torch"):
         reason = dispatch.unavailable_reason(name, "norms", dev)
         print(f"backend {name:<6} on {dev.type}: {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"backend in force: {fastlm.current_backend()}")

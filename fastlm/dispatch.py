@@ -102,7 +102,8 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
 
 
 def resolve(family: str, x: torch.Tensor) -> str:
-    """The concrete backend (``triton``, ``cuda``, ``cpu`` or ``torch``) that runs op family ``family`` on tensor ``x``."""
+    """The concrete backend (``triton``, ``cuda``, ``cpu`` or ``torch``) that runs op family ``family`` on
+    tensor ``x``."""
     name = _current
     if name == "auto":
         if x.dtype not in FUSED_DTYPES:

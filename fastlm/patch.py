@@ -9,10 +9,15 @@ the swap changes the module's ``__class__`` in place, so parameters, buffers, ho
 - Hugging Face norms: any module whose class name ends in ``LayerNorm`` or ``RMSNorm`` and has a ``weight`` and an
   ``eps`` or ``variance_epsilon`` -> a subclass of that class whose forward is the fused kernel (Gemma's
   ``x * (1 + weight)`` RMSNorm included);
+- Hugging Face post-norm residual blocks (BERT's ``BertSelfOutput`` / ``BertOutput`` and their RoBERTa, ELECTRA,
+  ... copies: a class named ``*Output`` with ``dense``, ``dropout`` and a ``LayerNorm`` whose forward is
+  ``LayerNorm(dropout(dense(h)) + input_tensor)``) -> the same with the residual add fused into the LayerNorm
+  (``add_layer_norm``: one pass over memory instead of an add and a norm);
 - Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
 """
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -32,6 +37,37 @@ def _hf_rms_forward(self, hidden_states: Tensor) -> Tensor:
 
 def _hf_ln_forward(self, hidden_states: Tensor) -> Tensor:
     return norms.layer_norm(hidden_states, self.weight.shape, self.weight, getattr(self, "bias", None), _eps(self))
+
+
+def _hf_output_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    ln = self.LayerNorm
+    out, _ = norms.add_layer_norm(
+        self.dropout(self.dense(hidden_states)), input_tensor, ln.weight.shape, ln.weight, ln.bias, ln.eps
+    )
+    return out
+
+
+def _is_hf_post_norm_output(m: nn.Module) -> bool:
+    """BERT-style ``*Output``: dense -> dropout -> LayerNorm(h + input_tensor), recognised by its parts and its
+    forward's signature (the source of the forward is not inspected; a class that merely shares the names would
+    have to share the signature too)."""
+    cls = type(m)
+    if not cls.__name__.endswith("Output") or cls.__module__.startswith(("torch.", "fastlm.")):
+        return False
+    ln = getattr(m, "LayerNorm", None)
+    if not (
+        isinstance(getattr(m, "dense", None), nn.Linear)
+        and isinstance(getattr(m, "dropout", None), nn.Dropout)
+        and isinstance(ln, nn.LayerNorm)
+        and ln.elementwise_affine
+        and len(ln.normalized_shape) == 1
+    ):
+        return False
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == ["self", "hidden_states", "input_tensor"]
 
 
 def _is_hf_norm(m: nn.Module, suffix: str) -> bool:
@@ -76,6 +112,7 @@ ADAPTERS = [
     Adapter("torch.nn.RMSNorm", "norms", _exact(nn.RMSNorm), lambda cls: fnn.RMSNorm),
     Adapter("HF *RMSNorm", "norms", lambda m: _is_hf_norm(m, "RMSNorm"), _derive(_hf_rms_forward)),
     Adapter("HF *LayerNorm", "norms", lambda m: _is_hf_norm(m, "LayerNorm"), _derive(_hf_ln_forward)),
+    Adapter("HF *Output (add + LayerNorm)", "norms", _is_hf_post_norm_output, _derive(_hf_output_forward)),
     Adapter(
         "torch.nn.MultiheadAttention", "attention", _exact(nn.MultiheadAttention), lambda cls: fnn.MultiheadAttention
     ),

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import fastlm.functional as F
-from fastlm import data
+from fastlm import data, dispatch
 from fastlm.models import BERT, GPT, BERTConfig, GPTConfig, mask_tokens
 from fastlm.models.bert import CLS, PAD, SEP
 
@@ -365,7 +365,7 @@ def add_arguments(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", nargs="*", help="text files (default: the standard library's docstrings)")
     common.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    common.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
+    common.add_argument("--backend", default="auto", choices=list(dispatch.BACKENDS))
     common.add_argument("--seq", type=int, default=128)
     common.add_argument("--batch", type=int, default=16)
     common.add_argument("--lr", type=float, default=3e-3)

@@ -64,6 +64,8 @@ def test_hf_patch_parity(backend, name, padding):
     summary = fastlm.patch_summary(ours)
     assert summary.get("HF attention -> 'fastlm'") == 1
     assert any("Norm" in k for k in summary), summary
+    if name == "bert":  # BertSelfOutput and BertOutput per layer: residual add fused into the LayerNorm
+        assert summary.get("HF *Output (add + LayerNorm)") == 2 * TINY["num_hidden_layers"], summary
     assert ours.config._attn_implementation == "fastlm"
     ids = torch.randint(0, 97, (2, 12), device=DEVICE)
     mask = torch.ones(2, 12, dtype=torch.long, device=DEVICE)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as TF
 from helpers import DEVICE, ON_GPU, assert_close_ref
 
+import fastlm
 import fastlm.functional as F
 from fastlm import reference
 
@@ -52,12 +53,14 @@ def check_norm(
     eps=1e-5,
     view=lambda t: t,
     base_shape=None,
+    device=DEVICE,
 ):
     """Run ``kind`` on fresh random inputs and compare the outputs and the gradients of x, residual, weight and
     bias with the float64 reference and with torch's own result in ``dtype``.
 
     ``view`` maps a leaf of ``base_shape`` to the (possibly strided) input of ``shape``.
     """
+    device = torch.device(device)
     nshape = tuple(shape[-n_dims:])
     w_dtype = w_dtype or dtype
     rms = "rms" in kind
@@ -65,13 +68,13 @@ def check_norm(
     if rms and eps == 1e-5:
         eps = None  # exercise torch's default
     base_shape = base_shape or shape
-    leaves = {"x": (torch.randn(base_shape, device=DEVICE) * 2 + 0.5).to(dtype)}
+    leaves = {"x": (torch.randn(base_shape, device=device) * 2 + 0.5).to(dtype)}
     if add:
-        leaves["residual"] = torch.randn(base_shape, device=DEVICE).to(dtype)
+        leaves["residual"] = torch.randn(base_shape, device=device).to(dtype)
     if has_w:
-        leaves["weight"] = (torch.randn(nshape, device=DEVICE) * 0.5 + 1).to(w_dtype)
+        leaves["weight"] = (torch.randn(nshape, device=device) * 0.5 + 1).to(w_dtype)
     if has_b and not rms:
-        leaves["bias"] = (torch.randn(nshape, device=DEVICE) * 0.5).to(w_dtype)
+        leaves["bias"] = (torch.randn(nshape, device=device) * 0.5).to(w_dtype)
 
     eps_ref = torch.finfo(dtype).eps if eps is None else eps  # what eps=None means for the input's dtype
 
@@ -237,3 +240,71 @@ def test_bias_without_weight_keeps_the_bias_dtype(backend, dtype):
     br = b.detach().double().requires_grad_()
     TF.layer_norm(xr, (40,), None, br).square().sum().backward()
     torch.testing.assert_close(b.grad.double(), br.grad, atol=0.05 * br.grad.abs().max().item(), rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU kernels (csrc/cpu/norms.cpp) at sizes the Triton interpreter cannot afford. They take CPU tensors, so
+# these run on every machine.
+
+
+def _poison_heap(nbytes: int, copies: int = 4) -> None:
+    """Free a few NaN-filled blocks of ``nbytes`` so that the kernel's next outputs (uninitialised new_empty memory,
+    not poisoned like the Triton ones) most likely reuse them: an element the kernel fails to write stays NaN."""
+    blocks = [torch.full((max(nbytes, 4) // 4,), float("nan")) for _ in range(copies)]
+    del blocks
+
+
+@pytest.mark.parametrize("M,N", [(1024, 768), (512, 4096), (97, 5000), (8, 65536)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_large(kind, dtype, M, N):
+    _poison_heap(M * N * 4)
+    with fastlm.backend("cpu"):
+        check_norm(kind, (M, N), dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_large_mixed_fp32_weight(kind, dtype):
+    with fastlm.backend("cpu"):
+        check_norm(kind, (512, 4096), dtype=dtype, w_dtype=torch.float32, device="cpu")
+        check_norm(kind, (300, 1000), dtype=dtype, w_dtype=torch.float32, device="cpu", has_b=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_large_strided_rows(kind):
+    with fastlm.backend("cpu"):
+        check_norm(kind, (700, 768), base_shape=(700, 1000), view=lambda t: t[:, 100:868], device="cpu")
+
+
+def _cpu_grads(kind, x, r, w, b, dy):
+    """Every output and gradient of one forward + backward on the cpu backend."""
+    x, r, w, b = (t.detach().clone().requires_grad_() for t in (x, r, w, b))
+    leaves = [x] + ([r] if kind.startswith("add") else []) + [w] + ([] if "rms" in kind else [b])
+    with fastlm.backend("cpu"):
+        outs = _call(kind, x, r, (x.shape[-1],), w, b, 1e-5)
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, [dy] * len(outs)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["add_layer_norm", "rms_norm", "layer_norm"])
+@pytest.mark.parametrize("M,N", [(1000, 768), (37, 5000), (3, 4096)], ids=lambda v: str(v))
+def test_cpu_deterministic_across_runs_and_thread_counts(kind, dtype, M, N):
+    """Bitwise equal outputs and gradients (dW/dB included) on a second run and under 1, 2 or 3 threads: the dW/dB
+    partial sums are over row blocks fixed by (M, N), reduced in block order."""
+    x, r, dy = (torch.randn(M, N).to(dtype) for _ in range(3))
+    w, b = torch.randn(N).to(dtype), torch.randn(N).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = _cpu_grads(kind, x, r, w, b, dy)
+        again = _cpu_grads(kind, x, r, w, b, dy)
+        results = {}
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results[n] = _cpu_grads(kind, x, r, w, b, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (again, results[1], results[3]):
+        for a, c in zip(first, other, strict=True):
+            assert torch.equal(a, c)

@@ -144,3 +144,83 @@ def test_float64_goes_to_torch_under_auto_but_not_under_a_named_backend(backend)
 def test_cuda_backend_on_cpu_tensor_raises():
     with fastlm.backend("cuda"), pytest.raises(BackendUnavailableError, match="cuda"):
         F.layer_norm(torch.randn(2, 8), (8,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input on the raw CPU ops: the C++ checks name the argument (RuntimeError), never a crash.
+
+
+def _cpu(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+_FWD = torch.ops.fastlm.norm_fwd_cpu
+_BWD = torch.ops.fastlm.norm_bwd_cpu
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((_cpu(4, 8, dtype=torch.float64), None, None, None), "x must be float32, float16 or bfloat16, got float64"),
+        ((torch.ones(4, 8, dtype=torch.int32), None, None, None), "x must be float32, float16 or bfloat16, got int32"),
+        ((_cpu(8), None, None, None), "x must be 2-D"),
+        ((_cpu(2, 4, 8), None, None, None), "x must be 2-D"),
+        ((_cpu(2, 65537), None, None, None), "N = 65537 must be in \\[1, 65536\\]"),
+        ((_cpu(4, 0), None, None, None), "N = 0"),
+        ((_cpu(4, 16)[:, ::2], None, None, None), "x must have unit stride along the last dimension"),
+        ((_cpu(4, 8), _cpu(4, 9), None, None), "residual must have the shape of x"),
+        ((_cpu(4, 8), _cpu(4, 8, dtype=torch.float16), None, None), "residual must have x's dtype"),
+        ((_cpu(4, 8), _cpu(4, 16)[:, ::2], None, None), "residual must have unit stride"),
+        ((_cpu(4, 8), None, _cpu(7), None), "weight must be 1-D of size N = 8"),
+        ((_cpu(4, 8), None, _cpu(8, 1), None), "weight must be 1-D"),
+        ((_cpu(4, 8), None, _cpu(16)[::2], None), "weight must be contiguous"),
+        ((_cpu(4, 8, dtype=torch.float16), None, _cpu(8, dtype=torch.bfloat16), None), "weight must have x's dtype"),
+        ((_cpu(4, 8), None, None, _cpu(9)), "bias must be 1-D of size N = 8"),
+        ((_cpu(4, 8, dtype=torch.bfloat16), None, _cpu(8), _cpu(8, dtype=torch.bfloat16)), "must have the same dtype"),
+    ],
+)
+def test_cpu_op_bad_input_fwd(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        _FWD(*args, 1e-5, False)
+
+
+def _bwd_args(M=4, N=8, **over):
+    a = {"dy": _cpu(M, N), "x": _cpu(M, N), "weight": _cpu(N), "mean": _cpu(M), "rstd": _cpu(M), "dh": None}
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"dy": _cpu(4, 9)}, "dy must have the shape of x"),
+        ({"dy": _cpu(4, 8, dtype=torch.float16)}, "dy must have x's dtype"),
+        ({"dy": _cpu(4, 16)[:, ::2]}, "dy must have unit stride"),
+        ({"x": _cpu(4, 8, dtype=torch.float64)}, "x must be float32"),
+        ({"dh": _cpu(3, 8)}, "dh must have the shape of x"),
+        ({"weight": _cpu(9)}, "weight must be 1-D of size N = 8"),
+        ({"mean": _cpu(3)}, "mean must be 1-D of size M = 4"),
+        ({"rstd": _cpu(4, dtype=torch.float16)}, "rstd must be float32, got float16"),
+        ({"rstd": _cpu(8)[::2]}, "rstd must be contiguous"),
+    ],
+)
+def test_cpu_op_bad_input_bwd(over, match):
+    a = _bwd_args(**over)
+    with pytest.raises(RuntimeError, match=match):
+        _BWD(a["dy"], a["x"], a["weight"], a["mean"], a["rstd"], a["dh"], False, True)
+
+
+def test_cpu_op_zero_rows_and_no_grads_wanted():
+    """M == 0 gives empty outputs and zero dW/dB; dW/dB are (0,) when not wanted, db float32 without a weight."""
+    x = _cpu(0, 8)
+    y, h, mean, rstd = _FWD(x, _cpu(0, 8), _cpu(8), _cpu(8), 1e-5, False)
+    assert y.shape == h.shape == (0, 8) and mean.shape == rstd.shape == (0,)
+    dx, dw, db = _BWD(x, x, _cpu(8), mean, rstd, x, False, True)
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
+    xb = _cpu(5, 8, dtype=torch.bfloat16)
+    _, _, mean, rstd = _FWD(xb, None, None, None, 1e-5, False)
+    dx, dw, db = _BWD(xb, xb, None, mean, rstd, None, False, True)
+    assert dx.dtype == torch.bfloat16 and dw.shape == (0,) and db.dtype == torch.float32 and db.shape == (8,)
+    _, _, _, rstd = _FWD(xb, None, None, None, 1e-5, True)
+    dx, dw, db = _BWD(xb, xb, None, torch.empty(0), rstd, None, True, True)
+    assert dw.shape == db.shape == (0,)

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -38,22 +39,39 @@ using torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 
 // ------------------------------------------------------------------------------------------------------------
-// Element types. fp16 is the compiler's _Float16 (IEEE binary16; conversions are exact widening / RNE and
-// become vcvtph2ps / vcvtps2ph under F16C). bf16 is a 16-bit pattern converted with integer ops (vectorisable).
+// Element types: 16-bit patterns converted with integer ops and one multiply, so that loops over them vectorise
+// under every clone (GCC 12 converts the compiler's _Float16 one element at a time without AVX512-FP16: one scalar
+// vcvtph2ps or a libcall per element, which kept every fp16 loop scalar). Widening is exact, narrowing rounds to
+// nearest even, NaN stays NaN, overflow gives inf.
 
-using half = _Float16;
+struct half {
+  uint16_t bits;
+};
 struct bf16 {
   uint16_t bits;
 };
 static_assert(sizeof(half) == 2 && sizeof(bf16) == 2, "16-bit element types");
 
-FASTLM_INLINE float to_float(float v) { return v; }
-FASTLM_INLINE float to_float(half v) { return static_cast<float>(v); }
-FASTLM_INLINE float to_float(bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+FASTLM_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+FASTLM_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+FASTLM_INLINE float to_float(float v) { return v; }
+FASTLM_INLINE float to_float(bf16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+FASTLM_INLINE float to_float(half v) {
+  // Exponent and mantissa moved to the fp32 positions, then rebiased (15 -> 127) by a multiply by 2^112: exact,
+  // and right for fp16 subnormals too (a subnormal half is a subnormal float before the multiply, normal after).
+  const uint32_t em = static_cast<uint32_t>(v.bits & 0x7fffu) << 13;
+  uint32_t u = float_to_bits(bits_to_float(em) * 0x1p112f);
+  u = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : u;  // inf / NaN (payload kept)
+  return bits_to_float(u | (static_cast<uint32_t>(v.bits & 0x8000u) << 16));
 }
 
 template <typename T>
@@ -61,12 +79,23 @@ FASTLM_INLINE T from_float(float v);
 template <>
 FASTLM_INLINE float from_float<float>(float v) { return v; }
 template <>
-FASTLM_INLINE half from_float<half>(float v) { return static_cast<half>(v); }
+FASTLM_INLINE half from_float<half>(float v) {
+  // Branch-free round to nearest even (F. Giesen's float_to_half_fast3_rtne).
+  uint32_t f = float_to_bits(v);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  // |v| < 2^-14: an fp16 subnormal or zero; adding 0.5f rounds the mantissa at the right place (RNE, by the FPU).
+  const uint32_t sub = float_to_bits(bits_to_float(f) + 0.5f) - 0x3f000000u;
+  // Normal: rebias and round to nearest even on the 13 dropped bits (a carry into the exponent gives inf).
+  const uint32_t norm = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;
+  uint32_t o = f < 0x38800000u ? sub : norm;
+  o = f >= 0x47800000u ? (f > 0x7f800000u ? 0x7e00u : 0x7c00u) : o;  // overflow to inf; NaN stays NaN
+  return half{static_cast<uint16_t>(o | (sign >> 16))};
+}
 template <>
 FASTLM_INLINE bf16 from_float<bf16>(float v) {
   // Round to nearest even; a NaN stays a (quiet) NaN.
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  const uint32_t u = float_to_bits(v);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
   return bf16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
@@ -129,6 +158,23 @@ inline void check_cpu_float(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(is_float_dtype(t.scalar_type()), "fastlm: ", name, " must be float32, float16 or bfloat16, got ",
                   dtype_name(t.scalar_type()));
 }
+
+// A 64-byte aligned fp32 buffer: thread-local scratch, allocated once per row range (never per row).
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) / 64 * 64;
+    p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+    STD_TORCH_CHECK(p_ != nullptr, "fastlm: out of memory (", bytes, " bytes of scratch)");
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* get() const { return p_; }
+
+ private:
+  float* p_;
+};
 
 // Calls f(T{}) for the element type of dtype t: float, half or bf16.
 template <typename F>

@@ -6,7 +6,8 @@ backward 2.5x the forward (five matmuls, as FlashAttention counts). Batch x sequ
 padded to 3/4 of S), and GQA (8 query heads per key/value head).
 
 Providers: fastlm-triton and fastlm-cuda; torch SDPA with each backend it has (flash, efficient, cudnn, and math
-at small sizes); FlexAttention under torch.compile.
+at small sizes); FlexAttention under torch.compile. On CPU: fastlm-cpu against torch's CPU SDPA (its own flash
+kernel), at the shapes of ``CPU_CASES``.
 """
 
 import contextlib
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastlm.functional as F
-from fastlm.bench.core import Case, SkipCase, timed_call, with_backend
+from fastlm.bench.core import Case, SkipCase, fastlm_providers, timed_call, with_backend
 
 TOKENS = 16384
 SEQS_GPU = (512, 1024, 2048, 4096, 8192, 16384)
@@ -23,6 +24,20 @@ SEQS_GPU_QUICK = (1024, 8192)
 HEAD_DIMS = (64, 128, 256)
 HIDDEN = 2048
 MATH_MAX_SEQ = 2048  # torch's math backend materialises (B, H, S, S): only at small sizes
+# CPU (the cpu backend's forward is the inference kernel; its backward is torch ops, timed once for the record):
+# BERT-base inference with and without a padding mask, a longer encoder sequence causal and not, LLaMA-style GQA.
+CPU_CASES = (
+    ((8, 12, 12, 128, 64, False, "none"), ("fwd",)),
+    ((8, 12, 12, 128, 64, False, "padding"), ("fwd",)),
+    ((2, 12, 12, 512, 64, False, "none"), ("fwd", "fwd+bwd")),
+    ((2, 12, 12, 512, 64, True, "none"), ("fwd",)),
+    ((1, 32, 8, 1024, 128, True, "gqa"), ("fwd",)),
+)
+
+
+def _label(B, H, Hkv, S, D, causal, variant) -> str:
+    heads = f"H{H}" if Hkv == H else f"H{H}/{Hkv}"
+    return f"B{B} {heads} S{S} D{D}{' causal' if causal else ''}{'' if variant == 'none' else ' ' + variant}"
 
 
 def attn_flops(B, H, Sq, Sk, D, causal, mode) -> float:
@@ -32,18 +47,18 @@ def attn_flops(B, H, Sq, Sk, D, causal, mode) -> float:
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     if device.type != "cuda":
-        # the CPU has no fused attention yet: torch's CPU SDPA at a small size, so the suite still says something
         return [
             Case(
                 "sdpa",
-                "B2 H4 S256 D64",
-                torch.float32,
-                m,
-                attn_flops(2, 4, 256, 256, 64, False, m),
+                _label(B, H, Hkv, S, D, causal, variant),
+                dtype,
+                mode,
+                attn_flops(B, H, S, S, D, causal, mode),
                 "TFLOP/s",
-                (2, 4, 4, 256, 64, False, "none"),
+                (B, H, Hkv, S, D, causal, variant),
             )
-            for m in ("fwd", "fwd+bwd")
+            for (B, H, Hkv, S, D, causal, variant), modes in CPU_CASES
+            for mode in modes
         ]
     out = []
     for S in SEQS_GPU_QUICK if quick else SEQS_GPU:
@@ -80,7 +95,7 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
 
 def providers(device: torch.device) -> dict[str, object]:
     if device.type != "cuda":
-        return {"torch-sdpa": None}
+        return {**{k: v for k, v in fastlm_providers(device).items() if v is not None}, "torch-sdpa": None}
     from torch.nn.attention import SDPBackend
 
     names = {"fastlm-triton": "triton", "fastlm-cuda": "cuda"}

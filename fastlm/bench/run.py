@@ -1,9 +1,9 @@
 """``fastlm bench``: run the benchmark cases of the chosen op families, measure the ceilings in the same run, and
 write a JSON and a Markdown report.
 
-On a machine without a GPU it says so, times what is meaningful there (the CPU paths: torch eager against
-torch.compile; fastlm's CPU backend is torch's own ops until CPU kernels exist), prints the static sm_90 kernel
-report, and shows the latest committed GPU results from ``benchmarks/results/``, marked as such.
+On a machine without a GPU it says so, times what is meaningful there (fastlm's CPU kernels, the ``cpu`` backend,
+against torch eager and torch.compile at CPU sizes, with the speed-ups and issue 8's targets), prints the static
+sm_90 kernel report, and shows the latest committed GPU results from ``benchmarks/results/``, marked as such.
 """
 
 import glob
@@ -52,9 +52,9 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
     on_gpu = device.type == "cuda"
     dt = DTYPES[dtype or ("bf16" if on_gpu else "fp32")]
     if not on_gpu:
-        print("No GPU visible: fastlm's fused kernels need one, so this run times the CPU paths (torch eager vs")
-        print("torch.compile at CPU sizes; fastlm's CPU backend is torch's ops until CPU kernels land), prints the")
-        print("static sm_90 kernel report, and shows the latest committed GPU results.\n")
+        print("No GPU visible: this run times fastlm's CPU kernels (the cpu backend) against torch eager and")
+        print("torch.compile at CPU sizes, prints the static sm_90 kernel report, and shows the latest committed GPU")
+        print("results (the Triton and CUDA kernels need a GPU to be timed).\n")
     env = core.environment(device)
     ceilings = {"copy_GB/s": core.copy_bandwidth_gbs(device)}
     ceilings["matmul_TFLOP/s"] = core.matmul_tflops(device)

@@ -69,13 +69,22 @@ def _ce_fake(input, target, weight, ignore_index, label_smoothing, reduction, co
 def _ce_setup(ctx, inputs, output):
     ctx.reduction = inputs[5]
     ctx.save_for_backward(output[1])
+    # The `grad` output is never differentiated: without this, autograd fills a zero tensor of the input's size as
+    # its incoming gradient on every backward (a whole extra write pass).
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, dloss, _dgrad):
+    if dloss is None:
+        return None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
         return grad * g.to(grad.dtype), None, None, None, None, None, None
+    if grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(dloss == 1):
+        # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
+        # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing)
+        return grad, None, None, None, None, None, None
     return grad * dloss.to(grad.dtype), None, None, None, None, None, None
 
 

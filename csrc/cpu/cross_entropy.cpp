@@ -1,0 +1,357 @@
+// Fused cross-entropy forward (loss and gradient in one pass over the logits; the softmax is never stored): the CPU
+// kernel registered as the CPU implementation of fastlm::cross_entropy_fwd_cpu (schema in csrc/ops.cpp). Same op
+// contract as csrc/cuda/cross_entropy.cu, except that a target outside [0, C) that is not ignore_index raises
+// (checking costs no device sync here).
+//
+// For a row of logits x (C classes), target t, class weights w (1 without), smoothing eps:
+//   lse  = log(sum(exp(x)))
+//   loss = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_c w_c x_c),   W = sum_c w_c (C without weights)
+//   grad = (1 - eps) * w_t * (p_c - [c == t]) + eps / C * (W * p_c - w_c),  p = softmax(x), times 1 / denom (mean)
+// Rows with t == ignore_index: loss 0, grad 0.
+//
+// Steps:
+//  1. serial, O(rows): the target range check and (mean) denom = sum over non-ignored rows of w_t (count without
+//     weights), in row order.
+//  2. parallel over rows: the statistics in one read of the row (online: per chunk of kChunk logits a vectorised
+//     max, then the rescaled running sum of exp over the same chunk while it is in L1), the loss, and, if asked,
+//     the gradient: the exps of the statistics sweep are kept (in the fp32 gradient row, or an fp32 scratch row
+//     for fp16/bf16) and rescaled in one more cache-resident sweep, so each logit is read once from memory and
+//     exponentiated once (no logits copy). Rows (N, C) with unit class stride are
+//     walked row by row; contiguous (N, C, D) with D > 1 by blocks of consecutive d, the d lanes as the vector
+//     dimension (unit stride), classes D apart.
+//  3. (mean / sum) serial: the sum of the per-row losses in row order, in double.
+// Every reduction has a fixed order (SIMD lane sums are fixed per build / ISA clone): bitwise reproducible, and
+// independent of the thread count.
+#include "cpu/common.h"
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 2048;    // logits per online step: 8 KiB of fp32, L1-resident for the second sweep
+constexpr int64_t kMaxLanes = 256;  // d lanes of a strided block
+
+template <typename T>
+struct CeArgs {
+  const T* x;
+  const int64_t* target;  // (rows,)
+  const float* w;         // (C,) or nullptr
+  float* losses;          // (rows,)
+  T* grad;                // input's shape, contiguous; nullptr: no gradient
+  int64_t C, D;           // classes; trailing size (row r = (n, d) = (r / D, r % D), classes D apart)
+  int64_t sn;             // x stride of n (elements)
+  int64_t nb, nblocks;    // strided: lanes per block, blocks per n
+  int64_t ignore_index;
+  float eps;    // label smoothing
+  float eps_c;  // eps / C
+  float W;      // sum of the class weights (C without weights)
+  float scale;  // 1 / denom for the mean, else 1
+};
+
+template <bool kW>
+FASTLM_INLINE float weight_of(const float* w, int64_t c) {
+  if constexpr (kW) {
+    return w[c];
+  } else {
+    return 1.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Rows layout: input (N, C), unit class stride, row r at r * sn; grad row at r * C.
+template <typename T, bool kSmooth, bool kW>
+FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
+  const int64_t C = a.C;
+  const int64_t nchunks = (C + kChunk - 1) / kChunk;
+  // With the gradient, the statistics sweep keeps e = exp(x - m_chunk) (m_chunk: the running max when the chunk
+  // was summed, <= the row max, so e <= 1) in the fp32 gradient row itself, or in an fp32 scratch row for
+  // fp16/bf16; the gradient sweep rescales it by exp(m_chunk - lse): one exp per logit instead of two (the exp
+  // is what bounds this kernel, not memory).
+  std::vector<float> scratch(a.grad && !std::is_same_v<T, float> ? C : 0);
+  std::vector<float> cmax(nchunks);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = a.x + r * a.sn;
+    T* gr = a.grad ? a.grad + r * C : nullptr;
+    const int64_t t = a.target[r];
+    if (t == a.ignore_index) {
+      a.losses[r] = 0.f;
+      if (gr) {
+        const T z = from_float<T>(0.f);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gr[c] = z;
+      }
+      continue;
+    }
+    float* e = !gr ? nullptr : std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch.data();
+    // Statistics, online over chunks: m the running max, s the sum of exp(x - m), sx = sum_c w_c x_c.
+    float m = kNegInf, s = 0.f, sx = 0.f;
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const int64_t c0 = ci * kChunk;
+      const T* p = xr + c0;
+      const int64_t n = std::min(kChunk, C - c0);
+      float cm = kNegInf;
+#pragma omp simd reduction(max : cm)
+      for (int64_t k = 0; k < n; ++k) {
+        const float v = to_float(p[k]);
+        cm = v > cm ? v : cm;
+      }
+      if (cm > m) {
+        s *= exp_fast(m - cm);  // m = -inf (first chunk): s = 0 * 0
+        m = cm;
+      }
+      cmax[ci] = m;
+      float cs = 0.f, cx = 0.f;
+      if (e) {
+        float* ec = e + c0;
+#pragma omp simd reduction(+ : cs, cx)
+        for (int64_t k = 0; k < n; ++k) {
+          const float v = to_float(p[k]);
+          const float ev = exp_fast(v - m);
+          ec[k] = ev;
+          cs += ev;
+          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
+        }
+      } else {
+#pragma omp simd reduction(+ : cs, cx)
+        for (int64_t k = 0; k < n; ++k) {
+          const float v = to_float(p[k]);
+          cs += exp_fast(v - m);
+          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
+        }
+      }
+      s += cs;
+      sx += cx;
+    }
+    const float lse = m + std::log(s);
+    const float x_t = to_float(xr[t]);
+    const float w_t = a.w ? a.w[t] : 1.f;
+    float loss = (1.f - a.eps) * w_t * (lse - x_t);
+    if constexpr (kSmooth) loss += a.eps_c * (a.W * lse - sx);
+    a.losses[r] = loss;
+    if (!gr) continue;
+
+    // Gradient: p = e * exp(m_chunk - lse).
+    const float coef = (1.f - a.eps) * w_t * a.scale;
+    const float smc = a.eps_c * a.scale;
+    const float W = a.W;
+    const float p_t = e[t] * exp_fast(cmax[t / kChunk] - lse);
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const int64_t c0 = ci * kChunk;
+      const int64_t n = std::min(kChunk, C - c0);
+      const float f = exp_fast(cmax[ci] - lse);
+      const float* ec = e + c0;
+      T* gc = gr + c0;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const float p = ec[k] * f;
+        float g = coef * p;
+        if constexpr (kSmooth) g += smc * (W * p - weight_of<kW>(a.w, c0 + k));
+        gc[k] = from_float<T>(g);  // for fp32, gc aliases ec element by element (same index): read before write
+      }
+    }
+    // The one-hot term, written over element t (kept out of the vector loop).
+    float g_t = coef * (p_t - 1.f);
+    if constexpr (kSmooth) g_t += smc * (W * p_t - weight_of<kW>(a.w, t));
+    gr[t] = from_float<T>(g_t);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Strided layout: input contiguous (N, C, D), element (n, c, d) at n * sn + c * D + d (sn = C * D); grad likewise.
+// Work item w = (n, block ib) covers d in [ib * nb, min(D, (ib + 1) * nb)).
+template <typename T, bool kSmooth, bool kW>
+FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
+  float m[kMaxLanes], s[kMaxLanes], sx[kMaxLanes], lse[kMaxLanes], coef[kMaxLanes], smc[kMaxLanes];
+  const int64_t C = a.C, D = a.D;
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t n = w / a.nblocks;
+    const int64_t d0 = (w % a.nblocks) * a.nb;
+    const int64_t nl = std::min(a.nb, D - d0);
+    const T* xb = a.x + n * a.sn + d0;
+    const int64_t* tb = a.target + n * D + d0;
+    for (int64_t i = 0; i < nl; ++i) m[i] = kNegInf, s[i] = 0.f, sx[i] = 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p = xb + c * D;
+#pragma omp simd
+      for (int64_t i = 0; i < nl; ++i) {
+        const float v = to_float(p[i]);
+        m[i] = v > m[i] ? v : m[i];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p = xb + c * D;
+      const float wc = weight_of<kW>(a.w, c);
+#pragma omp simd
+      for (int64_t i = 0; i < nl; ++i) {
+        const float v = to_float(p[i]);
+        s[i] += exp_fast(v - m[i]);
+        if constexpr (kSmooth) sx[i] += wc * v;
+      }
+    }
+    for (int64_t i = 0; i < nl; ++i) {
+      const int64_t t = tb[i];
+      float* loss = a.losses + n * D + d0 + i;
+      lse[i] = m[i] + std::log(s[i]);
+      if (t == a.ignore_index) {
+        *loss = 0.f;
+        coef[i] = 0.f;
+        smc[i] = 0.f;
+        continue;
+      }
+      const float w_t = a.w ? a.w[t] : 1.f;
+      float l = (1.f - a.eps) * w_t * (lse[i] - to_float(xb[t * D + i]));
+      if constexpr (kSmooth) l += a.eps_c * (a.W * lse[i] - sx[i]);
+      *loss = l;
+      coef[i] = (1.f - a.eps) * w_t * a.scale;
+      smc[i] = a.eps_c * a.scale;
+    }
+    if (!a.grad) continue;
+    T* gb = a.grad + n * a.sn + d0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p = xb + c * D;
+      T* q = gb + c * D;
+      const float wc = weight_of<kW>(a.w, c);
+#pragma omp simd
+      for (int64_t i = 0; i < nl; ++i) {
+        const float pr = exp_fast(to_float(p[i]) - lse[i]);
+        float g = coef[i] * pr;
+        if constexpr (kSmooth) g += smc[i] * (a.W * pr - wc);
+        q[i] = from_float<T>(coef[i] == 0.f && smc[i] == 0.f ? 0.f : g);  // ignored lanes: exact zeros
+      }
+    }
+    for (int64_t i = 0; i < nl; ++i) {
+      const int64_t t = tb[i];
+      if (t == a.ignore_index) continue;
+      const float pr = exp_fast(to_float(xb[t * D + i]) - lse[i]);
+      float g = coef[i] * (pr - 1.f);
+      if constexpr (kSmooth) g += smc[i] * (a.W * pr - weight_of<kW>(a.w, t));
+      gb[t * D + i] = from_float<T>(g);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Host side.
+
+template <typename T, bool kSmooth, bool kW>
+void run_rows(const CeArgs<T>& a, int64_t rows, bool strided) {
+  const int64_t passes = a.grad ? 3 : 1;
+  if (!strided) {
+    parallel_rows(rows, grain_for(a.C * passes * static_cast<int64_t>(sizeof(T))),
+                  [&](int64_t r0, int64_t r1) { ce_rows<T, kSmooth, kW>(a, r0, r1); });
+  } else {
+    const int64_t items = rows / a.D * a.nblocks;
+    parallel_rows(items, grain_for(a.C * a.nb * passes * static_cast<int64_t>(sizeof(T))),
+                  [&](int64_t w0, int64_t w1) { ce_strided<T, kSmooth, kW>(a, w0, w1); });
+  }
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                 double label_smoothing, int64_t reduction, bool compute_grad) {
+  check_cpu_float(input, "input");
+  STD_TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm: input must be (N, C) or (N, C, D), got ",
+                  input.dim(), " dimensions");
+  const int64_t N = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t D = input.dim() == 3 ? input.size(2) : 1;
+  STD_TORCH_CHECK(C >= 1, "fastlm: the number of classes C = ", C, " must be at least 1");
+  if (input.dim() == 2) {
+    STD_TORCH_CHECK(C == 1 || N == 0 || input.stride(1) == 1,
+                    "fastlm: input must have unit stride along the classes, got ", input.stride(1));
+    STD_TORCH_CHECK(N <= 1 || input.stride(0) >= 0, "fastlm: input has a negative row stride");
+  } else {
+    STD_TORCH_CHECK(input.is_contiguous(), "fastlm: a 3-D input (N, C, D) must be contiguous");
+  }
+  const int64_t rows = N * D;
+  STD_TORCH_CHECK(target.is_cpu(), "fastlm: target must be a CPU tensor for the cpu backend");
+  STD_TORCH_CHECK(target.scalar_type() == ScalarType::Long, "fastlm: target must be int64, got ",
+                  dtype_name(target.scalar_type()));
+  STD_TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "fastlm: target must be 1-D of size N * D = ", rows);
+  STD_TORCH_CHECK(rows <= 1 || target.stride(0) == 1, "fastlm: target must be contiguous");
+  const float* w = nullptr;
+  if (weight) {
+    STD_TORCH_CHECK(weight->is_cpu(), "fastlm: weight must be a CPU tensor for the cpu backend");
+    STD_TORCH_CHECK(weight->scalar_type() == ScalarType::Float, "fastlm: weight must be float32, got ",
+                    dtype_name(weight->scalar_type()));
+    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "fastlm: weight must be 1-D of size C = ", C);
+    STD_TORCH_CHECK(C == 1 || weight->stride(0) == 1, "fastlm: weight must be contiguous");
+    w = static_cast<const float*>(weight->data_ptr());
+  }
+  STD_TORCH_CHECK(reduction >= 0 && reduction <= 2, "fastlm: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                  reduction);
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
+                  label_smoothing);
+
+  // Step 1: target range and the mean's denominator, in row order.
+  const int64_t* tp = static_cast<const int64_t*>(target.data_ptr());
+  double denom = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = tp[r];
+    if (t == ignore_index) continue;
+    STD_TORCH_CHECK(t >= 0 && t < C, "fastlm: target[", r, "] = ", t, " is out of range: class indices must be in [0, ",
+                    C, ") or equal ignore_index = ", ignore_index);
+    denom += w ? w[t] : 1.0;
+  }
+  const float denom_f = static_cast<float>(denom);
+
+  Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
+  Tensor grad = compute_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+  float* lp = static_cast<float*>(losses.data_ptr());
+  if (rows > 0) {
+    double W = static_cast<double>(C);
+    if (w) {
+      W = 0.0;
+      for (int64_t c = 0; c < C; ++c) W += w[c];
+    }
+    const bool smooth = label_smoothing > 0.0;
+    dispatch_float(input.scalar_type(), "input", [&](auto tag) {
+      using T = decltype(tag);
+      CeArgs<T> a{};
+      a.x = static_cast<const T*>(input.data_ptr());
+      a.target = tp;
+      a.w = w;
+      a.losses = lp;
+      a.grad = compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
+      a.C = C;
+      a.D = D;
+      a.sn = input.dim() == 2 ? input.stride(0) : C * D;
+      a.ignore_index = ignore_index;
+      a.eps = static_cast<float>(label_smoothing);
+      a.eps_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      a.W = static_cast<float>(W);
+      a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
+      // Strided lanes: an (C, nb) block of logits stays within ~256 KiB of L2 between sweeps.
+      a.nb = std::min(D, std::clamp<int64_t>((256 * 1024 / 4) / C / 16 * 16, 16, kMaxLanes));
+      a.nblocks = (D + a.nb - 1) / a.nb;
+      const bool strided = D > 1;
+      if (!smooth) {
+        run_rows<T, false, false>(a, rows, strided);
+      } else if (w) {
+        run_rows<T, true, true>(a, rows, strided);
+      } else {
+        run_rows<T, true, false>(a, rows, strided);
+      }
+    });
+  }
+  if (reduction == 0) return {losses, grad};
+  // Step 3: fixed-order sum.
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) total += lp[r];
+  Tensor loss = torch::stable::new_empty(input, std::vector<int64_t>{}, ScalarType::Float);
+  *static_cast<float*>(loss.data_ptr()) = reduction == 1 ? static_cast<float>(total) / denom_f
+                                                         : static_cast<float>(total);
+  return {loss, grad};
+}
+
+}  // namespace
+}  // namespace fastlm::cpu
+
+STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("cross_entropy_fwd_cpu", TORCH_BOX(&fastlm::cpu::cross_entropy_fwd_cpu));
+}
