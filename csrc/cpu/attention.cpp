@@ -134,56 +134,40 @@ FASTLM_INLINE void tail(int64_t rest, F&& f) {
   }
 }
 
-// fp16 -> fp32 from the bits with integer ops and one multiply: GCC vectorises this, but not the _Float16
-// conversion of common.h without AVX512-FP16 (it emits one scalar vcvtph2ps per element). Exact for every input:
-// a subnormal half is a subnormal float before the 2^112 rebias and a normal one after; inf / NaN keep their bits.
-FASTLM_INLINE float wide(half h) {
-  uint16_t b;
-  std::memcpy(&b, &h, 2);
-  const uint32_t em = static_cast<uint32_t>(b & 0x7fffu) << 13;
-  float f;
-  std::memcpy(&f, &em, 4);
-  f *= 0x1p112f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : u;
-  u |= static_cast<uint32_t>(b & 0x8000u) << 16;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-FASTLM_INLINE float wide(float x) { return x; }
-FASTLM_INLINE float wide(bf16 x) { return to_float(x); }
-
 template <typename T>
 FASTLM_INLINE void widen_rows(const T* src, int64_t stride, int64_t rows, int64_t D, float* dst) {
   for (int64_t j = 0; j < rows; ++j) {
     const T* s = src + j * stride;
     float* o = dst + j * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = wide(s[d]);
+    for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]);
   }
 }
 
-// Per-thread scratch, allocated once per parallel chunk; every array 64-byte aligned.
-struct Scratch {
-  std::vector<float> buf;
+// Per-thread scratch (common.h's aligned Scratch), allocated once per parallel chunk; every array 64-byte aligned.
+struct Workspace {
+  static constexpr int kSlots = 10;
   float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow;
   int64_t cached = -1;  // b * Hkv + hk whose K/V the whole-head copies kc/vc hold
-  bool whole_head = false;
+  bool whole_head;
+  int64_t size[kSlots];  // floats per array, rounded up to 16
+  Scratch buf;
 
-  Scratch(const Params& p, bool widen) {
+  static bool whole(const Params& p, bool widen) { return widen && p.Sk * p.D <= kMaxHeadCopy; }
+  static int64_t sizes(const Params& p, bool widen, int64_t* out) {
     const int64_t D = p.D;
-    whole_head = widen && p.Sk * D <= kMaxHeadCopy;
-    const int64_t kv_rows = !widen ? 0 : (whole_head ? p.Sk : kBN);
-    const int64_t sizes[] = {D * kBM, D * kBM, kBN * kBM, kBN * kBM, kBN, kv_rows * D, kv_rows * D, p.Sk, D, D};
-    int64_t total = 16;
-    for (int64_t s : sizes) total += (s + 15) / 16 * 16;
-    buf.resize(static_cast<size_t>(total));
-    float* at = buf.data() + (16 - (reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float)) % 16) % 16;
-    float** slots[] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow};
-    for (int i = 0; i < 10; ++i) {
+    const int64_t kv_rows = !widen ? 0 : (whole(p, widen) ? p.Sk : kBN);
+    const int64_t n[kSlots] = {D * kBM, D * kBM, kBN * kBM, kBN * kBM, kBN, kv_rows * D, kv_rows * D, p.Sk, D, D};
+    int64_t total = 0;
+    for (int i = 0; i < kSlots; ++i) total += out[i] = (n[i] + 15) / 16 * 16;
+    return total;
+  }
+  Workspace(const Params& p, bool widen) : whole_head(whole(p, widen)), buf(sizes(p, widen, size)) {
+    float** slots[kSlots] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow};
+    float* at = buf.get();
+    for (int i = 0; i < kSlots; ++i) {
       *slots[i] = at;
-      at += (sizes[i] + 15) / 16 * 16;
+      at += size[i];
     }
   }
 };
@@ -191,19 +175,19 @@ struct Scratch {
 // One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
 template <typename T>
 FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, T* o,
-                              float* lse, Scratch& w) {
+                              float* lse, Workspace& w) {
   const int64_t D = p.D;
   const int64_t n = p.causal ? std::min(p.Sk, i + 1) : p.Sk;
   float* qf = w.qrow;
   float* s = w.srow;
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * wide(q[d]);
+  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
   float mx = kNegInf;
   for (int64_t j = 0; j < n; ++j) {
     const T* kr = k + j * p.k_ss;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += qf[d] * wide(kr[d]);
+    for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
     if (p.mask_kind != kNoMask) acc += mask_bias(p.mask_kind, p.mask, mb + i * p.m_sq + j * p.m_sk);
     s[j] = acc;
     mx = std::max(mx, acc);
@@ -226,7 +210,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
     if (pj == 0.f) continue;
     const T* vr = v + j * p.v_ss;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += pj * wide(vr[d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += pj * to_float(vr[d]);
   }
   const float inv = 1.f / l;
 #pragma omp simd
@@ -236,7 +220,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
 
 // Queries [i0, i0 + rows) of one (b, h), rows <= BM: the flash loop over key tiles described at the top.
 template <typename T, int L, int BM, int kR>
-FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& w) {
+FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Workspace& w) {
   const int64_t D = p.D;
   const int64_t hk = h / p.group;
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + i0 * p.q_ss;
@@ -252,7 +236,7 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   float *qt = w.qt, *ot = w.ot, *st = w.st, *bt = w.bt;
   for (int64_t x = 0; x < D * BM; ++x) qt[x] = 0.f, ot[x] = 0.f;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = p.scale * wide(q[r * p.q_ss + d]);
+    for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = p.scale * to_float(q[r * p.q_ss + d]);
   float m[BM], l[BM], mt[BM], mu[BM], alpha[BM];
   for (int i = 0; i < BM; ++i) m[i] = kNegInf, l[i] = 0.f;
 
@@ -377,7 +361,7 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 // the heads of one GQA group), so the widened copy is made once per kv head per thread.
 template <typename T, int L, int BM, int R>
 FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
-  Scratch w(p, !std::is_same_v<T, float>);
+  Workspace w(p, !std::is_same_v<T, float>);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % p.n_qblocks;
     const int64_t bh = item / p.n_qblocks;
