@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from fastlm.bench.core import SkipCase
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
@@ -17,11 +19,12 @@ def params(family) -> list:
 
 def run(benchmark, family, case, provider) -> None:
     """Time one case. A torch baseline that cannot run it (e.g. an SDPA backend refusing a mask) is skipped;
-    a fastlm provider must run."""
+    a fastlm provider must run, unless its family declares the case outside that backend (SkipCase, with the
+    reason)."""
     try:
         fn = family.runner(case, provider, DEVICE)()
     except Exception as exc:
-        if provider.startswith("fastlm-"):
+        if provider.startswith("fastlm-") and not isinstance(exc, SkipCase):
             raise
         pytest.skip(f"{provider} cannot run this case: {type(exc).__name__}: {exc}")
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)

@@ -22,15 +22,20 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # auto: (op family, device type) -> backend. Updated from the committed device results (benchmarks/results/).
 # On CUDA the Triton kernels are the default until the CUDA C++ kernels have been measured and verified on a GPU.
+# On CPU the C++ kernels of csrc/cpu/ (issue 8; `fastlm bench` on the 2-core development machine, fp32, interleaved
+# timing): attention forward 1.15-1.97x torch's CPU SDPA, scaled-masked softmax 3.3x eager, cross-entropy fwd+bwd
+# 1.2-2.6x eager, RMSNorm 1.7-8x eager (torch's CPU rms_norm is composite); plain LayerNorm and softmax about par
+# with eager (0.8-1.2x from run to run: this VM's page-fault cost on fresh outputs dominates at 4 MiB). Attention
+# cases the CPU kernel lacks (dropout, varlen) run torch's ops under auto (fastlm/ops/attention.py: _backend).
 AUTO = {
     ("norms", "cuda"): "triton",
-    ("norms", "cpu"): "torch",  # no CPU kernels yet: torch's own ops
+    ("norms", "cpu"): "cpu",
     ("softmax", "cuda"): "triton",  # softmax, log_softmax, scaled_masked_softmax, cross-entropy
-    ("softmax", "cpu"): "torch",
+    ("softmax", "cpu"): "cpu",
     ("linear_ce", "cuda"): "triton",  # cuBLAS matmuls around the Triton cross-entropy kernel
-    ("linear_ce", "cpu"): "torch",
+    ("linear_ce", "cpu"): "torch",  # no CPU kernel: torch's ops
     ("attention", "cuda"): "triton",
-    ("attention", "cpu"): "torch",
+    ("attention", "cpu"): "cpu",
 }
 
 # Which op families each compiled backend implements.

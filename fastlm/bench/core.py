@@ -159,6 +159,34 @@ def quantiles_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 1
     return statistics.median(times), q[1], q[7]
 
 
+def interleaved_quantiles_ms(fns: dict[str, Callable[[], object]], rep_ms: int = 400) -> dict[str, tuple]:
+    """CPU timing of several providers of one case: (median, p20, p80) ms per provider, from calls interleaved
+    round by round (the order rotating each round), so that the machine's drift (other processes, frequency, the
+    allocator returning pages to the OS) hits every provider alike and the ratios stay meaningful. At least 15
+    rounds, then until ``rep_ms`` per provider has passed or 300 rounds."""
+    names = list(fns)
+    for name in names:  # warm-up (and first-call compilation)
+        fns[name]()
+        fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    spent = 0.0
+    rounds = 0
+    while rounds < 15 or (spent < rep_ms * len(names) and rounds < 300):
+        order = names[rounds % len(names) :] + names[: rounds % len(names)] if names else []
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            dt = (time.perf_counter() - t0) * 1000
+            times[name].append(dt)
+            spent += dt
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        out[name] = (statistics.median(ts), q[1], q[7])
+    return out
+
+
 def rotating(make: Callable[[], tuple], nbytes: int, device: torch.device, l2_bytes: int = 64 << 20):
     """Enough copies of the inputs from ``make()`` that cycling through them exceeds the L2 cache (GPU only);
     returns a function giving the next copy on each call."""

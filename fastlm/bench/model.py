@@ -62,8 +62,8 @@ def _bert_runner(case: Case, provider: str, device: torch.device):
 
     def setup():
         torch.manual_seed(0)
-        model = BertModel(BertConfig(), add_pooling_layer=False, attn_implementation="sdpa").to(device, case.dtype)
-        model.eval()
+        model = BertModel(BertConfig(), add_pooling_layer=False).to(device, case.dtype).eval()
+        model.set_attn_implementation("sdpa")
         if provider == "fastlm-auto":
             fastlm.patch(model)
         ids = torch.randint(0, model.config.vocab_size, (BERT_BATCH, BERT_SEQ), device=device)

@@ -60,55 +60,56 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
     ceilings["matmul_TFLOP/s"] = core.matmul_tflops(device)
     print(f"device: {env['device']}; ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
 
-    work = []
-    for op in ops:
-        family = FAMILIES[op]
-        for case in family.cases(device, dt, quick):
-            for provider in family.providers(device):
-                work.append((family, case, provider))
+    groups = [(FAMILIES[op], case) for op in ops for case in FAMILIES[op].cases(device, dt, quick)]
     results, errors, skipped = [], [], []
     for pkg, name in (("liger_kernel", "Liger-Kernel"), ("flash_attn", "flash-attn")):
         if importlib.util.find_spec(pkg) is None:
             skipped.append(f"{name} is not installed: its baselines are not measured")
-    for i, (family, case, provider) in enumerate(work):
-        if i and work[i - 1][0] is not family:  # a family is done: write what we have (a time-out keeps it)
+    for i, (family, case) in enumerate(groups):
+        if i and groups[i - 1][0] is not family:  # a family is done: write what we have (a time-out keeps it)
             core.write_reports(results, env, ceilings, out_dir)
-        label = f"{case.kernel} {case.shape} {case.mode} {provider}"
-        _progress(i, len(work), label)
-        try:
-            fn = family.runner(case, provider, device)()
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            p50, p20, p80 = core.quantiles_ms(fn, device)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-        except Exception as exc:
-            # A baseline that cannot run a case, or a fastlm backend that does not implement it, is noted; a
-            # fastlm backend failing otherwise (missing on a GPU machine, crashing) is an error (exit code 1).
-            note = f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if isinstance(exc, (core.SkipCase, UnsupportedCaseError)) or not provider.startswith("fastlm-"):
-                skipped.append(note)
-            else:
-                errors.append(note)
-            continue
+        _progress(i, len(groups), f"{case.kernel} {case.shape} {case.mode}")
+        fns = {}
+        for provider in family.providers(device):
+            label = f"{case.kernel} {case.shape} {case.mode} {provider}"
+            try:
+                fns[provider] = family.runner(case, provider, device)()
+                if on_gpu:  # one provider at a time (CUDA events, L2 flushed), peak memory per provider
+                    torch.cuda.reset_peak_memory_stats()
+                    fns[provider] = (core.quantiles_ms(fns[provider], device), torch.cuda.max_memory_allocated())
+            except Exception as exc:
+                # A baseline that cannot run a case, or a fastlm backend that does not implement it, is noted; a
+                # fastlm backend failing otherwise (missing on a GPU machine, crashing) is an error (exit code 1).
+                fns.pop(provider, None)
+                note = f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if isinstance(exc, (core.SkipCase, UnsupportedCaseError)) or not provider.startswith("fastlm-"):
+                    skipped.append(note)
+                else:
+                    errors.append(note)
+        if on_gpu:
+            timings = {p: (q, mem / 2**20) for p, (q, mem) in fns.items()}
+        else:  # the providers' calls interleaved, so that the machine's drift hits them alike
+            timings = {p: (q, None) for p, q in core.interleaved_quantiles_ms(fns).items()}
         ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
-        results.append(
-            core.Result(
-                kernel=case.kernel,
-                provider=provider,
-                mode=case.mode,
-                shape=case.shape,
-                dtype=str(case.dtype).replace("torch.", ""),
-                metric="throughput",
-                unit=case.unit,
-                p50=case.throughput(p50),
-                p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
-                p80=case.throughput(p20),
-                ms=p50,
-                fraction_of_ceiling=case.throughput(p50) / ceiling if ceiling else None,
-                peak_mem_mb=peak,
+        for provider, ((p50, p20, p80), peak) in timings.items():
+            results.append(
+                core.Result(
+                    kernel=case.kernel,
+                    provider=provider,
+                    mode=case.mode,
+                    shape=case.shape,
+                    dtype=str(case.dtype).replace("torch.", ""),
+                    metric="throughput",
+                    unit=case.unit,
+                    p50=case.throughput(p50),
+                    p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
+                    p80=case.throughput(p20),
+                    ms=p50,
+                    fraction_of_ceiling=case.throughput(p50) / ceiling if ceiling else None,
+                    peak_mem_mb=peak,
+                )
             )
-        )
-    _progress(len(work), len(work), "done")
+    _progress(len(groups), len(groups), "done")
     paths = core.write_reports(results, env, ceilings, out_dir)
     print(core.markdown(results, env, ceilings))
     paths.extend(plots(results, ceilings, out_dir))

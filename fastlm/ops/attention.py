@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import UnsupportedCaseError, resolve
+from fastlm.dispatch import UnsupportedCaseError, current_backend, resolve
 
 MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -230,6 +230,16 @@ def check_cpu_case(dropout_p: float, varlen: bool) -> None:
         )
 
 
+def _backend(x: Tensor, dropout_p: float, varlen: bool) -> str:
+    """The backend for this call. ``auto`` picks per case: on CPU tensors it runs the cpu kernel where that kernel
+    has the case and torch's ops for dropout and varlen (the kernel has neither); a backend asked for by name that
+    lacks the case raises instead (``check_cpu_case``)."""
+    backend = resolve("attention", x)
+    if backend == "cpu" and current_backend() == "auto" and (varlen or dropout_p > 0):
+        return "torch"
+    return backend
+
+
 def _rng(dropout_p: float) -> Tensor:
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64)  # torch's default CPU generator: reproducible
@@ -281,7 +291,7 @@ def scaled_dot_product_attention(
     Returns:
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
     """
-    backend = resolve("attention", query)
+    backend = _backend(query, dropout_p, varlen=False)
     if backend == "torch":
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
@@ -367,7 +377,7 @@ def varlen_attention(
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
-    backend = resolve("attention", q)
+    backend = _backend(q, dropout_p, varlen=True)
     if backend == "torch":
         from fastlm import reference
 
