@@ -33,7 +33,7 @@ AUTO = {
     ("softmax", "cuda"): "triton",  # softmax, log_softmax, scaled_masked_softmax, cross-entropy
     ("softmax", "cpu"): "cpu",
     ("linear_ce", "cuda"): "triton",  # cuBLAS matmuls around the Triton cross-entropy kernel
-    ("linear_ce", "cpu"): "torch",  # no CPU kernel: torch's ops
+    ("linear_ce", "cpu"): "cpu",  # torch's matmuls around the CPU cross-entropy kernel
     ("attention", "cuda"): "triton",
     ("attention", "cpu"): "cpu",
 }
@@ -42,7 +42,7 @@ AUTO = {
 IMPLEMENTED = {
     "triton": {"norms", "softmax", "linear_ce", "attention"},
     "cuda": {"norms", "softmax", "attention"},
-    "cpu": {"norms", "softmax", "attention"},  # csrc/cpu/: attention forward only (its backward is torch ops)
+    "cpu": {"norms", "softmax", "linear_ce", "attention"},  # csrc/cpu/: attention forward only (backward: torch ops)
 }
 
 

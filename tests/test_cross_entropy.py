@@ -208,13 +208,18 @@ def _lce_ref(x, w, t, b=None, weight=None, **kw):
     return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
 
 
+# The backends with a linear cross-entropy: Triton (also what "cuda" runs), and the CPU kernel on CPU tensors.
+LCE_BACKENDS = ["triton"] + ([] if ON_GPU else ["cpu"])
+
+
+@pytest.mark.parametrize("lce_backend", LCE_BACKENDS)
 @pytest.mark.parametrize("chunk", [None, 16, 7])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy(reduction, bias, chunk):
+def test_linear_cross_entropy(reduction, bias, chunk, lce_backend):
     """Against linear + cross_entropy: loss and the gradients of input, linear_weight and linear_bias; several
     chunks (a ragged last one with chunk 7) and a single chunk."""
-    with fastlm.backend("triton"):
+    with fastlm.backend(lce_backend):
         B, S, H, V = 2, 25, 32, 300
         x = torch.randn(B, S, H, device=DEVICE)
         w = torch.randn(V, H, device=DEVICE) * 0.2
@@ -231,10 +236,11 @@ def test_linear_cross_entropy(reduction, bias, chunk):
         )
 
 
+@pytest.mark.parametrize("lce_backend", LCE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16], ids=str)
-def test_linear_cross_entropy_low_precision(dtype):
-    # fp16 only on CPU: the matmuls run in torch, the cross-entropy in the (fp16-exact) interpreter
-    with fastlm.backend("triton"):
+def test_linear_cross_entropy_low_precision(dtype, lce_backend):
+    # fp16 only on CPU: the matmuls run in torch, the cross-entropy in the (fp16-exact) interpreter or the CPU kernel
+    with fastlm.backend(lce_backend):
         x = torch.randn(40, 64, device=DEVICE, dtype=dtype)
         w = (torch.randn(500, 64, device=DEVICE) * 0.1).to(dtype)
         t = _targets((40,), 500)
@@ -246,8 +252,9 @@ def test_linear_cross_entropy_low_precision(dtype):
         )
 
 
-def test_linear_cross_entropy_no_grad_and_bad_input():
-    with fastlm.backend("triton"):
+@pytest.mark.parametrize("lce_backend", LCE_BACKENDS)
+def test_linear_cross_entropy_no_grad_and_bad_input(lce_backend):
+    with fastlm.backend(lce_backend):
         x = torch.randn(10, 8, device=DEVICE)
         w = torch.randn(30, 8, device=DEVICE)
         t = torch.randint(0, 30, (10,), device=DEVICE)

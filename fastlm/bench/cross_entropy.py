@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastlm.functional as F
-from fastlm.bench.core import MODELS, Case, SkipCase, compiled, fastlm_providers, timed_call, with_backend
+from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
 
 VOCABS_GPU = tuple(sorted({m["vocab"] for m in MODELS.values()} | {256, 4096, 262144}))  # BERT, GPT-2, LLaMA-3
 VOCABS_GPU_QUICK = (4096, 131072)
@@ -58,8 +58,6 @@ def runner(case: Case, provider: str, device: torch.device):
     ours, ref = FUNCS[case.kernel]
     if case.kernel == "linear_cross_entropy" and backend == "cuda":
         backend = "triton"  # its fused step is the Triton cross-entropy kernel (no CUDA C++ variant)
-    if case.kernel == "linear_cross_entropy" and backend == "cpu":
-        raise SkipCase("the cpu backend has no linear cross-entropy (auto runs torch's ops for it on CPU)")
     fn = ref if backend is None else with_backend(ours, backend)
     if provider == "torch-compile":
         fn = compiled(fn)

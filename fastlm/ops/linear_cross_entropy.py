@@ -2,11 +2,12 @@
 materialising the (tokens, vocab) logits.
 
     fastlm::linear_cross_entropy_fwd(input, linear_weight, target, linear_bias?, weight?, ignore_index,
-                                     label_smoothing, reduction, compute_grad, chunk_size)
+                                     label_smoothing, reduction, compute_grad, chunk_size, cpu)
         -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
 
 Tokens are processed in chunks: the chunk's logits (one matmul, cuBLAS) -> the fused cross-entropy Triton kernel
-writes the chunk's losses and overwrites the logits with their gradient -> grad_input of the chunk and the running
+(or, on the cpu backend, the CPU C++ one, which returns the gradient beside the logits) writes the chunk's losses
+and overwrites the logits with their gradient -> grad_input of the chunk and the running
 grad_linear_weight / grad_linear_bias (two more matmuls). The forward thus does all three matmuls of forward +
 backward and the backward only scales the three gradients by the incoming scalar; peak extra memory is one
 (chunk, vocab) logits buffer instead of the full logits and their gradient.
@@ -33,14 +34,25 @@ def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
     return max(64, 1 << (size - 1).bit_length())
 
 
-def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, row_scale=None):
-    """Logits of tokens [s, e) and, in place, their gradient; returns (losses, grad_logits)."""
-    from fastlm.kernels import cross_entropy as k
+def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, cpu):
+    """Per-row losses (fp32) and, if ``write_grad``, the gradient of the chunk's logits: the Triton kernel writes it
+    over the logits in place; the CPU C++ kernel (``cpu``) returns it (then scaled by 1 / denom for the mean)."""
+    if not cpu:
+        from fastlm.kernels import cross_entropy as k
 
+        return k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
+    losses, g = torch.ops.fastlm.cross_entropy_fwd_cpu(logits, t, weight, ignore_index, smoothing, 0, write_grad)
+    if write_grad and denom is not None:
+        g.div_(denom.to(g.dtype))
+    return losses, g
+
+
+def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, cpu, row_scale=None):
+    """Logits of tokens [s, e) and their gradient; returns (losses, grad_logits)."""
     logits = x[s:e] @ w.T
     if b is not None:
         logits += b
-    losses, g = k.cross_entropy_rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, grad=logits)
+    losses, g = _rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, cpu)
     if row_scale is not None:
         g.mul_(row_scale[s:e, None].to(g.dtype))
     return losses, g
@@ -58,9 +70,8 @@ def linear_cross_entropy_fwd(
     reduction: int,
     compute_grad: bool,
     chunk_size: int,
+    cpu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastlm.kernels import cross_entropy as k
-
     T = input.shape[0]
     V = linear_weight.shape[0]
     denom = _denominator(target, weight, ignore_index, V) if reduction == 1 else None
@@ -73,7 +84,7 @@ def linear_cross_entropy_fwd(
         e = min(s + chunk_size, T)
         if grads_now:
             losses[s:e], g = _chunk_grads(
-                input, linear_weight, linear_bias, target, weight, denom, ignore_index, label_smoothing, s, e
+                input, linear_weight, linear_bias, target, weight, denom, ignore_index, label_smoothing, s, e, cpu
             )
             torch.mm(g, linear_weight, out=gx[s:e])
             gw.addmm_(g.T, input[s:e])
@@ -83,9 +94,7 @@ def linear_cross_entropy_fwd(
             logits = input[s:e] @ linear_weight.T
             if linear_bias is not None:
                 logits += linear_bias
-            losses[s:e], _ = k.cross_entropy_rows(
-                logits, target[s:e], weight, None, ignore_index, label_smoothing, False
-            )
+            losses[s:e], _ = _rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, cpu)
     gb_out = gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,))
     return _reduce(losses, reduction, denom), gx, gw, gb_out
 
@@ -102,6 +111,7 @@ def _fake(
     reduction,
     compute_grad,
     chunk_size,
+    cpu,
 ):
     loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=torch.float32)
     now = compute_grad and reduction != 0
@@ -117,9 +127,9 @@ def _fake(
 
 
 def _setup(ctx, inputs, output):
-    x, w, t, b, weight, ignore_index, smoothing, reduction, compute_grad, chunk = inputs
+    x, w, t, b, weight, ignore_index, smoothing, reduction, compute_grad, chunk, cpu = inputs
     ctx.reduction, ctx.has_bias = reduction, b is not None
-    ctx.args = (ignore_index, smoothing, chunk)
+    ctx.args = (ignore_index, smoothing, chunk, cpu)
     if reduction == 0:  # gradients recomputed in the backward
         ctx.save_for_backward(x, w, t, b, weight)
     else:
@@ -130,19 +140,19 @@ def _backward(ctx, dloss, *_):
     if ctx.reduction != 0:
         gx, gw, gb = ctx.saved_tensors
         gb = (gb * dloss.to(gb.dtype)) if ctx.has_bias else None
-        return gx * dloss.to(gx.dtype), gw * dloss.to(gw.dtype), None, gb, None, None, None, None, None, None
+        return gx * dloss.to(gx.dtype), gw * dloss.to(gw.dtype), None, gb, None, None, None, None, None, None, None
     x, w, t, b, weight = ctx.saved_tensors
-    ignore_index, smoothing, chunk = ctx.args
+    ignore_index, smoothing, chunk, cpu = ctx.args
     gx, gw = torch.empty_like(x), torch.zeros_like(w)
     gb = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
     for s in range(0, x.shape[0], chunk):
         e = min(s + chunk, x.shape[0])
-        _, g = _chunk_grads(x, w, b, t, weight, None, ignore_index, smoothing, s, e, row_scale=dloss)
+        _, g = _chunk_grads(x, w, b, t, weight, None, ignore_index, smoothing, s, e, cpu, row_scale=dloss)
         torch.mm(g, w, out=gx[s:e])
         gw.addmm_(g.T, x[s:e])
         if gb is not None:
             gb += g.sum(0, dtype=torch.float32)
-    return gx, gw, None, (gb.to(b.dtype) if gb is not None else None), None, None, None, None, None, None
+    return gx, gw, None, (gb.to(b.dtype) if gb is not None else None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup)
@@ -221,5 +231,6 @@ def linear_cross_entropy(
         REDUCTIONS[reduction],
         needs_grad,
         int(chunk),
+        backend == "cpu",
     )
     return (loss.view(target.shape) if reduction == "none" else loss).to(input.dtype)
