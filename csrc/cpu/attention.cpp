@@ -436,10 +436,13 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
   p.H = H, p.group = H / Hkv, p.Sq = Sq, p.Sk = Sk, p.D = D;
   // Register tiles per ISA: AVX-512 (32 registers of 16 lanes): 32 queries x 8 keys = 16 accumulators; AVX2 (16
-  // registers of 8 lanes): 16 x 6 = 12; SSE: 8 x 6 = 12. The ISA clone that runs matches the one chosen here.
-  const int isa = __builtin_cpu_supports("avx512f")                                     ? 2
-                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
-                                                                                      : 0;
+  // registers of 8 lanes): 16 x 6 = 12; SSE (and any other CPU, e.g. NEON's 4 lanes): 8 x 6 = 12. The test is the
+  // same one the target_clones resolver makes (x86-64-v4 / v3 / default), so the tile matches the clone that runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTLM_NO_CLONES)
+  const int isa = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+#else
+  const int isa = 0;
+#endif
   const int64_t bm = isa == 2 ? 32 : isa == 1 ? 16 : 8;
   p.n_qblocks = (Sq + bm - 1) / bm;
   p.scale = static_cast<float>(scale);

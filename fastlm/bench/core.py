@@ -223,7 +223,7 @@ def matmul_tflops(device: torch.device) -> float:
 def environment(device: torch.device) -> dict:
     """Device, driver, versions, commit and time stamp recorded with every run."""
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({_cpu_name()})",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "fastlm": fastlm.__version__,
@@ -241,6 +241,17 @@ def environment(device: torch.device) -> dict:
         env["driver"] = _nvidia_smi("driver_version")
         env["cuda"] = torch.version.cuda
     return env
+
+
+def _cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo on Linux), its core count and torch's thread count."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name or 'unknown'}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def _git_commit() -> str | None:

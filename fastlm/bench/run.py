@@ -214,6 +214,11 @@ def compare(a_path: str, b_path: str) -> int:
     return 0
 
 
+def _is_cpu_report(path: str) -> bool:
+    with open(path) as f:
+        return f.readline().startswith("# fastlm benchmarks on CPU")
+
+
 def _committed_gpu_results() -> None:
     # run from a checkout (make bench): its benchmarks/results; an editable install also finds them beside the package
     candidates = [
@@ -222,6 +227,7 @@ def _committed_gpu_results() -> None:
     ]
     root = next((c for c in candidates if os.path.isdir(os.path.join(c, "results"))), candidates[0])
     found = sorted(glob.glob(os.path.join(root, "results", "*", "bench.md")), key=os.path.getmtime)
+    found = [p for p in found if not _is_cpu_report(p)]  # results/cpu-dev/ is the development machine's CPU run
     if not found:
         print("No committed GPU results under benchmarks/results/ yet.")
         return
