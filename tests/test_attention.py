@@ -575,6 +575,14 @@ def _raw(q=None, k=None, v=None, mask=None, cu=None, dropout_p=0.0, dtype=torch.
         (dict(v=torch.randn(1, 2, 9, 16)), "same shape"),
         (dict(mask=torch.ones(1, 2, 8, 9, dtype=torch.bool)), r"mask must be a \(B, H, Sq, Sk\)"),
         (dict(mask=torch.ones(1, 2, 8, 8, dtype=torch.int32)), "mask must be bool"),
+        # expanded (stride-0) keys of any claimed length: a size check, not a wrapped-around scratch allocation
+        (
+            dict(
+                k=torch.randn(1, 1, 1, 16).expand(1, 1, 1 << 40, 16),
+                v=torch.randn(1, 1, 1, 16).expand(1, 1, 1 << 40, 16),
+            ),
+            "sequence lengths up to",
+        ),
     ],
 )
 def test_cpu_raw_op_bad_input(kw, match):

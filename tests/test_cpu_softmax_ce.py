@@ -166,6 +166,22 @@ def test_cpu_cross_entropy_spatial(dtype, smoothing):
     )
 
 
+def test_cpu_cross_entropy_leading_chunk_all_minus_inf():
+    """The statistics run online over 2048-logit chunks: a first chunk of -inf only (e.g. masked-out vocabulary)
+    must not turn exp(-inf - max) into NaN (it did: exp(-inf + inf))."""
+    x = torch.randn(2, 4096)
+    x[:, :2048] = float("-inf")
+    t = torch.tensor([3000, 4000])
+    xr = x.clone().requires_grad_()
+    ref = TF.cross_entropy(xr, t)
+    ref.backward()
+    xo = x.clone().requires_grad_()
+    out = F.cross_entropy(xo, t)
+    out.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xo.grad, xr.grad)
+
+
 def test_cpu_cross_entropy_out_of_range_target():
     x = torch.randn(4, 10, requires_grad=True)
     for bad in (10, -1):

@@ -252,6 +252,20 @@ def test_linear_cross_entropy_low_precision(dtype, lce_backend):
         )
 
 
+@pytest.mark.skipif(ON_GPU, reason="the cpu backend runs on CPU tensors")
+def test_linear_cross_entropy_cpu_fp16_mean_over_many_tokens():
+    """The mean's denominator stays fp32: in fp16, 70000 tokens are inf and every gradient became 0."""
+    with fastlm.backend("cpu"):
+        x = torch.randn(70000, 4, dtype=torch.float16, requires_grad=True)
+        w = (torch.randn(8, 4) * 0.5).to(torch.float16).requires_grad_()
+        t = torch.randint(0, 8, (70000,))
+        F.linear_cross_entropy(x, w, t).backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    _lce_ref(x64, w64, t).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=2e-2)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=2e-2)
+
+
 @pytest.mark.parametrize("lce_backend", LCE_BACKENDS)
 def test_linear_cross_entropy_no_grad_and_bad_input(lce_backend):
     with fastlm.backend(lce_backend):

@@ -400,6 +400,10 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   STD_TORCH_CHECK(k.size(3) == D && v.size(3) == D, "fastlm: q, k and v must share the head dim");
   STD_TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Sk, "fastlm: k and v must have the same shape");
   STD_TORCH_CHECK(D >= 1, "fastlm: the head dim must be at least 1");
+  // Expanded (stride-0) k/v can claim any length without memory behind it; the scratch sizes derive from Sk and D.
+  STD_TORCH_CHECK(Sk <= (int64_t{1} << 32) && Sq <= (int64_t{1} << 32) && D <= (int64_t{1} << 20),
+                  "fastlm: sequence lengths up to 2^32 and head dims up to 2^20 (got Sq ", Sq, ", Sk ", Sk, ", D ", D,
+                  ")");
   STD_TORCH_CHECK(Hkv >= 1 || H == 0, "fastlm: k must have at least one head");
   STD_TORCH_CHECK(Hkv == 0 || H % Hkv == 0, "fastlm: the number of query heads (", H,
                   ") must be a multiple of the number of key/value heads (", Hkv, ")");
@@ -438,7 +442,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   // Register tiles per ISA: AVX-512 (32 registers of 16 lanes): 32 queries x 8 keys = 16 accumulators; AVX2 (16
   // registers of 8 lanes): 16 x 6 = 12; SSE (and any other CPU, e.g. NEON's 4 lanes): 8 x 6 = 12. The test is the
   // same one the target_clones resolver makes (x86-64-v4 / v3 / default), so the tile matches the clone that runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTLM_NO_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(FASTLM_NO_CLONES)
   const int isa = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
 #else
   const int isa = 0;

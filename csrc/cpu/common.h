@@ -27,7 +27,8 @@
 #include <limits>
 
 #define FASTLM_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTLM_NO_CLONES)
+// target_clones needs GCC on x86-64 and the GNU C library's ifunc support (musl has none).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(FASTLM_NO_CLONES)
 #define FASTLM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTLM_CPU_CLONES
@@ -163,6 +164,9 @@ inline void check_cpu_float(const Tensor& t, const char* name) {
 class Scratch {
  public:
   explicit Scratch(int64_t n) {
+    // A size computed from tensor shapes (an expanded, stride-0 tensor can be huge without memory behind it): no
+    // wrap-around into a tiny allocation.
+    STD_TORCH_CHECK(n <= (int64_t{1} << 40), "fastlm: ", n, " floats of scratch: more than the CPU kernels allow");
     const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) / 64 * 64;
     p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
     STD_TORCH_CHECK(p_ != nullptr, "fastlm: out of memory (", bytes, " bytes of scratch)");

@@ -104,14 +104,17 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
         s *= exp_fast(m - cm);  // m = -inf (first chunk): s = 0 * 0
         m = cm;
       }
-      cmax[ci] = m;
+      // While every logit so far is -inf, exp(v - m) would be exp(-inf + inf) = NaN: take the exps against 0 (they
+      // are all exp(-inf) = 0 then, and the rescaling above keeps s = 0 once a finite max appears).
+      const float mref = m == kNegInf ? 0.f : m;
+      cmax[ci] = mref;
       float cs = 0.f, cx = 0.f;
       if (e) {
         float* ec = e + c0;
 #pragma omp simd reduction(+ : cs, cx)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
-          const float ev = exp_fast(v - m);
+          const float ev = exp_fast(v - mref);
           ec[k] = ev;
           cs += ev;
           if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
@@ -120,7 +123,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
 #pragma omp simd reduction(+ : cs, cx)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
-          cs += exp_fast(v - m);
+          cs += exp_fast(v - mref);
           if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
         }
       }

@@ -43,7 +43,7 @@ def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, cpu):
         return k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
     losses, g = torch.ops.fastlm.cross_entropy_fwd_cpu(logits, t, weight, ignore_index, smoothing, 0, write_grad)
     if write_grad and denom is not None:
-        g.div_(denom.to(g.dtype))
+        g.div_(denom)  # fp32 denominator: in fp16 a mean over more than 65504 tokens would be inf
     return losses, g
 
 
