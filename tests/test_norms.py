@@ -229,6 +229,17 @@ def test_large_offset_is_stable(backend):
     torch.testing.assert_close(check, ref, atol=2e-3, rtol=0)
 
 
+def test_outlier_first_element_is_stable(backend):
+    """A first element far from the rest (the cpu kernel shifts the moments by it, and must notice when that
+    shift would cancel), and a constant row (variance exactly 0)."""
+    x = torch.randn(4, 4096, device=DEVICE)
+    x[:, 0] = 1e4
+    x[3] = 7.0
+    check = F.layer_norm(x, (4096,))
+    ref = TF.layer_norm(x.double(), (4096,)).float()
+    torch.testing.assert_close(check, ref, atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_bias_without_weight_keeps_the_bias_dtype(backend, dtype):
     """LayerNorm with a float32 bias and no weight on low-precision input: db arrives in the bias dtype."""

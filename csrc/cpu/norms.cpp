@@ -156,21 +156,36 @@ FASTLM_CPU_CLONES void norm_fwd_rows(const FwdArgs<T, W>& a, int64_t begin, int6
       for (int64_t j = 0; j < N; ++j) c[j] = to_float(xr[j]);
       hv = c;
     }
-    const float s = a.rms ? row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA { return hv[j] * hv[j]; })
-                          : row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA { return hv[j]; });
-
     float mean = 0.f;
     float var;
     if (a.rms) {
-      var = s * inv_n;
+      var = row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA { return hv[j] * hv[j]; }) * inv_n;
     } else {
-      mean = s * inv_n;
-      // Pass 2: centred second moment, from the cached row.
-      const float q = row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA {
-        const float d = hv[j] - mean;
-        return d * d;
-      });
-      var = q * inv_n;
+      // Both moments in one pass over the row shifted by its first element K ("shifted data" variance):
+      // var = E[d^2] - E[d]^2 with d = h - K. Its rounding error is about eps * (var + E[d]^2) / var, small while K
+      // lies within a few standard deviations of the mean, as a sample of the row does. When it does not (an
+      // outlier first element: E[d]^2 > 16 var), the centred second pass runs instead (no E[h^2] - mean^2
+      // cancellation either way; test_large_offset_is_stable and the outlier test check both branches).
+      const float K = hv[0];
+      float s1, s2;
+      row_sum2(
+          N,
+          [&](int64_t j, float& acc1, float& acc2) FASTLM_INLINE_LAMBDA {
+            const float d = hv[j] - K;
+            acc1 += d;
+            acc2 += d * d;
+          },
+          s1, s2);
+      const float dm = s1 * inv_n;
+      mean = K + dm;
+      var = s2 * inv_n - dm * dm;
+      if (!(dm * dm <= 16.f * var)) {  // also a zero or negative (rounded) variance
+        const float q = row_sum(N, [&](int64_t j) FASTLM_INLINE_LAMBDA {
+          const float d = hv[j] - mean;
+          return d * d;
+        });
+        var = q * inv_n;
+      }
     }
     const float rstd = 1.0f / std::sqrt(var + a.eps);
     if (a.mean) a.mean[r] = mean;
