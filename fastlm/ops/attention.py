@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import UnsupportedCaseError, current_backend, resolve
+from fastlm.dispatch import UnsupportedCaseError, call, current_backend, resolve
 
 MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -342,8 +342,8 @@ def scaled_dot_product_attention(
         check_cuda_case(q4, k4, v4, mask4, dropout_p, varlen=False)
     elif backend == "cpu":
         check_cpu_case(dropout_p, varlen=False)
-    o, lse = FWD[backend](
-        q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
+    o, lse = call(
+        FWD[backend], q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
     )
     o = o.reshape(*query.shape[:-1], D)
     if return_lse:
@@ -422,7 +422,8 @@ def varlen_attention(
     elif backend == "cpu":
         check_cpu_case(dropout_p, varlen=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, lse = FWD[backend](
+    o, lse = call(
+        FWD[backend],
         q,
         k,
         v,

@@ -22,7 +22,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import FUSED_DTYPES, resolve
+from fastlm.dispatch import FUSED_DTYPES, call, resolve
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -205,7 +205,9 @@ def cross_entropy(
     t = target.reshape(-1).to(torch.int64)
     w = weight.float().contiguous() if weight is not None else None
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _ = CE_FWD[backend](x, t, w, int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], compute_grad)
+    loss, _ = call(
+        CE_FWD[backend], x, t, w, int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], compute_grad
+    )
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss.to(input.dtype)

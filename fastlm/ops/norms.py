@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext, reference
-from fastlm.dispatch import FUSED_DTYPES, resolve
+from fastlm.dispatch import FUSED_DTYPES, call, resolve
 
 MAX_N = 65536  # widest normalised row of the fused kernels (both backends)
 
@@ -184,7 +184,8 @@ def _flat(t: Tensor | None) -> Tensor | None:
 def _fused(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     shape = _validate(input, residual, normalized_shape, weight, bias, backend)
     n = math.prod(shape)
-    y, h, _, _ = FWD_OPS[backend](
+    y, h, _, _ = call(
+        FWD_OPS[backend],
         _rows(input, n),
         _rows(residual, n) if residual is not None else None,
         _flat(weight),

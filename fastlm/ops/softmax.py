@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import FUSED_DTYPES, resolve
+from fastlm.dispatch import FUSED_DTYPES, call, resolve
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops
@@ -153,8 +153,8 @@ def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
         x2 = input.reshape(-1, R)  # a view for row-strided inputs
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()  # non-unit last stride: one copy
-        return FWD[backend](x2, 1, log).view(input.shape)
-    return FWD[backend](input.contiguous(), d, log)  # a strided launch along ``d``; copies only a strided input
+        return call(FWD[backend], x2, 1, log).view(input.shape)
+    return call(FWD[backend], input.contiguous(), d, log)  # a strided launch along ``d``; copies only a strided input
 
 
 def softmax(input: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
@@ -233,5 +233,5 @@ def scaled_masked_softmax(
     m4 = None
     if mask is not None:
         m4 = mask.expand(input.shape).reshape(x4.shape)  # a stride-0 view unless the leading dims cannot merge
-    y = MASKED[backend](x4, m4, float(scale), bool(is_causal))
+    y = call(MASKED[backend], x4, m4, float(scale), bool(is_causal))
     return y.view(input.shape)
