@@ -10,6 +10,7 @@
 // scratch buffer that stays in L1/L2 between the passes over the row: each element is read from memory once.
 // All math is fp32; the inner loops are plain fp32 loops over the row (`#pragma omp simd` for the sums).
 #include "cpu/common.h"
+#include "norm_checks.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -26,8 +27,6 @@
 
 namespace fastlm::cpu {
 namespace {
-
-constexpr int64_t kMaxN = 65536;
 
 // Lambdas are not cloned: the ones in the hot loops must be inlined into the (cloned) caller.
 #define FASTLM_INLINE_LAMBDA __attribute__((always_inline))
@@ -374,57 +373,29 @@ FASTLM_CPU_CLONES void col_sum(const float* part, O* out, int64_t S, int64_t N, 
 // ------------------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------------------
+// The device is checked here; everything else by the checks shared with the CUDA kernels (csrc/norm_checks.h).
+void check_cpu(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
+}
+
 void check_x(const Tensor& x, const char* name) {
-  STD_TORCH_CHECK(x.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
-  STD_TORCH_CHECK(x.dim() == 2, "fastlm: ", name, " must be 2-D (M, N), got ", x.dim(), " dimensions");
-  check_cpu_float(x, name);
-  STD_TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= kMaxN, "fastlm: the normalised size N = ", x.size(1),
-                  " must be in [1, ", kMaxN, "]");
-  STD_TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, "fastlm: ", name,
-                  " must have unit stride along the last dimension, got stride ", x.stride(1));
+  check_cpu(x, name);
+  norm_checks::check_x(x, name);
 }
 
-// (M, N) matrix of x's dtype with unit column stride (any row stride: rows are only read).
 void check_matrix(const Tensor& t, const char* name, const Tensor& x) {
-  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
-  STD_TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastlm: ", name,
-                  " must have the shape of x (", x.size(0), ", ", x.size(1), ")");
-  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastlm: ", name, " must have x's dtype (",
-                  dtype_name(x.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  STD_TORCH_CHECK(t.size(1) == 1 || t.stride(1) == 1, "fastlm: ", name,
-                  " must have unit stride along the last dimension, got stride ", t.stride(1));
+  check_cpu(t, name);
+  norm_checks::check_matrix(t, name, x);
 }
 
-// (N,) vector of x's dtype or float32, unit stride.
 void check_param(const Tensor& t, const char* name, const Tensor& x) {
-  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
-  const int64_t N = x.size(1);
-  STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "fastlm: ", name, " must be 1-D of size N = ", N);
-  STD_TORCH_CHECK(N == 1 || t.stride(0) == 1, "fastlm: ", name, " must be contiguous");
-  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == ScalarType::Float, "fastlm: ", name,
-                  " must have x's dtype (", dtype_name(x.scalar_type()), ") or float32, got ",
-                  dtype_name(t.scalar_type()));
+  check_cpu(t, name);
+  norm_checks::check_param(t, name, x);
 }
 
-// (M,) float32 statistics, unit stride.
 void check_stat(const Tensor& t, const char* name, int64_t M) {
-  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
-  STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == M, "fastlm: ", name, " must be 1-D of size M = ", M);
-  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float, "fastlm: ", name, " must be float32, got ",
-                  dtype_name(t.scalar_type()));
-  STD_TORCH_CHECK(M <= 1 || t.stride(0) == 1, "fastlm: ", name, " must be contiguous");
-}
-
-// Calls f(T{}, W{}) for the five supported (element, weight) type pairs.
-template <typename F>
-void dispatch_types(ScalarType xt, ScalarType wt, F&& f) {
-  const bool wf = wt == ScalarType::Float;
-  switch (xt) {
-    case ScalarType::Float: f(float{}, float{}); return;
-    case ScalarType::Half: wf ? f(half{}, float{}) : f(half{}, half{}); return;
-    case ScalarType::BFloat16: wf ? f(bf16{}, float{}) : f(bf16{}, bf16{}); return;
-    default: STD_TORCH_CHECK(false, "fastlm: unsupported dtype ", dtype_name(xt));
-  }
+  check_cpu(t, name);
+  norm_checks::check_stat(t, name, M);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const std::optional<Tensor>& residual,
@@ -451,7 +422,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const s
   Tensor rstd = torch::stable::new_empty(x, {M}, ScalarType::Float);
   if (M == 0) return {y, h, mean, rstd};
 
-  dispatch_types(xt, wt, [&](auto t_tag, auto w_tag) {
+  norm_checks::dispatch_types<half, bf16>(xt, wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     FwdArgs<T, W> a{};
@@ -512,7 +483,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const Tensor& 
   Tensor ws_dw = torch::stable::new_empty(x, {need_dw ? S : 0, need_dw ? N : 0}, ScalarType::Float);
   Tensor ws_db = torch::stable::new_empty(x, {need_db ? S : 0, need_db ? N : 0}, ScalarType::Float);
 
-  dispatch_types(xt, wt, [&](auto t_tag, auto w_tag) {
+  norm_checks::dispatch_types<half, bf16>(xt, wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     BwdArgs<T, W> a{};

@@ -14,6 +14,7 @@
 // Numerics: all math in fp32; the build uses --use_fast_math (approximate division and rsqrt, ~2 ulp;
 // denormals flushed to zero).
 #include "common.cuh"
+#include "norm_checks.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -36,7 +37,6 @@ namespace {
 using torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 
-constexpr int kMaxN = 65536;
 // Shared memory kept free of dynamic allocations: the kernels' static smem (<= 256 B) plus the 1 KiB that
 // sm_90 counts as reserved per block, with room to spare.
 constexpr size_t kSmemMargin = 4096;
@@ -377,13 +377,7 @@ __global__ void __launch_bounds__(1024)
 // ------------------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------------------
-const char* dtype_name(ScalarType t) {
-  return t == ScalarType::Float      ? "float32"
-         : t == ScalarType::Half     ? "float16"
-         : t == ScalarType::BFloat16 ? "bfloat16"
-         : t == ScalarType::Double   ? "float64"
-                                     : "an unsupported dtype";
-}
+using norm_checks::dtype_name;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -441,59 +435,25 @@ void check_cuda_tensor(const Tensor& t, const char* name, int32_t dev) {
                   " but x is on cuda:", dev, "; all tensors must be on the same device");
 }
 
-// (M, N) matrix of x's dtype with unit column stride (any row stride: rows are only read).
+// The device is checked here; everything else by the checks shared with the CPU kernels (csrc/norm_checks.h).
 void check_matrix(const Tensor& t, const char* name, const Tensor& x, int32_t dev) {
   check_cuda_tensor(t, name, dev);
-  STD_TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastlm: ", name,
-                  " must have the shape of x (", x.size(0), ", ", x.size(1), ")");
-  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastlm: ", name, " must have x's dtype (",
-                  dtype_name(x.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  STD_TORCH_CHECK(t.size(1) == 1 || t.stride(1) == 1, "fastlm: ", name,
-                  " must have unit stride along the last dimension, got stride ", t.stride(1));
+  norm_checks::check_matrix(t, name, x);
 }
 
-// (N,) vector of x's dtype or float32, unit stride.
 void check_param(const Tensor& t, const char* name, const Tensor& x, int32_t dev) {
   check_cuda_tensor(t, name, dev);
-  const int64_t N = x.size(1);
-  STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "fastlm: ", name, " must be 1-D of size N = ", N);
-  STD_TORCH_CHECK(N == 1 || t.stride(0) == 1, "fastlm: ", name, " must be contiguous");
-  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == ScalarType::Float, "fastlm: ", name,
-                  " must have x's dtype (", dtype_name(x.scalar_type()), ") or float32, got ",
-                  dtype_name(t.scalar_type()));
+  norm_checks::check_param(t, name, x);
 }
 
-// (M,) float32 statistics, unit stride.
 void check_stat(const Tensor& t, const char* name, int64_t M, int32_t dev) {
   check_cuda_tensor(t, name, dev);
-  STD_TORCH_CHECK(t.dim() == 1 && t.size(0) == M, "fastlm: ", name, " must be 1-D of size M = ", M);
-  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float, "fastlm: ", name, " must be float32, got ",
-                  dtype_name(t.scalar_type()));
-  STD_TORCH_CHECK(M <= 1 || t.stride(0) == 1, "fastlm: ", name, " must be contiguous");
+  norm_checks::check_stat(t, name, M);
 }
 
 void check_x(const Tensor& x, const char* name) {
   STD_TORCH_CHECK(x.is_cuda(), "fastlm: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() == 2, "fastlm: ", name, " must be 2-D (M, N), got ", x.dim(), " dimensions");
-  const ScalarType dt = x.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16, "fastlm: ",
-                  name, " must be float32, float16 or bfloat16, got ", dtype_name(dt));
-  STD_TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= kMaxN, "fastlm: the normalised size N = ", x.size(1),
-                  " must be in [1, ", kMaxN, "]");
-  STD_TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, "fastlm: ", name,
-                  " must have unit stride along the last dimension, got stride ", x.stride(1));
-}
-
-// Calls f(T{}, W{}) for the five supported (element, weight) type pairs.
-template <typename F>
-void dispatch_types(ScalarType xt, ScalarType wt, F&& f) {
-  const bool wf = wt == ScalarType::Float;
-  switch (xt) {
-    case ScalarType::Float: f(float{}, float{}); return;
-    case ScalarType::Half: wf ? f(__half{}, float{}) : f(__half{}, __half{}); return;
-    case ScalarType::BFloat16: wf ? f(__nv_bfloat16{}, float{}) : f(__nv_bfloat16{}, __nv_bfloat16{}); return;
-    default: STD_TORCH_CHECK(false, "fastlm: unsupported dtype ", dtype_name(xt));
-  }
+  norm_checks::check_x(x, name);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const std::optional<Tensor>& residual,
@@ -525,7 +485,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const 
 
   const DeviceInfo di = device_info(dev);
   const cudaStream_t stream = current_stream(dev);
-  dispatch_types(xt, wt, [&](auto t_tag, auto w_tag) {
+  norm_checks::dispatch_types<__half, __nv_bfloat16>(xt, wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     constexpr int V = kVec<T>;
@@ -595,7 +555,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
 
   const DeviceInfo di = device_info(dev);
   const cudaStream_t stream = current_stream(dev);
-  dispatch_types(xt, wt, [&](auto t_tag, auto w_tag) {
+  norm_checks::dispatch_types<__half, __nv_bfloat16>(xt, wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
     constexpr int V = kVec<T>;
