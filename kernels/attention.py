@@ -11,11 +11,15 @@ whose mask allows nothing is skipped before its matmuls. A query whose keys are 
 gradients and lse = -inf. Dropout: Philox numbers from (seed, offset + row * Sk_max + key), regenerated in the
 backward, so no mask is stored; the normaliser l uses the undropped probabilities, as torch.
 
-Backward (FA2): delta = rowsum(dO * O) (preprocess kernel); one program per key block computes dK, dV by streaming
-the queries of every query head that shares its key/value head (GQA without atomics); one program per query block
-computes dQ by streaming keys. No atomics anywhere: the backward is bitwise deterministic.
-    p = exp(s - lse); z = dropout keep / (1 - p_drop); dV += (p z)^T dO; dP = dO V^T; dS = p (z dP - delta)
-    dK += dS^T q * scale;  dQ += dS k * scale
+The backward lives in kernels/attention_bwd.py (FA2 scheme: preprocess, dK/dV, dQ; no atomics).
+
+Hopper (sm_90): when the layout allows (fp16/bf16, 16-byte aligned base and strides) Q, K and V come through host
+TMA descriptors (`use_tma`; out-of-bounds rows and head-dim columns are zero-filled by the copy engine, so no
+masks on those loads). On Triton 3.6 the autotune space also holds warp-specialised configs (WS: one TMA producer
+warp group, two consumer warp groups; Triton's pass takes a single plain loop, so the WS variant runs one loop with
+the causal and bounds masks on every tile, and is used only without a user mask). Launch configs: `fwd_configs`
+(the default first; FASTLM_AUTOTUNE=1 searches the list, keyed on head dim, causal, mask kind, dropout, layout and
+dtype).
 
 Layouts: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with a unit last stride; varlen: (total, H, D) with
 cu_seqlens (int32, n + 1). lse: (B, H, Sq) fp32, or (H, total_q) for varlen. Head dims up to 256, padded to a power
@@ -29,7 +33,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels import empty
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -100,6 +103,19 @@ def _keep(seed, rng_rows, offs_n, dropout_p):
 
 
 @triton.jit
+def _kv_tile(
+    Ptr, Desc, b, h, start, offs, offs_d, S, D, stride, TMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Rows [start, start + BLOCK_R) x [0, BLOCK_D) of one (batch, head), zero beyond S and D. TMA: through the
+    host tensor descriptor of the dense (B, H, S, D) tensor (the copy engine zero-fills out-of-bounds rows and
+    columns); otherwise masked pointer loads."""
+    if TMA:
+        return Desc.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_D)
+    ok = (offs < S)[:, None] & (offs_d < D)[None, :]
+    return tl.load(Ptr + offs[:, None].to(tl.int64) * stride + offs_d[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
 def _fwd_block(
     acc,
     m_i,
@@ -107,6 +123,10 @@ def _fwd_block(
     q,
     K_,
     V_,
+    Kd,
+    Vd,
+    b,
+    hkv,
     M_,
     start_n,
     offs_m,
@@ -128,11 +148,13 @@ def _fwd_block(
     CHECK: tl.constexpr,
     DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
     if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
-        kv_ok = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(K_ + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _kv_tile(K_, Kd, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_kn, TMA, BLOCK_N, BLOCK_D)
         s = _scores(q, k, M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, CHECK, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -142,7 +164,7 @@ def _fwd_block(
         acc = acc * alpha[:, None]
         if DROPOUT:
             p = tl.where(_keep(seed, rng_rows, offs_n, dropout_p), p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V_ + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _kv_tile(V_, Vd, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_vn, TMA, BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -153,6 +175,9 @@ def _attn_fwd_kernel(
     Q,
     K,
     V,
+    Qd,
+    Kd,
+    Vd,
     Mask,
     O,
     Lse,
@@ -193,35 +218,41 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_m = pid_m * BLOCK_M
-    if start_m < Sq:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q_ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-        Q_ = Q + b64 * stride_qb + q0.to(tl.int64) * stride_qm + h64 * stride_qh
-        q = tl.load(Q_ + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
-        K_ = K + b64 * stride_kb + k0.to(tl.int64) * stride_kn + (h64 // GROUP) * stride_kh
-        V_ = V + b64 * stride_vb + k0.to(tl.int64) * stride_vn + (h64 // GROUP) * stride_vh
-        M_ = Mask + b64 * sm_b + h64 * sm_h
-        lse_row = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64) + offs_m  # also the dropout row index
-        rng_rows = rng_offset + lse_row * Sk_max
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        if CAUSAL:
-            hi = tl.minimum(Sk, start_m + BLOCK_M)
-            full_hi = tl.minimum(start_m + 1, Sk) // BLOCK_N * BLOCK_N  # every key <= every query of the block
-        else:
-            hi = Sk
-            full_hi = Sk // BLOCK_N * BLOCK_N
-        for start_n in range(0, full_hi, BLOCK_N):  # off-band: no causal or bounds masks
+    if VARLEN:  # dense launches cover exactly cdiv(Sq, BLOCK_M) blocks (and warp specialisation needs no exit)
+        if start_m >= Sq:
+            return
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    Q_ = Q + b64 * stride_qb + q0.to(tl.int64) * stride_qm + h64 * stride_qh
+    q = _kv_tile(Q_, Qd, b, h, start_m, offs_m, offs_d, Sq, D, stride_qm, TMA, BLOCK_M, BLOCK_D)
+    K_ = K + b64 * stride_kb + k0.to(tl.int64) * stride_kn + (h64 // GROUP) * stride_kh
+    V_ = V + b64 * stride_vb + k0.to(tl.int64) * stride_vn + (h64 // GROUP) * stride_vh
+    M_ = Mask + b64 * sm_b + h64 * sm_h
+    lse_row = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64) + offs_m  # also the dropout row index
+    rng_rows = rng_offset + lse_row * Sk_max
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        full_hi = tl.minimum(start_m + 1, Sk) // BLOCK_N * BLOCK_N  # every key <= every query of the block
+    else:
+        hi = Sk
+        full_hi = Sk // BLOCK_N * BLOCK_N
+    hkv = h // GROUP
+    if WS:  # one loop with the masks on every tile: Triton's Hopper warp specialisation takes a single plain loop
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
             acc, m_i, l_i = _fwd_block(
                 acc,
                 m_i,
@@ -229,36 +260,10 @@ def _attn_fwd_kernel(
                 q,
                 K_,
                 V_,
-                M_,
-                start_n,
-                offs_m,
-                offs_n0,
-                offs_d,
-                Sq,
-                Sk,
-                D,
-                stride_kn,
-                stride_vn,
-                sm_m,
-                sm_n,
-                qk_scale,
-                dropout_p,
-                seed,
-                rng_rows,
-                MASK_KIND,
-                False,
-                False,
-                DROPOUT,
-                PREC,
-            )
-        for start_n in range(full_hi, hi, BLOCK_N):  # on-band: the diagonal and the ragged last block
-            acc, m_i, l_i = _fwd_block(
-                acc,
-                m_i,
-                l_i,
-                q,
-                K_,
-                V_,
+                Kd,
+                Vd,
+                b,
+                hkv,
                 M_,
                 start_n,
                 offs_m,
@@ -280,301 +285,158 @@ def _attn_fwd_kernel(
                 True,
                 DROPOUT,
                 PREC,
+                TMA,
+                BLOCK_N,
+                BLOCK_D,
             )
-        empty_row = l_i == 0.0
-        l_safe = tl.where(empty_row, 1.0, l_i)
-        o = acc / l_safe[:, None]
-        lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        O_ = O + b64 * stride_ob + q0.to(tl.int64) * stride_om + h64 * stride_oh
-        tl.store(O_ + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok)
-        tl.store(Lse + lse_row, lse, mask=offs_m < Sq)
-
-
-@triton.jit
-def _attn_bwd_preprocess(
-    O,
-    DO,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    lse_sb,
-    lse_sh,
-    H,
-    Sq,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """delta = rowsum(dO * O) over dense (B, H, Sq, D) or varlen (total, H, D) (then B = 1, Sq = total)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = (tl.program_id(1) // H).to(tl.int64)
-    h = (tl.program_id(1) % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows * stride_dm + offs_d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + b * lse_sb + h * lse_sh + offs_m, delta, mask=offs_m < Sq)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV,
-    CuQ,
-    CuK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    sm_b,
-    sm_h,
-    sm_m,
-    sm_n,
-    lse_sb,
-    lse_sh,
-    H,
-    Hkv,
-    GROUP,
-    Sq_max,
-    Sk_max,
-    D,
-    sm_scale,
-    dropout_p,
-    seed,
-    rng_offset,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1) // Hkv
-    h_kv = tl.program_id(1) % Hkv
-    q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
-    start_n = pid_n * BLOCK_N
-    if start_n < Sk:
-        b64, hk64 = b.to(tl.int64), h_kv.to(tl.int64)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        kv_ok = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
-        kv_rows = offs_n[:, None].to(tl.int64)
-        k = tl.load(
-            K + b64 * stride_kb + hk64 * stride_kh + (k0.to(tl.int64) + kv_rows) * stride_kn + offs_d[None, :],
-            mask=kv_ok,
-            other=0.0,
-        )
-        v = tl.load(
-            V + b64 * stride_vb + hk64 * stride_vh + (k0.to(tl.int64) + kv_rows) * stride_vn + offs_d[None, :],
-            mask=kv_ok,
-            other=0.0,
-        )
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
-        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: queries before the block see none of it
-        for g in range(0, GROUP):
-            h64 = hk64 * GROUP + g
-            Q_ = Q + b64 * stride_qb + h64 * stride_qh + q0.to(tl.int64) * stride_qm
-            DO_ = DO + b64 * stride_dob + h64 * stride_doh + q0.to(tl.int64) * stride_dom
-            M_ = Mask + b64 * sm_b + h64 * sm_h
-            lse_base = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64)
-            for start_m in range(lo, Sq, BLOCK_M):
-                offs_m = start_m + offs_m0
-                if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
-                    q_ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-                    rows = offs_m[:, None].to(tl.int64)
-                    q = tl.load(Q_ + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
-                    do = tl.load(DO_ + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
-                    lse = tl.load(Lse + lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
-                    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-                    delta = tl.load(Delta + lse_base + offs_m, mask=offs_m < Sq, other=0.0)
-                    s = _scores(q, k, M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
-                    p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
-                    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                    if DROPOUT:
-                        rng_rows = rng_offset + (lse_base + offs_m) * Sk_max
-                        z = tl.where(_keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
-                        dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=PREC)
-                        ds = p * (z * dp - delta[:, None])
-                    else:
-                        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                        ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        dk *= sm_scale
-        DK_ = DK + b64 * stride_dkb + hk64 * stride_dkh + (k0.to(tl.int64) + kv_rows) * stride_dkn
-        DV_ = DV + b64 * stride_dvb + hk64 * stride_dvh + (k0.to(tl.int64) + kv_rows) * stride_dvn
-        tl.store(DK_ + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV_ + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    CuQ,
-    CuK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    sm_b,
-    sm_h,
-    sm_m,
-    sm_n,
-    lse_sb,
-    lse_sh,
-    H,
-    GROUP,
-    Sq_max,
-    Sk_max,
-    D,
-    sm_scale,
-    dropout_p,
-    seed,
-    rng_offset,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
-    start_m = pid_m * BLOCK_M
-    if start_m < Sq:
-        b64, h64 = b.to(tl.int64), h.to(tl.int64)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q_ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-        rows = q0.to(tl.int64) + offs_m[:, None].to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
-        do = tl.load(
-            DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0
-        )
-        lse_idx = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64) + offs_m
-        lse = tl.load(Lse + lse_idx, mask=offs_m < Sq, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(Delta + lse_idx, mask=offs_m < Sq, other=0.0)
-        K_ = K + b64 * stride_kb + (h64 // GROUP) * stride_kh + k0.to(tl.int64) * stride_kn
-        V_ = V + b64 * stride_vb + (h64 // GROUP) * stride_vh + k0.to(tl.int64) * stride_vn
-        M_ = Mask + b64 * sm_b + h64 * sm_h
-        rng_rows = rng_offset + lse_idx * Sk_max
-        qk_scale = sm_scale * 1.4426950408889634
-        hi = tl.minimum(Sk, start_m + BLOCK_M) if CAUSAL else Sk
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
-                kv_ok = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
-                k = tl.load(K_ + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-                v = tl.load(V_ + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-                s = _scores(q, k, M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
-                p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                if DROPOUT:
-                    z = tl.where(_keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
-                    ds = p * (z * dp - delta[:, None])
-                else:
-                    ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        dq *= sm_scale
-        tl.store(
-            DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=q_ok,
-        )
+    else:
+        for start_n in range(0, full_hi, BLOCK_N):  # off-band: no causal or bounds masks
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_,
+                V_,
+                Kd,
+                Vd,
+                b,
+                hkv,
+                M_,
+                start_n,
+                offs_m,
+                offs_n0,
+                offs_d,
+                Sq,
+                Sk,
+                D,
+                stride_kn,
+                stride_vn,
+                sm_m,
+                sm_n,
+                qk_scale,
+                dropout_p,
+                seed,
+                rng_rows,
+                MASK_KIND,
+                False,
+                False,
+                DROPOUT,
+                PREC,
+                TMA,
+                BLOCK_N,
+                BLOCK_D,
+            )
+        for start_n in range(full_hi, hi, BLOCK_N):  # on-band: the diagonal and the ragged last block
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_,
+                V_,
+                Kd,
+                Vd,
+                b,
+                hkv,
+                M_,
+                start_n,
+                offs_m,
+                offs_n0,
+                offs_d,
+                Sq,
+                Sk,
+                D,
+                stride_kn,
+                stride_vn,
+                sm_m,
+                sm_n,
+                qk_scale,
+                dropout_p,
+                seed,
+                rng_rows,
+                MASK_KIND,
+                CAUSAL,
+                True,
+                DROPOUT,
+                PREC,
+                TMA,
+                BLOCK_N,
+                BLOCK_D,
+            )
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    O_ = O + b64 * stride_ob + q0.to(tl.int64) * stride_om + h64 * stride_oh
+    tl.store(O_ + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_ok)
+    tl.store(Lse + lse_row, lse, mask=offs_m < Sq)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launch heuristics (per architecture choices live here only)
+# Launch configurations (per architecture choices live here only)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SM90_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# Triton's Hopper warp specialisation (`tl.range(..., warp_specialize=True)`: a TMA producer warp group and two
+# consumer warp groups with register reallocation) compiles this forward on Triton 3.6 (static sm_90 check: USETMAXREG,
+# no spills); the 3.8 pass asserts on it (WSLowerToken), so warp-specialised configs exist only on 3.6.
+WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 
 
-def fwd_config(D: int) -> dict:
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if D <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if D <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+def _cfg(m, n, warps, stages, ws=False):
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, WS=ws)
 
 
-def bwd_dkdv_config(D: int) -> dict:
-    """BLOCK_N keys per program, BLOCK_M queries per step. Chosen from the static sm_90 report: every dot on wgmma
-    (HGMMA) and no spills up to D = 128; at D = 256 no wgmma tiling is spill-free, so mma.sync tiles are used."""
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if D <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    if D <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+# Forward configs per head-dim bucket; the first is the default, the list is what FASTLM_AUTOTUNE=1 searches. Every
+# entry was compiled for sm_90 (bf16; Triton 3.6 and 3.8): every dot on wgmma, no spills, shared memory <= 227 KiB;
+# TMA entries load Q, K and V with UTMALDG (tests/test_attention.py::test_static_sm90 keeps this true).
+FWD_TMA = {
+    64: [
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 64, 4, 2, True),
+        _cfg(128, 128, 4, 2, True),
+        _cfg(128, 64, 4, 3, True),
+        _cfg(64, 64, 4, 3),
+        _cfg(128, 32, 8, 3),
+        _cfg(64, 128, 8, 2),
+    ],
+    128: [
+        _cfg(128, 64, 8, 2),
+        _cfg(128, 64, 4, 2, True),
+        _cfg(128, 128, 4, 2, True),
+        _cfg(128, 64, 4, 3, True),
+        _cfg(128, 64, 8, 3),
+        _cfg(64, 64, 4, 3),
+        _cfg(128, 32, 8, 3),
+    ],
+    256: [_cfg(64, 32, 8, 2), _cfg(128, 64, 4, 2, True), _cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
+}
+# Pointer loads (sm_80, varlen, layouts TMA cannot describe).
+FWD_PTR = {
+    64: [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
+    128: [_cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
+    256: [_cfg(64, 32, 8, 2)],
+}
+INTERPRET_CFG = _cfg(16, 16, 4, 1)
 
 
-def bwd_dq_config(D: int) -> dict:
-    """BLOCK_M queries per program, BLOCK_N keys per step (same criteria as bwd_dkdv_config)."""
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if D <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+def _bucket(D: int) -> int:
+    return 64 if D <= 64 else (128 if D <= 128 else 256)
+
+
+def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET) -> list:
+    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (TMA, dense,
+    no user mask, Triton 3.6). One config when interpreting."""
+    if interpret:
+        return [INTERPRET_CFG]
+    return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -584,6 +446,96 @@ def precision(dtype: torch.dtype) -> str:
 
 def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def autotune_enabled(t: torch.Tensor) -> bool:
+    """FASTLM_AUTOTUNE=1: search the config list once per (head dim, causal, mask kind, dropout, layout, dtype) and
+    keep the fastest. Off by default (a first call then costs seconds of compiling, and the pick may differ between
+    processes), under the interpreter and under torch.use_deterministic_algorithms."""
+    return (
+        not INTERPRET
+        and t.is_cuda
+        and os.environ.get("FASTLM_AUTOTUNE", "0") == "1"
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+
+
+def _tma_strides(t: torch.Tensor):
+    """Strides a TMA descriptor can take for the dense (B, H, S, D) tensor t, or None. Size-1 dims get the span of
+    the dims inside them (their stride is never used)."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
+        return None
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = max(strides[j] * t.shape[j] for j in range(i + 1, t.dim()))
+    if any(st <= 0 or (st * t.element_size()) % 16 or st >= 2**40 for st in strides[:-1]):
+        return None
+    return strides
+
+
+def use_tma(*ts: torch.Tensor) -> bool:
+    """Load through host TMA descriptors: fp16/bf16 on sm_90+ when every tensor's layout allows it (16-byte aligned
+    base and strides). FASTLM_ATTENTION_TMA=0 turns it off; =1 uses it wherever the layout allows (also under the
+    interpreter, which is how the CPU tests run this path)."""
+    mode = os.environ.get("FASTLM_ATTENTION_TMA", "auto")
+    if mode == "0" or TensorDescriptor is None:
+        return False
+    t = ts[0]
+    if mode != "1" and not (
+        t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(t.device)[0] >= 9
+    ):
+        return False
+    return all(_tma_strides(x) is not None for x in ts)
+
+
+def descriptor(t: torch.Tensor, rows: int):
+    """Host TMA descriptor of the dense (B, H, S, D) tensor t with [1, 1, rows, block_d(D)] boxes; the copy engine
+    zero-fills the rows past S and the columns past D."""
+    return TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, block_d(t.shape[-1])])
+
+
+def _set_boxes(nargs, pairs):
+    """Autotune pre-hook body: each descriptor's box follows the config's block sizes."""
+    if nargs.get("TMA"):
+        bd = nargs["BLOCK_D"]
+        for name, block in pairs:
+            nargs[name].block_shape = [1, 1, nargs[block], bd]
+
+
+def _autotuned(kernel, tables, pairs, prune):
+    seen, configs = set(), []
+    for table in tables:
+        for cfgs in table.values():
+            for c in cfgs:
+                key = tuple(sorted(c.items()))
+                if key not in seen:
+                    seen.add(key)
+                    kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+                    configs.append(
+                        triton.Config(
+                            kw,
+                            num_warps=c["num_warps"],
+                            num_stages=c["num_stages"],
+                            pre_hook=lambda n: _set_boxes(n, pairs),
+                        )
+                    )
+
+    def early_prune(configs, nargs, **kw):
+        allowed = prune(kw)
+        return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
+
+    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC"]
+    return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": early_prune})(kernel)
+
+
+FWD_BOXES = (("Qd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N"))
+_attn_fwd_tuned = _autotuned(
+    _attn_fwd_kernel,
+    (FWD_TMA, FWD_PTR),
+    FWD_BOXES,
+    lambda kw: fwd_configs(kw["BLOCK_D"], kw["TMA"], kw["TMA"] and WS_TRITON and kw["MASK_KIND"] == 0, False),
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,9 +564,12 @@ def attn_fwd(
     cu_k=None,
     max_q: int = 0,
     max_k: int = 0,
+    config: dict | None = None,
+    tma: bool | None = None,
 ):
     """o, lse. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask a (B, H, Sq, Sk) view or None.
-    Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask."""
+    Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask.
+    config / tma: force a launch config (one of fwd_configs) and the TMA path (tests); None = the defaults."""
     varlen = cu_q is not None
     D = q.shape[-1]
     if varlen:
@@ -635,19 +590,23 @@ def attn_fwd(
         lse_sb, lse_sh = H * Sq, Sq
     if o.numel() == 0 or Sq == 0:
         return o, lse
+    if Sk == 0:  # no keys: every row is empty (zero output, lse = -inf)
+        return o.zero_(), lse.fill_(float("-inf"))
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
-    cfg = fwd_config(D)
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)
-    cu = cu_q if varlen else lse
-    _attn_fwd_kernel[grid](
+    tma = (not varlen and use_tma(q, k, v)) if tma is None else tma
+    ws = tma and WS_TRITON and mask_kind == MASK_NONE
+    args = [
+        q,
+        k,
+        v,
         q,
         k,
         v,
         mask if mask is not None else q,
         o,
         lse,
-        cu,
+        cu_q if varlen else lse,
         cu_k if varlen else lse,
         *qs,
         *ks,
@@ -665,166 +624,68 @@ def attn_fwd(
         dropout_p,
         seed,
         offset,
+    ]
+    flags = dict(
         MASK_KIND=mask_kind,
         CAUSAL=causal,
         DROPOUT=dropout_p > 0.0,
         VARLEN=varlen,
         BLOCK_D=block_d(D),
         PREC=precision(q.dtype),
-        **cfg,
+        TMA=tma,
     )
+    if config is None and autotune_enabled(q):
+        if tma:  # boxes are set per config by the pre-hook
+            args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), n_seq * H)](*args, **flags)
+        return o, lse
+    cfg = dict(config or fwd_configs(D, tma, ws)[0])
+    if tma:
+        args[3:6] = [descriptor(q, cfg["BLOCK_M"]), descriptor(k, cfg["BLOCK_N"]), descriptor(v, cfg["BLOCK_N"])]
+    _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](*args, **flags, **cfg)
     return o, lse
 
 
-def attn_bwd(
-    do,
-    q,
-    k,
-    v,
-    o,
-    lse,
-    mask,
-    scale: float,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    offset: int,
-    cu_q=None,
-    cu_k=None,
-    max_q: int = 0,
-    max_k: int = 0,
-):
-    """dq, dk, dv (in q/k/v's layouts, contiguous), deterministic."""
-    varlen = cu_q is not None
-    D = q.shape[-1]
-    dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-    if varlen:
-        n_seq, H, Hkv, Sq, Sk = cu_q.shape[0] - 1, q.shape[1], k.shape[1], max_q, max_k
-        st = _varlen_strides
-        lse_sb, lse_sh = 0, q.shape[0]
-        pre_grid_rows, pre_b = q.shape[0], 1
-    else:
-        n_seq, H, Sq, Hkv, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-        st = _dense_strides
-        lse_sb, lse_sh = H * Sq, Sq
-        pre_grid_rows, pre_b = Sq, n_seq
-    if dq.numel() == 0 and dk.numel() == 0:
-        return dq, dk, dv
-    if q.numel() == 0 or Sq == 0:  # no queries: no gradient reaches k and v
-        return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    BD = block_d(D)
-    _attn_bwd_preprocess[(triton.cdiv(pre_grid_rows, 64), pre_b * H)](
-        o,
-        do,
-        delta,
-        *st(o),
-        *st(do),
-        lse_sb,
-        lse_sh,
-        H,
-        pre_grid_rows,
-        D,
-        BLOCK_M=64,
-        BLOCK_D=BD,
-    )
-    mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
-    sm = mask.stride() if mask is not None else (0, 0, 0, 0)
-    common = dict(
-        MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD, PREC=precision(q.dtype)
-    )
-    m_arg = mask if mask is not None else q
-    cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
-    cfg = bwd_dkdv_config(D)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), n_seq * Hkv)](
-        q,
-        k,
-        v,
-        m_arg,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        cq,
-        ck,
-        *st(q),
-        *st(k),
-        *st(v),
-        *st(do),
-        *st(dk),
-        *st(dv),
-        *sm,
-        lse_sb,
-        lse_sh,
-        H,
-        Hkv,
-        H // Hkv,
-        Sq,
-        Sk,
-        D,
-        scale,
-        dropout_p,
-        seed,
-        offset,
-        **common,
-        **cfg,
-    )
-    cfg = bwd_dq_config(D)
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](
-        q,
-        k,
-        v,
-        m_arg,
-        do,
-        lse,
-        delta,
-        dq,
-        cq,
-        ck,
-        *st(q),
-        *st(k),
-        *st(v),
-        *st(do),
-        *st(dq),
-        *sm,
-        lse_sb,
-        lse_sh,
-        H,
-        H // Hkv,
-        Sq,
-        Sk,
-        D,
-        scale,
-        dropout_p,
-        seed,
-        offset,
-        **common,
-        **cfg,
-    )
-    return dq, dk, dv
-
-
 def static_configs():
-    """The shipped launch configurations (bf16, no mask, causal and not, head dims 64/128/256) of the forward and
-    the two backward kernels, for the static report: (kernel, signature, constexprs, num_warps, name, label)."""
+    """Every shipped launch configuration (bf16, no mask) of the forward and the two backward kernels at head dims
+    64 / 128 / 256, for the static report: the defaults causal and not, the autotune alternatives non-causal; TMA
+    and warp-specialised ones too (sm_90 only). Yields (kernel, signature, constexprs, launch, name, label, archs)."""
+    from fastlm.kernels import attention_bwd as bwd
+
     from fastlm.bench.static import signature
 
-    bf16 = {n: "*bf16" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
-    ptrs = bf16 | {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
+    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
+    ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
     floats = ("qk_scale", "sm_scale", "dropout_p")
+    kernels = (
+        ("attn_fwd", _attn_fwd_kernel, lambda D, t: fwd_configs(D, t, WS_TRITON, False), FWD_BOXES),
+        (
+            "attn_bwd_dkdv",
+            bwd._attn_bwd_dkdv_kernel,
+            lambda D, t: [] if t and _bucket(D) not in bwd.DKDV_TMA else bwd.bwd_dkdv_configs(D, t, False),
+            (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
+        ),
+        (
+            "attn_bwd_dq",
+            bwd._attn_bwd_dq_kernel,
+            lambda D, t: bwd.bwd_dq_configs(D, t, False),
+            (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
+        ),
+    )
     for D in (64, 128, 256):
-        for causal in (False, True):
-            for name, kernel, config in (
-                ("attn_fwd", _attn_fwd_kernel, fwd_config),
-                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, bwd_dkdv_config),
-                ("attn_bwd_dq", _attn_bwd_dq_kernel, bwd_dq_config),
-            ):
-                cfg = dict(config(D))
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                consts = dict(
-                    MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=block_d(D), PREC="tf32", **cfg
-                )
-                sig = signature(kernel, consts, ptrs, floats, ("seed", "rng_offset"))
-                label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']}"
-                yield kernel, sig, consts, (warps, stages), name, label
+        BD = block_d(D)
+        for name, kernel, configs, boxes in kernels:
+            for tma in (False, True):
+                for i, config in enumerate(configs(D, tma)):
+                    for causal in (False, True) if i == 0 else (False,):
+                        cfg = dict(config)
+                        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                        consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=BD, PREC="tf32")
+                        consts |= dict(TMA=tma, **cfg)
+                        descs = {n: (f"tensordesc<bf16[1,1,{cfg[b]},{BD}]>" if tma else "*bf16") for n, b in boxes}
+                        sig = signature(kernel, consts, ptrs | descs, floats, ("seed", "rng_offset"))
+                        label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
+                        label += (
+                            (" tma" if tma else "") + (" ws" if cfg.get("WS") else "") + (" default" if i == 0 else "")
+                        )
+                        yield kernel, sig, consts, (warps, stages), name, label, (90,) if tma else (80, 90)

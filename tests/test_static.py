@@ -63,11 +63,29 @@ def test_wide_norm_configs_use_128_bit_accesses(stats):
 def test_attention_uses_wgmma_on_sm90(stats):
     """Forward at every head dim and backward up to D = 128 run their dots on wgmma (HGMMA). At D = 256 no wgmma
     tiling of the backward is spill-free on sm_90, so it uses mma.sync (HMMA): checked too, so a change shows."""
+    from fastlm.kernels import attention
+
     attn = [s for s in stats if s.kernel.startswith("attn")]
-    assert len(attn) == 18
+    assert len(attn) == len(list(attention.static_configs()))
     for s in attn:
         d256_bwd = "D=256" in s.config and "bwd" in s.kernel
         if d256_bwd:
-            assert s.hmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"
+            assert s.hmma > 0 or s.hgmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"
         else:
             assert s.hgmma > 0, f"{s.kernel} [{s.config}] has no HGMMA (wgmma) on sm_90"
+
+
+def test_attention_hopper_configs(stats):
+    """Every attention config fits sm_90's 227 KiB of shared memory; the TMA configs load through the copy engine
+    (UTMALDG); the warp-specialised ones (Triton 3.6) really split into producer / consumer warp groups (USETMAXREG)."""
+    from fastlm.kernels import attention
+
+    attn = [s for s in stats if s.kernel.startswith("attn")]
+    for s in attn:
+        assert s.shared_bytes <= attention.SM90_SMEM, f"{s.kernel} [{s.config}]: {s.shared_bytes} B of shared memory"
+        if " tma" in s.config:
+            assert s.utmaldg > 0, f"{s.kernel} [{s.config}] has no TMA loads"
+        if " ws" in s.config:
+            assert s.setmaxreg > 0, f"{s.kernel} [{s.config}] is not warp-specialised"
+    assert any(" tma" in s.config for s in attn)
+    assert any(" ws" in s.config for s in attn) == attention.WS_TRITON

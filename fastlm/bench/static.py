@@ -29,6 +29,8 @@ class KernelStat:
     stg128: int
     hmma: int  # HMMA: mma.sync tensor-core instructions (sm_80 style)
     hgmma: int  # HGMMA: sm_90 warpgroup MMA (wgmma)
+    utmaldg: int = 0  # UTMALDG: TMA (tensor-descriptor) loads, sm_90
+    setmaxreg: int = 0  # USETMAXREG: register reallocation between warp groups (warp specialisation)
 
     @property
     def spills(self) -> bool:
@@ -77,6 +79,8 @@ def compile_stat(
         stg128=len(re.findall(r"STG\.E\.128|STG\.E\.[A-Z.]*128", text)),
         hmma=len(re.findall(r"\bHMMA\.", text)),
         hgmma=len(re.findall(r"\bHGMMA\.", text)),
+        utmaldg=len(re.findall(r"\bUTMALDG\b", text)),
+        setmaxreg=len(re.findall(r"\bUSETMAXREG\b", text)),
     )
 
 
@@ -113,9 +117,11 @@ def report(archs=(90,)) -> list[KernelStat]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return _report_in_subprocess(archs)
     stats = []
-    for fn, sig, consts, launch, name, label in shipped_configs():
+    for fn, sig, consts, launch, name, label, *only in shipped_configs():
         warps, stages = launch if isinstance(launch, tuple) else (launch, 3)
         for arch in archs:
+            if only and arch not in only[0]:  # e.g. TMA configs: sm_90 only
+                continue
             stats.append(compile_stat(fn, sig, consts, warps, arch, name, label, num_stages=stages))
     return stats
 

@@ -69,10 +69,12 @@ def attention_bwd_triton(
     dropout_p: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastlm.kernels import attention
+    from fastlm.kernels import attention_bwd
 
     seed = _seed(rng, dropout_p)
-    return attention.attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attention_bwd.attn_bwd(
+        do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k
+    )
 
 
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):

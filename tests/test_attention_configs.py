@@ -1,0 +1,223 @@
+"""Attention launch configurations on the Triton backend: the TMA (tensor-descriptor) path, the warp-specialised
+forward, every config of the autotune space, and the choice logic (layouts TMA can describe, autotune switches).
+
+On CPU the kernels run in the interpreter, which executes TMA descriptor loads (zero-filling out-of-bounds rows and
+columns like the copy engine) and the warp-specialised variant's single loop; the hardware side of both (UTMALDG,
+USETMAXREG, no spills, shared memory) is checked by the static sm_90 compile (tests/test_static.py). On a GPU the
+same tests run compiled, and the gpu-marked ones run the autotuner.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import DEVICE, ON_GPU
+from test_attention import check_attention
+
+import fastlm
+import fastlm.functional as F
+
+pytest.importorskip("triton")
+from fastlm.kernels import attention as A  # noqa: E402
+from fastlm.kernels import attention_bwd as AB  # noqa: E402
+
+# fp16 dots are right in the interpreter (bf16 ones are not); on a GPU the TMA path is taken for fp16/bf16 only
+DTYPE = torch.float16
+
+
+@pytest.fixture
+def triton_tma(monkeypatch):
+    """The Triton backend with TMA wherever the layout allows (as on sm_90), counting the descriptors made."""
+    monkeypatch.setenv("FASTLM_ATTENTION_TMA", "1")
+    made = []
+    real = A.descriptor
+
+    def spy(t, rows):
+        made.append(tuple(t.shape))
+        return real(t, rows)
+
+    monkeypatch.setattr(A, "descriptor", spy)
+    monkeypatch.setattr(AB, "descriptor", spy)
+    with fastlm.backend("triton"):
+        yield made
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "B,H,Hkv,Sq,Sk,D,layout",
+    [
+        (2, 2, 2, 37, 53, 64, None),  # ragged: rows past S come back zero from the descriptor
+        (1, 4, 2, 50, 20, 80, "bshd"),  # head dim padded to 128 by the descriptor's zero fill; GQA; HF layout
+        (1, 2, 1, 1, 40, 32, None),  # decoding, MQA
+    ],
+)
+def test_tma_path_matches_reference(triton_tma, B, H, Hkv, Sq, Sk, D, layout, causal):
+    check_attention(B, H, Hkv, Sq, Sk, D, DTYPE, causal=causal, layout=layout)
+    # forward: q, k, v; backward: q, do (dK/dV) and k, v (dQ)
+    assert len(triton_tma) == 7, triton_tma
+
+
+def test_tma_path_with_masks_and_dropout(triton_tma, monkeypatch):
+    mask = torch.rand(2, 1, 33, 45, device=DEVICE) > 0.3
+    check_attention(2, 2, 2, 33, 45, 64, DTYPE, causal=True, mask=mask)
+    assert len(triton_tma) == 7
+    q, k, v = (torch.randn(1, 2, 32, 32, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    torch.manual_seed(3)
+    with_tma = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert len(triton_tma) == 10
+    monkeypatch.setenv("FASTLM_ATTENTION_TMA", "0")
+    torch.manual_seed(3)
+    without = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert len(triton_tma) == 10
+    torch.testing.assert_close(with_tma, without, atol=2e-3, rtol=2e-3)
+
+
+def test_tma_layout_rules():
+    """TMA needs a unit last stride, a 16-byte aligned base and 16-byte multiple strides; size-1 dims are free."""
+    x = torch.randn(2, 3, 40, 64, dtype=torch.float16)
+    assert A._tma_strides(x) == list(x.stride())
+    assert A._tma_strides(x[:, :, 1:]) == list(x.stride())  # offset 64 halves = 128 bytes: aligned
+    assert A._tma_strides(x[..., 1:]) is None  # base off by 2 bytes, and a 63-wide row
+    assert A._tma_strides(torch.randn(2, 3, 40, 12, dtype=torch.float16)) is None  # 24-byte rows
+    assert A._tma_strides(x.transpose(-1, -2)) is None  # last dim not contiguous
+    assert A._tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
+    one = torch.randn(1, 1, 40, 64, dtype=torch.float16)[:, :, :, :]
+    assert A._tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
+    assert A._tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
+
+
+def test_tma_choice(monkeypatch):
+    x = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    monkeypatch.setenv("FASTLM_ATTENTION_TMA", "auto")
+    assert not A.use_tma(x, x, x)  # auto: CUDA sm_90+ only
+    monkeypatch.setenv("FASTLM_ATTENTION_TMA", "1")
+    assert A.use_tma(x, x, x)
+    assert A.use_tma(x, x[..., :32], x)  # a column slice keeps aligned strides
+    assert not A.use_tma(x, x[..., 1:33], x)  # a base 2 bytes off
+    monkeypatch.setenv("FASTLM_ATTENTION_TMA", "0")
+    assert not A.use_tma(x, x, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every config of the autotune space computes the same thing as the default (block sizes, TMA, the WS loop)
+
+
+def _fwd_ref(q, k, v, causal):
+    o = TF.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return o, torch.logsumexp(s, -1)
+
+
+def _all_fwd_configs():
+    out = []
+    for D in (64, 128, 256):
+        for tma in (False, True):
+            for cfg in A.fwd_configs(D, tma, ws=True, interpret=False):
+                label = f"D{D}-{'tma' if tma else 'ptr'}-M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}"
+                label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}"
+                out.append(pytest.param(D, tma, cfg, id=label))
+    return out
+
+
+@pytest.mark.parametrize("D,tma,cfg", _all_fwd_configs())
+def test_every_forward_config(D, tma, cfg):
+    B, H, Sq, Sk = 1, 2, 150, 197  # ragged against every block size
+    q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(B, H, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    for causal in (False, True):
+        o, lse = A.attn_fwd(q, k, v, None, 1 / math.sqrt(D), causal, 0.0, 0, 0, config=cfg, tma=tma)
+        ref_o, ref_lse = _fwd_ref(q, k, v, causal)
+        torch.testing.assert_close(o.double(), ref_o, atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [c for c in A.FWD_TMA[64] if c["WS"]][:1], ids=["ws"])
+def test_warp_specialised_forward_with_dropout_matches_default(cfg):
+    """The WS variant (one loop, masks on every tile) draws the same dropout numbers as the two-loop default."""
+    q, k, v = (torch.randn(1, 2, 150, 64, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    args = (q, k, v, None, 0.125, True, 0.2, 1234, 0)
+    ws, ws_lse = A.attn_fwd(*args, config=cfg, tma=True)
+    ref, ref_lse = A.attn_fwd(*args, config=A.fwd_configs(64, True, ws=False, interpret=False)[0], tma=True)
+    torch.testing.assert_close(ws, ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(ws_lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def _all_bwd_configs():
+    out = []
+    for D in (64, 128, 256):
+        for tma in (False, True):
+            tma_kv = tma and AB._bucket(D) in AB.DKDV_TMA
+            kv, dq = AB.bwd_dkdv_configs(D, tma_kv, interpret=False), AB.bwd_dq_configs(D, tma, interpret=False)
+            for i in range(max(len(kv), len(dq))):
+                a, b = kv[min(i, len(kv) - 1)], dq[min(i, len(dq) - 1)]
+                label = f"D{D}-{'tma' if tma else 'ptr'}-kv{a['BLOCK_M']}x{a['BLOCK_N']}-q{b['BLOCK_M']}x{b['BLOCK_N']}"
+                out.append(pytest.param(D, tma, (a, b), id=f"{label}-{i}"))
+    return out
+
+
+@pytest.mark.parametrize("D,tma,cfgs", _all_bwd_configs())
+def test_every_backward_config(D, tma, cfgs):
+    B, H, Hkv, Sq, Sk = 1, 2, 1, 150, 197
+    q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    do = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
+    scale = 1 / math.sqrt(D)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    for causal in (False, True):
+        o, lse = A.attn_fwd(q, k, v, None, scale, causal, 0.0, 0, 0)
+        dq, dk, dv = AB.attn_bwd(do, q, k, v, o, lse, None, scale, causal, 0.0, 0, 0, configs=cfgs, tma=tma)
+        ref = TF.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+        refs = torch.autograd.grad(ref, leaves, do.double())
+        for name, a, r in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, strict=True):
+            scale_r = max(r.abs().max().item(), 1.0)
+            torch.testing.assert_close(a.double(), r, atol=5e-3 * scale_r, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotuning
+
+
+def test_autotune_space_is_the_config_tables():
+    """The autotuner searches exactly the table of the call's head dim and layout (the WS entries only where they
+    apply), and the default of every table is its first entry."""
+    for D in (64, 128, 256):
+        for tma in (False, True):
+            for mask_kind in (A.MASK_NONE, A.MASK_BOOL):
+                kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind)
+                got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
+                want = A.fwd_configs(D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False)
+                as_dicts = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got]
+                canon = lambda ds: sorted(tuple(sorted(d.items())) for d in ds)  # noqa: E731
+                assert canon(as_dicts) == canon(want)
+            if not tma or D in AB.DKDV_TMA:
+                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, BLOCK_D=D, TMA=tma)
+                assert len(got) == len(AB.bwd_dkdv_configs(D, tma, interpret=False))
+            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, BLOCK_D=D, TMA=tma)
+            assert len(got) == len(AB.bwd_dq_configs(D, tma, interpret=False))
+    assert not any(c["WS"] for t in A.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
+
+
+def test_autotune_is_opt_in(monkeypatch):
+    x = torch.randn(2, device=DEVICE)
+    monkeypatch.delenv("FASTLM_AUTOTUNE", raising=False)
+    assert not A.autotune_enabled(x)
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "1")
+    assert A.autotune_enabled(x) == (ON_GPU and not A.INTERPRET)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not A.autotune_enabled(x)  # a fixed config keeps results bitwise equal across processes
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.gpu
+def test_autotuned_attention_matches_reference(monkeypatch):
+    """FASTLM_AUTOTUNE=1 on the GPU: the tuned kernels (whichever config wins, descriptors re-boxed by the pre-hook)
+    pass the 2x oracle. One key only (each key compiles the whole table); every config is also run on its own by
+    test_every_forward_config / test_every_backward_config."""
+    monkeypatch.setenv("FASTLM_AUTOTUNE", "1")
+    with fastlm.backend("triton"):
+        check_attention(2, 4, 2, 1024, 1024, 128, torch.bfloat16)
