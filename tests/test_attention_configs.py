@@ -122,6 +122,7 @@ def _all_fwd_configs():
     return out
 
 
+@pytest.mark.configs
 @pytest.mark.parametrize("D,tma,cfg", _all_fwd_configs())
 def test_every_forward_config(D, tma, cfg):
     B, H, Sq, Sk = 1, 2, 150, 197  # ragged against every block size
@@ -158,6 +159,7 @@ def _all_bwd_configs():
     return out
 
 
+@pytest.mark.configs
 @pytest.mark.parametrize("D,tma,cfgs", _all_bwd_configs())
 def test_every_backward_config(D, tma, cfgs):
     B, H, Hkv, Sq, Sk = 1, 2, 1, 150, 197
@@ -214,6 +216,7 @@ def test_autotune_is_opt_in(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.configs
 def test_autotuned_attention_matches_reference(monkeypatch):
     """FASTLM_AUTOTUNE=1 on the GPU: the tuned kernels (whichever config wins, descriptors re-boxed by the pre-hook)
     pass the 2x oracle. One key only (each key compiles the whole table); every config is also run on its own by
