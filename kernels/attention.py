@@ -396,7 +396,7 @@ def _cfg(m, n, warps, stages, ws=False):
 
 # Forward configs per head-dim bucket; the first is the default, the list is what FASTLM_AUTOTUNE=1 searches. Every
 # entry was compiled for sm_90 (bf16; Triton 3.6 and 3.8): every dot on wgmma, no spills, shared memory <= 227 KiB;
-# TMA entries load Q, K and V with UTMALDG (tests/test_attention.py::test_static_sm90 keeps this true).
+# TMA entries load Q, K and V with UTMALDG (tests/test_static.py keeps this true).
 FWD_TMA = {
     64: [
         _cfg(128, 64, 8, 3),

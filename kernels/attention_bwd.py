@@ -292,9 +292,9 @@ def _attn_bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configurations: the first entry per head-dim bucket is the default, the list is the autotune space
-# (FASTLM_AUTOTUNE=1). Checked by the static sm_90 compile (tests/test_attention.py::test_static_sm90): no spills,
-# shared memory <= 227 KiB, wgmma (HGMMA) up to D = 128; at D = 256 no wgmma tiling of these kernels is spill-free,
-# so those use mma.sync tiles.
+# (FASTLM_AUTOTUNE=1). Checked by the static sm_90 compile (tests/test_static.py): no spills, shared memory <= 227 KiB,
+# wgmma (HGMMA) up to D = 128. At D = 256 no wgmma tiling of dK/dV is spill-free (two [BLOCK_N, 256] fp32
+# accumulators), so it uses mma.sync tiles; dQ at D = 256 gets wgmma with TMA only (pointer loads spill there).
 
 
 def _cfg(m, n, warps, stages):
@@ -321,7 +321,7 @@ DQ_PTR = {
 DQ_TMA = {
     64: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)],
     128: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
-    256: [_cfg(32, 64, 8, 1)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1)],  # TMA frees the registers wgmma needs here
 }
 
 
