@@ -282,3 +282,34 @@ def test_linear_cross_entropy_no_grad_and_bad_input(lce_backend):
             F.linear_cross_entropy(x, w, t[:5])
     with fastlm.backend("cuda"), pytest.raises(fastlm.BackendUnavailableError, match="linear_ce"):
         F.linear_cross_entropy(x, w, t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_fp16_gradient_under_a_grad_scaler_scale(backend, op, reduction):
+    """fp16 autocast + (loss * 65536).backward(), as torch.amp.GradScaler does by default: the loss is float32 (as
+    torch's under autocast), and the incoming gradient 65536 (inf in fp16) must not be cast to fp16 before it
+    multiplies the (small) saved gradient."""
+    if op == "linear_cross_entropy" and backend not in LCE_BACKENDS:
+        pytest.skip(f"no linear cross-entropy on the {backend} backend")
+    scale = 65536.0
+    # small inputs, so that the true scaled gradients fit fp16 (a real overflow is GradScaler's to handle)
+    x = (torch.randn(24, 32, device=DEVICE) * 0.05).to(torch.float16)
+    w = (torch.randn(100, 32, device=DEVICE) * 0.05).to(torch.float16)
+    t = _targets((24,), 100)
+    if op == "cross_entropy":
+        fn = lambda x: F.cross_entropy(x, t, reduction=reduction)  # noqa: E731
+        ref_fn, inputs = (lambda x: TF.cross_entropy(x, t, reduction=reduction)), [x @ w.T]
+    else:
+        fn = lambda x, w: F.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=8)  # noqa: E731
+        ref_fn, inputs = (lambda x, w: _lce_ref(x, w, t, reduction=reduction)), [x, w]
+    leaves = [a.clone().requires_grad_() for a in inputs]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):  # as torch does there, the loss comes out in fp32
+        loss = fn(*leaves)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss * scale, leaves, torch.ones_like(loss))
+    ref_leaves = [a.double().requires_grad_() for a in inputs]
+    ref_grads = torch.autograd.grad(ref_fn(*ref_leaves) * scale, ref_leaves, torch.ones_like(loss, dtype=torch.double))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float16 and torch.isfinite(g).all(), "inf/NaN gradient under the scale"
+        torch.testing.assert_close(g.double(), r, atol=2e-3 * r.abs().max().item(), rtol=1e-2)

@@ -74,18 +74,32 @@ def _ce_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def loss_dtype(input: Tensor) -> torch.dtype:
+    """The loss's dtype: the input's, as torch; float32 under autocast, where torch runs cross-entropy in float32 (so
+    that a GradScaler's scaled loss does not overflow fp16)."""
+    return torch.float32 if torch.is_autocast_enabled(input.device.type) else input.dtype
+
+
+def _scaled(grad, g):
+    """grad * g in grad's dtype. fp16: through fp32, since g may not fit fp16 (GradScaler's default scale is 65536,
+    which is inf in fp16) while the product does."""
+    if grad.dtype == torch.float16:
+        return (grad.float() * g).to(torch.float16)
+    return grad * g.to(grad.dtype)
+
+
 def _ce_backward(ctx, dloss, _dgrad):
     if dloss is None:
         return None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
-        return grad * g.to(grad.dtype), None, None, None, None, None, None
+        return _scaled(grad, g), None, None, None, None, None, None
     if grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(dloss == 1):
         # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
         # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing)
         return grad, None, None, None, None, None, None
-    return grad * dloss.to(grad.dtype), None, None, None, None, None, None
+    return _scaled(grad, dloss), None, None, None, None, None, None
 
 
 CE_FWD: dict = {}
@@ -210,4 +224,4 @@ def cross_entropy(
     )
     if reduction == "none":
         loss = loss.view(target.shape)
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype(input))

@@ -23,7 +23,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import REDUCTIONS, _check, _check_target_range, _denominator, _reduce
+from fastlm.ops.cross_entropy import REDUCTIONS, _check, _check_target_range, _denominator, _reduce, _scaled, loss_dtype
 
 
 def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
@@ -54,7 +54,7 @@ def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, cpu, 
         logits += b
     losses, g = _rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, cpu)
     if row_scale is not None:
-        g.mul_(row_scale[s:e, None].to(g.dtype))
+        g = _scaled(g, row_scale[s:e, None])
     return losses, g
 
 
@@ -139,8 +139,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dloss, *_):
     if ctx.reduction != 0:
         gx, gw, gb = ctx.saved_tensors
-        gb = (gb * dloss.to(gb.dtype)) if ctx.has_bias else None
-        return gx * dloss.to(gx.dtype), gw * dloss.to(gw.dtype), None, gb, None, None, None, None, None, None, None
+        gb = _scaled(gb, dloss) if ctx.has_bias else None
+        return _scaled(gx, dloss), _scaled(gw, dloss), None, gb, None, None, None, None, None, None, None
     x, w, t, b, weight = ctx.saved_tensors
     ignore_index, smoothing, chunk, cpu = ctx.args
     gx, gw = torch.empty_like(x), torch.zeros_like(w)
@@ -233,4 +233,4 @@ def linear_cross_entropy(
         int(chunk),
         backend == "cpu",
     )
-    return (loss.view(target.shape) if reduction == "none" else loss).to(input.dtype)
+    return (loss.view(target.shape) if reduction == "none" else loss).to(loss_dtype(input))
