@@ -424,18 +424,29 @@ FWD_PTR = {
     128: [_cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
     256: [_cfg(64, 32, 8, 2)],
 }
+# With dropout the Philox numbers take registers: these are the spill-free dropout configs (causal and not), the
+# only ones used (and searched) when dropout_p > 0. The TMA defaults above stay spill-free with dropout.
+FWD_DROPOUT_PTR = {64: _cfg(128, 64, 8, 3), 128: _cfg(64, 32, 8, 2), 256: _cfg(64, 16, 8, 2)}
 INTERPRET_CFG = _cfg(16, 16, 4, 1)
+
+
+def _ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
+    """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
+    split), no dropout (the Philox numbers push those configs into spills), Triton 3.6."""
+    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout
 
 
 def _bucket(D: int) -> int:
     return 64 if D <= 64 else (128 if D <= 128 else 256)
 
 
-def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET) -> list:
-    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (TMA, dense,
-    no user mask, Triton 3.6). One config when interpreting."""
+def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
+    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`_ws_ok`);
+    dropout: the one spill-free dropout config. One config when interpreting."""
     if interpret:
         return [INTERPRET_CFG]
+    if dropout:
+        return [FWD_TMA[_bucket(D)][0] if tma else FWD_DROPOUT_PTR[_bucket(D)]]
     return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
 
 
@@ -466,10 +477,12 @@ def _tma_strides(t: torch.Tensor):
     if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
         return None
     strides = list(t.stride())
+    align = 16 // t.element_size()
     for i in range(t.dim() - 2, -1, -1):
         if t.shape[i] == 1:
-            strides[i] = max(strides[j] * t.shape[j] for j in range(i + 1, t.dim()))
-    if any(st <= 0 or (st * t.element_size()) % 16 or st >= 2**40 for st in strides[:-1]):
+            span = max(strides[j] * t.shape[j] for j in range(i + 1, t.dim()))
+            strides[i] = -(-span // align) * align
+    if any(st <= 0 or (st * t.element_size()) % 16 or st * t.element_size() >= 2**40 for st in strides[:-1]):
         return None
     return strides
 
@@ -532,9 +545,11 @@ def _autotuned(kernel, tables, pairs, prune):
 FWD_BOXES = (("Qd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N"))
 _attn_fwd_tuned = _autotuned(
     _attn_fwd_kernel,
-    (FWD_TMA, FWD_PTR),
+    (FWD_TMA, FWD_PTR, {b: [c] for b, c in FWD_DROPOUT_PTR.items()}),
     FWD_BOXES,
-    lambda kw: fwd_configs(kw["BLOCK_D"], kw["TMA"], kw["TMA"] and WS_TRITON and kw["MASK_KIND"] == 0, False),
+    lambda kw: fwd_configs(
+        kw["BLOCK_D"], kw["TMA"], _ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]), False, kw["DROPOUT"]
+    ),
 )
 
 
@@ -595,7 +610,7 @@ def attn_fwd(
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
     tma = (not varlen and use_tma(q, k, v)) if tma is None else tma
-    ws = tma and WS_TRITON and mask_kind == MASK_NONE
+    ws = _ws_ok(tma, mask_kind, dropout_p > 0.0)
     args = [
         q,
         k,
@@ -639,7 +654,9 @@ def attn_fwd(
             args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
         _attn_fwd_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), n_seq * H)](*args, **flags)
         return o, lse
-    cfg = dict(config or fwd_configs(D, tma, ws)[0])
+    cfg = dict(config or fwd_configs(D, tma, ws, dropout=dropout_p > 0.0)[0])
+    if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
+        raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")
     if tma:
         args[3:6] = [descriptor(q, cfg["BLOCK_M"]), descriptor(k, cfg["BLOCK_N"]), descriptor(v, cfg["BLOCK_N"])]
     _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](*args, **flags, **cfg)
@@ -648,8 +665,9 @@ def attn_fwd(
 
 def static_configs():
     """Every shipped launch configuration (bf16, no mask) of the forward and the two backward kernels at head dims
-    64 / 128 / 256, for the static report: the defaults causal and not, the autotune alternatives non-causal; TMA
-    and warp-specialised ones too (sm_90 only). Yields (kernel, signature, constexprs, launch, name, label, archs)."""
+    64 / 128 / 256, for the static report: the defaults causal and not, the autotune alternatives non-causal, the
+    dropout configs; TMA and warp-specialised ones too (sm_90 only). Yields (kernel, signature, constexprs, launch,
+    name, label, archs)."""
     from fastlm.kernels import attention_bwd as bwd
 
     from fastlm.bench.static import signature
@@ -658,34 +676,35 @@ def static_configs():
     ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
     floats = ("qk_scale", "sm_scale", "dropout_p")
     kernels = (
-        ("attn_fwd", _attn_fwd_kernel, lambda D, t: fwd_configs(D, t, WS_TRITON, False), FWD_BOXES),
+        ("attn_fwd", _attn_fwd_kernel, lambda D, t, drop: fwd_configs(D, t, WS_TRITON, False, drop), FWD_BOXES),
         (
             "attn_bwd_dkdv",
             bwd._attn_bwd_dkdv_kernel,
-            lambda D, t: [] if t and _bucket(D) not in bwd.DKDV_TMA else bwd.bwd_dkdv_configs(D, t, False),
+            lambda D, t, drop: bwd.bwd_dkdv_configs(D, t, False, drop) if bwd.dkdv_tma(D, True, drop) or not t else [],
             (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
         ),
         (
             "attn_bwd_dq",
             bwd._attn_bwd_dq_kernel,
-            lambda D, t: bwd.bwd_dq_configs(D, t, False),
+            lambda D, t, drop: bwd.bwd_dq_configs(D, t, False, drop),
             (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
         ),
     )
     for D in (64, 128, 256):
         BD = block_d(D)
         for name, kernel, configs, boxes in kernels:
-            for tma in (False, True):
-                for i, config in enumerate(configs(D, tma)):
+            for tma, drop in ((False, False), (True, False), (False, True), (True, True)):
+                for i, config in enumerate(configs(D, tma, drop)):
                     for causal in (False, True) if i == 0 else (False,):
                         cfg = dict(config)
                         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                        consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=False, VARLEN=False, BLOCK_D=BD, PREC="tf32")
+                        consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=drop, VARLEN=False, BLOCK_D=BD, PREC="tf32")
                         consts |= dict(TMA=tma, **cfg)
                         descs = {n: (f"tensordesc<bf16[1,1,{cfg[b]},{BD}]>" if tma else "*bf16") for n, b in boxes}
                         sig = signature(kernel, consts, ptrs | descs, floats, ("seed", "rng_offset"))
                         label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
                         label += (
-                            (" tma" if tma else "") + (" ws" if cfg.get("WS") else "") + (" default" if i == 0 else "")
+                            (" tma" if tma else "") + (" ws" if cfg.get("WS") else "") + (" dropout" if drop else "")
                         )
+                        label += " default" if i == 0 else ""
                         yield kernel, sig, consts, (warps, stages), name, label, (90,) if tma else (80, 90)

@@ -325,26 +325,46 @@ DQ_TMA = {
 }
 
 
-def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET) -> list:
-    """dK/dV configs (the default first); tma: the TMA table, which has no D = 256 entry (see DKDV_TMA)."""
-    return [_cfg(16, 16, 4, 1)] if interpret else (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
+# Dropout (its Philox numbers take registers): the spill-free configs, causal and not, the only ones used (and
+# searched) when dropout_p > 0; dK/dV then loads with pointers (its TMA tilings spill with dropout).
+DKDV_DROPOUT = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 8, 2), 256: _cfg(16, 64, 8, 1)}
+DQ_DROPOUT_PTR = {64: DQ_PTR[64][0], 128: _cfg(64, 32, 8, 2), 256: DQ_PTR[256][0]}
 
 
-def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET) -> list:
-    return [_cfg(16, 16, 4, 1)] if interpret else (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
+def dkdv_tma(D: int, tma: bool, dropout: bool) -> bool:
+    """dK/dV takes the TMA path: TMA layouts, D <= 128 (see DKDV_TMA), no dropout."""
+    return tma and not dropout and _bucket(D) in DKDV_TMA
+
+
+def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
+    """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); dropout: its one
+    config (pointer loads)."""
+    if interpret:
+        return [_cfg(16, 16, 4, 1)]
+    if dropout:
+        return [DKDV_DROPOUT[_bucket(D)]]
+    return (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
+
+
+def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
+    if interpret:
+        return [_cfg(16, 16, 4, 1)]
+    if dropout:
+        return [DQ_TMA[_bucket(D)][0] if tma else DQ_DROPOUT_PTR[_bucket(D)]]
+    return (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
 
 
 _dkdv_tuned = _autotuned(
     _attn_bwd_dkdv_kernel,
-    (DKDV_TMA, DKDV_PTR),
+    (DKDV_TMA, DKDV_PTR, {b: [c] for b, c in DKDV_DROPOUT.items()}),
     (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, kw["DROPOUT"]),
 )
 _dq_tuned = _autotuned(
     _attn_bwd_dq_kernel,
-    (DQ_TMA, DQ_PTR),
+    (DQ_TMA, DQ_PTR, {b: [c] for b, c in DQ_DROPOUT_PTR.items()}),
     (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, kw["DROPOUT"]),
 )
 
 
@@ -411,9 +431,10 @@ def attn_bwd(
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    tma_kv = tma and _bucket(D) in DKDV_TMA
+    drop = dropout_p > 0.0
+    tma_kv = dkdv_tma(D, tma, drop)
     tuned = configs is None and autotune_enabled(q)
-    cfg_kv, cfg_q = configs or (bwd_dkdv_configs(D, tma_kv)[0], bwd_dq_configs(D, tma)[0])
+    cfg_kv, cfg_q = configs or (bwd_dkdv_configs(D, tma_kv, dropout=drop)[0], bwd_dq_configs(D, tma, dropout=drop)[0])
     dk_args = [
         q,
         k,

@@ -84,6 +84,8 @@ def test_tma_layout_rules():
     assert A._tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
     one = torch.randn(1, 1, 40, 64, dtype=torch.float16)[:, :, :, :]
     assert A._tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
+    # decoding (S = 1) with a 72-byte row: the unused stride is rounded up to 16 bytes
+    assert A._tma_strides(torch.randn(1, 1, 1, 36, dtype=torch.float16)) == [40, 40, 40, 1]
     assert A._tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
 
 
@@ -115,29 +117,45 @@ def _all_fwd_configs():
     out = []
     for D in (64, 128, 256):
         for tma in (False, True):
-            for cfg in A.fwd_configs(D, tma, ws=True, interpret=False):
+            # warp-specialised configs compile on Triton 3.6 only; the interpreter runs their loop anywhere
+            ws = tma and (A.WS_TRITON or A.INTERPRET)
+            cfgs = [(c, 0.0) for c in A.fwd_configs(D, tma, ws, interpret=False)]
+            cfgs += [(c, 0.2) for c in A.fwd_configs(D, tma, False, interpret=False, dropout=True)]
+            for cfg, p in cfgs:
                 label = f"D{D}-{'tma' if tma else 'ptr'}-M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}"
-                label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}"
-                out.append(pytest.param(D, tma, cfg, id=label))
+                label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}{'-dropout' if p else ''}"
+                out.append(pytest.param(D, tma, cfg, p, id=label))
     return out
 
 
 @pytest.mark.configs
-@pytest.mark.parametrize("D,tma,cfg", _all_fwd_configs())
-def test_every_forward_config(D, tma, cfg):
-    B, H, Sq, Sk = 1, 2, 150, 197  # ragged against every block size
+@pytest.mark.parametrize("D,tma,cfg,p", _all_fwd_configs())
+def test_every_forward_config(D, tma, cfg, p):
+    """Every config against the float64 reference; dropout configs against the smallest-tile config with the same
+    seed (the dropout mask is a function of (row, key), not of the tiling)."""
+    # ragged against every block size; batch and GQA indices (smaller with dropout: its reference runs 16x16 tiles)
+    B, H, Hkv, Sq, Sk = (1, 2, 1, 70, 90) if p else (2, 2, 1, 150, 197)
     q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
-    k, v = (torch.randn(B, H, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
     for causal in (False, True):
-        o, lse = A.attn_fwd(q, k, v, None, 1 / math.sqrt(D), causal, 0.0, 0, 0, config=cfg, tma=tma)
-        ref_o, ref_lse = _fwd_ref(q, k, v, causal)
+        args = (q, k, v, None, 1 / math.sqrt(D), causal, p, 99, 0)
+        o, lse = A.attn_fwd(*args, config=cfg, tma=tma)
+        if p:
+            small = A.INTERPRET_CFG if A.INTERPRET else A.FWD_PTR[A._bucket(D)][-1]
+            o2, lse2 = A.attn_fwd(*args, config=small, tma=False)
+            torch.testing.assert_close(o, o2, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(lse, lse2, atol=1e-5, rtol=1e-5)
+            continue
+        ref_o, ref_lse = _fwd_ref(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), causal)
         torch.testing.assert_close(o.double(), ref_o, atol=4e-3, rtol=4e-3)
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(ON_GPU and not A.WS_TRITON, reason="warp-specialised configs compile on Triton 3.6 only")
 @pytest.mark.parametrize("cfg", [c for c in A.FWD_TMA[64] if c["WS"]][:1], ids=["ws"])
-def test_warp_specialised_forward_with_dropout_matches_default(cfg):
-    """The WS variant (one loop, masks on every tile) draws the same dropout numbers as the two-loop default."""
+def test_warp_specialised_loop_with_dropout_matches_default(cfg):
+    """The WS variant's loop (one loop, masks on every tile) draws the same dropout numbers as the two-loop default
+    (the launcher does not pick WS configs with dropout, for their spills; the loop must still be right)."""
     q, k, v = (torch.randn(1, 2, 150, 64, device=DEVICE, dtype=DTYPE) for _ in range(3))
     args = (q, k, v, None, 0.125, True, 0.2, 1234, 0)
     ws, ws_lse = A.attn_fwd(*args, config=cfg, tma=True)
@@ -150,30 +168,44 @@ def _all_bwd_configs():
     out = []
     for D in (64, 128, 256):
         for tma in (False, True):
-            tma_kv = tma and AB._bucket(D) in AB.DKDV_TMA
-            kv, dq = AB.bwd_dkdv_configs(D, tma_kv, interpret=False), AB.bwd_dq_configs(D, tma, interpret=False)
-            for i in range(max(len(kv), len(dq))):
-                a, b = kv[min(i, len(kv) - 1)], dq[min(i, len(dq) - 1)]
-                label = f"D{D}-{'tma' if tma else 'ptr'}-kv{a['BLOCK_M']}x{a['BLOCK_N']}-q{b['BLOCK_M']}x{b['BLOCK_N']}"
-                out.append(pytest.param(D, tma, (a, b), id=f"{label}-{i}"))
+            for p in (0.0, 0.2):
+                tma_kv = AB.dkdv_tma(D, tma, p > 0)
+                kv = AB.bwd_dkdv_configs(D, tma_kv, interpret=False, dropout=p > 0)
+                dq = AB.bwd_dq_configs(D, tma, interpret=False, dropout=p > 0)
+                for i in range(max(len(kv), len(dq))):
+                    a, b = kv[min(i, len(kv) - 1)], dq[min(i, len(dq) - 1)]
+                    label = (
+                        f"D{D}-{'tma' if tma else 'ptr'}-kv{a['BLOCK_M']}x{a['BLOCK_N']}-q{b['BLOCK_M']}x{b['BLOCK_N']}"
+                    )
+                    out.append(pytest.param(D, tma, (a, b), p, id=f"{label}-{i}{'-dropout' if p else ''}"))
     return out
 
 
 @pytest.mark.configs
-@pytest.mark.parametrize("D,tma,cfgs", _all_bwd_configs())
-def test_every_backward_config(D, tma, cfgs):
-    B, H, Hkv, Sq, Sk = 1, 2, 1, 150, 197
+@pytest.mark.parametrize("D,tma,cfgs,p", _all_bwd_configs())
+def test_every_backward_config(D, tma, cfgs, p):
+    """dQ, dK, dV of every config pair against the float64 reference; with dropout, against the smallest tiles with
+    the same seed."""
+    # ragged against every block size; batch and GQA indices (smaller with dropout: its reference runs 16x16 tiles)
+    B, H, Hkv, Sq, Sk = (1, 2, 1, 70, 90) if p else (2, 2, 1, 150, 197)
     q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
     k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
     do = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
     scale = 1 / math.sqrt(D)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     for causal in (False, True):
-        o, lse = A.attn_fwd(q, k, v, None, scale, causal, 0.0, 0, 0)
-        dq, dk, dv = AB.attn_bwd(do, q, k, v, o, lse, None, scale, causal, 0.0, 0, 0, configs=cfgs, tma=tma)
+        o, lse = A.attn_fwd(q, k, v, None, scale, causal, p, 5, 0)
+        args = (do, q, k, v, o, lse, None, scale, causal, p, 5, 0)
+        grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
+        if p:
+            small = AB._cfg(16, 16, 4, 1) if A.INTERPRET else AB._cfg(32, 64, 4, 2)
+            refs = AB.attn_bwd(*args, configs=(small, small), tma=False)
+            for name, a, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
+                torch.testing.assert_close(a, r, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
+            continue
         ref = TF.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
         refs = torch.autograd.grad(ref, leaves, do.double())
-        for name, a, r in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, strict=True):
+        for name, a, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
             scale_r = max(r.abs().max().item(), 1.0)
             torch.testing.assert_close(a.double(), r, atol=5e-3 * scale_r, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -188,18 +220,45 @@ def test_autotune_space_is_the_config_tables():
     for D in (64, 128, 256):
         for tma in (False, True):
             for mask_kind in (A.MASK_NONE, A.MASK_BOOL):
-                kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind)
+                kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False)
                 got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
                 want = A.fwd_configs(D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False)
                 as_dicts = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got]
                 canon = lambda ds: sorted(tuple(sorted(d.items())) for d in ds)  # noqa: E731
                 assert canon(as_dicts) == canon(want)
             if not tma or D in AB.DKDV_TMA:
-                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, BLOCK_D=D, TMA=tma)
+                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, BLOCK_D=D, TMA=tma, DROPOUT=False)
                 assert len(got) == len(AB.bwd_dkdv_configs(D, tma, interpret=False))
-            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, BLOCK_D=D, TMA=tma)
+            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, BLOCK_D=D, TMA=tma, DROPOUT=False)
             assert len(got) == len(AB.bwd_dq_configs(D, tma, interpret=False))
     assert not any(c["WS"] for t in A.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
+    with_dropout = A._attn_fwd_tuned.early_config_prune(
+        A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True
+    )
+    assert with_dropout and not any(c.kwargs["WS"] for c in with_dropout)
+
+
+def test_autotune_pre_hook_reboxes_the_descriptors():
+    """Each autotune config's pre-hook sets the descriptors' boxes to its own block sizes (TMA calls only)."""
+    x = torch.randn(1, 2, 64, 80, dtype=torch.float16)
+    for tuned, names in ((A._attn_fwd_tuned, A.FWD_BOXES), (AB._dq_tuned, (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")))):
+        for config in tuned.configs[:3]:
+            nargs = {n: A.descriptor(x, 16) for n, _ in names} | {"TMA": True, "BLOCK_D": 128} | config.kwargs
+            config.pre_hook(nargs)
+            for n, block in names:
+                assert nargs[n].block_shape == [1, 1, config.kwargs[block], 128]
+            nargs = {n: x for n, _ in names} | {"TMA": False, "BLOCK_D": 128} | config.kwargs
+            config.pre_hook(nargs)  # pointer arguments: untouched
+            assert all(nargs[n] is x for n, _ in names)
+
+
+def test_warp_specialised_configs_need_their_triton(monkeypatch):
+    ws = next(c for c in A.FWD_TMA[64] if c["WS"])
+    q = torch.randn(1, 1, 16, 64, device=DEVICE, dtype=DTYPE)
+    monkeypatch.setattr(A, "INTERPRET", False)
+    monkeypatch.setattr(A, "WS_TRITON", False)
+    with pytest.raises(ValueError, match="warp-specialised configs need TMA and Triton 3.6"):
+        A.attn_fwd(q, q, q, None, 0.125, False, 0.0, 0, 0, config=ws, tma=True)
 
 
 def test_autotune_is_opt_in(monkeypatch):
