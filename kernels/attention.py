@@ -424,9 +424,13 @@ FWD_PTR = {
     128: [_cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
     256: [_cfg(64, 32, 8, 2)],
 }
-# With dropout the Philox numbers take registers: these are the spill-free dropout configs (causal and not), the
-# only ones used (and searched) when dropout_p > 0. The TMA defaults above stay spill-free with dropout.
-FWD_DROPOUT_PTR = {64: _cfg(128, 64, 8, 3), 128: _cfg(64, 32, 8, 2), 256: _cfg(64, 16, 8, 2)}
+# A user mask (its tiles, the skip test) and dropout (its Philox numbers) take registers: the "lean" configs stay
+# spill-free with either or both, causal and not (every combination compiled for sm_90), and are the only ones used
+# (and searched) in those cases. Keyed by TMA, then head-dim bucket.
+FWD_LEAN = {
+    False: {64: _cfg(64, 64, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
+    True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
+}
 INTERPRET_CFG = _cfg(16, 16, 4, 1)
 
 
@@ -440,13 +444,13 @@ def _bucket(D: int) -> int:
     return 64 if D <= 64 else (128 if D <= 128 else 256)
 
 
-def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
+def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
     """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`_ws_ok`);
-    dropout: the one spill-free dropout config. One config when interpreting."""
+    lean: a user mask or dropout, whose one config is FWD_LEAN's. One config when interpreting."""
     if interpret:
         return [INTERPRET_CFG]
-    if dropout:
-        return [FWD_TMA[_bucket(D)][0] if tma else FWD_DROPOUT_PTR[_bucket(D)]]
+    if lean:
+        return [FWD_LEAN[tma][_bucket(D)]]
     return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
 
 
@@ -545,10 +549,14 @@ def _autotuned(kernel, tables, pairs, prune):
 FWD_BOXES = (("Qd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N"))
 _attn_fwd_tuned = _autotuned(
     _attn_fwd_kernel,
-    (FWD_TMA, FWD_PTR, {b: [c] for b, c in FWD_DROPOUT_PTR.items()}),
+    (FWD_TMA, FWD_PTR, *({b: [c] for b, c in t.items()} for t in FWD_LEAN.values())),
     FWD_BOXES,
     lambda kw: fwd_configs(
-        kw["BLOCK_D"], kw["TMA"], _ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]), False, kw["DROPOUT"]
+        kw["BLOCK_D"],
+        kw["TMA"],
+        _ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]),
+        False,
+        kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"],
     ),
 )
 
@@ -654,7 +662,7 @@ def attn_fwd(
             args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
         _attn_fwd_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), n_seq * H)](*args, **flags)
         return o, lse
-    cfg = dict(config or fwd_configs(D, tma, ws, dropout=dropout_p > 0.0)[0])
+    cfg = dict(config or fwd_configs(D, tma, ws, lean=mask_kind != MASK_NONE or dropout_p > 0.0)[0])
     if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
         raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")
     if tma:
@@ -664,10 +672,10 @@ def attn_fwd(
 
 
 def static_configs():
-    """Every shipped launch configuration (bf16, no mask) of the forward and the two backward kernels at head dims
-    64 / 128 / 256, for the static report: the defaults causal and not, the autotune alternatives non-causal, the
-    dropout configs; TMA and warp-specialised ones too (sm_90 only). Yields (kernel, signature, constexprs, launch,
-    name, label, archs)."""
+    """Every shipped launch configuration (bf16) of the forward and the two backward kernels at head dims 64 / 128 /
+    256, for the static report: the defaults causal and not, the autotune alternatives non-causal, the lean configs
+    with an additive mask and dropout; TMA and warp-specialised ones too (sm_90 only). Yields (kernel, signature,
+    constexprs, launch, name, label, archs)."""
     from fastlm.kernels import attention_bwd as bwd
 
     from fastlm.bench.static import signature
@@ -676,35 +684,39 @@ def static_configs():
     ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
     floats = ("qk_scale", "sm_scale", "dropout_p")
     kernels = (
-        ("attn_fwd", _attn_fwd_kernel, lambda D, t, drop: fwd_configs(D, t, WS_TRITON, False, drop), FWD_BOXES),
+        ("attn_fwd", _attn_fwd_kernel, lambda D, t, lean: fwd_configs(D, t, WS_TRITON, False, lean), FWD_BOXES),
         (
             "attn_bwd_dkdv",
             bwd._attn_bwd_dkdv_kernel,
-            lambda D, t, drop: bwd.bwd_dkdv_configs(D, t, False, drop) if bwd.dkdv_tma(D, True, drop) or not t else [],
+            lambda D, t, lean: bwd.bwd_dkdv_configs(D, t, False, lean) if bwd.dkdv_tma(D, True, lean) or not t else [],
             (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
         ),
         (
             "attn_bwd_dq",
             bwd._attn_bwd_dq_kernel,
-            lambda D, t, drop: bwd.bwd_dq_configs(D, t, False, drop),
+            lambda D, t, lean: bwd.bwd_dq_configs(D, t, False, lean),
             (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
         ),
     )
     for D in (64, 128, 256):
         BD = block_d(D)
         for name, kernel, configs, boxes in kernels:
-            for tma, drop in ((False, False), (True, False), (False, True), (True, True)):
-                for i, config in enumerate(configs(D, tma, drop)):
+            for tma, lean in ((False, False), (True, False), (False, True), (True, True)):
+                for i, config in enumerate(configs(D, tma, lean)):
                     for causal in (False, True) if i == 0 else (False,):
                         cfg = dict(config)
                         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                        consts = dict(MASK_KIND=0, CAUSAL=causal, DROPOUT=drop, VARLEN=False, BLOCK_D=BD, PREC="tf32")
+                        # lean configs: compiled with the heaviest case, an additive mask and dropout
+                        consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
+                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="tf32")
                         consts |= dict(TMA=tma, **cfg)
                         descs = {n: (f"tensordesc<bf16[1,1,{cfg[b]},{BD}]>" if tma else "*bf16") for n, b in boxes}
                         sig = signature(kernel, consts, ptrs | descs, floats, ("seed", "rng_offset"))
                         label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
                         label += (
-                            (" tma" if tma else "") + (" ws" if cfg.get("WS") else "") + (" dropout" if drop else "")
+                            (" tma" if tma else "")
+                            + (" ws" if cfg.get("WS") else "")
+                            + (" mask+dropout" if lean else "")
                         )
                         label += " default" if i == 0 else ""
                         yield kernel, sig, consts, (warps, stages), name, label, (90,) if tma else (80, 90)

@@ -325,46 +325,53 @@ DQ_TMA = {
 }
 
 
-# Dropout (its Philox numbers take registers): the spill-free configs, causal and not, the only ones used (and
-# searched) when dropout_p > 0; dK/dV then loads with pointers (its TMA tilings spill with dropout).
-DKDV_DROPOUT = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 8, 2), 256: _cfg(16, 64, 8, 1)}
-DQ_DROPOUT_PTR = {64: DQ_PTR[64][0], 128: _cfg(64, 32, 8, 2), 256: DQ_PTR[256][0]}
+# A user mask or dropout (see FWD_LEAN): the spill-free "lean" configs, the only ones used (and searched) then;
+# dK/dV then loads with pointers (its TMA tilings spill with dropout).
+DKDV_LEAN = {64: _cfg(32, 64, 8, 2), 128: _cfg(32, 64, 8, 2), 256: _cfg(16, 32, 8, 1)}
+DQ_LEAN = {
+    False: {64: _cfg(64, 64, 8, 2), 128: _cfg(64, 32, 8, 2), 256: _cfg(32, 64, 8, 1)},
+    True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 64, 8, 1)},
+}
 
 
-def dkdv_tma(D: int, tma: bool, dropout: bool) -> bool:
-    """dK/dV takes the TMA path: TMA layouts, D <= 128 (see DKDV_TMA), no dropout."""
-    return tma and not dropout and _bucket(D) in DKDV_TMA
+def dkdv_tma(D: int, tma: bool, lean: bool) -> bool:
+    """dK/dV takes the TMA path: TMA layouts, D <= 128 (see DKDV_TMA), neither mask nor dropout."""
+    return tma and not lean and _bucket(D) in DKDV_TMA
 
 
-def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
-    """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); dropout: its one
-    config (pointer loads)."""
+def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
+    """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); lean (a mask or
+    dropout): its one config (pointer loads)."""
     if interpret:
         return [_cfg(16, 16, 4, 1)]
-    if dropout:
-        return [DKDV_DROPOUT[_bucket(D)]]
+    if lean:
+        return [DKDV_LEAN[_bucket(D)]]
     return (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
 
 
-def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, dropout: bool = False) -> list:
+def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
     if interpret:
         return [_cfg(16, 16, 4, 1)]
-    if dropout:
-        return [DQ_TMA[_bucket(D)][0] if tma else DQ_DROPOUT_PTR[_bucket(D)]]
+    if lean:
+        return [DQ_LEAN[tma][_bucket(D)]]
     return (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
+
+
+def _lean(kw) -> bool:
+    return kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"]
 
 
 _dkdv_tuned = _autotuned(
     _attn_bwd_dkdv_kernel,
-    (DKDV_TMA, DKDV_PTR, {b: [c] for b, c in DKDV_DROPOUT.items()}),
+    (DKDV_TMA, DKDV_PTR, {b: [c] for b, c in DKDV_LEAN.items()}),
     (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, kw["DROPOUT"]),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, _lean(kw)),
 )
 _dq_tuned = _autotuned(
     _attn_bwd_dq_kernel,
-    (DQ_TMA, DQ_PTR, {b: [c] for b, c in DQ_DROPOUT_PTR.items()}),
+    (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in DQ_LEAN.values())),
     (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, kw["DROPOUT"]),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, _lean(kw)),
 )
 
 
@@ -431,10 +438,10 @@ def attn_bwd(
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    drop = dropout_p > 0.0
-    tma_kv = dkdv_tma(D, tma, drop)
+    lean = mask_kind != MASK_NONE or dropout_p > 0.0
+    tma_kv = dkdv_tma(D, tma, lean)
     tuned = configs is None and autotune_enabled(q)
-    cfg_kv, cfg_q = configs or (bwd_dkdv_configs(D, tma_kv, dropout=drop)[0], bwd_dq_configs(D, tma, dropout=drop)[0])
+    cfg_kv, cfg_q = configs or (bwd_dkdv_configs(D, tma_kv, lean=lean)[0], bwd_dq_configs(D, tma, lean=lean)[0])
     dk_args = [
         q,
         k,

@@ -61,15 +61,15 @@ def test_tma_path_matches_reference(triton_tma, B, H, Hkv, Sq, Sk, D, layout, ca
 def test_tma_path_with_masks_and_dropout(triton_tma, monkeypatch):
     mask = torch.rand(2, 1, 33, 45, device=DEVICE) > 0.3
     check_attention(2, 2, 2, 33, 45, 64, DTYPE, causal=True, mask=mask)
-    assert len(triton_tma) == 7
+    assert len(triton_tma) == 5  # with a mask ("lean" configs) dK/dV loads Q and dO with pointers
     q, k, v = (torch.randn(1, 2, 32, 32, device=DEVICE, dtype=DTYPE) for _ in range(3))
     torch.manual_seed(3)
     with_tma = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-    assert len(triton_tma) == 10
+    assert len(triton_tma) == 8
     monkeypatch.setenv("FASTLM_ATTENTION_TMA", "0")
     torch.manual_seed(3)
     without = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-    assert len(triton_tma) == 10
+    assert len(triton_tma) == 8
     torch.testing.assert_close(with_tma, without, atol=2e-3, rtol=2e-3)
 
 
@@ -120,10 +120,10 @@ def _all_fwd_configs():
             # warp-specialised configs compile on Triton 3.6 only; the interpreter runs their loop anywhere
             ws = tma and (A.WS_TRITON or A.INTERPRET)
             cfgs = [(c, 0.0) for c in A.fwd_configs(D, tma, ws, interpret=False)]
-            cfgs += [(c, 0.2) for c in A.fwd_configs(D, tma, False, interpret=False, dropout=True)]
+            cfgs += [(c, 0.2) for c in A.fwd_configs(D, tma, False, interpret=False, lean=True)]
             for cfg, p in cfgs:
                 label = f"D{D}-{'tma' if tma else 'ptr'}-M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}"
-                label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}{'-dropout' if p else ''}"
+                label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}{'-lean' if p else ''}"
                 out.append(pytest.param(D, tma, cfg, p, id=label))
     return out
 
@@ -131,14 +131,15 @@ def _all_fwd_configs():
 @pytest.mark.configs
 @pytest.mark.parametrize("D,tma,cfg,p", _all_fwd_configs())
 def test_every_forward_config(D, tma, cfg, p):
-    """Every config against the float64 reference; dropout configs against the smallest-tile config with the same
-    seed (the dropout mask is a function of (row, key), not of the tiling)."""
+    """Every config against the float64 reference; the lean configs (for a mask and/or dropout) with both, against
+    the smallest-tile config with the same seed (the dropout mask is a function of (row, key), not of the tiling)."""
     # ragged against every block size; batch and GQA indices (smaller with dropout: its reference runs 16x16 tiles)
     B, H, Hkv, Sq, Sk = (1, 2, 1, 70, 90) if p else (2, 2, 1, 150, 197)
     q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
     k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    mask = (torch.rand(B, 1, Sq, Sk, device=DEVICE) > 0.2).expand(B, H, Sq, Sk) if p else None
     for causal in (False, True):
-        args = (q, k, v, None, 1 / math.sqrt(D), causal, p, 99, 0)
+        args = (q, k, v, mask, 1 / math.sqrt(D), causal, p, 99, 0)
         o, lse = A.attn_fwd(*args, config=cfg, tma=tma)
         if p:
             small = A.INTERPRET_CFG if A.INTERPRET else A.FWD_PTR[A._bucket(D)][-1]
@@ -170,22 +171,22 @@ def _all_bwd_configs():
         for tma in (False, True):
             for p in (0.0, 0.2):
                 tma_kv = AB.dkdv_tma(D, tma, p > 0)
-                kv = AB.bwd_dkdv_configs(D, tma_kv, interpret=False, dropout=p > 0)
-                dq = AB.bwd_dq_configs(D, tma, interpret=False, dropout=p > 0)
+                kv = AB.bwd_dkdv_configs(D, tma_kv, interpret=False, lean=p > 0)
+                dq = AB.bwd_dq_configs(D, tma, interpret=False, lean=p > 0)
                 for i in range(max(len(kv), len(dq))):
                     a, b = kv[min(i, len(kv) - 1)], dq[min(i, len(dq) - 1)]
                     label = (
                         f"D{D}-{'tma' if tma else 'ptr'}-kv{a['BLOCK_M']}x{a['BLOCK_N']}-q{b['BLOCK_M']}x{b['BLOCK_N']}"
                     )
-                    out.append(pytest.param(D, tma, (a, b), p, id=f"{label}-{i}{'-dropout' if p else ''}"))
+                    out.append(pytest.param(D, tma, (a, b), p, id=f"{label}-{i}{'-lean' if p else ''}"))
     return out
 
 
 @pytest.mark.configs
 @pytest.mark.parametrize("D,tma,cfgs,p", _all_bwd_configs())
 def test_every_backward_config(D, tma, cfgs, p):
-    """dQ, dK, dV of every config pair against the float64 reference; with dropout, against the smallest tiles with
-    the same seed."""
+    """dQ, dK, dV of every config pair against the float64 reference; the lean pair with a mask and dropout,
+    against the smallest tiles with the same seed."""
     # ragged against every block size; batch and GQA indices (smaller with dropout: its reference runs 16x16 tiles)
     B, H, Hkv, Sq, Sk = (1, 2, 1, 70, 90) if p else (2, 2, 1, 150, 197)
     q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
@@ -193,9 +194,10 @@ def test_every_backward_config(D, tma, cfgs, p):
     do = torch.randn(B, H, Sq, D, device=DEVICE, dtype=DTYPE)
     scale = 1 / math.sqrt(D)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    mask = (torch.rand(B, 1, Sq, Sk, device=DEVICE) > 0.2).expand(B, H, Sq, Sk) if p else None
     for causal in (False, True):
-        o, lse = A.attn_fwd(q, k, v, None, scale, causal, p, 5, 0)
-        args = (do, q, k, v, o, lse, None, scale, causal, p, 5, 0)
+        o, lse = A.attn_fwd(q, k, v, mask, scale, causal, p, 5, 0)
+        args = (do, q, k, v, o, lse, mask, scale, causal, p, 5, 0)
         grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
         if p:
             small = AB._cfg(16, 16, 4, 1) if A.INTERPRET else AB._cfg(32, 64, 4, 2)
@@ -222,20 +224,25 @@ def test_autotune_space_is_the_config_tables():
             for mask_kind in (A.MASK_NONE, A.MASK_BOOL):
                 kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False)
                 got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
-                want = A.fwd_configs(D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False)
+                want = A.fwd_configs(
+                    D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False, lean=mask_kind != 0
+                )
                 as_dicts = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got]
                 canon = lambda ds: sorted(tuple(sorted(d.items())) for d in ds)  # noqa: E731
                 assert canon(as_dicts) == canon(want)
+            kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=0, DROPOUT=False)
             if not tma or D in AB.DKDV_TMA:
-                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, BLOCK_D=D, TMA=tma, DROPOUT=False)
+                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, **kw)
                 assert len(got) == len(AB.bwd_dkdv_configs(D, tma, interpret=False))
-            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, BLOCK_D=D, TMA=tma, DROPOUT=False)
+            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **kw)
             assert len(got) == len(AB.bwd_dq_configs(D, tma, interpret=False))
+            lean = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **(kw | dict(DROPOUT=True)))
+            assert len(lean) == 1 and lean[0].kwargs["BLOCK_N"] == AB.DQ_LEAN[tma][D]["BLOCK_N"]
     assert not any(c["WS"] for t in A.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
     with_dropout = A._attn_fwd_tuned.early_config_prune(
         A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True
     )
-    assert with_dropout and not any(c.kwargs["WS"] for c in with_dropout)
+    assert len(with_dropout) == 1 and not with_dropout[0].kwargs["WS"]
 
 
 def test_autotune_pre_hook_reboxes_the_descriptors():

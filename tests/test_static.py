@@ -63,14 +63,19 @@ def test_wide_norm_configs_use_128_bit_accesses(stats):
 def test_attention_uses_wgmma_on_sm90(stats):
     """Forward at every head dim, backward up to D = 128 and dQ at D = 256 with TMA run their dots on wgmma (HGMMA).
     At D = 256 no wgmma tiling of dK/dV (nor of the pointer-load dQ) is spill-free on sm_90, so those use mma.sync
-    (HMMA): checked too, so a change shows."""
+    (HMMA): checked too, so a change shows. The lean configs (a mask and/or dropout) use wgmma in the forward up to
+    D = 128 and tensor cores everywhere."""
     from fastlm.kernels import attention
 
     attn = [s for s in stats if s.kernel.startswith("attn")]
     assert len(attn) == len(list(attention.static_configs()))
     for s in attn:
         d256_bwd = "D=256" in s.config and "bwd" in s.kernel
-        if d256_bwd and s.kernel == "attn_bwd_dq" and " tma" in s.config and "M=64" in s.config:
+        if "mask+dropout" in s.config:
+            if s.kernel == "attn_fwd" and "D=256" not in s.config:
+                assert s.hgmma > 0, f"{s.kernel} [{s.config}] has no HGMMA (wgmma) on sm_90"
+            assert s.hmma > 0 or s.hgmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"
+        elif d256_bwd and s.kernel == "attn_bwd_dq" and " tma" in s.config and "M=64" in s.config:
             assert s.hgmma > 0, f"{s.kernel} [{s.config}] has no HGMMA (wgmma) on sm_90"
         elif d256_bwd:
             assert s.hmma > 0 or s.hgmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"
