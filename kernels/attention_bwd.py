@@ -329,7 +329,7 @@ DQ_TMA = {
 # dK/dV then loads with pointers (its TMA tilings spill with dropout).
 DKDV_LEAN = {64: _cfg(32, 64, 8, 2), 128: _cfg(32, 64, 8, 2), 256: _cfg(16, 32, 8, 1)}
 DQ_LEAN = {
-    False: {64: _cfg(64, 64, 8, 2), 128: _cfg(64, 32, 8, 2), 256: _cfg(32, 64, 8, 1)},
+    False: {64: _cfg(64, 64, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 64, 8, 1)},
     True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 64, 8, 1)},
 }
 
