@@ -17,9 +17,9 @@ Hopper (sm_90): when the layout allows (fp16/bf16, 16-byte aligned base and stri
 TMA descriptors (`use_tma`; out-of-bounds rows and head-dim columns are zero-filled by the copy engine, so no
 masks on those loads). On Triton 3.6 the autotune space also holds warp-specialised configs (WS: one TMA producer
 warp group, two consumer warp groups; Triton's pass takes a single plain loop, so the WS variant runs one loop with
-the causal and bounds masks on every tile, and is used only without a user mask). Launch configs: `fwd_configs`
-(the default first; FASTLM_AUTOTUNE=1 searches the list, keyed on head dim, causal, mask kind, dropout, layout and
-dtype).
+the causal and bounds masks on every tile, and is used only without a user mask or dropout). Launch configs, TMA
+and WS rules: kernels/attention_configs.py (per head dim, the default first; a user mask or dropout takes the lean
+tables; FASTLM_AUTOTUNE=1 searches the list, keyed on head dim, causal, mask kind, dropout, layout and dtype).
 
 Layouts: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with a unit last stride; varlen: (total, H, D) with
 cu_seqlens (int32, n + 1). lse: (B, H, Sq) fp32, or (H, total_q) for varlen. Head dims up to 256, padded to a power
@@ -28,14 +28,36 @@ of two inside the kernel (masked loads), never with a copy.
 FLOPs: forward 4 * B * H * Sq * Sk * D (half with causal), backward 2.5x that.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import empty
+from fastlm.kernels.attention_configs import (  # noqa: F401 (re-exported: the configs are part of this kernel's API)
+    FWD_BOXES,
+    FWD_LEAN,
+    FWD_PTR,
+    FWD_TMA,
+    INTERPRET,
+    INTERPRET_CFG,
+    MASK_ADD,
+    MASK_BOOL,
+    MASK_NONE,
+    SM90_SMEM,
+    WS_TRITON,
+    _autotuned,
+    _bucket,
+    _tma_strides,
+    _ws_ok,
+    autotune_enabled,
+    block_d,
+    descriptor,
+    fwd_configs,
+    lean_case,
+    precision,
+    static_configs,
+    use_tma,
+)
 
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 LOG2E = 1.4426950408889634
 
 
@@ -373,181 +395,6 @@ def _attn_fwd_kernel(
     tl.store(Lse + lse_row, lse, mask=offs_m < Sq)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Launch configurations (per architecture choices live here only)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SM90_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
-
-try:  # host-side TMA descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
-
-# Triton's Hopper warp specialisation (`tl.range(..., warp_specialize=True)`: a TMA producer warp group and two
-# consumer warp groups with register reallocation) compiles this forward on Triton 3.6 (static sm_90 check: USETMAXREG,
-# no spills); the 3.8 pass asserts on it (WSLowerToken), so warp-specialised configs exist only on 3.6.
-WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
-
-
-def _cfg(m, n, warps, stages, ws=False):
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, WS=ws)
-
-
-# Forward configs per head-dim bucket; the first is the default, the list is what FASTLM_AUTOTUNE=1 searches. Every
-# entry was compiled for sm_90 (bf16; Triton 3.6 and 3.8): every dot on wgmma, no spills, shared memory <= 227 KiB;
-# TMA entries load Q, K and V with UTMALDG (tests/test_static.py keeps this true).
-FWD_TMA = {
-    64: [
-        _cfg(128, 64, 8, 3),
-        _cfg(128, 64, 4, 2, True),
-        _cfg(128, 128, 4, 2, True),
-        _cfg(128, 64, 4, 3, True),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 32, 8, 3),
-        _cfg(64, 128, 8, 2),
-    ],
-    128: [
-        _cfg(128, 64, 8, 2),
-        _cfg(128, 64, 4, 2, True),
-        _cfg(128, 128, 4, 2, True),
-        _cfg(128, 64, 4, 3, True),
-        _cfg(128, 64, 8, 3),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 32, 8, 3),
-    ],
-    256: [_cfg(64, 32, 8, 2), _cfg(128, 64, 4, 2, True), _cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
-}
-# Pointer loads (sm_80, varlen, layouts TMA cannot describe).
-FWD_PTR = {
-    64: [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
-    128: [_cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
-    256: [_cfg(64, 32, 8, 2)],
-}
-# A user mask (its tiles, the skip test) and dropout (its Philox numbers) take registers: the "lean" configs stay
-# spill-free with either or both, causal and not (every combination compiled for sm_90 with Triton 3.6 and 3.8; a few
-# bytes of spill come and go between versions at larger tiles), and are the only ones used (and searched) in those
-# cases. Keyed by TMA, then head-dim bucket.
-FWD_LEAN = {
-    False: {64: _cfg(64, 16, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
-    True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
-}
-INTERPRET_CFG = _cfg(16, 16, 4, 1)
-
-
-def _ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
-    """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
-    split), no dropout (the Philox numbers push those configs into spills), Triton 3.6."""
-    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout
-
-
-def _bucket(D: int) -> int:
-    return 64 if D <= 64 else (128 if D <= 128 else 256)
-
-
-def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
-    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`_ws_ok`);
-    lean: a user mask or dropout, whose one config is FWD_LEAN's. One config when interpreting."""
-    if interpret:
-        return [INTERPRET_CFG]
-    if lean:
-        return [FWD_LEAN[tma][_bucket(D)]]
-    return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
-
-
-def precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 dots (as torch's fp32 SDPA), not TF32; fp16/bf16 dots ignore this
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-def autotune_enabled(t: torch.Tensor) -> bool:
-    """FASTLM_AUTOTUNE=1: search the config list once per (head dim, causal, mask kind, dropout, layout, dtype) and
-    keep the fastest. Off by default (a first call then costs seconds of compiling, and the pick may differ between
-    processes), under the interpreter and under torch.use_deterministic_algorithms."""
-    return (
-        not INTERPRET
-        and t.is_cuda
-        and os.environ.get("FASTLM_AUTOTUNE", "0") == "1"
-        and not torch.are_deterministic_algorithms_enabled()
-    )
-
-
-def _tma_strides(t: torch.Tensor):
-    """Strides a TMA descriptor can take for the dense (B, H, S, D) tensor t, or None. Size-1 dims get the span of
-    the dims inside them (their stride is never used)."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
-        return None
-    strides = list(t.stride())
-    align = 16 // t.element_size()
-    for i in range(t.dim() - 2, -1, -1):
-        if t.shape[i] == 1:
-            span = max(strides[j] * t.shape[j] for j in range(i + 1, t.dim()))
-            strides[i] = -(-span // align) * align
-    if any(st <= 0 or (st * t.element_size()) % 16 or st * t.element_size() >= 2**40 for st in strides[:-1]):
-        return None
-    return strides
-
-
-def use_tma(*ts: torch.Tensor) -> bool:
-    """Load through host TMA descriptors: fp16/bf16 on sm_90+ when every tensor's layout allows it (16-byte aligned
-    base and strides). FASTLM_ATTENTION_TMA=0 turns it off; =1 uses it wherever the layout allows (also under the
-    interpreter, which is how the CPU tests run this path)."""
-    mode = os.environ.get("FASTLM_ATTENTION_TMA", "auto")
-    if mode == "0" or TensorDescriptor is None:
-        return False
-    t = ts[0]
-    if mode != "1" and not (
-        t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(t.device)[0] >= 9
-    ):
-        return False
-    return all(_tma_strides(x) is not None for x in ts)
-
-
-def descriptor(t: torch.Tensor, rows: int):
-    """Host TMA descriptor of the dense (B, H, S, D) tensor t with [1, 1, rows, block_d(D)] boxes; the copy engine
-    zero-fills the rows past S and the columns past D."""
-    return TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, block_d(t.shape[-1])])
-
-
-def _set_boxes(nargs, pairs):
-    """Autotune pre-hook body: each descriptor's box follows the config's block sizes."""
-    if nargs.get("TMA"):
-        bd = nargs["BLOCK_D"]
-        for name, block in pairs:
-            nargs[name].block_shape = [1, 1, nargs[block], bd]
-
-
-def _autotuned(kernel, tables, pairs, prune):
-    seen, configs = set(), []
-    for table in tables:
-        for cfgs in table.values():
-            for c in cfgs:
-                key = tuple(sorted(c.items()))
-                if key not in seen:
-                    seen.add(key)
-                    kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-                    configs.append(
-                        triton.Config(
-                            kw,
-                            num_warps=c["num_warps"],
-                            num_stages=c["num_stages"],
-                            pre_hook=lambda n: _set_boxes(n, pairs),
-                        )
-                    )
-
-    def early_prune(configs, nargs, **kw):
-        allowed = prune(kw)
-        return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
-
-    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC"]
-    return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": early_prune})(kernel)
-
-
-FWD_BOXES = (("Qd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N"))
 _attn_fwd_tuned = _autotuned(
     _attn_fwd_kernel,
     (FWD_TMA, FWD_PTR, *({b: [c] for b, c in t.items()} for t in FWD_LEAN.values())),
@@ -557,7 +404,7 @@ _attn_fwd_tuned = _autotuned(
         kw["TMA"],
         _ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]),
         False,
-        kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"],
+        lean_case(kw),
     ),
 )
 
@@ -670,54 +517,3 @@ def attn_fwd(
         args[3:6] = [descriptor(q, cfg["BLOCK_M"]), descriptor(k, cfg["BLOCK_N"]), descriptor(v, cfg["BLOCK_N"])]
     _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](*args, **flags, **cfg)
     return o, lse
-
-
-def static_configs():
-    """Every shipped launch configuration (bf16) of the forward and the two backward kernels at head dims 64 / 128 /
-    256, for the static report: the defaults causal and not, the autotune alternatives non-causal, the lean configs
-    with an additive mask and dropout; TMA and warp-specialised ones too (sm_90 only). Yields (kernel, signature,
-    constexprs, launch, name, label, archs)."""
-    from fastlm.kernels import attention_bwd as bwd
-
-    from fastlm.bench.static import signature
-
-    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
-    ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
-    floats = ("qk_scale", "sm_scale", "dropout_p")
-    kernels = (
-        ("attn_fwd", _attn_fwd_kernel, lambda D, t, lean: fwd_configs(D, t, WS_TRITON, False, lean), FWD_BOXES),
-        (
-            "attn_bwd_dkdv",
-            bwd._attn_bwd_dkdv_kernel,
-            lambda D, t, lean: bwd.bwd_dkdv_configs(D, t, False, lean) if bwd.dkdv_tma(D, True, lean) or not t else [],
-            (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-        ),
-        (
-            "attn_bwd_dq",
-            bwd._attn_bwd_dq_kernel,
-            lambda D, t, lean: bwd.bwd_dq_configs(D, t, False, lean),
-            (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-        ),
-    )
-    for D in (64, 128, 256):
-        BD = block_d(D)
-        for name, kernel, configs, boxes in kernels:
-            for tma, lean in ((False, False), (True, False), (False, True), (True, True)):
-                for i, config in enumerate(configs(D, tma, lean)):
-                    for causal in (False, True) if i == 0 else (False,):
-                        cfg = dict(config)
-                        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                        # lean configs: compiled with the heaviest case, an additive mask and dropout
-                        consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
-                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="tf32")
-                        consts |= dict(TMA=tma, **cfg)
-                        descs = {n: (f"tensordesc<bf16[1,1,{cfg[b]},{BD}]>" if tma else "*bf16") for n, b in boxes}
-                        sig = signature(kernel, consts, ptrs | descs, floats, ("seed", "rng_offset"))
-                        label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
-                        label += (
-                            (" tma" if tma else "")
-                            + (" ws" if cfg.get("WS") else "")
-                            + (" mask+dropout" if lean else "")
-                        )
-                        label += " default" if i == 0 else ""
-                        yield kernel, sig, consts, (warps, stages), name, label, (90,) if tma else (80, 90)

@@ -13,23 +13,25 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import empty
-from fastlm.kernels.attention import (
-    INTERPRET,
+from fastlm.kernels.attention import _dense_strides, _keep, _kv_tile, _scores, _seq, _tile_allowed, _varlen_strides
+from fastlm.kernels.attention_configs import (
+    DKDV_LEAN,
+    DKDV_PTR,
+    DKDV_TMA,
+    DQ_LEAN,
+    DQ_PTR,
+    DQ_TMA,
     MASK_ADD,
     MASK_BOOL,
     MASK_NONE,
     _autotuned,
-    _bucket,
-    _dense_strides,
-    _keep,
-    _kv_tile,
-    _scores,
-    _seq,
-    _tile_allowed,
-    _varlen_strides,
     autotune_enabled,
     block_d,
+    bwd_dkdv_configs,
+    bwd_dq_configs,
     descriptor,
+    dkdv_tma,
+    lean_case,
     precision,
     use_tma,
 )
@@ -290,88 +292,17 @@ def _attn_bwd_dq_kernel(
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Launch configurations: the first entry per head-dim bucket is the default, the list is the autotune space
-# (FASTLM_AUTOTUNE=1). Checked by the static sm_90 compile (tests/test_static.py): no spills, shared memory <= 227 KiB,
-# wgmma (HGMMA) up to D = 128. At D = 256 no wgmma tiling of dK/dV is spill-free (two [BLOCK_N, 256] fp32
-# accumulators), so it uses mma.sync tiles; dQ at D = 256 gets wgmma with TMA only (pointer loads spill there).
-
-
-def _cfg(m, n, warps, stages):
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
-
-
-# dK/dV: BLOCK_N keys per program, BLOCK_M queries per step
-DKDV_PTR = {
-    64: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
-    128: [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)],
-    256: [_cfg(32, 64, 8, 1)],
-}
-# no D = 256 entry: every TMA tiling of dK/dV spills there (160+ bytes), so that case keeps pointer loads
-DKDV_TMA = {
-    64: [_cfg(64, 64, 8, 2), _cfg(64, 64, 4, 3)],
-    128: [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)],
-}
-# dQ: BLOCK_M queries per program, BLOCK_N keys per step
-DQ_PTR = {
-    64: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
-    128: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
-    256: [_cfg(32, 64, 8, 1)],
-}
-DQ_TMA = {
-    64: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)],
-    128: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
-    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 1)],  # TMA frees the registers wgmma needs here
-}
-
-
-# A user mask or dropout (see FWD_LEAN): the spill-free "lean" configs, the only ones used (and searched) then;
-# dK/dV then loads with pointers (its TMA tilings spill with dropout).
-DKDV_LEAN = {64: _cfg(32, 64, 8, 2), 128: _cfg(32, 64, 8, 2), 256: _cfg(16, 32, 8, 1)}
-DQ_LEAN = {
-    False: {64: _cfg(64, 64, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 64, 8, 1)},
-    True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 64, 8, 1)},
-}
-
-
-def dkdv_tma(D: int, tma: bool, lean: bool) -> bool:
-    """dK/dV takes the TMA path: TMA layouts, D <= 128 (see DKDV_TMA), neither mask nor dropout."""
-    return tma and not lean and _bucket(D) in DKDV_TMA
-
-
-def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
-    """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); lean (a mask or
-    dropout): its one config (pointer loads)."""
-    if interpret:
-        return [_cfg(16, 16, 4, 1)]
-    if lean:
-        return [DKDV_LEAN[_bucket(D)]]
-    return (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
-
-
-def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
-    if interpret:
-        return [_cfg(16, 16, 4, 1)]
-    if lean:
-        return [DQ_LEAN[tma][_bucket(D)]]
-    return (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
-
-
-def _lean(kw) -> bool:
-    return kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"]
-
-
 _dkdv_tuned = _autotuned(
     _attn_bwd_dkdv_kernel,
     (DKDV_TMA, DKDV_PTR, {b: [c] for b, c in DKDV_LEAN.items()}),
     (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, _lean(kw)),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw)),
 )
 _dq_tuned = _autotuned(
     _attn_bwd_dq_kernel,
     (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in DQ_LEAN.values())),
     (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, _lean(kw)),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw)),
 )
 
 

@@ -21,6 +21,7 @@ import fastlm.functional as F
 pytest.importorskip("triton")
 from fastlm.kernels import attention as A  # noqa: E402
 from fastlm.kernels import attention_bwd as AB  # noqa: E402
+from fastlm.kernels import attention_configs as C  # noqa: E402
 
 # fp16 dots are right in the interpreter (bf16 ones are not); on a GPU the TMA path is taken for fp16/bf16 only
 DTYPE = torch.float16
@@ -76,29 +77,29 @@ def test_tma_path_with_masks_and_dropout(triton_tma, monkeypatch):
 def test_tma_layout_rules():
     """TMA needs a unit last stride, a 16-byte aligned base and 16-byte multiple strides; size-1 dims are free."""
     x = torch.randn(2, 3, 40, 64, dtype=torch.float16)
-    assert A._tma_strides(x) == list(x.stride())
-    assert A._tma_strides(x[:, :, 1:]) == list(x.stride())  # offset 64 halves = 128 bytes: aligned
-    assert A._tma_strides(x[..., 1:]) is None  # base off by 2 bytes, and a 63-wide row
-    assert A._tma_strides(torch.randn(2, 3, 40, 12, dtype=torch.float16)) is None  # 24-byte rows
-    assert A._tma_strides(x.transpose(-1, -2)) is None  # last dim not contiguous
-    assert A._tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
+    assert C._tma_strides(x) == list(x.stride())
+    assert C._tma_strides(x[:, :, 1:]) == list(x.stride())  # offset 64 halves = 128 bytes: aligned
+    assert C._tma_strides(x[..., 1:]) is None  # base off by 2 bytes, and a 63-wide row
+    assert C._tma_strides(torch.randn(2, 3, 40, 12, dtype=torch.float16)) is None  # 24-byte rows
+    assert C._tma_strides(x.transpose(-1, -2)) is None  # last dim not contiguous
+    assert C._tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
     one = torch.randn(1, 1, 40, 64, dtype=torch.float16)[:, :, :, :]
-    assert A._tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
+    assert C._tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
     # decoding (S = 1) with a 72-byte row: the unused stride is rounded up to 16 bytes
-    assert A._tma_strides(torch.randn(1, 1, 1, 36, dtype=torch.float16)) == [40, 40, 40, 1]
-    assert A._tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
+    assert C._tma_strides(torch.randn(1, 1, 1, 36, dtype=torch.float16)) == [40, 40, 40, 1]
+    assert C._tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
 
 
 def test_tma_choice(monkeypatch):
     x = torch.randn(1, 2, 16, 64, dtype=torch.float16)
     monkeypatch.setenv("FASTLM_ATTENTION_TMA", "auto")
-    assert not A.use_tma(x, x, x)  # auto: CUDA sm_90+ only
+    assert not C.use_tma(x, x, x)  # auto: CUDA sm_90+ only
     monkeypatch.setenv("FASTLM_ATTENTION_TMA", "1")
-    assert A.use_tma(x, x, x)
-    assert A.use_tma(x, x[..., :32], x)  # a column slice keeps aligned strides
-    assert not A.use_tma(x, x[..., 1:33], x)  # a base 2 bytes off
+    assert C.use_tma(x, x, x)
+    assert C.use_tma(x, x[..., :32], x)  # a column slice keeps aligned strides
+    assert not C.use_tma(x, x[..., 1:33], x)  # a base 2 bytes off
     monkeypatch.setenv("FASTLM_ATTENTION_TMA", "0")
-    assert not A.use_tma(x, x, x)
+    assert not C.use_tma(x, x, x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,8 +120,8 @@ def _all_fwd_configs():
         for tma in (False, True):
             # warp-specialised configs compile on Triton 3.6 only; the interpreter runs their loop anywhere
             ws = tma and (A.WS_TRITON or A.INTERPRET)
-            cfgs = [(c, 0.0) for c in A.fwd_configs(D, tma, ws, interpret=False)]
-            cfgs += [(c, 0.2) for c in A.fwd_configs(D, tma, False, interpret=False, lean=True)]
+            cfgs = [(c, 0.0) for c in C.fwd_configs(D, tma, ws, interpret=False)]
+            cfgs += [(c, 0.2) for c in C.fwd_configs(D, tma, False, interpret=False, lean=True)]
             for cfg, p in cfgs:
                 label = f"D{D}-{'tma' if tma else 'ptr'}-M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}"
                 label += f"s{cfg['num_stages']}{'-ws' if cfg['WS'] else ''}{'-lean' if p else ''}"
@@ -142,7 +143,7 @@ def test_every_forward_config(D, tma, cfg, p):
         args = (q, k, v, mask, 1 / math.sqrt(D), causal, p, 99, 0)
         o, lse = A.attn_fwd(*args, config=cfg, tma=tma)
         if p:
-            small = A.INTERPRET_CFG if A.INTERPRET else A.FWD_PTR[A._bucket(D)][-1]
+            small = C.INTERPRET_CFG if A.INTERPRET else C.FWD_PTR[C._bucket(D)][-1]
             o2, lse2 = A.attn_fwd(*args, config=small, tma=False)
             torch.testing.assert_close(o, o2, atol=2e-3, rtol=2e-3)
             torch.testing.assert_close(lse, lse2, atol=1e-5, rtol=1e-5)
@@ -153,14 +154,14 @@ def test_every_forward_config(D, tma, cfg, p):
 
 
 @pytest.mark.skipif(ON_GPU and not A.WS_TRITON, reason="warp-specialised configs compile on Triton 3.6 only")
-@pytest.mark.parametrize("cfg", [c for c in A.FWD_TMA[64] if c["WS"]][:1], ids=["ws"])
+@pytest.mark.parametrize("cfg", [c for c in C.FWD_TMA[64] if c["WS"]][:1], ids=["ws"])
 def test_warp_specialised_loop_with_dropout_matches_default(cfg):
     """The WS variant's loop (one loop, masks on every tile) draws the same dropout numbers as the two-loop default
     (the launcher does not pick WS configs with dropout, for their spills; the loop must still be right)."""
     q, k, v = (torch.randn(1, 2, 150, 64, device=DEVICE, dtype=DTYPE) for _ in range(3))
     args = (q, k, v, None, 0.125, True, 0.2, 1234, 0)
     ws, ws_lse = A.attn_fwd(*args, config=cfg, tma=True)
-    ref, ref_lse = A.attn_fwd(*args, config=A.fwd_configs(64, True, ws=False, interpret=False)[0], tma=True)
+    ref, ref_lse = A.attn_fwd(*args, config=C.fwd_configs(64, True, ws=False, interpret=False)[0], tma=True)
     torch.testing.assert_close(ws, ref, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(ws_lse, ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -170,9 +171,9 @@ def _all_bwd_configs():
     for D in (64, 128, 256):
         for tma in (False, True):
             for p in (0.0, 0.2):
-                tma_kv = AB.dkdv_tma(D, tma, p > 0)
-                kv = AB.bwd_dkdv_configs(D, tma_kv, interpret=False, lean=p > 0)
-                dq = AB.bwd_dq_configs(D, tma, interpret=False, lean=p > 0)
+                tma_kv = C.dkdv_tma(D, tma, p > 0)
+                kv = C.bwd_dkdv_configs(D, tma_kv, interpret=False, lean=p > 0)
+                dq = C.bwd_dq_configs(D, tma, interpret=False, lean=p > 0)
                 for i in range(max(len(kv), len(dq))):
                     a, b = kv[min(i, len(kv) - 1)], dq[min(i, len(dq) - 1)]
                     label = (
@@ -200,7 +201,7 @@ def test_every_backward_config(D, tma, cfgs, p):
         args = (do, q, k, v, o, lse, mask, scale, causal, p, 5, 0)
         grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
         if p:
-            small = AB._cfg(16, 16, 4, 1) if A.INTERPRET else AB._cfg(32, 64, 4, 2)
+            small = C._bcfg(16, 16, 4, 1) if A.INTERPRET else C._bcfg(32, 64, 4, 2)
             refs = AB.attn_bwd(*args, configs=(small, small), tma=False)
             for name, a, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
                 torch.testing.assert_close(a, r, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
@@ -221,24 +222,24 @@ def test_autotune_space_is_the_config_tables():
     apply), and the default of every table is its first entry."""
     for D in (64, 128, 256):
         for tma in (False, True):
-            for mask_kind in (A.MASK_NONE, A.MASK_BOOL):
+            for mask_kind in (C.MASK_NONE, C.MASK_BOOL):
                 kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False)
                 got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
-                want = A.fwd_configs(
+                want = C.fwd_configs(
                     D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False, lean=mask_kind != 0
                 )
                 as_dicts = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got]
                 canon = lambda ds: sorted(tuple(sorted(d.items())) for d in ds)  # noqa: E731
                 assert canon(as_dicts) == canon(want)
             kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=0, DROPOUT=False)
-            if not tma or D in AB.DKDV_TMA:
+            if not tma or D in C.DKDV_TMA:
                 got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, **kw)
-                assert len(got) == len(AB.bwd_dkdv_configs(D, tma, interpret=False))
+                assert len(got) == len(C.bwd_dkdv_configs(D, tma, interpret=False))
             got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **kw)
-            assert len(got) == len(AB.bwd_dq_configs(D, tma, interpret=False))
+            assert len(got) == len(C.bwd_dq_configs(D, tma, interpret=False))
             lean = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **(kw | dict(DROPOUT=True)))
-            assert len(lean) == 1 and lean[0].kwargs["BLOCK_N"] == AB.DQ_LEAN[tma][D]["BLOCK_N"]
-    assert not any(c["WS"] for t in A.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
+            assert len(lean) == 1 and lean[0].kwargs["BLOCK_N"] == C.DQ_LEAN[tma][D]["BLOCK_N"]
+    assert not any(c["WS"] for t in C.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
     with_dropout = A._attn_fwd_tuned.early_config_prune(
         A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True
     )
@@ -260,7 +261,7 @@ def test_autotune_pre_hook_reboxes_the_descriptors():
 
 
 def test_warp_specialised_configs_need_their_triton(monkeypatch):
-    ws = next(c for c in A.FWD_TMA[64] if c["WS"])
+    ws = next(c for c in C.FWD_TMA[64] if c["WS"])
     q = torch.randn(1, 1, 16, 64, device=DEVICE, dtype=DTYPE)
     monkeypatch.setattr(A, "INTERPRET", False)
     monkeypatch.setattr(A, "WS_TRITON", False)
@@ -271,12 +272,12 @@ def test_warp_specialised_configs_need_their_triton(monkeypatch):
 def test_autotune_is_opt_in(monkeypatch):
     x = torch.randn(2, device=DEVICE)
     monkeypatch.delenv("FASTLM_AUTOTUNE", raising=False)
-    assert not A.autotune_enabled(x)
+    assert not C.autotune_enabled(x)
     monkeypatch.setenv("FASTLM_AUTOTUNE", "1")
-    assert A.autotune_enabled(x) == (ON_GPU and not A.INTERPRET)
+    assert C.autotune_enabled(x) == (ON_GPU and not A.INTERPRET)
     torch.use_deterministic_algorithms(True)
     try:
-        assert not A.autotune_enabled(x)  # a fixed config keeps results bitwise equal across processes
+        assert not C.autotune_enabled(x)  # a fixed config keeps results bitwise equal across processes
     finally:
         torch.use_deterministic_algorithms(False)
 

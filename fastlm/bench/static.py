@@ -143,13 +143,14 @@ def _report_in_subprocess(archs) -> list[KernelStat]:
 
 def format_table(stats: list[KernelStat]) -> str:
     lines = [
-        "| kernel | config | sm | regs | spill (stack/local B) | smem B | LDG.128 | STG.128 | HMMA | HGMMA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | sm | regs | spill (stack/local B) | smem B | LDG.128 | STG.128 | HMMA | HGMMA | UTMALDG "
+        "| USETMAXREG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stats:
         lines.append(
             f"| {s.kernel} | {s.config} | {s.arch} | {s.registers} | {s.stack_bytes}/{s.local_bytes} | "
-            f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} | {s.hgmma} |"
+            f"{s.shared_bytes} | {s.ldg128} | {s.stg128} | {s.hmma} | {s.hgmma} | {s.utmaldg} | {s.setmaxreg} |"
         )
     return "\n".join(lines)
 
