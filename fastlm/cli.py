@@ -33,7 +33,30 @@ def _info() -> int:
         reason = dispatch.unavailable_reason(name, "norms", dev)
         print(f"backend {name:<6} on {dev.type}: {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"backend in force: {fastlm.current_backend()}")
+    print(_attention_info(torch))
     return 0
+
+
+def _attention_info(torch) -> str:
+    """How the Triton attention launches on this machine: TMA, warp specialisation, autotuning (and the knobs)."""
+    import os
+
+    try:
+        from fastlm.kernels import attention_configs as ac
+    except ImportError as exc:  # no triton
+        return f"attention (Triton): unavailable ({exc})"
+    mode = os.environ.get("FASTLM_ATTENTION_TMA", "auto")
+    if mode == "0" or ac.TensorDescriptor is None:
+        tma = "off" + (" (FASTLM_ATTENTION_TMA=0)" if mode == "0" else " (Triton without tensor descriptors)")
+    elif mode == "1":
+        tma = "on wherever the layout allows (FASTLM_ATTENTION_TMA=1)"
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 9:
+        tma = "on for fp16/bf16 with 16-byte aligned layouts"
+    else:
+        tma = "off (needs an sm_90+ GPU)"
+    ws = "available (Triton 3.6)" if ac.WS_TRITON else "off (compile on Triton 3.6 only)"
+    tune = "on" if os.environ.get("FASTLM_AUTOTUNE", "0") == "1" else "off (FASTLM_AUTOTUNE=1 turns it on)"
+    return f"attention (Triton): TMA {tma}; warp-specialised configs {ws}; autotuning {tune}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,4 @@ def test_import_and_info_cli():
         [os.sys.executable, "-m", "fastlm", "info"], capture_output=True, text=True, timeout=300, check=True
     ).stdout
     assert f"fastlm {fastlm.__version__}" in out and "backend cuda" in out
+    assert "attention (Triton): TMA" in out and "autotuning" in out
