@@ -273,45 +273,9 @@ def _attn_fwd_kernel(
         hi = Sk
         full_hi = Sk // BLOCK_N * BLOCK_N
     hkv = h // GROUP
-    if WS:  # one loop with the masks on every tile: Triton's Hopper warp specialisation takes a single plain loop
-        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-            acc, m_i, l_i = _fwd_block(
-                acc,
-                m_i,
-                l_i,
-                q,
-                K_,
-                V_,
-                Kd,
-                Vd,
-                b,
-                hkv,
-                M_,
-                start_n,
-                offs_m,
-                offs_n0,
-                offs_d,
-                Sq,
-                Sk,
-                D,
-                stride_kn,
-                stride_vn,
-                sm_m,
-                sm_n,
-                qk_scale,
-                dropout_p,
-                seed,
-                rng_rows,
-                MASK_KIND,
-                CAUSAL,
-                True,
-                DROPOUT,
-                PREC,
-                TMA,
-                BLOCK_N,
-                BLOCK_D,
-            )
-    else:
+    # WS: Triton's Hopper warp specialisation takes a single plain loop, so the masked loop covers every tile
+    lo = 0
+    if not WS:
         for start_n in range(0, full_hi, BLOCK_N):  # off-band: no causal or bounds masks
             acc, m_i, l_i = _fwd_block(
                 acc,
@@ -349,43 +313,45 @@ def _attn_fwd_kernel(
                 BLOCK_N,
                 BLOCK_D,
             )
-        for start_n in range(full_hi, hi, BLOCK_N):  # on-band: the diagonal and the ragged last block
-            acc, m_i, l_i = _fwd_block(
-                acc,
-                m_i,
-                l_i,
-                q,
-                K_,
-                V_,
-                Kd,
-                Vd,
-                b,
-                hkv,
-                M_,
-                start_n,
-                offs_m,
-                offs_n0,
-                offs_d,
-                Sq,
-                Sk,
-                D,
-                stride_kn,
-                stride_vn,
-                sm_m,
-                sm_n,
-                qk_scale,
-                dropout_p,
-                seed,
-                rng_rows,
-                MASK_KIND,
-                CAUSAL,
-                True,
-                DROPOUT,
-                PREC,
-                TMA,
-                BLOCK_N,
-                BLOCK_D,
-            )
+        lo = full_hi
+    # on-band: the diagonal and the ragged last block (with WS: every tile)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        acc, m_i, l_i = _fwd_block(
+            acc,
+            m_i,
+            l_i,
+            q,
+            K_,
+            V_,
+            Kd,
+            Vd,
+            b,
+            hkv,
+            M_,
+            start_n,
+            offs_m,
+            offs_n0,
+            offs_d,
+            Sq,
+            Sk,
+            D,
+            stride_kn,
+            stride_vn,
+            sm_m,
+            sm_n,
+            qk_scale,
+            dropout_p,
+            seed,
+            rng_rows,
+            MASK_KIND,
+            CAUSAL,
+            True,
+            DROPOUT,
+            PREC,
+            TMA,
+            BLOCK_N,
+            BLOCK_D,
+        )
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     o = acc / l_safe[:, None]
