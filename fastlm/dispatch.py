@@ -120,6 +120,17 @@ def resolve(family: str, x: torch.Tensor) -> str:
     return name
 
 
+def host_readable(*tensors: torch.Tensor) -> bool:
+    """True when the values of ``tensors`` may be read on the host right now: CPU tensors (no device sync), in eager
+    mode. False while torch.compile traces (Dynamo, and AOTAutograd's tracing of the backward, where the tensors are
+    FunctionalTensor/FakeTensor subclasses under an active dispatch mode and ``bool()`` of a value is a
+    data-dependent guard that fails a fullgraph compile) and for CUDA tensors (a sync, which also breaks CUDA-graph
+    capture). Checks and shortcuts that read values are skipped then."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
+
+
 def call(op, *args):
     """``op(*args)`` for a registered fastlm op, skipping the Python autograd layer when no gradient can flow.
 

@@ -14,7 +14,31 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTLM_POISON", "1")  # NaN-fill kernel outputs so unwritten elements fail the comparison
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 from helpers import ON_GPU  # noqa: E402
+
+
+def _patch_triton36_interpreter() -> None:
+    """Triton 3.6's interpreter (the H200's version) gives its tensors ``__index__ = int(self.handle.data)``
+    (triton/runtime/interpreter.py, ``_patch_lang_tensor``), and a scalar derived from ``tl.program_id`` is a
+    1-element 1-D array there: ``range(0, hi)`` over such a bound raises "only 0-dimensional arrays can be
+    converted to Python scalars" under NumPy >= 2.5 (the deprecation of NumPy 1.25 expired). Triton 3.7+ squeeze
+    first (``int(self.handle.data.squeeze())``); this makes 3.6's interpreter do the same. Test harness only: the
+    compiled kernels are not affected."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or not triton.__version__.startswith("3.6."):
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_patch_triton36_interpreter()
 
 import fastlm  # noqa: E402
 

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/library.h>
@@ -195,16 +196,6 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Double: return "float64";
     default: return "an unsupported dtype";
   }
-}
-
-inline void check_cuda(cudaError_t e, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(e));
-}
-
-inline cudaStream_t current_stream(int32_t dev) {
-  void* s = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &s));
-  return static_cast<cudaStream_t>(s);
 }
 
 template <typename K>

@@ -29,6 +29,7 @@
 // Numerics: all math in fp32; the build uses --use_fast_math (exp/log via ex2/lg2.approx). The mean's division
 // and 1 / denom are IEEE-rounded (__fdiv_rn / __frcp_rn): 0 / 0 = NaN as torch; eps / C comes from the host.
 #include "common.cuh"
+#include "launch.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -311,16 +312,6 @@ const char* dtype_name(ScalarType t) {
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-void check_cuda(cudaError_t e, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(e));
-}
-
-cudaStream_t current_stream(int32_t dev) {
-  void* s = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &s));
-  return static_cast<cudaStream_t>(s);
-}
 
 int round_up(int v, int m) { return (v + m - 1) / m * m; }
 

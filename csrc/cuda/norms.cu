@@ -14,6 +14,7 @@
 // Numerics: all math in fp32; the build uses --use_fast_math (approximate division and rsqrt, ~2 ulp;
 // denormals flushed to zero).
 #include "common.cuh"
+#include "launch.h"
 #include "norm_checks.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -386,10 +387,6 @@ bool rows_aligned(const void* p, int64_t rows, int64_t stride, size_t elem) {
   return aligned16(p) && (rows <= 1 || (stride * static_cast<int64_t>(elem)) % 16 == 0);
 }
 
-void check_cuda(cudaError_t e, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(e));
-}
-
 struct DeviceInfo {
   int sms;
   int smem_optin;  // max shared memory per block with opt-in, bytes
@@ -401,12 +398,6 @@ DeviceInfo device_info(int dev) {
   check_cuda(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
              "cudaDeviceGetAttribute");
   return d;
-}
-
-cudaStream_t current_stream(int32_t dev) {
-  void* s = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &s));
-  return static_cast<cudaStream_t>(s);
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in. The limit is always set to the same value (the

@@ -21,6 +21,7 @@
 // Numerics: all math in fp32; the build uses --use_fast_math (exp/log via ex2/lg2.approx, approximate division;
 // denormals flushed to zero). Combinations are in a fixed order set by the launch shape: deterministic.
 #include "common.cuh"
+#include "launch.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -353,20 +354,10 @@ bool stride_aligned(int64_t size, int64_t stride, size_t elem) {
   return size <= 1 || (stride * static_cast<int64_t>(elem)) % 16 == 0;
 }
 
-void check_cuda(cudaError_t e, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(e));
-}
-
 int smem_optin(int dev) {
   int v = 0;
   check_cuda(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
   return v;
-}
-
-cudaStream_t current_stream(int32_t dev) {
-  void* s = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(dev, &s));
-  return static_cast<cudaStream_t>(s);
 }
 
 template <typename K>

@@ -22,7 +22,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import FUSED_DTYPES, call, resolve
+from fastlm.dispatch import FUSED_DTYPES, call, host_readable, resolve
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -95,9 +95,11 @@ def _ce_backward(ctx, dloss, _dgrad):
     if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
         return _scaled(grad, g), None, None, None, None, None, None
-    if grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(dloss == 1):
+    if host_readable(grad, dloss) and bool(dloss == 1):
         # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
-        # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing)
+        # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing). Not
+        # while tracing: there the comparison is a data-dependent guard (torch 2.11 traces this backward with
+        # FunctionalTensors outside Dynamo, where torch.compiler.is_compiling() is False).
         return grad, None, None, None, None, None, None
     return _scaled(grad, dloss), None, None, None, None, None, None
 
@@ -154,7 +156,7 @@ def _check(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
 def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
     """On CPU the range check costs no device sync, so bad targets raise; on GPU, and inside torch.compile (where
     the check would be a data-dependent branch), they give NaN (documented)."""
-    if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
+    if target.numel() and host_readable(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise ValueError(
