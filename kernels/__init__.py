@@ -1,14 +1,23 @@
 """Triton kernels and their launchers, one module per op family (installed as ``fastlm.kernels``).
 
-``empty`` allocates kernel outputs; with ``FASTLM_POISON=1`` (set by the test suite) it fills them with NaN first,
-so an element a kernel forgets to write shows up in the comparison with the reference.
+Shared launch helpers, used by every launcher:
+
+- ``empty`` allocates kernel outputs; with ``FASTLM_POISON=1`` (set by the test suite) it fills them with NaN first,
+  so an element a kernel forgets to write shows up in the comparison with the reference.
+- ``on_tensor_device`` runs a launcher with the CUDA device of its first tensor argument current: a Triton launch
+  goes to the *current* device and its current stream, not to the tensors' device, so without it a tensor on
+  ``cuda:1`` while device 0 is current would be processed on the wrong GPU.
+- ``launch_grid`` checks a grid against CUDA's limits (x < 2**31, y and z <= 65535) and raises a clear error
+  instead of a failed launch; kernels put the large dimension (rows, or tiles x batch x heads) on axis x.
 """
 
+import functools
 import os
 
 import torch
 
 POISON = os.environ.get("FASTLM_POISON", "0") == "1"
+MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's grid limits per axis (x, y, z)
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -17,3 +26,29 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def launch_grid(*dims: int) -> tuple:
+    """The grid ``dims`` as a tuple, after checking each axis against CUDA's limits (ValueError naming the axis)."""
+    for axis, (n, limit) in enumerate(zip(dims, MAX_GRID, strict=False)):
+        if n > limit:
+            raise ValueError(
+                f"the launch needs {n} programs on grid axis {'xyz'[axis]} (CUDA's limit is {limit}): the input is "
+                "too large for one launch of this kernel; split it into smaller calls"
+            )
+    return tuple(dims)
+
+
+def on_tensor_device(launcher):
+    """Decorator: run ``launcher`` with the CUDA device of its first tensor argument made current (so Triton
+    launches on that device and its current stream). CPU tensors (the interpreter) pass through."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+
+    return wrapper

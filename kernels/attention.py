@@ -31,7 +31,7 @@ FLOPs: forward 4 * B * H * Sq * Sk * D (half with causal), backward 2.5x that.
 import torch
 import triton
 import triton.language as tl
-from fastlm.kernels import empty
+from fastlm.kernels import empty, launch_grid, on_tensor_device
 from fastlm.kernels.attention_configs import (  # noqa: F401 (re-exported: the configs are part of this kernel's API)
     FWD_BOXES,
     FWD_LEAN,
@@ -69,6 +69,26 @@ def _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN: tl.constexpr):
         k0 = tl.load(CuK + b)
         return q0, k0, tl.load(CuQ + b + 1) - q0, tl.load(CuK + b + 1) - k0
     return b * 0, b * 0, Sq_max + b * 0, Sk_max + b * 0
+
+
+@triton.jit
+def _tile_ids(S_max, BLOCK: tl.constexpr):
+    """(block index along the sequence, flattened batch * heads index) of this program. The grid is 1-D, with
+    cdiv(S_max, BLOCK) consecutive programs per (batch, head), so that the blocks of one head run together (they
+    share its K/V, or Q/dO, in L2) and batch * heads is not bound by the 65535 limit of grid axes y and z."""
+    n = tl.cdiv(S_max, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n, pid // n
+
+
+@triton.jit
+def _seed(Seed, DROPOUT: tl.constexpr):
+    """Dropout's Philox seed, read from device memory (a CUDA graph replays the launch, not the host's value:
+    the op draws a fresh seed tensor on the device per call, which graph capture keeps fresh per replay)."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    return seed
 
 
 @triton.jit
@@ -230,7 +250,7 @@ def _attn_fwd_kernel(
     D,
     qk_scale,
     dropout_p,
-    seed,
+    Seed,
     rng_offset,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -243,9 +263,10 @@ def _attn_fwd_kernel(
     TMA: tl.constexpr,
     WS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    pid_m, bh = _tile_ids(Sq_max, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    seed = _seed(Seed, DROPOUT)
     q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_m = pid_m * BLOCK_M
     if VARLEN:  # dense launches cover exactly cdiv(Sq, BLOCK_M) blocks (and warp specialisation needs no exit)
@@ -387,6 +408,7 @@ def _varlen_strides(t):  # (total, H, D) -> (0, stride_h, stride_token)
     return 0, t.stride(1), t.stride(0)
 
 
+@on_tensor_device
 def attn_fwd(
     q,
     k,
@@ -395,7 +417,7 @@ def attn_fwd(
     scale: float,
     causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     offset: int,
     cu_q=None,
     cu_k=None,
@@ -406,6 +428,7 @@ def attn_fwd(
 ):
     """o, lse. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask a (B, H, Sq, Sk) view or None.
     Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask.
+    seed: dropout's Philox seed, an int64 tensor on q's device (read by the kernel, only with dropout_p > 0).
     config / tma: force a launch config (one of fwd_configs) and the TMA path (tests); None = the defaults."""
     varlen = cu_q is not None
     D = q.shape[-1]
@@ -474,12 +497,12 @@ def attn_fwd(
     if config is None and autotune_enabled(q):
         if tma:  # boxes are set per config by the pre-hook
             args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
-        _attn_fwd_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), n_seq * H)](*args, **flags)
+        _attn_fwd_tuned[lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)](*args, **flags)
         return o, lse
     cfg = dict(config or fwd_configs(D, tma, ws, lean=mask_kind != MASK_NONE or dropout_p > 0.0)[0])
     if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
         raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")
     if tma:
         args[3:6] = [descriptor(q, cfg["BLOCK_M"]), descriptor(k, cfg["BLOCK_N"]), descriptor(v, cfg["BLOCK_N"])]
-    _attn_fwd_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), n_seq * H)](*args, **flags, **cfg)
+    _attn_fwd_kernel[launch_grid(triton.cdiv(Sq, cfg["BLOCK_M"]) * n_seq * H)](*args, **flags, **cfg)
     return o, lse

@@ -12,8 +12,18 @@ allows, as in the forward. FLOPs: 2.5x the forward's.
 import torch
 import triton
 import triton.language as tl
-from fastlm.kernels import empty
-from fastlm.kernels.attention import _dense_strides, _keep, _kv_tile, _scores, _seq, _tile_allowed, _varlen_strides
+from fastlm.kernels import empty, launch_grid, on_tensor_device
+from fastlm.kernels.attention import (
+    _dense_strides,
+    _keep,
+    _kv_tile,
+    _scores,
+    _seed,
+    _seq,
+    _tile_allowed,
+    _tile_ids,
+    _varlen_strides,
+)
 from fastlm.kernels.attention_configs import (
     DKDV_LEAN,
     DKDV_PTR,
@@ -57,9 +67,10 @@ def _attn_bwd_preprocess(
     BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) over dense (B, H, Sq, D) or varlen (total, H, D) (then B = 1, Sq = total)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = (tl.program_id(1) // H).to(tl.int64)
-    h = (tl.program_id(1) % H).to(tl.int64)
+    pid_m, bh = _tile_ids(Sq, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     rows = offs_m[:, None].to(tl.int64)
@@ -116,7 +127,7 @@ def _attn_bwd_dkdv_kernel(
     D,
     sm_scale,
     dropout_p,
-    seed,
+    Seed,
     rng_offset,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -128,9 +139,10 @@ def _attn_bwd_dkdv_kernel(
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1) // Hkv
-    h_kv = tl.program_id(1) % Hkv
+    pid_n, bh = _tile_ids(Sk_max, BLOCK_N)
+    b = bh // Hkv
+    h_kv = bh % Hkv
+    seed = _seed(Seed, DROPOUT)
     q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < Sk:
@@ -230,7 +242,7 @@ def _attn_bwd_dq_kernel(
     D,
     sm_scale,
     dropout_p,
-    seed,
+    Seed,
     rng_offset,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -242,9 +254,10 @@ def _attn_bwd_dq_kernel(
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    pid_m, bh = _tile_ids(Sq_max, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    seed = _seed(Seed, DROPOUT)
     q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < Sq:
@@ -306,6 +319,7 @@ _dq_tuned = _autotuned(
 )
 
 
+@on_tensor_device
 def attn_bwd(
     do,
     q,
@@ -317,7 +331,7 @@ def attn_bwd(
     scale: float,
     causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     offset: int,
     cu_q=None,
     cu_k=None,
@@ -347,7 +361,7 @@ def attn_bwd(
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     BD = block_d(D)
-    _attn_bwd_preprocess[(triton.cdiv(pre_grid_rows, 64), pre_b * H)](
+    _attn_bwd_preprocess[launch_grid(triton.cdiv(pre_grid_rows, 64) * pre_b * H)](
         o,
         do,
         delta,
@@ -443,8 +457,8 @@ def attn_bwd(
         dk_args[5:7] = [descriptor(q, cfg_kv["BLOCK_M"]), descriptor(do, cfg_kv["BLOCK_M"])]
     if tma:
         dq_args[5:7] = [descriptor(k, cfg_q["BLOCK_N"]), descriptor(v, cfg_q["BLOCK_N"])]
-    grid_kv = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), n_seq * Hkv)  # noqa: E731
-    grid_q = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), n_seq * H)  # noqa: E731
+    grid_kv = lambda meta: launch_grid(triton.cdiv(Sk, meta["BLOCK_N"]) * n_seq * Hkv)  # noqa: E731
+    grid_q = lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)  # noqa: E731
     if tuned:
         _dkdv_tuned[grid_kv](*dk_args, **common, TMA=tma_kv)
         _dq_tuned[grid_q](*dq_args, **common, TMA=tma)

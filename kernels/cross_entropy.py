@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import empty
+from fastlm.kernels import empty, launch_grid, on_tensor_device
 from fastlm.kernels.softmax import _row_offsets, _view
 
 MAX_BLOCK = 8192  # chunk width of the loop over classes
@@ -124,6 +124,7 @@ def warps(C: int) -> int:
     return max(1, min(16, block_n(C) // 512))
 
 
+@on_tensor_device
 def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: float, write_grad: bool, grad=None):
     """Per-row losses (fp32) and, if ``write_grad``, the gradient (into ``grad`` if given, e.g. x itself).
 
@@ -139,7 +140,7 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
     g = grad if write_grad else x
     go, gi, gc = _view(g, 1)[3:]
     w_sum = weight.sum().reshape(1) if weight is not None else losses  # a device scalar: no sync
-    _ce_kernel[(n_rows,)](
+    _ce_kernel[launch_grid(n_rows)](
         x,
         target,
         weight if weight is not None else x,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import empty
+from fastlm.kernels import empty, launch_grid, on_tensor_device
 
 MAX_N = 65536  # widest row the kernels accept
 MAX_FUSED_N_FWD = 16384  # widest row held in registers by the forward (16 warps x 32 fp32 each: no spills on sm_90)
@@ -298,6 +298,7 @@ def _num_programs_bwd(M: int, block_m: int, device: torch.device) -> int:
 # Host functions. Arguments are validated by fastlm.ops.norms; these assume 2-D inputs with unit column stride.
 
 
+@on_tensor_device
 def norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     """Forward launch. x, residual: (M, N); weight, bias: (N,) or None. Returns (y, h, mean, rstd)."""
     M, N = x.shape
@@ -308,7 +309,7 @@ def norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     if M == 0:
         return y, h, mean, rstd
     cfg = fwd_config(N)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    grid = launch_grid(triton.cdiv(M, cfg["BLOCK_M"]))
     _norm_fwd_kernel[grid](
         x,
         residual if residual is not None else x,
@@ -332,6 +333,7 @@ def norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
     return y, h, mean, rstd
 
 
+@on_tensor_device
 def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     """Backward launch. dy, x, dh: (M, N). Returns (dx, dw, db); dw/db are (0,) when absent."""
     M, N = x.shape
@@ -352,7 +354,7 @@ def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     alloc = empty if cfg["SINGLE_PASS"] else lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     dw_part = alloc((G, N) if has_w else (0,), torch.float32, dev)
     db_part = alloc((G, N) if has_db else (0,), torch.float32, dev)
-    _norm_bwd_kernel[(G,)](
+    _norm_bwd_kernel[launch_grid(G)](
         dy,
         x,
         weight if has_w else x,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels import empty
+from fastlm.kernels import empty, launch_grid, on_tensor_device
 
 MAX_FUSED = 16384  # widest row held in registers in one pass
 CHUNK = 8192  # piece width of the split path
@@ -303,6 +303,7 @@ def _view(t: torch.Tensor, dim: int):
     return n_rows, R, inner, R * inner, 1, inner
 
 
+@on_tensor_device
 def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: bool = False, mask_view=None):
     """y = (log_)softmax(x * scale + mask) along ``dim``; ``mask_view`` = (mask4d, B, H, Sq) for masks / causal."""
     y = empty(x.shape, x.dtype, x.device)
@@ -324,7 +325,7 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
     ws = x
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"], 2), dtype=torch.float32, device=x.device)
-        _softmax_stats_kernel[(n_rows, cfg["n_chunks"])](
+        _softmax_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
             x,
             mask_arg,
             ws,
@@ -344,7 +345,7 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
             BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"],
         )
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
+    grid = launch_grid(triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
     _softmax_fwd_kernel[grid](
         x,
         mask_arg,
@@ -377,6 +378,7 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
     return y
 
 
+@on_tensor_device
 def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
     """dx of (log_)softmax from the saved output ``y`` (times ``scale`` for the scaled softmax); dx has y's layout."""
     dx = empty(y.shape, y.dtype, y.device)  # y comes from softmax_fwd: contiguous, so dx shares its addressing
@@ -388,7 +390,7 @@ def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
     ws = y
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"]), dtype=torch.float32, device=y.device)
-        _softmax_bwd_stats_kernel[(n_rows, cfg["n_chunks"])](
+        _softmax_bwd_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
             y,
             dy,
             ws,
@@ -406,7 +408,7 @@ def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
             BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"],
         )
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
+    grid = launch_grid(triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
     _softmax_bwd_kernel[grid](
         y,
         dy,

@@ -27,6 +27,11 @@ from fastlm.kernels import attention_configs as C  # noqa: E402
 DTYPE = torch.float16
 
 
+def _seed(value: int) -> torch.Tensor:
+    """Dropout's seed as the launchers take it: an int64 tensor on the inputs' device, read by the kernel."""
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
 @pytest.fixture
 def triton_tma(monkeypatch):
     """The Triton backend with TMA wherever the layout allows (as on sm_90), counting the descriptors made."""
@@ -140,7 +145,7 @@ def test_every_forward_config(D, tma, cfg, p):
     k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
     mask = (torch.rand(B, 1, Sq, Sk, device=DEVICE) > 0.2).expand(B, H, Sq, Sk) if p else None
     for causal in (False, True):
-        args = (q, k, v, mask, 1 / math.sqrt(D), causal, p, 99, 0)
+        args = (q, k, v, mask, 1 / math.sqrt(D), causal, p, _seed(99), 0)
         o, lse = A.attn_fwd(*args, config=cfg, tma=tma)
         if p:
             small = C.INTERPRET_CFG if A.INTERPRET else C.FWD_PTR[C._bucket(D)][-1]
@@ -159,7 +164,7 @@ def test_warp_specialised_loop_with_dropout_matches_default(cfg):
     """The WS variant's loop (one loop, masks on every tile) draws the same dropout numbers as the two-loop default
     (the launcher does not pick WS configs with dropout, for their spills; the loop must still be right)."""
     q, k, v = (torch.randn(1, 2, 150, 64, device=DEVICE, dtype=DTYPE) for _ in range(3))
-    args = (q, k, v, None, 0.125, True, 0.2, 1234, 0)
+    args = (q, k, v, None, 0.125, True, 0.2, _seed(1234), 0)
     ws, ws_lse = A.attn_fwd(*args, config=cfg, tma=True)
     ref, ref_lse = A.attn_fwd(*args, config=C.fwd_configs(64, True, ws=False, interpret=False)[0], tma=True)
     torch.testing.assert_close(ws, ref, atol=2e-3, rtol=2e-3)
@@ -197,8 +202,8 @@ def test_every_backward_config(D, tma, cfgs, p):
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     mask = (torch.rand(B, 1, Sq, Sk, device=DEVICE) > 0.2).expand(B, H, Sq, Sk) if p else None
     for causal in (False, True):
-        o, lse = A.attn_fwd(q, k, v, mask, scale, causal, p, 5, 0)
-        args = (do, q, k, v, o, lse, mask, scale, causal, p, 5, 0)
+        o, lse = A.attn_fwd(q, k, v, mask, scale, causal, p, _seed(5), 0)
+        args = (do, q, k, v, o, lse, mask, scale, causal, p, _seed(5), 0)
         grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
         if p:
             small = C._bcfg(16, 16, 4, 1) if A.INTERPRET else C._bcfg(32, 64, 4, 2)
@@ -266,7 +271,7 @@ def test_warp_specialised_configs_need_their_triton(monkeypatch):
     monkeypatch.setattr(A, "INTERPRET", False)
     monkeypatch.setattr(A, "WS_TRITON", False)
     with pytest.raises(ValueError, match="warp-specialised configs need TMA and Triton 3.6"):
-        A.attn_fwd(q, q, q, None, 0.125, False, 0.0, 0, 0, config=ws, tma=True)
+        A.attn_fwd(q, q, q, None, 0.125, False, 0.0, _seed(0), 0, config=ws, tma=True)
 
 
 def test_autotune_is_opt_in(monkeypatch):

@@ -26,10 +26,13 @@ def _fwd_args(M, N, rms, residual, weight, bias, dtype=torch.float32):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
-def test_opcheck(backend, rms, residual, affine):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_opcheck(backend, rms, residual, affine, dtype):
+    """Schema, autograd registration and fake impls of both ops, in every input dtype: the fakes' output dtypes must
+    be the kernels' (16-bit input without a weight gives an empty float32 dw, not one in the input's dtype)."""
     fwd = getattr(torch.ops.fastlm, f"norm_fwd_{backend}")
     bwd = getattr(torch.ops.fastlm, f"norm_bwd_{backend}")
-    x, r, w, b = _fwd_args(6, 300, rms, residual, affine, affine)
+    x, r, w, b = _fwd_args(6, 300, rms, residual, affine, affine, dtype)
     x.requires_grad_()
     if w is not None:
         w.requires_grad_()

@@ -465,7 +465,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const Tensor& 
   const ScalarType out_t = weight ? wt : ScalarType::Float;
 
   Tensor dx = torch::stable::new_empty(x, {M, N});
-  Tensor dw = torch::stable::new_empty(x, {need_dw ? N : 0}, wt);
+  Tensor dw = torch::stable::new_empty(x, {need_dw ? N : 0}, out_t);  // (0,) float32 without a weight (the fake's)
   Tensor db = torch::stable::new_empty(x, {need_db ? N : 0}, out_t);
   if (M == 0) {
     torch::stable::zero_(dw);

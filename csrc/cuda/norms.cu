@@ -536,7 +536,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const Tensor&
 
   torch::stable::accelerator::DeviceGuard guard(dev);
   Tensor dx = torch::stable::new_empty(x, {M, static_cast<int64_t>(N)});
-  Tensor dw = torch::stable::new_empty(x, {need_dw ? static_cast<int64_t>(N) : 0}, wt);
+  Tensor dw = torch::stable::new_empty(x, {need_dw ? static_cast<int64_t>(N) : 0}, out_t);  // (0,) fp32 without weight
   Tensor db = torch::stable::new_empty(x, {need_db ? static_cast<int64_t>(N) : 0}, out_t);
   if (M == 0) {
     torch::stable::zero_(dw);

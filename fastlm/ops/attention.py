@@ -7,9 +7,11 @@ Ops (for <backend> in {triton, cuda, cpu}):
                                     dropout_p, rng) -> (dq, dk, dv)
 Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) (H a multiple of Hkv), any strides with a unit last stride; mask an
 expanded (B, H, Sq, Sk) view (bool, True = attend, or additive float). Varlen: q (total_q, H, D), k/v
-(total_k, Hkv, D), cu_q/cu_k int32 (n + 1,). ``rng`` is a CPU int64 tensor holding the dropout seed (drawn from
-torch's default generator, so torch.manual_seed makes dropout reproducible). lse is fp32: (B, H, Sq) or
-(H, total_q); it is not differentiable.
+(total_k, Hkv, D), cu_q/cu_k int32 (n + 1,). ``rng`` is a (1,) int64 tensor holding dropout's Philox seed, on q's
+device when dropout_p > 0: drawn there per call from torch's generator of that device (so torch.manual_seed makes
+dropout reproducible, and a captured CUDA graph draws a fresh seed on every replay) and read by the kernel from
+device memory, never on the host; without dropout it is an unused CPU zero. lse is fp32: (B, H, Sq) or (H, total_q);
+it is not differentiable.
 """
 
 import math
@@ -19,14 +21,18 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import UnsupportedCaseError, call, current_backend, resolve
+from fastlm.dispatch import UnsupportedCaseError, call, current_backend, host_readable, resolve
 
 MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _seed(rng: Tensor, dropout_p: float) -> int:
-    return int(rng[0]) if dropout_p > 0 else 0  # rng is a CPU tensor: no device sync
+def _check_rng(rng: Tensor, q: Tensor, dropout_p: float) -> None:
+    if dropout_p > 0 and (rng.device != q.device or rng.dtype != torch.int64 or rng.numel() != 1):
+        raise ValueError(
+            f"rng must be a (1,) int64 tensor on q's device ({q.device}) when dropout_p > 0, got {rng.dtype} "
+            f"{list(rng.shape)} on {rng.device}"
+        )
 
 
 @torch.library.custom_op("fastlm::attention_fwd_triton", mutates_args=())
@@ -46,9 +52,9 @@ def attention_fwd_triton(
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels import attention
 
-    return attention.attn_fwd(
-        q, k, v, mask, scale, causal, dropout_p, _seed(rng, dropout_p), 0, cu_q, cu_k, max_q, max_k
-    )
+    _check_rng(rng, q, dropout_p)
+    seed = rng if dropout_p > 0 else q  # without dropout the kernel never reads it (any device tensor will do)
+    return attention.attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
@@ -71,7 +77,8 @@ def attention_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import attention_bwd
 
-    seed = _seed(rng, dropout_p)
+    _check_rng(rng, q, dropout_p)
+    seed = rng if dropout_p > 0 else q
     return attention_bwd.attn_bwd(
         do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k
     )
@@ -97,6 +104,22 @@ def _setup(ctx, inputs, output):
 FWD: dict = {}
 
 
+def rows_16b_aligned(t: Tensor) -> bool:
+    """Every row of ``t`` (its last dim, unit stride) starts on a 16-byte boundary: the base address and the stride
+    of every other dim of size > 1 are multiples of 16 bytes (what the CUDA C++ attention kernels read)."""
+    return t.data_ptr() % 16 == 0 and all(
+        (st * t.element_size()) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1
+    )
+
+
+def grad_out_layout(do: Tensor, backend: str) -> Tensor:
+    """The incoming gradient as the backward kernels read it: a unit last stride (every backend), and 16-byte
+    aligned rows for the CUDA C++ kernels; a copy only when the layout lacks either."""
+    if backend == "cuda" and not rows_16b_aligned(do):
+        return do.clone(memory_format=torch.contiguous_format)  # a fresh (aligned) buffer even if do is contiguous
+    return do if do.stride(-1) == 1 else do.contiguous()
+
+
 def _register(backend: str) -> None:
     bwd = getattr(torch.ops.fastlm, f"attention_bwd_{backend}").default
     if backend != "triton":
@@ -106,8 +129,7 @@ def _register(backend: str) -> None:
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
         max_q, max_k, scale, causal, dropout_p = ctx.args
-        if do.stride(-1) != 1 or (backend == "cuda" and (do.data_ptr() % 16 or any(s % 8 for s in do.stride()))):
-            do = do.contiguous()  # the CUDA kernels read 16-byte aligned rows
+        do = grad_out_layout(do, backend)
         dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -214,7 +236,7 @@ def check_cuda_case(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, var
         case = f"head dim {q.shape[-1]} (has {CUDA_HEAD_DIMS})"
     else:
         for name, t in (("query", q), ("key", k), ("value", v)):
-            if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+            if not rows_16b_aligned(t):
                 case = f"{name} rows not 16-byte aligned (strides {t.stride()})"
     if case is not None:
         raise UnsupportedCaseError(
@@ -242,10 +264,25 @@ def _backend(x: Tensor, dropout_p: float, varlen: bool) -> str:
     return backend
 
 
-def _rng(dropout_p: float) -> Tensor:
+def _rng(dropout_p: float, device: torch.device) -> Tensor:
+    """The ``rng`` input of the ops: dropout's seed drawn on ``device`` from its default generator (no host value,
+    so CUDA graphs and torch.compile keep it fresh per call); an unused CPU zero without dropout."""
     if dropout_p > 0.0:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64)  # torch's default CPU generator: reproducible
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     return torch.zeros(1, dtype=torch.int64)
+
+
+def _checked_offsets(cu: Tensor, name: str, total: int, max_len: int) -> Tensor:
+    """``cu`` (varlen offsets) checked on the host where that costs no sync (CPU, eager: ValueError naming what is
+    wrong), else made memory-safe on the device: clamped into [0, total] and non-decreasing (unchanged when valid)."""
+    if host_readable(cu):
+        d = cu[1:] - cu[:-1]
+        if cu[0] != 0 or cu[-1] != total or bool((d < 0).any()):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}; got {cu.tolist()[:8]}")
+        if int(d.max()) > max_len:
+            raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {max_len}")
+        return cu
+    return torch.cummax(cu.clamp(0, total), 0).values
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -345,7 +382,7 @@ def scaled_dot_product_attention(
     elif backend == "cpu":
         check_cpu_case(dropout_p, varlen=False)
     o, lse = call(
-        FWD[backend], q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p)
+        FWD[backend], q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p, query.device)
     )
     o = o.reshape(*query.shape[:-1], D)
     if return_lse:
@@ -372,8 +409,13 @@ def varlen_attention(
     Args:
         q: ``(total_q, H, D)``; k, v: ``(total_k, Hkv, D)`` with H a multiple of Hkv (GQA).
         cu_seqlens_q, cu_seqlens_k: int32 ``(n + 1,)``, 0 first, non-decreasing, last = total; sequence i is
-            ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``. They are checked on the host (one small copy).
-        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (checked).
+            ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``. Their values are checked (ValueError) only where reading
+            them costs no device sync: CPU tensors in eager mode. On CUDA tensors, and while torch.compile traces,
+            nothing is read on the host (CUDA-graph capture and fullgraph compiles work); the offsets are then
+            clamped into ``[0, total]`` and made non-decreasing on the device, so invalid ones give unspecified
+            results for the affected rows but never an out-of-bounds access.
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (checked with the offsets; a longer
+            sequence on GPU leaves its rows past the bound unwritten).
         is_causal: top-left aligned within each sequence.
 
     Returns:
@@ -395,7 +437,7 @@ def varlen_attention(
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    lens = []
+    offsets = []
     for name, cu, total, mx in (
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
@@ -407,13 +449,7 @@ def varlen_attention(
             )
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        host = cu.cpu()
-        d = host[1:] - host[:-1]
-        if host[0] != 0 or host[-1] != total or bool((d < 0).any()):
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}; got {host.tolist()[:8]}")
-        if int(d.max()) > mx:
-            raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {mx}")
-        lens.append(cu)
+        offsets.append(_checked_offsets(cu, name, total, mx))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     if not 0.0 <= dropout_p < 1.0:
@@ -430,13 +466,12 @@ def varlen_attention(
         k,
         v,
         None,
-        cu_seqlens_q,
-        cu_seqlens_k,
+        *offsets,
         int(max_seqlen_q),
         int(max_seqlen_k),
         scale,
         bool(is_causal),
         float(dropout_p),
-        _rng(dropout_p),
+        _rng(dropout_p, q.device),
     )
     return (o, lse) if return_lse else o
