@@ -7,8 +7,8 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(abspath $(VENV))/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark hypothesis matplotlib ruff setuptools wheel build \
-              transformers
+DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark pytest-xdist pytest-timeout hypothesis matplotlib \
+              ruff setuptools wheel build transformers
 STAMP      := $(VENV)/.fastlm-deps
 WHEEL      := dist/.built
 SOURCES    := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh fastlm/*.py fastlm/*/*.py \
@@ -23,10 +23,10 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # Triton kernels run through the interpreter on a machine without a GPU
 INTERPRET   = $$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 
-.PHONY: test bench wheel install dev deps lint clean
+.PHONY: test bench wheel install dev deps lint clean twin torch-range
 
-test: install
-	cd /tmp && TRITON_INTERPRET=$${TRITON_INTERPRET-$(INTERPRET)} $(abspath $(VENV))/bin/pytest -q \
+test: install  # tests in parallel over the machine's cores (pytest-xdist)
+	cd /tmp && TRITON_INTERPRET=$${TRITON_INTERPRET-$(INTERPRET)} $(abspath $(VENV))/bin/pytest -q -n $(MAX_JOBS) \
 		--rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(CURDIR)/tests $(CURDIR)/benchmarks --benchmark-disable
 
 bench: install  # the console script: `python -m` from here would import the source tree instead of the wheel
@@ -55,9 +55,32 @@ $(STAMP):
 	$(PY) -m pip install -q $(DEPS)
 	@touch $@
 
+# The device's twin: the H200's software (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0, transformers 5.17.0) in a
+# second venv, where scripts/gpu_check.sh --dry-run builds fastlm from source (torch 2.11's default C++ standard),
+# runs the whole suite through Triton 3.6's interpreter, the quick bench on CPU and the sanitizer workload, and writes
+# the files the device run would (into TWIN_OUT).
+TWIN_VENV   ?= .venv-twin
+TWIN_PYTHON ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),$(shell command -v python3.12),$(PYTHON))
+TWIN_DEPS   := torch==2.11.0 triton==3.6.0 transformers==5.17.0 numpy ninja setuptools wheel pytest pytest-benchmark \
+               pytest-xdist pytest-timeout hypothesis matplotlib
+TWIN_OUT    ?= twin-out
+
+twin: $(TWIN_VENV)/.fastlm-twin-deps
+	PYTHON=$(abspath $(TWIN_VENV))/bin/python bash scripts/gpu_check.sh $(TWIN_OUT) --dry-run
+
+$(TWIN_VENV)/.fastlm-twin-deps:
+	@start=$$(date +%s); $(TWIN_PYTHON) -m venv $(TWIN_VENV) && $(TWIN_VENV)/bin/python -m pip install -q $(TWIN_DEPS) \
+		&& echo "twin venv ($$($(TWIN_VENV)/bin/python --version)) in $$(( $$(date +%s) - start )) s"
+	@touch $@
+
+# The promised torch range: the wheel under torch 2.10.0 (the floor) and the newest torch on the index, and the
+# sources against 2.10's headers (scripts/torch_range.sh).
+torch-range: wheel
+	PYTHON=$(PYTHON) bash scripts/torch_range.sh
+
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf build dist *.egg-info fastlm/_C*.so fastlm/_build_info.json bench-out
+	rm -rf build dist *.egg-info fastlm/_C*.so fastlm/_build_info.json bench-out $(TWIN_OUT) .venv-torch-*

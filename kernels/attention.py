@@ -34,6 +34,7 @@ import triton.language as tl
 from fastlm.kernels import empty, launch_grid, on_tensor_device
 from fastlm.kernels.attention_configs import (  # noqa: F401 (re-exported: the configs are part of this kernel's API)
     FWD_BOXES,
+    FWD_FP32,
     FWD_LEAN,
     FWD_PTR,
     FWD_TMA,
@@ -52,6 +53,7 @@ from fastlm.kernels.attention_configs import (  # noqa: F401 (re-exported: the c
     block_d,
     descriptor,
     fwd_configs,
+    fp32_case,
     lean_case,
     precision,
     static_configs,
@@ -384,7 +386,7 @@ def _attn_fwd_kernel(
 
 _attn_fwd_tuned = _autotuned(
     _attn_fwd_kernel,
-    (FWD_TMA, FWD_PTR, *({b: [c] for b, c in t.items()} for t in FWD_LEAN.values())),
+    (FWD_TMA, FWD_PTR, *({b: [c] for b, c in t.items()} for t in (*FWD_LEAN.values(), *FWD_FP32.values()))),
     FWD_BOXES,
     lambda kw: fwd_configs(
         kw["BLOCK_D"],
@@ -392,6 +394,7 @@ _attn_fwd_tuned = _autotuned(
         _ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]),
         False,
         lean_case(kw),
+        fp32_case(kw),
     ),
 )
 
@@ -499,7 +502,8 @@ def attn_fwd(
             args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
         _attn_fwd_tuned[lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)](*args, **flags)
         return o, lse
-    cfg = dict(config or fwd_configs(D, tma, ws, lean=mask_kind != MASK_NONE or dropout_p > 0.0)[0])
+    lean, fp32 = mask_kind != MASK_NONE or dropout_p > 0.0, q.dtype == torch.float32
+    cfg = dict(config or fwd_configs(D, tma, ws, lean=lean, fp32=fp32)[0])
     if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
         raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")
     if tma:

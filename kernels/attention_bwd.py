@@ -25,9 +25,11 @@ from fastlm.kernels.attention import (
     _varlen_strides,
 )
 from fastlm.kernels.attention_configs import (
+    DKDV_FP32,
     DKDV_LEAN,
     DKDV_PTR,
     DKDV_TMA,
+    DQ_FP32,
     DQ_LEAN,
     DQ_PTR,
     DQ_TMA,
@@ -41,6 +43,7 @@ from fastlm.kernels.attention_configs import (
     bwd_dq_configs,
     descriptor,
     dkdv_tma,
+    fp32_case,
     lean_case,
     precision,
     use_tma,
@@ -307,15 +310,15 @@ def _attn_bwd_dq_kernel(
 
 _dkdv_tuned = _autotuned(
     _attn_bwd_dkdv_kernel,
-    (DKDV_TMA, DKDV_PTR, {b: [c] for b, c in DKDV_LEAN.items()}),
+    (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
     (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw)),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
 )
 _dq_tuned = _autotuned(
     _attn_bwd_dq_kernel,
-    (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in DQ_LEAN.values())),
+    (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in (*DQ_LEAN.values(), *DQ_FP32.values()))),
     (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw)),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
 )
 
 
@@ -386,7 +389,11 @@ def attn_bwd(
     lean = mask_kind != MASK_NONE or dropout_p > 0.0
     tma_kv = dkdv_tma(D, tma, lean)
     tuned = configs is None and autotune_enabled(q)
-    cfg_kv, cfg_q = configs or (bwd_dkdv_configs(D, tma_kv, lean=lean)[0], bwd_dq_configs(D, tma, lean=lean)[0])
+    fp32 = q.dtype == torch.float32
+    cfg_kv, cfg_q = configs or (
+        bwd_dkdv_configs(D, tma_kv, lean=lean, fp32=fp32)[0],
+        bwd_dq_configs(D, tma, lean=lean, fp32=fp32)[0],
+    )
     dk_args = [
         q,
         k,

@@ -69,6 +69,17 @@ FWD_LEAN = {
 }
 INTERPRET_CFG = _cfg(16, 16, 4, 1)
 
+# float32 inputs: true fp32 dots (PREC "ieee", as torch's fp32 SDPA; no TF32), which Triton lowers to FMA on the CUDA
+# cores, holding both operands of each dot in registers: the bf16 tiles spill kilobytes there (fwd D=128 128x64:
+# ~11 KB of stack per thread, 19 s per compile). Small tiles of their own, one per head-dim bucket, keyed by lean
+# (a user mask and/or dropout); each compiled for sm_90 spill-free on Triton 3.6 and 3.8, except D = 256 with a
+# mask or dropout, where no FMA tiling is (~300 B; 16x16 is the least). fp32 attention is for checking and
+# debugging: use fp16/bf16 (tensor cores) for speed.
+FWD_FP32 = {
+    False: {64: _cfg(32, 32, 16, 2), 128: _cfg(16, 16, 8, 1), 256: _cfg(32, 16, 16, 2)},
+    True: {64: _cfg(32, 16, 8, 1), 128: _cfg(16, 16, 8, 1), 256: _cfg(16, 16, 8, 1)},
+}
+
 
 def _ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
     """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
@@ -80,11 +91,16 @@ def _bucket(D: int) -> int:
     return 64 if D <= 64 else (128 if D <= 128 else 256)
 
 
-def fwd_configs(D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
+def fwd_configs(
+    D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False
+) -> list:
     """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`_ws_ok`);
-    lean: a user mask or dropout, whose one config is FWD_LEAN's. One config when interpreting."""
+    lean: a user mask or dropout, whose one config is FWD_LEAN's; fp32: float32 inputs, FWD_FP32's one config.
+    One config when interpreting."""
     if interpret:
         return [INTERPRET_CFG]
+    if fp32:
+        return [FWD_FP32[lean][_bucket(D)]]
     if lean:
         return [FWD_LEAN[tma][_bucket(D)]]
     return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
@@ -221,11 +237,22 @@ DQ_TMA = {
 
 
 # A user mask or dropout (see FWD_LEAN): the spill-free "lean" configs, the only ones used (and searched) then;
-# dK/dV then loads with pointers (its TMA tilings spill with dropout).
-DKDV_LEAN = {64: _bcfg(32, 64, 8, 2), 128: _bcfg(32, 64, 8, 2), 256: _bcfg(16, 32, 8, 1)}
+# dK/dV then loads with pointers (its TMA tilings spill with dropout). D = 128 takes 32x32: 32x64 spilled 8 B on Triton 3.6
+# once the 1-D grid and the device-side seed came in (2026-11-29).
+DKDV_LEAN = {64: _bcfg(32, 64, 8, 2), 128: _bcfg(32, 32, 8, 2), 256: _bcfg(16, 32, 8, 1)}
 DQ_LEAN = {
     False: {64: _bcfg(64, 64, 8, 2), 128: _bcfg(64, 16, 8, 2), 256: _bcfg(32, 64, 8, 1)},
     True: {64: _bcfg(64, 32, 8, 2), 128: _bcfg(64, 16, 8, 2), 256: _bcfg(32, 64, 8, 1)},
+}
+# float32 inputs (see FWD_FP32), keyed by lean then head-dim bucket; dQ at D = 256 with a mask or dropout spills
+# (~280 B), as the forward does.
+DKDV_FP32 = {
+    False: {64: _bcfg(16, 16, 4, 1), 128: _bcfg(16, 16, 8, 1), 256: _bcfg(16, 16, 8, 1)},
+    True: {64: _bcfg(32, 16, 8, 1), 128: _bcfg(32, 16, 8, 1), 256: _bcfg(32, 16, 8, 1)},
+}
+DQ_FP32 = {
+    False: {64: _bcfg(32, 32, 16, 2), 128: _bcfg(32, 32, 16, 2), 256: _bcfg(32, 32, 16, 2)},
+    True: {64: _bcfg(32, 16, 8, 1), 128: _bcfg(16, 16, 8, 1), 256: _bcfg(16, 16, 8, 1)},
 }
 
 
@@ -234,19 +261,23 @@ def dkdv_tma(D: int, tma: bool, lean: bool) -> bool:
     return tma and not lean and _bucket(D) in DKDV_TMA
 
 
-def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
+def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False) -> list:
     """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); lean (a mask or
-    dropout): its one config (pointer loads)."""
+    dropout): its one config (pointer loads); fp32: float32 inputs, DKDV_FP32's one config."""
     if interpret:
         return [_bcfg(16, 16, 4, 1)]
+    if fp32:
+        return [DKDV_FP32[lean][_bucket(D)]]
     if lean:
         return [DKDV_LEAN[_bucket(D)]]
     return (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
 
 
-def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False) -> list:
+def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False) -> list:
     if interpret:
         return [_bcfg(16, 16, 4, 1)]
+    if fp32:
+        return [DQ_FP32[lean][_bucket(D)]]
     if lean:
         return [DQ_LEAN[tma][_bucket(D)]]
     return (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
@@ -257,51 +288,59 @@ def lean_case(kw) -> bool:
     return kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"]
 
 
+def fp32_case(kw) -> bool:
+    """float32 inputs (true fp32 dots): the FP32 tables apply."""
+    return kw["PREC"] == "ieee"
+
+
 def static_configs():
-    """Every shipped launch configuration (bf16) of the forward and the two backward kernels at head dims 64 / 128 /
-    256, for the static report: the defaults causal and not, the autotune alternatives non-causal, the lean configs
-    with an additive mask and dropout; TMA and warp-specialised ones too (sm_90 only). Yields (kernel, signature,
-    constexprs, launch, name, label, archs)."""
+    """Every shipped launch configuration of the forward and the two backward kernels at head dims 64 / 128 / 256,
+    for the static report: bf16 (the defaults causal and not, the autotune alternatives non-causal, the lean configs
+    with an additive mask and dropout; TMA and warp-specialised ones too, sm_90 only) and float32 (its own tables,
+    pointer loads, plain and lean). Yields (kernel, signature, constexprs, launch, name, label, archs)."""
     from fastlm.kernels import attention_bwd as bwd
     from fastlm.kernels.attention import _attn_fwd_kernel
 
     from fastlm.bench.static import signature
 
-    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
-    ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32"}
     floats = ("qk_scale", "sm_scale", "dropout_p")
     kernels = (
-        ("attn_fwd", _attn_fwd_kernel, lambda D, t, lean: fwd_configs(D, t, WS_TRITON, False, lean), FWD_BOXES),
+        ("attn_fwd", _attn_fwd_kernel, lambda D, t, lean, f: fwd_configs(D, t, WS_TRITON, False, lean, f), FWD_BOXES),
         (
             "attn_bwd_dkdv",
             bwd._attn_bwd_dkdv_kernel,
-            lambda D, t, lean: bwd_dkdv_configs(D, t, False, lean) if dkdv_tma(D, True, lean) or not t else [],
+            lambda D, t, lean, f: bwd_dkdv_configs(D, t, False, lean, f) if dkdv_tma(D, True, lean) or not t else [],
             (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
         ),
         (
             "attn_bwd_dq",
             bwd._attn_bwd_dq_kernel,
-            lambda D, t, lean: bwd_dq_configs(D, t, False, lean),
+            lambda D, t, lean, f: bwd_dq_configs(D, t, False, lean, f),
             (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
         ),
     )
+    cases = [("bf16", tma, lean) for tma in (False, True) for lean in (False, True)]
+    cases += [("fp32", False, lean) for lean in (False, True)]  # fp32 never takes TMA (use_tma: fp16/bf16)
     for D in (64, 128, 256):
         BD = block_d(D)
         for name, kernel, configs, boxes in kernels:
-            for tma, lean in ((False, False), (True, False), (False, True), (True, True)):
-                for i, config in enumerate(configs(D, tma, lean)):
+            for dt, tma, lean in cases:
+                ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
+                ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Seed": "*i64"}
+                for i, config in enumerate(configs(D, tma, lean, dt == "fp32")):
                     for causal in (False, True) if i == 0 else (False,):
                         cfg = dict(config)
                         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                         # lean configs: compiled with the heaviest case, an additive mask and dropout
                         consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
-                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="tf32")
+                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="ieee" if dt == "fp32" else "tf32")
                         consts |= dict(TMA=tma, **cfg)
-                        descs = {n: (f"tensordesc<bf16[1,1,{cfg[b]},{BD}]>" if tma else "*bf16") for n, b in boxes}
-                        sig = signature(kernel, consts, ptrs | descs, floats, ("seed", "rng_offset"))
+                        descs = {n: (f"tensordesc<{dt}[1,1,{cfg[b]},{BD}]>" if tma else f"*{dt}") for n, b in boxes}
+                        sig = signature(kernel, consts, ptrs | descs, floats, ("rng_offset",))
                         label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
                         label += (
-                            (" tma" if tma else "")
+                            (" fp32" if dt == "fp32" else "")
+                            + (" tma" if tma else "")
                             + (" ws" if cfg.get("WS") else "")
                             + (" mask+dropout" if lean else "")
                         )

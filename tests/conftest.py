@@ -39,6 +39,10 @@ def _patch_triton36_interpreter() -> None:
 
 
 _patch_triton36_interpreter()
+if os.environ.get("FASTLM_COMPILE_CENSUS") and os.environ.get("TRITON_INTERPRET") == "1":
+    from compile_census import install  # noqa: E402
+
+    install(os.environ["FASTLM_COMPILE_CENSUS"])
 
 import fastlm  # noqa: E402
 

@@ -158,6 +158,39 @@ def test_every_forward_config(D, tma, cfg, p):
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.configs
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "mask"])
+def test_every_fp32_config(D, lean):
+    """float32 attention's own tiles (FP32 tables: true fp32 dots, spill-free where one exists), forward and
+    backward, against the float64 reference; lean: with a mask (and causal), as those tables are chosen for."""
+    B, H, Hkv, Sq, Sk = 1, 2, 1, 40, 57
+    q = torch.randn(B, H, Sq, D, device=DEVICE)
+    k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE) for _ in range(2))
+    do = torch.randn(B, H, Sq, D, device=DEVICE)
+    mask = torch.rand(B, 1, Sq, Sk, device=DEVICE) > 0.2
+    mask[..., 0] = True  # every query sees a key under the causal mask too (torch would give NaN rows)
+    mask = mask.expand(B, H, Sq, Sk) if lean else None
+    scale = 1 / math.sqrt(D)
+    cfg = C.fwd_configs(D, False, False, interpret=False, lean=lean, fp32=True)[0]
+    cfgs = (
+        C.bwd_dkdv_configs(D, False, interpret=False, lean=lean, fp32=True)[0],
+        C.bwd_dq_configs(D, False, interpret=False, lean=lean, fp32=True)[0],
+    )
+    assert cfg == C.FWD_FP32[lean][D] and cfgs == (C.DKDV_FP32[lean][D], C.DQ_FP32[lean][D])
+    o, lse = A.attn_fwd(q, k, v, mask, scale, lean, 0.0, _seed(0), 0, config=cfg, tma=False)
+    dq, dk, dv = AB.attn_bwd(do, q, k, v, o, lse, mask, scale, lean, 0.0, _seed(0), 0, configs=cfgs, tma=False)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = TF.scaled_dot_product_attention(
+        *leaves, attn_mask=None if mask is None else mask & torch.ones(Sq, Sk, dtype=torch.bool).tril(),
+        enable_gqa=True
+    )
+    refs = torch.autograd.grad(ref, leaves, do.double())
+    torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=2e-5)
+    for name, a, r in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, strict=True):
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.skipif(ON_GPU and not A.WS_TRITON, reason="warp-specialised configs compile on Triton 3.6 only")
 @pytest.mark.parametrize("cfg", [c for c in C.FWD_TMA[64] if c["WS"]][:1], ids=["ws"])
 def test_warp_specialised_loop_with_dropout_matches_default(cfg):
@@ -228,7 +261,7 @@ def test_autotune_space_is_the_config_tables():
     for D in (64, 128, 256):
         for tma in (False, True):
             for mask_kind in (C.MASK_NONE, C.MASK_BOOL):
-                kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False)
+                kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False, PREC="tf32")
                 got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
                 want = C.fwd_configs(
                     D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False, lean=mask_kind != 0
@@ -236,7 +269,7 @@ def test_autotune_space_is_the_config_tables():
                 as_dicts = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got]
                 canon = lambda ds: sorted(tuple(sorted(d.items())) for d in ds)  # noqa: E731
                 assert canon(as_dicts) == canon(want)
-            kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=0, DROPOUT=False)
+            kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=0, DROPOUT=False, PREC="tf32")
             if not tma or D in C.DKDV_TMA:
                 got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, **kw)
                 assert len(got) == len(C.bwd_dkdv_configs(D, tma, interpret=False))
@@ -246,9 +279,16 @@ def test_autotune_space_is_the_config_tables():
             assert len(lean) == 1 and lean[0].kwargs["BLOCK_N"] == C.DQ_LEAN[tma][D]["BLOCK_N"]
     assert not any(c["WS"] for t in C.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
     with_dropout = A._attn_fwd_tuned.early_config_prune(
-        A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True
+        A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True, PREC="tf32"
     )
     assert len(with_dropout) == 1 and not with_dropout[0].kwargs["WS"]
+    for D in (64, 128, 256):  # float32: exactly the one FP32 entry of each kernel
+        for lean in (False, True):
+            kw = dict(BLOCK_D=D, TMA=False, MASK_KIND=C.MASK_ADD if lean else 0, DROPOUT=False, PREC="ieee")
+            for tuned, table in ((A._attn_fwd_tuned, C.FWD_FP32), (AB._dkdv_tuned, C.DKDV_FP32), (AB._dq_tuned, C.DQ_FP32)):
+                got = tuned.early_config_prune(tuned.configs, {}, **kw)
+                want = table[lean][D]
+                assert [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got] == [want]
 
 
 def test_autotune_pre_hook_reboxes_the_descriptors():

@@ -47,14 +47,47 @@ def test_cuda_kernels_do_not_spill(report):
     assert not spilled, spilled
 
 
+# The one documented exception (kernels/attention_configs.py, FWD_FP32 / DQ_FP32): float32 attention at D = 256 with
+# a mask or dropout, where no FMA tiling of the forward or dQ is spill-free (~300 B at 16x16).
+SPILL_EXCEPTIONS = {("attn_fwd", "D=256", "fp32", "mask+dropout"), ("attn_bwd_dq", "D=256", "fp32", "mask+dropout")}
+
+
+def _excepted(s) -> bool:
+    return any(s.kernel == k and all(part in s.config for part in parts) for k, *parts in SPILL_EXCEPTIONS)
+
+
 def test_every_shipped_config_compiles_without_spills(stats):
     assert stats, "no shipped configs found"
-    spilled = [f"{s.kernel} [{s.config}]: stack {s.stack_bytes} B, local {s.local_bytes} B" for s in stats if s.spills]
+    spilled = [
+        f"{s.kernel} [{s.config}]: stack {s.stack_bytes} B, local {s.local_bytes} B"
+        for s in stats
+        if s.spills and not _excepted(s)
+    ]
     assert not spilled, "register spills on sm_90:\n" + "\n".join(spilled)
+    excepted = [s for s in stats if _excepted(s)]
+    assert excepted and all(s.stack_bytes + s.local_bytes <= 512 for s in excepted), [
+        (s.kernel, s.config, s.stack_bytes) for s in excepted
+    ]
+
+
+def test_every_op_family_is_in_the_report(stats):
+    """Norms, the softmax family, cross-entropy and attention: each shipped Triton kernel is compiled."""
+    kernels = {s.kernel for s in stats}
+    want = {"norm_fwd_kernel", "norm_bwd_kernel", "softmax_fwd", "softmax_bwd", "log_softmax_bwd", "softmax_stats"}
+    want |= {"softmax_bwd_stats", "cross_entropy", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+    assert want <= kernels, want - kernels
+
+
+def test_softmax_and_cross_entropy_use_128_bit_accesses(stats):
+    """Row widths a multiple of 16 (as compiled here): the logits / rows are read with 128-bit loads."""
+    rows = [s for s in stats if s.kernel.startswith(("softmax", "log_softmax", "cross_entropy"))]
+    assert rows
+    for s in rows:
+        assert s.ldg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads"
 
 
 def test_wide_norm_configs_use_128_bit_accesses(stats):
-    wide = [s for s in stats if "BLOCK_N=4096" in s.config or "BLOCK_N=8192" in s.config]
+    wide = [s for s in stats if s.kernel.startswith("norm") and ("BLOCK_N=4096" in s.config or "BLOCK_N=8192" in s.config)]
     assert wide
     for s in wide:
         assert s.ldg128 > 0 and s.stg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads/stores"
@@ -71,7 +104,9 @@ def test_attention_uses_wgmma_on_sm90(stats):
     assert len(attn) == len(list(attention.static_configs()))
     for s in attn:
         d256_bwd = "D=256" in s.config and "bwd" in s.kernel
-        if "mask+dropout" in s.config:
+        if " fp32" in s.config:  # true fp32 dots: FMA on the CUDA cores (tensor cores have no IEEE fp32 mode)
+            assert s.hmma == 0 and s.hgmma == 0, f"{s.kernel} [{s.config}] uses tensor cores for fp32"
+        elif "mask+dropout" in s.config:
             if s.kernel == "attn_fwd" and "D=256" not in s.config:
                 assert s.hgmma > 0, f"{s.kernel} [{s.config}] has no HGMMA (wgmma) on sm_90"
             assert s.hmma > 0 or s.hgmma > 0, f"{s.kernel} [{s.config}] uses no tensor cores"

@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 
 import fastlm.functional as F
 from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
+from fastlm.bench.peers import LIGER, liger_fn, liger_providers
 
 VOCABS_GPU = tuple(sorted({m["vocab"] for m in MODELS.values()} | {256, 4096, 262144}))  # BERT, GPT-2, LLaMA-3
 VOCABS_GPU_QUICK = (4096, 131072)
@@ -50,7 +51,7 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
 
 
 def providers(device: torch.device) -> dict[str, str | None]:
-    return fastlm_providers(device)
+    return fastlm_providers(device) | liger_providers(device)
 
 
 def runner(case: Case, provider: str, device: torch.device):
@@ -59,6 +60,8 @@ def runner(case: Case, provider: str, device: torch.device):
     if case.kernel == "linear_cross_entropy" and backend == "cuda":
         backend = "triton"  # its fused step is the Triton cross-entropy kernel (no CUDA C++ variant)
     fn = ref if backend is None else with_backend(ours, backend)
+    if provider == LIGER:
+        fn = liger_fn(case.kernel)
     if provider == "torch-compile":
         fn = compiled(fn)
 

@@ -65,53 +65,62 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
     for pkg, name in (("liger_kernel", "Liger-Kernel"), ("flash_attn", "flash-attn")):
         if importlib.util.find_spec(pkg) is None:
             skipped.append(f"{name} is not installed: its baselines are not measured")
-    for i, (family, case) in enumerate(groups):
-        if i and groups[i - 1][0] is not family:  # a family is done: write what we have (a time-out keeps it)
-            core.write_reports(results, env, ceilings, out_dir)
-        _progress(i, len(groups), f"{case.kernel} {case.shape} {case.mode}")
-        fns = {}
-        for provider in family.providers(device):
-            label = f"{case.kernel} {case.shape} {case.mode} {provider}"
-            try:
-                fns[provider] = family.runner(case, provider, device)()
-                if on_gpu:  # one provider at a time (CUDA events, L2 flushed), peak memory per provider
-                    torch.cuda.reset_peak_memory_stats()
-                    fns[provider] = (core.quantiles_ms(fns[provider], device), torch.cuda.max_memory_allocated())
-            except Exception as exc:
-                # A baseline that cannot run a case, or a fastlm backend that does not implement it, is noted; a
-                # fastlm backend failing otherwise (missing on a GPU machine, crashing) is an error (exit code 1).
-                fns.pop(provider, None)
-                note = f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if isinstance(exc, (core.SkipCase, UnsupportedCaseError)) or not provider.startswith("fastlm-"):
-                    skipped.append(note)
-                else:
-                    errors.append(note)
-        if on_gpu:
-            timings = {p: (q, mem / 2**20) for p, (q, mem) in fns.items()}
-        else:  # the providers' calls interleaved, so that the machine's drift hits them alike
-            timings = {p: (q, None) for p, q in core.interleaved_quantiles_ms(fns).items()}
-        ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
-        for provider, ((p50, p20, p80), peak) in timings.items():
-            results.append(
-                core.Result(
-                    kernel=case.kernel,
-                    provider=provider,
-                    mode=case.mode,
-                    shape=case.shape,
-                    dtype=str(case.dtype).replace("torch.", ""),
-                    metric="throughput",
-                    unit=case.unit,
-                    p50=case.throughput(p50),
-                    p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
-                    p80=case.throughput(p20),
-                    ms=p50,
-                    fraction_of_ceiling=case.throughput(p50) / ceiling if ceiling else None,
-                    peak_mem_mb=peak,
+    interrupted = False
+    try:  # an interrupt (gpu_check.sh's time limit sends SIGINT) keeps what was measured
+        for i, (family, case) in enumerate(groups):
+            if i and groups[i - 1][0] is not family:  # a family is done: write what we have (a time-out keeps it)
+                core.write_reports(results, env, ceilings, out_dir)
+            _progress(i, len(groups), f"{case.kernel} {case.shape} {case.mode}")
+            fns = {}
+            for provider in family.providers(device):
+                label = f"{case.kernel} {case.shape} {case.mode} {provider}"
+                try:
+                    fns[provider] = family.runner(case, provider, device)()
+                    if on_gpu:  # one provider at a time (CUDA events, L2 flushed), peak memory per provider
+                        torch.cuda.reset_peak_memory_stats()
+                        fns[provider] = (core.quantiles_ms(fns[provider], device), torch.cuda.max_memory_allocated())
+                except Exception as exc:
+                    # A baseline that cannot run a case, or a fastlm backend that does not implement it, is noted; a
+                    # fastlm backend failing otherwise (missing on a GPU machine, crashing) is an error (exit code 1).
+                    fns.pop(provider, None)
+                    note = f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    if isinstance(exc, (core.SkipCase, UnsupportedCaseError)) or not provider.startswith("fastlm-"):
+                        skipped.append(note)
+                    else:
+                        errors.append(note)
+            if on_gpu:
+                timings = {p: (q, mem / 2**20) for p, (q, mem) in fns.items()}
+            else:  # the providers' calls interleaved, so that the machine's drift hits them alike
+                timings = {p: (q, None) for p, q in core.interleaved_quantiles_ms(fns).items()}
+            ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
+            for provider, ((p50, p20, p80), peak) in timings.items():
+                results.append(
+                    core.Result(
+                        kernel=case.kernel,
+                        provider=provider,
+                        mode=case.mode,
+                        shape=case.shape,
+                        dtype=str(case.dtype).replace("torch.", ""),
+                        metric="throughput",
+                        unit=case.unit,
+                        p50=case.throughput(p50),
+                        p20=case.throughput(p80),  # the 20th percentile of throughput is the 80th of time
+                        p80=case.throughput(p20),
+                        ms=p50,
+                        fraction_of_ceiling=case.throughput(p50) / ceiling if ceiling else None,
+                        peak_mem_mb=peak,
+                    )
                 )
-            )
+    except KeyboardInterrupt:
+        interrupted = True
+        errors.append(f"interrupted after {len(results)} results: the reports hold what was measured until then")
     _progress(len(groups), len(groups), "done")
     paths = core.write_reports(results, env, ceilings, out_dir)
     print(core.markdown(results, env, ceilings))
+    if interrupted:
+        for e in errors:
+            print(f"ERROR {e}", file=sys.stderr)
+        return 130
     paths.extend(plots(results, ceilings, out_dir))
     if static:
         try:

@@ -14,6 +14,7 @@ import torch.nn.functional as TF
 import fastlm.functional as F
 from fastlm import reference
 from fastlm.bench.core import Case, compiled, fastlm_providers, timed_call, with_backend
+from fastlm.bench.peers import LIGER, liger_fn, liger_providers
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 WIDTHS_GPU = (256, 1024, 4096, 16384, 32768, 131072, 262144)
@@ -61,13 +62,15 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
 
 
 def providers(device: torch.device) -> dict[str, str | None]:
-    return fastlm_providers(device)
+    return fastlm_providers(device) | liger_providers(device)
 
 
 def runner(case: Case, provider: str, device: torch.device):
     backend = providers(device)[provider]
     ours, ref = FUNCS[case.kernel]
     fn = ref if backend is None else with_backend(ours, backend)
+    if provider == LIGER:
+        fn = liger_fn(case.kernel)
     if provider == "torch-compile":
         fn = compiled(fn)
 

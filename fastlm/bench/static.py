@@ -48,12 +48,12 @@ def compile_stat(
     fn, signature: dict, constexprs: dict, num_warps: int, arch: int, name: str, config: str, num_stages: int = 3
 ):
     """Compile one kernel configuration for ``arch`` and read its resource usage and SASS."""
-    # As the launcher sees a typical call: 16-byte aligned pointers, and strides and N multiples of 16 (Triton
-    # specialises on that at run time, which is what enables 128-bit accesses).
+    # As the launcher sees a typical call: 16-byte aligned pointers, and strides and row widths (N, R, C) multiples
+    # of 16 (Triton specialises on that at run time, which is what enables 128-bit accesses).
     aligned = [
         i
         for i, name in enumerate(fn.arg_names)
-        if signature.get(name, "").startswith("*") or name.startswith("stride") or name == "N"
+        if signature.get(name, "").startswith("*") or "stride" in name or name in ("N", "R", "C")
     ]
     src = ASTSource(fn, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     k = triton.compile(
@@ -108,7 +108,60 @@ def shipped_configs():
     from fastlm.kernels import attention, norms
 
     yield from norms.static_configs()
+    yield from softmax_configs()
+    yield from cross_entropy_configs()
     yield from attention.static_configs()
+
+
+# Softmax rows are addressed through (stride_outer, stride_inner, stride_col); a last-dim softmax has inner == 1 and
+# a unit column stride, which Triton specialises at launch as the constant 1: compiled so here.
+_SOFTMAX_UNIT = dict(inner=1, stride_col=1, y_stride_col=1, dy_stride_col=1)
+
+
+def softmax_configs():
+    """The softmax family's block-size classes (``kernels/softmax.config``) for a last-dim row: widths from 64 to
+    MAX_FUSED in one pass, and the split path (statistics kernels + pass); the forward with its heaviest flags
+    (additive mask, causal), both softmax and log-softmax in the backward; bf16 data."""
+    from fastlm.kernels import softmax as sm
+
+    ptrs = {"X": "*bf16", "Mask": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "WS": "*fp32"}
+    seen = set()
+    for R in (64, 512, 4096, sm.MAX_FUSED, 4 * sm.MAX_FUSED):
+        cfg = sm.config(R)
+        launch = cfg["num_warps"]
+        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        label = f"R={R} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} split={cfg['SPLIT']} w={launch}"
+        kernels = [
+            (sm._softmax_fwd_kernel, "softmax_fwd", dict(LOG=False, MASK_KIND=sm.MASK_ADD, CAUSAL=True, ZERO_EMPTY=True)),
+            (sm._softmax_bwd_kernel, "softmax_bwd", dict(LOG=False)),
+            (sm._softmax_bwd_kernel, "log_softmax_bwd", dict(LOG=True)),
+        ]
+        consts = dict(SPLIT=cfg["SPLIT"], CHUNKS=max(2, triton.next_power_of_2(cfg["n_chunks"])), **tiles)
+        if cfg["SPLIT"]:
+            kernels += [
+                (sm._softmax_stats_kernel, "softmax_stats", dict(MASK_KIND=sm.MASK_ADD, CAUSAL=True)),
+                (sm._softmax_bwd_stats_kernel, "softmax_bwd_stats", dict(LOG=False)),
+            ]
+        for kernel, name, flags in kernels:
+            names = set(kernel.arg_names)
+            c = {k: v for k, v in {**consts, **flags, **_SOFTMAX_UNIT}.items() if k in names}
+            key = (name, tuple(sorted(c.items())))
+            if key not in seen:
+                seen.add(key)
+                yield kernel, signature(kernel, c, ptrs, ("scale",)), c, launch, name, label
+
+
+def cross_entropy_configs():
+    """The cross-entropy kernel's block-size classes (``kernels/cross_entropy.block_n``) at a GPT-2 sized and a
+    Llama-3 sized vocabulary (one chunk, many chunks), with every flag on (weights, mean, gradient, smoothing)."""
+    from fastlm.kernels import cross_entropy as ce
+
+    ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "Loss": "*fp32", "G": "*bf16", "Denom": "*fp32", "WSum": "*fp32"}
+    for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
+        consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
+        consts |= dict(inner=1, stride_col=1, g_stride_col=1)
+        label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
+        yield ce._ce_kernel, signature(ce._ce_kernel, consts, ptrs, ("smoothing",)), consts, ce.warps(C), "cross_entropy", label
 
 
 def report(archs=(90,)) -> list[KernelStat]:
