@@ -237,8 +237,8 @@ DQ_TMA = {
 
 
 # A user mask or dropout (see FWD_LEAN): the spill-free "lean" configs, the only ones used (and searched) then;
-# dK/dV then loads with pointers (its TMA tilings spill with dropout). D = 128 takes 32x32: 32x64 spilled 8 B on Triton 3.6
-# once the 1-D grid and the device-side seed came in (2026-11-29).
+# dK/dV then loads with pointers (its TMA tilings spill with dropout). D = 128 takes 32x32: 32x64 spilled 8 B on
+# Triton 3.6 once the 1-D grid and the device-side seed came in (2026-11-29).
 DKDV_LEAN = {64: _bcfg(32, 64, 8, 2), 128: _bcfg(32, 32, 8, 2), 256: _bcfg(16, 32, 8, 1)}
 DQ_LEAN = {
     False: {64: _bcfg(64, 64, 8, 2), 128: _bcfg(64, 16, 8, 2), 256: _bcfg(32, 64, 8, 1)},

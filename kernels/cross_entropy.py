@@ -19,7 +19,6 @@ The gradient may be written in place of the logits (G == X): each element is rea
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels import empty, launch_grid, on_tensor_device
 from fastlm.kernels.softmax import _row_offsets, _view
 

@@ -26,7 +26,6 @@ re-reads come from L2). The block-size classes below are the only specialisation
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels import empty, launch_grid, on_tensor_device
 
 MAX_N = 65536  # widest row the kernels accept

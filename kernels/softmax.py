@@ -25,7 +25,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels import empty, launch_grid, on_tensor_device
 
 MAX_FUSED = 16384  # widest row held in registers in one pass

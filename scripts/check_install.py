@@ -28,7 +28,11 @@ def check_info() -> None:
     assert "backend cpu    on cpu: available" in out, "the cpu backend is not available"
     cuda_line = next(line for line in out.splitlines() if line.startswith("backend cuda"))
     built = _ext.build_info()
-    if built["with_cuda"] and torch.version.cuda and built["cuda_version"].split(".")[0] != torch.version.cuda.split(".")[0]:
+    if (
+        built["with_cuda"]
+        and torch.version.cuda
+        and built["cuda_version"].split(".")[0] != torch.version.cuda.split(".")[0]
+    ):
         want = f"built for CUDA {built['cuda_version']} but torch uses CUDA {torch.version.cuda}"
         assert want in cuda_line, f"expected the CUDA-major mismatch ({want}), got: {cuda_line}"
     elif not torch.cuda.is_available():
@@ -61,8 +65,14 @@ def check_cpu_ops() -> None:
             lambda: F.scaled_masked_softmax(scores, mask, 0.5),
             lambda: TF.softmax((scores * 0.5).masked_fill(~mask, float("-inf")), -1),
         ),
-        "cross_entropy": (lambda: F.cross_entropy(x, t, label_smoothing=0.1), lambda: TF.cross_entropy(x, t, label_smoothing=0.1)),
-        "linear_cross_entropy": (lambda: F.linear_cross_entropy(x, head, t % 50), lambda: TF.cross_entropy(x @ head.T, t % 50)),
+        "cross_entropy": (
+            lambda: F.cross_entropy(x, t, label_smoothing=0.1),
+            lambda: TF.cross_entropy(x, t, label_smoothing=0.1),
+        ),
+        "linear_cross_entropy": (
+            lambda: F.linear_cross_entropy(x, head, t % 50),
+            lambda: TF.cross_entropy(x @ head.T, t % 50),
+        ),
         "scaled_dot_product_attention": (
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             lambda: TF.scaled_dot_product_attention(q, k, v, is_causal=True),

@@ -44,7 +44,9 @@ def main() -> int:
     def compile_one(src: str):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.time()
-            run = subprocess.run([nvcc, *flags, "-c", src, "-o", os.path.join(tmp, "o.o")], capture_output=True, text=True)
+            run = subprocess.run(
+                [nvcc, *flags, "-c", src, "-o", os.path.join(tmp, "o.o")], capture_output=True, text=True
+            )
             return src, run.returncode, time.time() - start, run.stderr
 
     failed = 0

@@ -182,8 +182,7 @@ def test_every_fp32_config(D, lean):
     dq, dk, dv = AB.attn_bwd(do, q, k, v, o, lse, mask, scale, lean, 0.0, _seed(0), 0, configs=cfgs, tma=False)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = TF.scaled_dot_product_attention(
-        *leaves, attn_mask=None if mask is None else mask & torch.ones(Sq, Sk, dtype=torch.bool).tril(),
-        enable_gqa=True
+        *leaves, attn_mask=None if mask is None else mask & torch.ones(Sq, Sk, dtype=torch.bool).tril(), enable_gqa=True
     )
     refs = torch.autograd.grad(ref, leaves, do.double())
     torch.testing.assert_close(o.double(), ref, atol=2e-5, rtol=2e-5)
@@ -285,7 +284,11 @@ def test_autotune_space_is_the_config_tables():
     for D in (64, 128, 256):  # float32: exactly the one FP32 entry of each kernel
         for lean in (False, True):
             kw = dict(BLOCK_D=D, TMA=False, MASK_KIND=C.MASK_ADD if lean else 0, DROPOUT=False, PREC="ieee")
-            for tuned, table in ((A._attn_fwd_tuned, C.FWD_FP32), (AB._dkdv_tuned, C.DKDV_FP32), (AB._dq_tuned, C.DQ_FP32)):
+            for tuned, table in (
+                (A._attn_fwd_tuned, C.FWD_FP32),
+                (AB._dkdv_tuned, C.DKDV_FP32),
+                (AB._dq_tuned, C.DQ_FP32),
+            ):
                 got = tuned.early_config_prune(tuned.configs, {}, **kw)
                 want = table[lean][D]
                 assert [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in got] == [want]

@@ -34,7 +34,10 @@ CASES = {
         lambda x, r, w, b: torch.cat(F.add_layer_norm(x, r, (48,), w, b), -1),
         lambda: (_x(4, 48), _x(4, 48), _x(48), _x(48)),
     ),
-    "add_rms_norm": (lambda x, r, w: torch.cat(F.add_rms_norm(x, r, (48,), w), -1), lambda: (_x(4, 48), _x(4, 48), _x(48))),
+    "add_rms_norm": (
+        lambda x, r, w: torch.cat(F.add_rms_norm(x, r, (48,), w), -1),
+        lambda: (_x(4, 48), _x(4, 48), _x(48)),
+    ),
     "softmax": (lambda x: F.softmax(x, dim=1), lambda: (_x(4, 6, 5),)),
     "log_softmax": (lambda x: F.log_softmax(x, dim=-1), lambda: (_x(4, 37),)),
     "scaled_masked_softmax": (
@@ -50,8 +53,10 @@ CASES = {
         lambda: (_x(10, 16), _x(40, 16), _targets(10, 40)),
     ),
     "scaled_dot_product_attention": (
-        lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-        + F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        lambda q, k, v, m: (
+            F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ),
         lambda: (_x(1, 2, 12, 16), _x(1, 2, 12, 16), _x(1, 2, 12, 16), torch.rand(12, 12, device=DEVICE) > 0.2),
     ),
     "varlen_attention": (

@@ -87,7 +87,9 @@ def test_softmax_and_cross_entropy_use_128_bit_accesses(stats):
 
 
 def test_wide_norm_configs_use_128_bit_accesses(stats):
-    wide = [s for s in stats if s.kernel.startswith("norm") and ("BLOCK_N=4096" in s.config or "BLOCK_N=8192" in s.config)]
+    wide = [
+        s for s in stats if s.kernel.startswith("norm") and ("BLOCK_N=4096" in s.config or "BLOCK_N=8192" in s.config)
+    ]
     assert wide
     for s in wide:
         assert s.ldg128 > 0 and s.stg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads/stores"

@@ -132,7 +132,11 @@ def softmax_configs():
         tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         label = f"R={R} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} split={cfg['SPLIT']} w={launch}"
         kernels = [
-            (sm._softmax_fwd_kernel, "softmax_fwd", dict(LOG=False, MASK_KIND=sm.MASK_ADD, CAUSAL=True, ZERO_EMPTY=True)),
+            (
+                sm._softmax_fwd_kernel,
+                "softmax_fwd",
+                dict(LOG=False, MASK_KIND=sm.MASK_ADD, CAUSAL=True, ZERO_EMPTY=True),
+            ),
             (sm._softmax_bwd_kernel, "softmax_bwd", dict(LOG=False)),
             (sm._softmax_bwd_kernel, "log_softmax_bwd", dict(LOG=True)),
         ]
@@ -161,7 +165,14 @@ def cross_entropy_configs():
         consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
         consts |= dict(inner=1, stride_col=1, g_stride_col=1)
         label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
-        yield ce._ce_kernel, signature(ce._ce_kernel, consts, ptrs, ("smoothing",)), consts, ce.warps(C), "cross_entropy", label
+        yield (
+            ce._ce_kernel,
+            signature(ce._ce_kernel, consts, ptrs, ("smoothing",)),
+            consts,
+            ce.warps(C),
+            "cross_entropy",
+            label,
+        )
 
 
 def report(archs=(90,)) -> list[KernelStat]:

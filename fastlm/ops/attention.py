@@ -382,7 +382,19 @@ def scaled_dot_product_attention(
     elif backend == "cpu":
         check_cpu_case(dropout_p, varlen=False)
     o, lse = call(
-        FWD[backend], q4, k4, v4, mask4, None, None, Sq, Sk, scale, bool(is_causal), float(dropout_p), _rng(dropout_p, query.device)
+        FWD[backend],
+        q4,
+        k4,
+        v4,
+        mask4,
+        None,
+        None,
+        Sq,
+        Sk,
+        scale,
+        bool(is_causal),
+        float(dropout_p),
+        _rng(dropout_p, query.device),
     )
     o = o.reshape(*query.shape[:-1], D)
     if return_lse:
