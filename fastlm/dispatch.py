@@ -120,13 +120,20 @@ def resolve(family: str, x: torch.Tensor) -> str:
     return name
 
 
+def tracing() -> bool:
+    """True while torch.compile traces: Dynamo, or AOTAutograd / make_fx with their dispatch modes active (where
+    torch 2.11 traces a backward outside Dynamo, so ``torch.compiler.is_compiling()`` alone is False). Host reads of
+    tensor values or addresses (``bool(t)``, ``t.data_ptr()``) fail or break the graph then."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def host_readable(*tensors: torch.Tensor) -> bool:
     """True when the values of ``tensors`` may be read on the host right now: CPU tensors (no device sync), in eager
     mode. False while torch.compile traces (Dynamo, and AOTAutograd's tracing of the backward, where the tensors are
     FunctionalTensor/FakeTensor subclasses under an active dispatch mode and ``bool()`` of a value is a
     data-dependent guard that fails a fullgraph compile) and for CUDA tensors (a sync, which also breaks CUDA-graph
     capture). Checks and shortcuts that read values are skipped then."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if tracing():
         return False
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
 

@@ -31,6 +31,8 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def launch_grid(*dims: int) -> tuple:
     """The grid ``dims`` as a tuple, after checking each axis against CUDA's limits (ValueError naming the axis)."""
     for axis, (n, limit) in enumerate(zip(dims, MAX_GRID, strict=False)):
+        if n < 0:
+            raise ValueError(f"grid axis {'xyz'[axis]} has a negative size ({n}): a size argument is negative")
         if n > limit:
             raise ValueError(
                 f"the launch needs {n} programs on grid axis {'xyz'[axis]} (CUDA's limit is {limit}): the input is "

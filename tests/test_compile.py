@@ -86,7 +86,10 @@ def test_compile_fullgraph(backend, name):
 
 def test_compile_fullgraph_attention_dropout():
     """Dropout's seed is drawn on the device inside the compiled graph (no host value): compiles without a break,
-    and the same torch seed gives the same result as eager."""
+    and the same torch seed gives the same result as eager (inductor draws random numbers its own way unless told
+    to fall back to torch's generator: fallback_random)."""
+    import torch._inductor.config
+
     import fastlm
 
     q, k, v = (_x(1, 2, 12, 16) for _ in range(3))
@@ -94,7 +97,7 @@ def test_compile_fullgraph_attention_dropout():
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
 
-    with fastlm.backend("triton"):
+    with fastlm.backend("triton"), torch._inductor.config.patch(fallback_random=True):
         torch._dynamo.reset()
         compiled = torch.compile(fn, fullgraph=True, backend=COMPILER)
         torch.manual_seed(0)
@@ -102,3 +105,22 @@ def test_compile_fullgraph_attention_dropout():
         torch.manual_seed(0)
         want = fn(q, k, v)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compile_fullgraph_16bit_attention(backend, dtype):
+    """Attention in the dtypes every GPU backend takes (the CUDA C++ kernels have no fp32): fullgraph through the
+    Python checks of the inputs' layout and of the incoming gradient's (no data_ptr() read while tracing)."""
+    q, k, v = (torch.randn(2, 4, 64, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    want = fn(q, k, v)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g), strict=True):
+        torch.testing.assert_close(a, b)

@@ -21,7 +21,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import _ext
-from fastlm.dispatch import UnsupportedCaseError, call, current_backend, host_readable, resolve
+from fastlm.dispatch import UnsupportedCaseError, call, current_backend, host_readable, resolve, tracing
 
 MAX_HEAD_DIM = 256
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,11 +105,14 @@ FWD: dict = {}
 
 
 def rows_16b_aligned(t: Tensor) -> bool:
-    """Every row of ``t`` (its last dim, unit stride) starts on a 16-byte boundary: the base address and the stride
-    of every other dim of size > 1 are multiples of 16 bytes (what the CUDA C++ attention kernels read)."""
-    return t.data_ptr() % 16 == 0 and all(
+    """Every row of ``t`` (its last dim, unit stride) starts on a 16-byte boundary: the stride of every other dim of
+    size > 1 is a multiple of 16 bytes, and so is the base address (what the CUDA C++ attention kernels read). While
+    torch.compile traces, the address is unknown (fake tensors) and only the strides are checked; the C++ ops check
+    the address again and raise a clear error."""
+    strides_ok = all(
         (st * t.element_size()) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1
     )
+    return strides_ok and (tracing() or t.data_ptr() % 16 == 0)
 
 
 def grad_out_layout(do: Tensor, backend: str) -> Tensor:
@@ -264,12 +267,21 @@ def _backend(x: Tensor, dropout_p: float, varlen: bool) -> str:
     return backend
 
 
+_UNUSED_RNG: dict = {}  # device -> a (1,) int64 zero, the ``rng`` input of calls without dropout
+
+
 def _rng(dropout_p: float, device: torch.device) -> Tensor:
-    """The ``rng`` input of the ops: dropout's seed drawn on ``device`` from its default generator (no host value,
-    so CUDA graphs and torch.compile keep it fresh per call); an unused CPU zero without dropout."""
+    """The ``rng`` input of the ops, on ``device``: dropout's seed drawn there from its default generator (no host
+    value, so CUDA graphs and torch.compile keep it fresh per call); without dropout an unused zero, made once per
+    device in eager mode (no allocation per call, and no CPU tensor in a compiled CUDA graph)."""
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    return torch.zeros(1, dtype=torch.int64)
+    if tracing():
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    unused = _UNUSED_RNG.get(device)
+    if unused is None:
+        unused = _UNUSED_RNG[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return unused
 
 
 def _checked_offsets(cu: Tensor, name: str, total: int, max_len: int) -> Tensor:
@@ -423,11 +435,13 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k: int32 ``(n + 1,)``, 0 first, non-decreasing, last = total; sequence i is
             ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``. Their values are checked (ValueError) only where reading
             them costs no device sync: CPU tensors in eager mode. On CUDA tensors, and while torch.compile traces,
-            nothing is read on the host (CUDA-graph capture and fullgraph compiles work); the offsets are then
-            clamped into ``[0, total]`` and made non-decreasing on the device, so invalid ones give unspecified
-            results for the affected rows but never an out-of-bounds access.
-        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (checked with the offsets; a longer
-            sequence on GPU leaves its rows past the bound unwritten).
+            nothing is read on the host (no sync: CUDA-graph capture and fullgraph compiles work, as with
+            FlashAttention, which checks nothing); the offsets are then clamped into ``[0, total]`` and made
+            non-decreasing on the device, so invalid offsets never cause an out-of-bounds access, but the results
+            are then unspecified: garbage in the rows past a sequence's bound, and in dk/dv of a sequence that has
+            such rows. Check offsets you did not build yourself on the host.
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (ints >= 0; checked against the offsets
+            where those are checked).
         is_causal: top-left aligned within each sequence.
 
     Returns:
@@ -454,6 +468,8 @@ def varlen_attention(
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
     ):
+        if isinstance(mx, bool) or not isinstance(mx, (int, torch.SymInt)) or mx < 0:
+            raise ValueError(f"max_seqlen for {name} must be an int >= 0, got {mx!r}")
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise TypeError(
                 f"{name} must be a 1-D int32 tensor of n + 1 >= 2 offsets, got "
