@@ -165,6 +165,7 @@ fi
 # -- summary -------------------------------------------------------------------------------------------------------
 {
   echo "gpu_check $( [ "$DRY" = 1 ] && echo "--dry-run (CPU)" || echo "on the GPU" ): total $(( $(date +%s) - t0 )) s"
+  echo "software: $($PY -c 'import sys, torch, triton; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}")' 2>&1 | tail -1)"
   echo "build: $BUILD_NOTE"
   echo "peers: $PEER_NOTE"
   echo "steps:"
