@@ -12,7 +12,7 @@ DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark pytest-xd
 STAMP      := $(VENV)/.fastlm-deps
 WHEEL      := dist/.built
 SOURCES    := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh fastlm/*.py fastlm/*/*.py \
-              kernels/*.py)
+              kernels/*.py kernels/*/*.py)
 
 # nvcc: CUDA_HOME if set, else /usr/local/cuda when it exists (setup.py decides from there; FASTLM_BUILD_CUDA overrides)
 CUDA_HOME  ?= $(wildcard /usr/local/cuda)

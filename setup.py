@@ -102,7 +102,15 @@ with open(os.path.join(ROOT, "fastlm", "_build_info.json"), "w") as f:
 setup(
     version=_version(WITH_CUDA),
     package_data={"fastlm": ["_build_info.json"]},
-    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.bench", "fastlm.models", "fastlm.kernels"],
+    packages=[
+        "fastlm",
+        "fastlm.ops",
+        "fastlm.nn",
+        "fastlm.bench",
+        "fastlm.models",
+        "fastlm.kernels",
+        "fastlm.kernels.attention",
+    ],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

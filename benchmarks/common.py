@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastlm.bench.core import SkipCase
+from fastlm.dispatch import UnsupportedCaseError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -24,7 +25,7 @@ def run(benchmark, family, case, provider) -> None:
     try:
         fn = family.runner(case, provider, DEVICE)()
     except Exception as exc:
-        if provider.startswith("fastlm-") and not isinstance(exc, SkipCase):
+        if provider.startswith("fastlm-") and not isinstance(exc, (SkipCase, UnsupportedCaseError)):
             raise
         pytest.skip(f"{provider} cannot run this case: {type(exc).__name__}: {exc}")
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)

@@ -1,4 +1,12 @@
-"""The ``fastlm`` command: ``fastlm info`` and ``fastlm bench``."""
+"""The ``fastlm`` command.
+
+fastlm info       versions, backends (and why one is unavailable), compiled CUDA archs, the GPU
+fastlm bench      the benchmark suite on this machine (GB/s, TFLOP/s against measured ceilings), or the static
+                  sm_80/sm_90 kernel report (--static, no GPU needed)
+fastlm train      pre-train a GPT (causal LM) or BERT (masked LM) on fastlm's kernels; distil from a teacher
+fastlm finetune   fine-tune a BERT classifier on a CSV/JSONL file
+fastlm eval       validation perplexity, or zero-shot classification
+"""
 
 import argparse
 import sys
@@ -8,7 +16,7 @@ def _info() -> int:
     import torch
 
     import fastlm
-    from fastlm import _ext, dispatch
+    from fastlm import dispatch, extension
 
     print(f"fastlm {fastlm.__version__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
@@ -20,14 +28,14 @@ def _info() -> int:
         print("triton: not installed")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU: {gpu}")
-    info = _ext.build_info()
+    info = extension.build_info()
     if info:
         print(
             f"fastlm._C: built against torch {info['torch_build_version']}, CUDA kernels: {info['with_cuda']}"
             + (f" (CUDA {info['cuda_version']}, archs {info['cuda_archs']})" if info["with_cuda"] else "")
         )
     else:
-        print(f"fastlm._C: {_ext.LOAD_ERROR}")
+        print(f"fastlm._C: {extension.LOAD_ERROR}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in ("triton", "cuda", "cpu", "torch"):
         reason = dispatch.unavailable_reason(name, "norms", dev)
@@ -39,38 +47,29 @@ def _info() -> int:
 
 def _attention_info(torch) -> str:
     """How the Triton attention launches on this machine: TMA, warp specialisation, autotuning (and the knobs)."""
-    import os
-
     try:
-        from fastlm.kernels import attention_configs as ac
+        from fastlm.kernels.attention import configs
     except ImportError as exc:  # no triton
         return f"attention (Triton): unavailable ({exc})"
-    mode = os.environ.get("FASTLM_ATTENTION_TMA", "auto")
-    if mode == "0" or ac.TensorDescriptor is None:
-        tma = "off" + (" (FASTLM_ATTENTION_TMA=0)" if mode == "0" else " (Triton without tensor descriptors)")
-    elif mode == "1":
-        tma = "on wherever the layout allows (FASTLM_ATTENTION_TMA=1)"
-    elif torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 9:
-        tma = "on for fp16/bf16 with 16-byte aligned layouts"
-    else:
-        tma = "off (needs an sm_90+ GPU)"
-    ws = "available (Triton 3.6)" if ac.WS_TRITON else "off (compile on Triton 3.6 only)"
-    tune = "on" if os.environ.get("FASTLM_AUTOTUNE", "0") == "1" else "off (FASTLM_AUTOTUNE=1 turns it on)"
-    return f"attention (Triton): TMA {tma}; warp-specialised configs {ws}; autotuning {tune}"
+    return "attention (Triton): " + configs.describe()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlm", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the five commands (every flag with a help text; defaults shown by --help)."""
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU")
-    b = sub.add_parser("bench", help="run the benchmark suite on this machine")
+    sub.add_parser("info", help="versions, backends and why one is unavailable, compiled CUDA archs, the GPU", **fmt)
+    b = sub.add_parser("bench", help="run the benchmark suite on this machine", **fmt)
     b.add_argument(
         "--ops",
         default="norms,softmax,ce,attention,model",
         help="comma-separated op families: norms, softmax, ce, attention, model",
     )
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
-    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="None: bf16 on GPU, fp32 on CPU")
     b.add_argument("--out", default="bench-out", help="folder for the JSON / Markdown reports")
     b.add_argument("--no-static", action="store_true", help="skip the static sm_90 kernel report")
     b.add_argument(
@@ -78,15 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the static report: compile every shipped kernel config for sm_80/sm_90, no GPU",
     )
-    b.add_argument("--archs", default="80,90", help="compute capabilities of the static report (default 80,90)")
-    b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratios of two JSON runs")
+    b.add_argument("--archs", default="80,90", help="compute capabilities of the static report")
+    b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratios of two JSON runs (nothing is run)")
     from fastlm import train
 
     train.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return _info()
     if args.cmd in ("train", "finetune", "eval"):
+        from fastlm import train
+
         return train.main(args)
     from fastlm.bench import run
 

@@ -15,18 +15,14 @@ import os
 
 import torch
 
-from fastlm import _ext
+from fastlm import extension
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# auto: (op family, device type) -> backend. Updated from the committed device results (benchmarks/results/).
-# On CUDA the Triton kernels are the default until the CUDA C++ kernels have been measured and verified on a GPU.
-# On CPU the C++ kernels of csrc/cpu/ (issue 8; `fastlm bench` on the 2-core development machine, fp32, interleaved
-# timing): attention forward 1.15-1.97x torch's CPU SDPA, scaled-masked softmax 3.3x eager, cross-entropy fwd+bwd
-# 1.2-2.6x eager, RMSNorm 1.7-8x eager (torch's CPU rms_norm is composite); plain LayerNorm and softmax about par
-# with eager (0.8-1.2x from run to run: this VM's page-fault cost on fresh outputs dominates at 4 MiB). Attention
-# cases the CPU kernel lacks (dropout, varlen) run torch's ops under auto (fastlm/ops/attention.py: _backend).
+# auto: (op family, device type) -> backend, the fastest one known to be correct there (measurements:
+# benchmarks/results/). On CUDA the Triton kernels until the CUDA C++ kernels have been measured and verified on a GPU;
+# on CPU the C++ kernels of csrc/cpu/.
 AUTO = {
     ("norms", "cuda"): "triton",
     ("norms", "cpu"): "cpu",
@@ -36,6 +32,13 @@ AUTO = {
     ("linear_ce", "cpu"): "cpu",  # torch's matmuls around the CPU cross-entropy kernel
     ("attention", "cuda"): "triton",
     ("attention", "cpu"): "cpu",
+}
+
+# Cases a compiled backend's kernels lack, per (family, backend): a call's feature -> how to name it. Under auto a
+# call with such a feature runs torch's ops; a backend asked for by name raises UnsupportedCaseError naming it.
+LACKS = {
+    ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
+    ("attention", "cuda"): {"varlen": "varlen (packed) sequences", "mask": "an attn_mask", "dropout": "dropout"},
 }
 
 # Which op families each compiled backend implements.
@@ -95,28 +98,42 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
             return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
         return None
     if name == "cpu":
-        if _ext._C is None:
-            return _ext.LOAD_ERROR
+        if extension.lib is None:
+            return extension.LOAD_ERROR
         if device.type != "cpu":
             return f"the cpu backend's kernels need CPU tensors (got {device.type})"
         return None
-    reason = _ext.cuda_unavailable_reason()
+    reason = extension.cuda_unavailable_reason()
     if reason is None and device.type != "cuda":
         reason = f"the CUDA kernels need CUDA tensors (got {device.type})"
     return reason
 
 
-def resolve(family: str, x: torch.Tensor) -> str:
-    """The concrete backend (``triton``, ``cuda``, ``cpu`` or ``torch``) that runs op family ``family`` on
-    tensor ``x``."""
+def resolve(family: str, x: torch.Tensor, features=()) -> str:
+    """The concrete backend (``triton``, ``cuda``, ``cpu`` or ``torch``) that runs op family ``family`` on tensor
+    ``x``, for a call with ``features`` (names from ``LACKS``, e.g. ``("dropout",)``). Under ``auto``: ``AUTO``'s
+    backend, or torch's ops for fp64 and for a feature that backend lacks. A backend asked for by name that cannot
+    run raises BackendUnavailableError; one without this family or feature raises UnsupportedCaseError naming it."""
     name = _current
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         if x.dtype not in FUSED_DTYPES:
             return "torch"  # fp64 and friends: the fused kernels are fp32/fp16/bf16 only
         name = AUTO.get((family, x.device.type), "torch")
+    if name != "torch" and family not in IMPLEMENTED[name]:
+        raise UnsupportedCaseError(
+            f"fastlm backend {name!r} cannot run {family}: the {name} backend has no {family} kernels"
+        )
     reason = unavailable_reason(name, family, x.device)
     if reason is not None:
         raise BackendUnavailableError(f"fastlm backend {name!r} cannot run {family}: {reason}")
+    lacking = [LACKS[(family, name)][f] for f in features if f in LACKS.get((family, name), {})]
+    if lacking:
+        if auto:
+            return "torch"
+        raise UnsupportedCaseError(
+            f"the {name} backend's {family} does not support {lacking[0]}; use fastlm.backend('triton') or 'auto'"
+        )
     return name
 
 

@@ -1,7 +1,7 @@
 """Loading of the compiled extension ``fastlm._C`` and why it may be missing.
 
-``import fastlm`` never fails because of the extension: when it is absent or cannot load, ``CUDA_UNAVAILABLE``
-holds the reason, which the ``cuda`` backend reports when asked for (and ``fastlm info`` prints).
+``import fastlm`` never fails because of the extension: ``lib`` is the loaded module, or None with ``LOAD_ERROR``
+holding the reason, which the ``cuda`` and ``cpu`` backends report when asked for (and ``fastlm info`` prints).
 """
 
 import importlib
@@ -11,12 +11,12 @@ import re
 
 import torch
 
-_C = None
+lib = None  # the loaded fastlm._C (None: see LOAD_ERROR)
 LOAD_ERROR: str | None = None
 
 
 def _build_info_file() -> dict:
-    """What the installed build was made for (written by setup.py), readable even when _C cannot load."""
+    """What the installed build was made for (written by setup.py), readable even when fastlm._C cannot load."""
     try:
         with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
             return json.load(f)
@@ -38,7 +38,7 @@ if _torch_version() < _min:
     )
 else:
     try:
-        _C = importlib.import_module("fastlm._C")  # its static initialisers register the torch.ops.fastlm.* ops
+        lib = importlib.import_module("fastlm._C")  # its static initialisers register the torch.ops.fastlm.* ops
     except ImportError as exc:  # not built (pure-Python checkout), or built for another CUDA / a CUDA torch
         LOAD_ERROR = f"fastlm._C could not be loaded: {exc}"
         if BUILT.get("with_cuda") and torch.version.cuda is None:
@@ -56,20 +56,20 @@ else:
 
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA kernels cannot run in this process, or None when they can."""
-    if _C is None:
+    if lib is None:
         if not BUILT:
             return LOAD_ERROR + " (build it with `pip install --no-build-isolation -e .` on a CUDA build of torch)"
         return LOAD_ERROR
-    if not _C.with_cuda:
+    if not lib.with_cuda:
         return (
             "fastlm._C was built without CUDA kernels (torch was a CPU build or nvcc was not found at build time; "
             "rebuild with CUDA_HOME set, or FASTLM_BUILD_CUDA=1)"
         )
     if torch.version.cuda is None:
-        return f"fastlm._C has CUDA {_C.cuda_version} kernels but this torch ({torch.__version__}) is a CPU build"
-    if torch.version.cuda.split(".")[0] != _C.cuda_version.split(".")[0]:
+        return f"fastlm._C has CUDA {lib.cuda_version} kernels but this torch ({torch.__version__}) is a CPU build"
+    if torch.version.cuda.split(".")[0] != lib.cuda_version.split(".")[0]:
         return (
-            f"fastlm._C was built for CUDA {_C.cuda_version} but torch uses CUDA {torch.version.cuda}; "
+            f"fastlm._C was built for CUDA {lib.cuda_version} but torch uses CUDA {torch.version.cuda}; "
             "install the fastlm build for your CUDA major"
         )
     if not torch.cuda.is_available():
@@ -79,11 +79,11 @@ def cuda_unavailable_reason() -> str | None:
 
 def build_info() -> dict:
     """What the extension was built with (empty when it is not loaded)."""
-    if _C is None:
+    if lib is None:
         return {}
     return {
-        "with_cuda": bool(_C.with_cuda),
-        "cuda_version": _C.cuda_version,
-        "cuda_archs": _C.cuda_archs,
-        "torch_build_version": _C.torch_build_version,
+        "with_cuda": bool(lib.with_cuda),
+        "cuda_version": lib.cuda_version,
+        "cuda_archs": lib.cuda_archs,
+        "torch_build_version": lib.torch_build_version,
     }

@@ -54,29 +54,10 @@ def _dist() -> tuple[int, int, torch.device]:
 
 def build_model(objective: str, size: str, vocab: int, seq: int, backend: str, dropout: float = 0.0):
     n_layer, n_head, n_embd = SIZES[size]
+    common = dict(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout, backend=backend)
     if objective == "clm":
-        return GPT(
-            GPTConfig(
-                vocab_size=vocab,
-                block_size=seq,
-                n_layer=n_layer,
-                n_head=n_head,
-                n_embd=n_embd,
-                dropout=dropout,
-                backend=backend,
-            )
-        )
-    return BERT(
-        BERTConfig(
-            vocab_size=vocab,
-            max_position=seq,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            dropout=dropout,
-            backend=backend,
-        )
-    )
+        return GPT(GPTConfig(block_size=seq, **common))
+    return BERT(BERTConfig(max_position=seq, **common))
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -362,42 +343,51 @@ def evaluate(args) -> dict:
 
 
 def add_arguments(sub) -> None:
+    """The ``train``, ``finetune`` and ``eval`` sub-commands of ``fastlm`` (every flag with its help and default)."""
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", nargs="*", help="text files (default: the standard library's docstrings)")
-    common.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    common.add_argument("--backend", default="auto", choices=list(dispatch.BACKENDS))
-    common.add_argument("--seq", type=int, default=128)
-    common.add_argument("--batch", type=int, default=16)
-    common.add_argument("--lr", type=float, default=3e-3)
-    common.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", parents=[common], help="pre-train a GPT (clm) or BERT (mlm)")
-    t.add_argument("--objective", choices=["clm", "mlm"], default="clm")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
-    t.add_argument("--bpe-vocab", type=int, default=2048)
-    t.add_argument("--val-every", type=int, default=50)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--save-every", type=int, default=100)
+    common.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="model size: tiny 2x64, small 4x128, gpt2 12x768 (layers x width)",
+    )
+    common.add_argument(
+        "--backend", default="auto", choices=list(dispatch.BACKENDS), help="fastlm backend of every kernel"
+    )
+    common.add_argument("--seq", type=int, default=128, help="sequence length in tokens")
+    common.add_argument("--batch", type=int, default=16, help="sequences per step (per process under torchrun)")
+    common.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the masking")
+    t = sub.add_parser("train", parents=[common], help="pre-train a GPT (clm) or BERT (mlm)", **fmt)
+    t.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="causal LM (GPT) or masked LM (BERT)")
+    t.add_argument("--steps", type=int, default=200, help="optimiser steps")
+    t.add_argument("--warmup", type=int, default=20, help="linear warm-up steps before the cosine decay")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout probability in the model")
+    t.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte", help="bytes, or a BPE trained on --data")
+    t.add_argument("--bpe-vocab", type=int, default=2048, help="vocabulary size of the BPE tokenizer")
+    t.add_argument("--val-every", type=int, default=50, help="steps between validation perplexities (0: never)")
+    t.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (with --out)")
     t.add_argument("--out", default=None, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     t.add_argument("--teacher", default=None, help="checkpoint of a teacher to distil from")
-    t.add_argument("--kd-alpha", type=float, default=0.5)
-    t.add_argument("--kd-temperature", type=float, default=2.0)
-    f = sub.add_parser("finetune", parents=[common], help="fine-tune a BERT classifier on a CSV/JSONL file")
-    f.add_argument("--ckpt", default=None)
-    f.add_argument("--epochs", type=int, default=3)
-    f.add_argument("--text-column", default="text")
-    f.add_argument("--label-column", default="label")
-    e = sub.add_parser("eval", parents=[common], help="validation perplexity, or --zero-shot classification")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--zero-shot", action="store_true")
+    t.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term (1 - it: the labels')")
+    t.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T (loss scaled by T^2)")
+    f = sub.add_parser("finetune", parents=[common], help="fine-tune a BERT classifier on a CSV/JSONL file", **fmt)
+    f.add_argument("--ckpt", default=None, help="pre-trained BERT checkpoint (default: a fresh model)")
+    f.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    f.add_argument("--text-column", default="text", help="column of the text in --data")
+    f.add_argument("--label-column", default="label", help="column of the class label in --data")
+    e = sub.add_parser("eval", parents=[common], help="validation perplexity, or --zero-shot classification", **fmt)
+    e.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
+    e.add_argument("--zero-shot", action="store_true", help="classify --data by the label words' likelihood")
     e.add_argument("--labels", default="negative,positive", help="label words for --zero-shot")
-    e.add_argument("--text-column", default="text")
-    e.add_argument("--label-column", default="label")
+    e.add_argument("--text-column", default="text", help="column of the text in --data")
+    e.add_argument("--label-column", default="label", help="column of the class label in --data")
 
 
 def main(args) -> int:

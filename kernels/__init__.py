@@ -9,12 +9,22 @@ Shared launch helpers, used by every launcher:
   ``cuda:1`` while device 0 is current would be processed on the wrong GPU.
 - ``launch_grid`` checks a grid against CUDA's limits (x < 2**31, y and z <= 65535) and raises a clear error
   instead of a failed launch; kernels put the large dimension (rows, or tiles x batch x heads) on axis x.
+
+Constants shared by the kernels: the mask kinds of the softmax and attention kernels (their MASK_KIND constexpr; the
+launchers pass these ints) with their twins for kernel code (``KIND_*``: Triton kernels read only globals that are
+``tl.constexpr`` instances), and log2(e) / ln(2) for the base-2 exponentials (kernel code; ``.value`` on the host).
 """
 
 import functools
 import os
 
 import torch
+import triton.language as tl
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2  # no mask; bool (True = keep); additive float
+KIND_NONE, KIND_BOOL, KIND_ADD = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL), tl.constexpr(MASK_ADD)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 POISON = os.environ.get("FASTLM_POISON", "0") == "1"
 MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's grid limits per axis (x, y, z)

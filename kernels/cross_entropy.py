@@ -20,13 +20,13 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import empty, launch_grid, on_tensor_device
-from fastlm.kernels.softmax import _row_offsets, _view
+from fastlm.kernels.softmax import row_offsets, row_view
 
 MAX_BLOCK = 8192  # chunk width of the loop over classes
 
 
 @triton.jit
-def _ce_kernel(
+def cross_entropy_kernel(
     X,  # logits, addressed through (inner, stride_outer, stride_inner, stride_col)
     T,  # (n_rows,) int64 targets
     W,  # (C,) fp32 class weights (HAS_W)
@@ -52,7 +52,7 @@ def _ce_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = _row_offsets(row, inner, stride_outer, stride_inner)
+    base = row_offsets(row, inner, stride_outer, stride_inner)
     x_row = X + base
     cols = tl.arange(0, BLOCK_N)
     t = tl.load(T + row)
@@ -97,7 +97,7 @@ def _ce_kernel(
             scale = 1.0 / tl.load(Denom)
         else:
             scale = 1.0
-        g_row = G + _row_offsets(row, inner, g_stride_outer, g_stride_inner)
+        g_row = G + row_offsets(row, inner, g_stride_outer, g_stride_inner)
         coef = (1.0 - smoothing) * w_t * scale
         for off in range(0, C, BLOCK_N):
             c = off + cols
@@ -130,16 +130,16 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
     x: (N, C) with unit class stride, or contiguous (N, C, D); target: (rows,) int64; weight: (C,) fp32 or None;
     denom: (1,) fp32 device scalar for the mean, or None.
     """
-    n_rows, C, inner, so, si, sc = _view(x, 1)
+    n_rows, C, inner, so, si, sc = row_view(x, 1)
     losses = empty((n_rows,), torch.float32, x.device)
     if write_grad and grad is None:
         grad = empty(x.shape, x.dtype, x.device)
     if n_rows == 0:
         return losses, grad
     g = grad if write_grad else x
-    go, gi, gc = _view(g, 1)[3:]
+    go, gi, gc = row_view(g, 1)[3:]
     w_sum = weight.sum().reshape(1) if weight is not None else losses  # a device scalar: no sync
-    _ce_kernel[launch_grid(n_rows)](
+    cross_entropy_kernel[launch_grid(n_rows)](
         x,
         target,
         weight if weight is not None else x,

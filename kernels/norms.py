@@ -37,7 +37,7 @@ TILE_BWD = 2048  # the backward holds x, dy and their products: half the tile ke
 
 
 @triton.jit
-def _norm_fwd_kernel(
+def norm_fwd_kernel(
     X,  # (M, N) input, row stride stride_x, unit column stride
     R,  # (M, N) residual (HAS_RES), row stride stride_r
     W,  # (N,) weight (HAS_W)
@@ -137,7 +137,20 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _norm_bwd_kernel(
+def bwd_chunk(X, DY, W, row, c, stride_x, stride_dy, N, mean, rstd, HAS_W: tl.constexpr):
+    """Columns ``c`` of one row in the chunked backward: (dy, xhat, g = dy * w), fp32, zero past N."""
+    x = tl.load(X + row * stride_x + c, mask=c < N, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + c, mask=c < N, other=0.0).to(tl.float32)
+    xhat = tl.where(c < N, (x - mean) * rstd, 0.0)
+    if HAS_W:
+        g = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
+    else:
+        g = dy
+    return dy, xhat, g
+
+
+@triton.jit
+def norm_bwd_kernel(
     DY,  # (M, N) incoming gradient, row stride stride_dy
     X,  # (M, N) normalised input (h with a residual), row stride stride_x
     W,  # (N,) weight (HAS_W)
@@ -218,26 +231,14 @@ def _norm_bwd_kernel(
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):
                 c = off + cols
-                x = tl.load(X + row * stride_x + c, mask=c < N, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + c, mask=c < N, other=0.0).to(tl.float32)
-                xhat = tl.where(c < N, (x - mean) * rstd, 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
-                else:
-                    g = dy
+                dy, xhat, g = bwd_chunk(X, DY, W, row, c, stride_x, stride_dy, N, mean, rstd, HAS_W)
                 acc1 += xhat * g
                 acc2 += g
             c1 = tl.sum(acc1, axis=0) / N
             c2 = tl.sum(acc2, axis=0) / N
             for off in range(0, N, BLOCK_N):
                 c = off + cols
-                x = tl.load(X + row * stride_x + c, mask=c < N, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + c, mask=c < N, other=0.0).to(tl.float32)
-                xhat = tl.where(c < N, (x - mean) * rstd, 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
-                else:
-                    g = dy
+                dy, xhat, g = bwd_chunk(X, DY, W, row, c, stride_x, stride_dy, N, mean, rstd, HAS_W)
                 if RMS:
                     dx = (g - xhat * c1) * rstd
                 else:
@@ -257,26 +258,25 @@ def _norm_bwd_kernel(
 # Launch heuristics: the one place that maps a row width to block sizes and warps.
 
 
-def fwd_config(N: int) -> dict:
-    """Block sizes and warps of the forward for a row of N elements."""
-    if N <= MAX_FUSED_N_FWD:
+def _config(N: int, max_fused: int, tile: int, per_thread: int) -> dict:
+    """Rows of up to ``max_fused`` elements in one pass, ``tile`` elements per program; wider rows in CHUNK_N-wide
+    chunks, one row per program."""
+    if N <= max_fused:
         block_n = triton.next_power_of_2(N)
-        block_m = max(1, TILE_FWD // block_n)
-        single = True
+        block_m, single = max(1, tile // block_n), True
     else:
         block_n, block_m, single = CHUNK_N, 1, False
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n, 16))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n, per_thread))
+
+
+def fwd_config(N: int) -> dict:
+    """Block sizes and warps of the forward for a row of N elements."""
+    return _config(N, MAX_FUSED_N_FWD, TILE_FWD, 16)
 
 
 def bwd_config(N: int) -> dict:
     """Block sizes and warps of the backward for a row of N elements."""
-    if N <= MAX_FUSED_N_BWD:
-        block_n = triton.next_power_of_2(N)
-        block_m = max(1, TILE_BWD // block_n)
-        single = True
-    else:
-        block_n, block_m, single = CHUNK_N, 1, False
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=_warps(block_m * block_n, 8))
+    return _config(N, MAX_FUSED_N_BWD, TILE_BWD, 8)
 
 
 def _warps(tile: int, per_thread: int) -> int:
@@ -309,7 +309,7 @@ def norm_fwd(x, residual, weight, bias, eps: float, rms: bool):
         return y, h, mean, rstd
     cfg = fwd_config(N)
     grid = launch_grid(triton.cdiv(M, cfg["BLOCK_M"]))
-    _norm_fwd_kernel[grid](
+    norm_fwd_kernel[grid](
         x,
         residual if residual is not None else x,
         weight if weight is not None else x,
@@ -353,7 +353,7 @@ def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     alloc = empty if cfg["SINGLE_PASS"] else lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     dw_part = alloc((G, N) if has_w else (0,), torch.float32, dev)
     db_part = alloc((G, N) if has_db else (0,), torch.float32, dev)
-    _norm_bwd_kernel[launch_grid(G)](
+    norm_bwd_kernel[launch_grid(G)](
         dy,
         x,
         weight if has_w else x,
@@ -379,33 +379,3 @@ def norm_bwd(dy, x, weight, mean, rstd, dh, rms: bool, has_bias: bool):
     dw = dw_part.sum(0).to(w_dtype) if has_w else dw_part.to(w_dtype)
     db = db_part.sum(0).to(w_dtype) if has_db else db_part.to(w_dtype)
     return dx, dw, db
-
-
-def static_configs():
-    """Every block-size class the launchers can pick, with the heaviest flag set (LayerNorm, residual, weight,
-    bias; bf16 data, fp32 weights), for the static report: (kernel, signature, constexprs, num_warps, name, label)."""
-    fwd_sig = {k: "*bf16" for k in ("X", "R", "Y", "H")}
-    fwd_sig.update({k: "*fp32" for k in ("W", "B", "Mean", "Rstd")})
-    fwd_sig.update({"stride_x": "i32", "stride_r": "i32", "M": "i32", "N": "i32", "eps": "fp32"})
-    bwd_sig = {k: "*bf16" for k in ("DY", "X", "DH", "DX")}
-    bwd_sig.update({k: "*fp32" for k in ("W", "Mean", "Rstd", "DW", "DB")})
-    bwd_sig.update({"stride_dy": "i32", "stride_x": "i32", "stride_dh": "i32", "M": "i32", "N": "i32"})
-    bwd_sig["rows_per_program"] = "i32"
-    widths = [2**i for i in range(15)] + [MAX_N]  # one N per block-size class, and the chunked path
-    seen = set()
-    for kernel, sig, config, flags in (
-        (_norm_fwd_kernel, fwd_sig, fwd_config, dict(RMS=False, HAS_RES=True, HAS_W=True, HAS_B=True)),
-        (_norm_bwd_kernel, bwd_sig, bwd_config, dict(RMS=False, HAS_W=True, HAS_DB=True, HAS_DH=True)),
-    ):
-        for n in widths:
-            cfg = config(n)
-            key = (kernel.__name__, tuple(sorted(cfg.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            consts = {**flags, **{k: v for k, v in cfg.items() if k != "num_warps"}}
-            full_sig = {**sig, **{k: "constexpr" for k in consts}}
-            label = (
-                f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} single={cfg['SINGLE_PASS']} w={cfg['num_warps']}"
-            )
-            yield kernel, full_sig, consts, cfg["num_warps"], kernel.__name__.strip("_"), label

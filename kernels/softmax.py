@@ -25,22 +25,22 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastlm.kernels import empty, launch_grid, on_tensor_device
+from fastlm.kernels import KIND_BOOL, KIND_NONE, MASK_ADD, MASK_BOOL, MASK_NONE, empty, launch_grid, on_tensor_device
 
 MAX_FUSED = 16384  # widest row held in registers in one pass
 CHUNK = 8192  # piece width of the split path
 TILE = 4096  # elements per program for narrow rows
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
-def _row_offsets(rows, inner, stride_outer, stride_inner):
+def row_offsets(rows, inner, stride_outer, stride_inner):
+    """Element offset of the first column of each row: row r is (r // inner, r % inner) in the (outer, inner) view."""
     rows = rows.to(tl.int64)
     return (rows // inner) * stride_outer + (rows % inner) * stride_inner
 
 
 @triton.jit
-def _scores(
+def row_scores(
     X,
     Mask,
     rows,
@@ -61,7 +61,7 @@ def _scores(
     """The fp32 scores of a [rows, cols] tile: x * scale, masked; -inf outside the row or where masked."""
     s = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_col, mask=mask2d, other=float("-inf"))
     s = s.to(tl.float32) * scale
-    if MASK_KIND != 0:
+    if MASK_KIND != KIND_NONE:
         # rows enumerate (batch, head, q) of a (B, H, Sq, Sk) score tensor; the mask is an expanded (B, H, Sq, Sk)
         # view whose broadcast dims have stride 0.
         r64 = rows.to(tl.int64)
@@ -69,7 +69,7 @@ def _scores(
         bh = r64 // Sq
         m_base = (bh // H) * sm_b + (bh % H) * sm_h + q * sm_q
         mv = tl.load(Mask + m_base[:, None] + cols[None, :].to(tl.int64) * sm_k, mask=mask2d, other=0)
-        if MASK_KIND == 1:
+        if MASK_KIND == KIND_BOOL:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
             s = s + mv.to(tl.float32)
@@ -80,7 +80,7 @@ def _scores(
 
 
 @triton.jit
-def _softmax_stats_kernel(
+def softmax_stats_kernel(
     X,
     Mask,
     WS,  # WS: (rows, n_chunks, 2) fp32 piece max and sum of exp
@@ -107,8 +107,10 @@ def _softmax_stats_kernel(
     rows = row + tl.arange(0, 1)
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask2d = (rows < n_rows)[:, None] & (cols < R)[None, :]
-    base = _row_offsets(rows, inner, stride_outer, stride_inner)
-    s = _scores(X, Mask, rows, cols, mask2d, base, stride_col, scale, Sq, H, sm_b, sm_h, sm_q, sm_k, MASK_KIND, CAUSAL)
+    base = row_offsets(rows, inner, stride_outer, stride_inner)
+    s = row_scores(
+        X, Mask, rows, cols, mask2d, base, stride_col, scale, Sq, H, sm_b, sm_h, sm_q, sm_k, MASK_KIND, CAUSAL
+    )
     m = tl.max(s, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     ls = tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
@@ -118,7 +120,7 @@ def _softmax_stats_kernel(
 
 
 @triton.jit
-def _softmax_fwd_kernel(
+def softmax_fwd_kernel(
     X,
     Mask,
     Y,
@@ -153,8 +155,10 @@ def _softmax_fwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     mask2d = row_ok[:, None] & (cols < R)[None, :]
-    base = _row_offsets(rows, inner, stride_outer, stride_inner)
-    s = _scores(X, Mask, rows, cols, mask2d, base, stride_col, scale, Sq, H, sm_b, sm_h, sm_q, sm_k, MASK_KIND, CAUSAL)
+    base = row_offsets(rows, inner, stride_outer, stride_inner)
+    s = row_scores(
+        X, Mask, rows, cols, mask2d, base, stride_col, scale, Sq, H, sm_b, sm_h, sm_q, sm_k, MASK_KIND, CAUSAL
+    )
     if SPLIT:
         # combine the pieces' (max, sum): m = max_c m_c, l = sum_c l_c * exp(m_c - m)
         c = tl.arange(0, CHUNKS)
@@ -176,12 +180,12 @@ def _softmax_fwd_kernel(
         if ZERO_EMPTY:
             inv = tl.where(l > 0, inv, 0.0)
         y = tl.exp(s - m_safe[:, None]) * inv[:, None]
-    y_base = _row_offsets(rows, inner, y_stride_outer, y_stride_inner)
+    y_base = row_offsets(rows, inner, y_stride_outer, y_stride_inner)
     tl.store(Y + y_base[:, None] + cols[None, :].to(tl.int64) * y_stride_col, y.to(Y.dtype.element_ty), mask=mask2d)
 
 
 @triton.jit
-def _softmax_bwd_stats_kernel(
+def softmax_bwd_stats_kernel(
     Y,
     DY,
     WS,  # WS: (rows, n_chunks) fp32 partial sums of y * dy (softmax) or dy (log-softmax)
@@ -204,19 +208,19 @@ def _softmax_bwd_stats_kernel(
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask2d = (rows < n_rows)[:, None] & (cols < R)[None, :]
     c64 = cols[None, :].to(tl.int64)
-    dy_base = _row_offsets(rows, inner, dy_stride_outer, dy_stride_inner)
+    dy_base = row_offsets(rows, inner, dy_stride_outer, dy_stride_inner)
     dy = tl.load(DY + dy_base[:, None] + c64 * dy_stride_col, mask=mask2d, other=0.0).to(tl.float32)
     if LOG:
         part = tl.sum(dy, axis=1)
     else:
-        base = _row_offsets(rows, inner, stride_outer, stride_inner)
+        base = row_offsets(rows, inner, stride_outer, stride_inner)
         y = tl.load(Y + base[:, None] + c64 * stride_col, mask=mask2d, other=0.0).to(tl.float32)
         part = tl.sum(y * dy, axis=1)
     tl.store(WS + row.to(tl.int64) * n_chunks + chunk + tl.arange(0, 1), part)
 
 
 @triton.jit
-def _softmax_bwd_kernel(
+def softmax_bwd_kernel(
     Y,
     DY,
     DX,
@@ -244,8 +248,8 @@ def _softmax_bwd_kernel(
     row_ok = rows < n_rows
     mask2d = row_ok[:, None] & (cols < R)[None, :]
     c64 = cols[None, :].to(tl.int64)
-    base = _row_offsets(rows, inner, stride_outer, stride_inner)
-    dy_base = _row_offsets(rows, inner, dy_stride_outer, dy_stride_inner)
+    base = row_offsets(rows, inner, stride_outer, stride_inner)
+    dy_base = row_offsets(rows, inner, dy_stride_outer, dy_stride_inner)
     y = tl.load(Y + base[:, None] + c64 * stride_col, mask=mask2d, other=0.0).to(tl.float32)
     dy = tl.load(DY + dy_base[:, None] + c64 * dy_stride_col, mask=mask2d, other=0.0).to(tl.float32)
     if SPLIT:
@@ -291,7 +295,7 @@ def _chunks_pow2(n_chunks: int) -> int:
 # Host functions: views are prepared (and validated) by fastlm.ops.softmax.
 
 
-def _view(t: torch.Tensor, dim: int):
+def row_view(t: torch.Tensor, dim: int):
     """(outer, R, inner) addressing of ``t`` along ``dim``: (n_rows, R, inner, stride_outer, stride_inner,
     stride_col). ``t`` is either 2-D with dim == 1 (rows of any stride) or contiguous (any dim)."""
     R = t.shape[dim]
@@ -306,8 +310,8 @@ def _view(t: torch.Tensor, dim: int):
 def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: bool = False, mask_view=None):
     """y = (log_)softmax(x * scale + mask) along ``dim``; ``mask_view`` = (mask4d, B, H, Sq) for masks / causal."""
     y = empty(x.shape, x.dtype, x.device)
-    n_rows, R, inner, so, si, sc = _view(x, dim)
-    yo, yi, yc = _view(y, dim)[3:]
+    n_rows, R, inner, so, si, sc = row_view(x, dim)
+    yo, yi, yc = row_view(y, dim)[3:]
     if n_rows == 0 or R == 0:
         return y
     cfg = config(R)
@@ -324,7 +328,7 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
     ws = x
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"], 2), dtype=torch.float32, device=x.device)
-        _softmax_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
+        softmax_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
             x,
             mask_arg,
             ws,
@@ -345,7 +349,7 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
             num_warps=cfg["num_warps"],
         )
     grid = launch_grid(triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
-    _softmax_fwd_kernel[grid](
+    softmax_fwd_kernel[grid](
         x,
         mask_arg,
         y,
@@ -381,15 +385,15 @@ def softmax_fwd(x, dim: int, log: bool, mask=None, scale: float = 1.0, causal: b
 def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
     """dx of (log_)softmax from the saved output ``y`` (times ``scale`` for the scaled softmax); dx has y's layout."""
     dx = empty(y.shape, y.dtype, y.device)  # y comes from softmax_fwd: contiguous, so dx shares its addressing
-    n_rows, R, inner, so, si, sc = _view(y, dim)
-    do, di, dc = _view(dy, dim)[3:]
+    n_rows, R, inner, so, si, sc = row_view(y, dim)
+    do, di, dc = row_view(dy, dim)[3:]
     if n_rows == 0 or R == 0:
         return dx
     cfg = config(R)
     ws = y
     if cfg["SPLIT"]:
         ws = torch.empty((n_rows, cfg["n_chunks"]), dtype=torch.float32, device=y.device)
-        _softmax_bwd_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
+        softmax_bwd_stats_kernel[launch_grid(n_rows, cfg["n_chunks"])](
             y,
             dy,
             ws,
@@ -408,7 +412,7 @@ def softmax_bwd(dy, y, dim: int, log: bool, scale: float = 1.0):
             num_warps=cfg["num_warps"],
         )
     grid = launch_grid(triton.cdiv(n_rows, cfg["BLOCK_M"]), cfg["n_chunks"])
-    _softmax_bwd_kernel[grid](
+    softmax_bwd_kernel[grid](
         y,
         dy,
         dx,

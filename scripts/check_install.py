@@ -18,7 +18,7 @@ import torch.nn.functional as TF
 
 import fastlm
 import fastlm.functional as F
-from fastlm import _ext
+from fastlm import extension
 
 
 def check_info() -> None:
@@ -27,7 +27,7 @@ def check_info() -> None:
     assert f"torch {torch.__version__}" in out, "fastlm info does not name this torch"
     assert "backend cpu    on cpu: available" in out, "the cpu backend is not available"
     cuda_line = next(line for line in out.splitlines() if line.startswith("backend cuda"))
-    built = _ext.build_info()
+    built = extension.build_info()
     if (
         built["with_cuda"]
         and torch.version.cuda
@@ -95,7 +95,7 @@ def check_cpu_ops() -> None:
 
 def main() -> int:
     print(f"fastlm {fastlm.__version__} under torch {torch.__version__} (CUDA {torch.version.cuda})")
-    assert _ext._C is not None, f"fastlm._C did not load: {_ext.LOAD_ERROR}"
+    assert extension.lib is not None, f"fastlm._C did not load: {extension.LOAD_ERROR}"
     check_info()
     check_cpu_ops()
     return 0

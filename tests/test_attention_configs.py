@@ -19,9 +19,10 @@ import fastlm
 import fastlm.functional as F
 
 pytest.importorskip("triton")
-from fastlm.kernels import attention as A  # noqa: E402
-from fastlm.kernels import attention_bwd as AB  # noqa: E402
-from fastlm.kernels import attention_configs as C  # noqa: E402
+from fastlm.kernels import MASK_ADD, MASK_BOOL, MASK_NONE  # noqa: E402
+from fastlm.kernels.attention import backward as AB  # noqa: E402
+from fastlm.kernels.attention import configs as C  # noqa: E402
+from fastlm.kernels.attention import forward as A  # noqa: E402
 
 # fp16 dots are right in the interpreter (bf16 ones are not); on a GPU the TMA path is taken for fp16/bf16 only
 DTYPE = torch.float16
@@ -82,17 +83,17 @@ def test_tma_path_with_masks_and_dropout(triton_tma, monkeypatch):
 def test_tma_layout_rules():
     """TMA needs a unit last stride, a 16-byte aligned base and 16-byte multiple strides; size-1 dims are free."""
     x = torch.randn(2, 3, 40, 64, dtype=torch.float16)
-    assert C._tma_strides(x) == list(x.stride())
-    assert C._tma_strides(x[:, :, 1:]) == list(x.stride())  # offset 64 halves = 128 bytes: aligned
-    assert C._tma_strides(x[..., 1:]) is None  # base off by 2 bytes, and a 63-wide row
-    assert C._tma_strides(torch.randn(2, 3, 40, 12, dtype=torch.float16)) is None  # 24-byte rows
-    assert C._tma_strides(x.transpose(-1, -2)) is None  # last dim not contiguous
-    assert C._tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
+    assert C.tma_strides(x) == list(x.stride())
+    assert C.tma_strides(x[:, :, 1:]) == list(x.stride())  # offset 64 halves = 128 bytes: aligned
+    assert C.tma_strides(x[..., 1:]) is None  # base off by 2 bytes, and a 63-wide row
+    assert C.tma_strides(torch.randn(2, 3, 40, 12, dtype=torch.float16)) is None  # 24-byte rows
+    assert C.tma_strides(x.transpose(-1, -2)) is None  # last dim not contiguous
+    assert C.tma_strides(x[:1].expand(2, 3, 40, 64)) is None  # stride 0 over a dim of 2
     one = torch.randn(1, 1, 40, 64, dtype=torch.float16)[:, :, :, :]
-    assert C._tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
+    assert C.tma_strides(one.as_strided(one.shape, (7, 5, 64, 1))) == [2560, 2560, 64, 1]
     # decoding (S = 1) with a 72-byte row: the unused stride is rounded up to 16 bytes
-    assert C._tma_strides(torch.randn(1, 1, 1, 36, dtype=torch.float16)) == [40, 40, 40, 1]
-    assert C._tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
+    assert C.tma_strides(torch.randn(1, 1, 1, 36, dtype=torch.float16)) == [40, 40, 40, 1]
+    assert C.tma_strides(torch.empty(2, 3, 0, 64, dtype=torch.float16)) is None
 
 
 def test_tma_choice(monkeypatch):
@@ -148,7 +149,7 @@ def test_every_forward_config(D, tma, cfg, p):
         args = (q, k, v, mask, 1 / math.sqrt(D), causal, p, _seed(99), 0)
         o, lse = A.attn_fwd(*args, config=cfg, tma=tma)
         if p:
-            small = C.INTERPRET_CFG if A.INTERPRET else C.FWD_PTR[C._bucket(D)][-1]
+            small = C.INTERPRET_CFG if A.INTERPRET else C.FWD_PTR[C.bucket(D)][-1]
             o2, lse2 = A.attn_fwd(*args, config=small, tma=False)
             torch.testing.assert_close(o, o2, atol=2e-3, rtol=2e-3)
             torch.testing.assert_close(lse, lse2, atol=1e-5, rtol=1e-5)
@@ -238,7 +239,7 @@ def test_every_backward_config(D, tma, cfgs, p):
         args = (do, q, k, v, o, lse, mask, scale, causal, p, _seed(5), 0)
         grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
         if p:
-            small = C._bcfg(16, 16, 4, 1) if A.INTERPRET else C._bcfg(32, 64, 4, 2)
+            small = C.bwd_entry(16, 16, 4, 1) if A.INTERPRET else C.bwd_entry(32, 64, 4, 2)
             refs = AB.attn_bwd(*args, configs=(small, small), tma=False)
             for name, a, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
                 torch.testing.assert_close(a, r, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
@@ -259,9 +260,9 @@ def test_autotune_space_is_the_config_tables():
     apply), and the default of every table is its first entry."""
     for D in (64, 128, 256):
         for tma in (False, True):
-            for mask_kind in (C.MASK_NONE, C.MASK_BOOL):
+            for mask_kind in (MASK_NONE, MASK_BOOL):
                 kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=mask_kind, DROPOUT=False, PREC="tf32")
-                got = A._attn_fwd_tuned.early_config_prune(A._attn_fwd_tuned.configs, {}, **kw)
+                got = A.attn_fwd_tuned.early_config_prune(A.attn_fwd_tuned.configs, {}, **kw)
                 want = C.fwd_configs(
                     D, tma, tma and A.WS_TRITON and mask_kind == 0, interpret=False, lean=mask_kind != 0
                 )
@@ -270,24 +271,24 @@ def test_autotune_space_is_the_config_tables():
                 assert canon(as_dicts) == canon(want)
             kw = dict(BLOCK_D=D, TMA=tma, MASK_KIND=0, DROPOUT=False, PREC="tf32")
             if not tma or D in C.DKDV_TMA:
-                got = AB._dkdv_tuned.early_config_prune(AB._dkdv_tuned.configs, {}, **kw)
+                got = AB.dkdv_tuned.early_config_prune(AB.dkdv_tuned.configs, {}, **kw)
                 assert len(got) == len(C.bwd_dkdv_configs(D, tma, interpret=False))
-            got = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **kw)
+            got = AB.dq_tuned.early_config_prune(AB.dq_tuned.configs, {}, **kw)
             assert len(got) == len(C.bwd_dq_configs(D, tma, interpret=False))
-            lean = AB._dq_tuned.early_config_prune(AB._dq_tuned.configs, {}, **(kw | dict(DROPOUT=True)))
+            lean = AB.dq_tuned.early_config_prune(AB.dq_tuned.configs, {}, **(kw | dict(DROPOUT=True)))
             assert len(lean) == 1 and lean[0].kwargs["BLOCK_N"] == C.DQ_LEAN[tma][D]["BLOCK_N"]
     assert not any(c["WS"] for t in C.FWD_PTR.values() for c in t), "warp specialisation needs the TMA path"
-    with_dropout = A._attn_fwd_tuned.early_config_prune(
-        A._attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True, PREC="tf32"
+    with_dropout = A.attn_fwd_tuned.early_config_prune(
+        A.attn_fwd_tuned.configs, {}, BLOCK_D=128, TMA=True, MASK_KIND=0, DROPOUT=True, PREC="tf32"
     )
     assert len(with_dropout) == 1 and not with_dropout[0].kwargs["WS"]
     for D in (64, 128, 256):  # float32: exactly the one FP32 entry of each kernel
         for lean in (False, True):
-            kw = dict(BLOCK_D=D, TMA=False, MASK_KIND=C.MASK_ADD if lean else 0, DROPOUT=False, PREC="ieee")
+            kw = dict(BLOCK_D=D, TMA=False, MASK_KIND=MASK_ADD if lean else 0, DROPOUT=False, PREC="ieee")
             for tuned, table in (
-                (A._attn_fwd_tuned, C.FWD_FP32),
-                (AB._dkdv_tuned, C.DKDV_FP32),
-                (AB._dq_tuned, C.DQ_FP32),
+                (A.attn_fwd_tuned, C.FWD_FP32),
+                (AB.dkdv_tuned, C.DKDV_FP32),
+                (AB.dq_tuned, C.DQ_FP32),
             ):
                 got = tuned.early_config_prune(tuned.configs, {}, **kw)
                 want = table[lean][D]
@@ -297,7 +298,7 @@ def test_autotune_space_is_the_config_tables():
 def test_autotune_pre_hook_reboxes_the_descriptors():
     """Each autotune config's pre-hook sets the descriptors' boxes to its own block sizes (TMA calls only)."""
     x = torch.randn(1, 2, 64, 80, dtype=torch.float16)
-    for tuned, names in ((A._attn_fwd_tuned, A.FWD_BOXES), (AB._dq_tuned, (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")))):
+    for tuned, names in ((A.attn_fwd_tuned, A.FWD_BOXES), (AB.dq_tuned, AB.DQ_BOXES)):
         for config in tuned.configs[:3]:
             nargs = {n: A.descriptor(x, 16) for n, _ in names} | {"TMA": True, "BLOCK_D": 128} | config.kwargs
             config.pre_hook(nargs)

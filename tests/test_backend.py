@@ -34,7 +34,7 @@ def test_unknown_name():
 @pytest.mark.parametrize("family", ["norms", "softmax", "linear_ce", "attention"])
 def test_auto_on_cpu_follows_the_table(family):
     expected = B.AUTO[(family, "cpu")]
-    if expected == "cpu" and fastlm._ext._C is None:
+    if expected == "cpu" and fastlm.extension.lib is None:
         pytest.skip("fastlm._C is not built")
     assert B.resolve(family, torch.randn(2, 2)) == expected
     assert B.resolve(family, torch.randn(2, 2, dtype=torch.float64)) == "torch"  # fp64: no fused kernel
@@ -43,8 +43,8 @@ def test_auto_on_cpu_follows_the_table(family):
 def test_cpu_backend_needs_cpu_tensors_and_the_extension(monkeypatch):
     reason = B.unavailable_reason("cpu", "norms", torch.device("cuda"))
     assert reason is not None and "CPU tensors" in reason
-    monkeypatch.setattr(fastlm._ext, "_C", None)
-    monkeypatch.setattr(fastlm._ext, "LOAD_ERROR", "fastlm._C could not be loaded: test")
+    monkeypatch.setattr(fastlm.extension, "lib", None)
+    monkeypatch.setattr(fastlm.extension, "LOAD_ERROR", "fastlm._C could not be loaded: test")
     with fastlm.backend("cpu"), pytest.raises(fastlm.BackendUnavailableError, match="could not be loaded: test"):
         fastlm.functional.layer_norm(torch.randn(2, 4), (4,))
 

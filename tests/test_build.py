@@ -9,7 +9,7 @@ import torch
 from torch.utils import cpp_extension
 
 import fastlm
-from fastlm import _ext
+from fastlm import extension
 
 CUDA_BUILD_EXPECTED = (
     torch.version.cuda is not None
@@ -19,18 +19,18 @@ CUDA_BUILD_EXPECTED = (
 
 
 def test_extension_loads():
-    assert _ext._C is not None, _ext.LOAD_ERROR
+    assert extension.lib is not None, extension.LOAD_ERROR
     assert str(torch.ops.fastlm)  # the namespace exists
     assert hasattr(torch.ops.fastlm, "norm_fwd_cuda") and hasattr(torch.ops.fastlm, "norm_bwd_cuda")
-    assert _ext.build_info()["torch_build_version"]
+    assert extension.build_info()["torch_build_version"]
 
 
 @pytest.mark.skipif(not CUDA_BUILD_EXPECTED, reason="torch is a CPU build, nvcc is missing or FASTLM_BUILD_CUDA=0")
 def test_cuda_kernels_compiled():
-    info = _ext.build_info()
+    info = extension.build_info()
     assert info["with_cuda"], "nvcc and a CUDA torch were available, but fastlm._C has no CUDA kernels"
     archs = info["cuda_archs"]
-    so = _ext._C.__file__
+    so = extension.lib.__file__
     from fastlm.bench.static import _tool
 
     tool = _tool("cuobjdump")  # the one Triton ships (a CUDA toolkit without it is common)

@@ -16,9 +16,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytest.importorskip("triton")
-from fastlm.kernels import MAX_GRID, attention, attention_bwd, cross_entropy, launch_grid, norms, softmax  # noqa: E402
+from fastlm.kernels import MAX_GRID, cross_entropy, launch_grid, norms, softmax  # noqa: E402
+from fastlm.kernels.attention import backward, forward  # noqa: E402
 
-MODULES = (attention, attention_bwd, cross_entropy, norms, softmax)
+MODULES = (forward, backward, cross_entropy, norms, softmax)
 
 
 class _Spy:
@@ -97,8 +98,8 @@ def _attention(make, B=2, H=4, Hkv=2, S=100, D=64, dropout_p=0.0, varlen=False):
     else:
         q, k, v = make(B, H, S, D), make(B, Hkv, S, D), make(B, Hkv, S, D)
         extra = ()
-    o, lse = attention.attn_fwd(q, k, v, None, 0.125, True, dropout_p, seed, 0, *extra)
-    attention_bwd.attn_bwd(make(*q.shape), q, k, v, o, lse, None, 0.125, True, dropout_p, seed, 0, *extra)
+    o, lse = forward.attn_fwd(q, k, v, None, 0.125, True, dropout_p, seed, 0, *extra)
+    backward.attn_bwd(make(*q.shape), q, k, v, o, lse, None, 0.125, True, dropout_p, seed, 0, *extra)
     return seed
 
 
@@ -123,7 +124,7 @@ def test_launches_on_the_tensors_device(fake_gpu, launcher):
 def test_attention_grids_within_cuda_limits(fake_gpu, case):
     log, make = fake_gpu
     _attention(make, **case)
-    assert {launch.kernel for launch in log} >= {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    assert {launch.kernel for launch in log} >= {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
     for launch in log:
         assert len(launch.grid) <= 3
         for axis, (n, limit) in enumerate(zip(launch.grid, MAX_GRID, strict=False)):
@@ -145,14 +146,14 @@ def test_dropout_seed_reaches_the_kernel_as_a_device_tensor(monkeypatch):
     import fastlm
     import fastlm.functional as F
 
-    names = {k: getattr(attention, k).arg_names for k in ("_attn_fwd_kernel",)}
-    names |= {k: getattr(attention_bwd, k).arg_names for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
+    names = {k: getattr(forward, k).arg_names for k in ("attn_fwd_kernel",)}
+    names |= {k: getattr(backward, k).arg_names for k in ("attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")}
     log, current = [], [0]
-    for mod in (attention, attention_bwd):
+    for mod in (forward, backward):
         for name in names:
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, _Spy(name, log, current))
-    monkeypatch.setattr(attention_bwd, "_attn_bwd_preprocess", _Spy("pre", [], current))
+    monkeypatch.setattr(backward, "attn_bwd_preprocess_kernel", _Spy("pre", [], current))
     q = torch.randn(1, 2, 8, 16, requires_grad=True)
     with fastlm.backend("triton"):
         F.scaled_dot_product_attention(q, q, q, dropout_p=0.3).sum().backward()

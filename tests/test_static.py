@@ -47,7 +47,7 @@ def test_cuda_kernels_do_not_spill(report):
     assert not spilled, spilled
 
 
-# The one documented exception (kernels/attention_configs.py, FWD_FP32 / DQ_FP32): float32 attention at D = 256 with
+# The one documented exception (kernels/attention/configs.py, FWD_FP32 / DQ_FP32): float32 attention at D = 256 with
 # a mask or dropout, where no FMA tiling of the forward or dQ is spill-free (~300 B at 16x16).
 SPILL_EXCEPTIONS = {("attn_fwd", "D=256", "fp32", "mask+dropout"), ("attn_bwd_dq", "D=256", "fp32", "mask+dropout")}
 
@@ -100,10 +100,10 @@ def test_attention_uses_wgmma_on_sm90(stats):
     At D = 256 no wgmma tiling of dK/dV (nor of the pointer-load dQ) is spill-free on sm_90, so those use mma.sync
     (HMMA): checked too, so a change shows. The lean configs (a mask and/or dropout) use wgmma in the forward up to
     D = 128 and tensor cores everywhere."""
-    from fastlm.kernels import attention
+    from fastlm.bench.shipped import attention_configs
 
     attn = [s for s in stats if s.kernel.startswith("attn")]
-    assert len(attn) == len(list(attention.static_configs()))
+    assert len(attn) == len(list(attention_configs()))
     for s in attn:
         d256_bwd = "D=256" in s.config and "bwd" in s.kernel
         if " fp32" in s.config:  # true fp32 dots: FMA on the CUDA cores (tensor cores have no IEEE fp32 mode)
@@ -123,14 +123,14 @@ def test_attention_uses_wgmma_on_sm90(stats):
 def test_attention_hopper_configs(stats):
     """Every attention config fits sm_90's 227 KiB of shared memory; the TMA configs load through the copy engine
     (UTMALDG); the warp-specialised ones (Triton 3.6) really split into producer / consumer warp groups (USETMAXREG)."""
-    from fastlm.kernels import attention
+    from fastlm.kernels.attention import configs
 
     attn = [s for s in stats if s.kernel.startswith("attn")]
     for s in attn:
-        assert s.shared_bytes <= attention.SM90_SMEM, f"{s.kernel} [{s.config}]: {s.shared_bytes} B of shared memory"
+        assert s.shared_bytes <= configs.SM90_SMEM, f"{s.kernel} [{s.config}]: {s.shared_bytes} B of shared memory"
         if " tma" in s.config:
             assert s.utmaldg > 0, f"{s.kernel} [{s.config}] has no TMA loads"
         if " ws" in s.config:
             assert s.setmaxreg > 0, f"{s.kernel} [{s.config}] is not warp-specialised"
     assert any(" tma" in s.config for s in attn)
-    assert any(" ws" in s.config for s in attn) == attention.WS_TRITON
+    assert any(" ws" in s.config for s in attn) == configs.WS_TRITON

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 import fastlm
-from fastlm import _ext
+from fastlm import extension
 
 # The real model configurations the benchmark shapes come from (one table for every family).
 MODELS = {
@@ -72,9 +72,28 @@ def fastlm_providers(device: torch.device, backends=("triton", "cuda")) -> dict[
     names = {"torch-eager": None, "torch-compile": None}
     if device.type == "cuda":
         names = {**{f"fastlm-{b}": b for b in backends}, **names}
-    elif _ext._C is not None:
+    elif extension.lib is not None:
         names = {"fastlm-cpu": "cpu", **names}
     return names
+
+
+def kernel_providers(device: torch.device) -> dict[str, str | None]:
+    """The providers of the norms, softmax and cross-entropy families: fastlm's backends, torch eager and
+    torch.compile, and the peer libraries that can run here (fastlm/bench/peers.py)."""
+    from fastlm.bench.peers import liger_providers
+
+    return fastlm_providers(device) | liger_providers(device)
+
+
+def provider_fn(kernel: str, provider: str, backend: str | None, ours: Callable, ref: Callable) -> Callable:
+    """What ``provider`` times for ``kernel``: fastlm's function ``ours`` under ``backend``, torch's ``ref`` (eager,
+    or under torch.compile), or a peer library's counterpart."""
+    from fastlm.bench.peers import LIGER, liger_fn
+
+    if provider == LIGER:
+        return liger_fn(kernel)
+    fn = ref if backend is None else with_backend(ours, backend)
+    return compiled(fn) if provider == "torch-compile" else fn
 
 
 def compiled(fn: Callable) -> Callable:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastlm.functional as F
-from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
-from fastlm.bench.peers import LIGER, liger_fn, liger_providers
+from fastlm.bench.core import MODELS, Case, kernel_providers, provider_fn, timed_call
 
 VOCABS_GPU = tuple(sorted({m["vocab"] for m in MODELS.values()} | {256, 4096, 262144}))  # BERT, GPT-2, LLaMA-3
 VOCABS_GPU_QUICK = (4096, 131072)
@@ -50,20 +49,11 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
-def providers(device: torch.device) -> dict[str, str | None]:
-    return fastlm_providers(device) | liger_providers(device)
+providers = kernel_providers
 
 
 def runner(case: Case, provider: str, device: torch.device):
-    backend = providers(device)[provider]
-    ours, ref = FUNCS[case.kernel]
-    if case.kernel == "linear_cross_entropy" and backend == "cuda":
-        backend = "triton"  # its fused step is the Triton cross-entropy kernel (no CUDA C++ variant)
-    fn = ref if backend is None else with_backend(ours, backend)
-    if provider == LIGER:
-        fn = liger_fn(case.kernel)
-    if provider == "torch-compile":
-        fn = compiled(fn)
+    fn = provider_fn(case.kernel, provider, providers(device)[provider], *FUNCS[case.kernel])
 
     def setup():
         req = case.mode != "fwd"

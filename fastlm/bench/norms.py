@@ -12,8 +12,7 @@ import torch.nn.functional as TF
 
 import fastlm.functional as F
 from fastlm import reference
-from fastlm.bench.core import MODELS, Case, compiled, fastlm_providers, timed_call, with_backend
-from fastlm.bench.peers import LIGER, liger_fn, liger_providers
+from fastlm.bench.core import MODELS, Case, kernel_providers, provider_fn, timed_call
 
 KERNELS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -58,18 +57,12 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
-def providers(device: torch.device) -> dict[str, str | None]:
-    return fastlm_providers(device) | liger_providers(device)
+providers = kernel_providers
 
 
 def runner(case: Case, provider: str, device: torch.device):
     """A factory for the timed callable (inputs made once, graph kept for bwd)."""
-    backend = providers(device)[provider]
-    fn = REF[case.kernel] if backend is None else with_backend(getattr(F, case.kernel), backend)
-    if provider == LIGER:
-        fn = liger_fn(case.kernel)
-    if provider == "torch-compile":
-        fn = compiled(fn)
+    fn = provider_fn(case.kernel, provider, providers(device)[provider], getattr(F, case.kernel), REF[case.kernel])
 
     def setup():
         M, N = case.params

@@ -13,8 +13,7 @@ import torch.nn.functional as TF
 
 import fastlm.functional as F
 from fastlm import reference
-from fastlm.bench.core import Case, compiled, fastlm_providers, timed_call, with_backend
-from fastlm.bench.peers import LIGER, liger_fn, liger_providers
+from fastlm.bench.core import Case, kernel_providers, provider_fn, timed_call
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 WIDTHS_GPU = (256, 1024, 4096, 16384, 32768, 131072, 262144)
@@ -61,18 +60,11 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
-def providers(device: torch.device) -> dict[str, str | None]:
-    return fastlm_providers(device) | liger_providers(device)
+providers = kernel_providers
 
 
 def runner(case: Case, provider: str, device: torch.device):
-    backend = providers(device)[provider]
-    ours, ref = FUNCS[case.kernel]
-    fn = ref if backend is None else with_backend(ours, backend)
-    if provider == LIGER:
-        fn = liger_fn(case.kernel)
-    if provider == "torch-compile":
-        fn = compiled(fn)
+    fn = provider_fn(case.kernel, provider, providers(device)[provider], *FUNCS[case.kernel])
 
     def setup():
         req = case.mode != "fwd"

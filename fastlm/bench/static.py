@@ -84,109 +84,20 @@ def compile_stat(
     )
 
 
-def signature(fn, consts: dict, pointers: dict, floats=(), int64=()) -> dict:
-    """A compile signature from the kernel's argument names: pointers by name (e.g. ``{"X": "*bf16"}``), then
-    fp32 / i64 scalars by name, constexprs, and i32 for every other argument."""
-    names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.__code__.co_varnames[: fn.fn.__code__.co_argcount]
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in pointers:
-            sig[n] = pointers[n]
-        elif n in floats:
-            sig[n] = "fp32"
-        elif n in int64:
-            sig[n] = "i64"
-        else:
-            sig[n] = "i32"
-    return sig
-
-
-def shipped_configs():
-    """Every (kernel, signature, constexprs, num_warps, label) the launchers can pick, per op family."""
-    from fastlm.kernels import attention, norms
-
-    yield from norms.static_configs()
-    yield from softmax_configs()
-    yield from cross_entropy_configs()
-    yield from attention.static_configs()
-
-
-# Softmax rows are addressed through (stride_outer, stride_inner, stride_col); a last-dim softmax has inner == 1 and
-# a unit column stride, which Triton specialises at launch as the constant 1: compiled so here.
-_SOFTMAX_UNIT = dict(inner=1, stride_col=1, y_stride_col=1, dy_stride_col=1)
-
-
-def softmax_configs():
-    """The softmax family's block-size classes (``kernels/softmax.config``) for a last-dim row: widths from 64 to
-    MAX_FUSED in one pass, and the split path (statistics kernels + pass); the forward with its heaviest flags
-    (additive mask, causal), both softmax and log-softmax in the backward; bf16 data."""
-    from fastlm.kernels import softmax as sm
-
-    ptrs = {"X": "*bf16", "Mask": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "WS": "*fp32"}
-    seen = set()
-    for R in (64, 512, 4096, sm.MAX_FUSED, 4 * sm.MAX_FUSED):
-        cfg = sm.config(R)
-        launch = cfg["num_warps"]
-        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        label = f"R={R} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} split={cfg['SPLIT']} w={launch}"
-        kernels = [
-            (
-                sm._softmax_fwd_kernel,
-                "softmax_fwd",
-                dict(LOG=False, MASK_KIND=sm.MASK_ADD, CAUSAL=True, ZERO_EMPTY=True),
-            ),
-            (sm._softmax_bwd_kernel, "softmax_bwd", dict(LOG=False)),
-            (sm._softmax_bwd_kernel, "log_softmax_bwd", dict(LOG=True)),
-        ]
-        consts = dict(SPLIT=cfg["SPLIT"], CHUNKS=max(2, triton.next_power_of_2(cfg["n_chunks"])), **tiles)
-        if cfg["SPLIT"]:
-            kernels += [
-                (sm._softmax_stats_kernel, "softmax_stats", dict(MASK_KIND=sm.MASK_ADD, CAUSAL=True)),
-                (sm._softmax_bwd_stats_kernel, "softmax_bwd_stats", dict(LOG=False)),
-            ]
-        for kernel, name, flags in kernels:
-            names = set(kernel.arg_names)
-            c = {k: v for k, v in {**consts, **flags, **_SOFTMAX_UNIT}.items() if k in names}
-            key = (name, tuple(sorted(c.items())))
-            if key not in seen:
-                seen.add(key)
-                yield kernel, signature(kernel, c, ptrs, ("scale",)), c, launch, name, label
-
-
-def cross_entropy_configs():
-    """The cross-entropy kernel's block-size classes (``kernels/cross_entropy.block_n``) at a GPT-2 sized and a
-    Llama-3 sized vocabulary (one chunk, many chunks), with every flag on (weights, mean, gradient, smoothing)."""
-    from fastlm.kernels import cross_entropy as ce
-
-    ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "Loss": "*fp32", "G": "*bf16", "Denom": "*fp32", "WSum": "*fp32"}
-    for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
-        consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
-        consts |= dict(inner=1, stride_col=1, g_stride_col=1)
-        label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
-        yield (
-            ce._ce_kernel,
-            signature(ce._ce_kernel, consts, ptrs, ("smoothing",)),
-            consts,
-            ce.warps(C),
-            "cross_entropy",
-            label,
-        )
-
-
 def report(archs=(90,)) -> list[KernelStat]:
     """Compile and inspect every shipped config for each arch. Under TRITON_INTERPRET=1 the kernels are
     interpreter objects that cannot be compiled, so the report then runs in a subprocess without it."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return _report_in_subprocess(archs)
+    from fastlm.bench.shipped import shipped_configs
+
     stats = []
-    for fn, sig, consts, launch, name, label, *only in shipped_configs():
-        warps, stages = launch if isinstance(launch, tuple) else (launch, 3)
+    for c in shipped_configs():
         for arch in archs:
-            if only and arch not in only[0]:  # e.g. TMA configs: sm_90 only
-                continue
-            stats.append(compile_stat(fn, sig, consts, warps, arch, name, label, num_stages=stages))
+            if arch in c.archs:  # e.g. TMA configs: sm_90 only
+                stats.append(
+                    compile_stat(c.kernel, c.signature, c.constexprs, c.num_warps, arch, c.name, c.label, c.num_stages)
+                )
     return stats
 
 
@@ -221,12 +132,14 @@ def format_table(stats: list[KernelStat]) -> str:
 
 def cuda_extension_report(arch: int = 90) -> list[dict]:
     """Registers, spills and shared memory of the CUDA kernels compiled into fastlm._C for ``arch``."""
-    from fastlm import _ext
+    from fastlm import extension
 
-    if _ext._C is None or not _ext._C.with_cuda:
+    if extension.lib is None or not extension.lib.with_cuda:
         return []
     res = subprocess.run(
-        [_tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", _ext._C.__file__], capture_output=True, text=True
+        [_tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", extension.lib.__file__],
+        capture_output=True,
+        text=True,
     )
     rows = []
     name = None

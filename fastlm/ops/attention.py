@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm import _ext
-from fastlm.dispatch import UnsupportedCaseError, call, current_backend, host_readable, resolve, tracing
+from fastlm import extension
+from fastlm.dispatch import UnsupportedCaseError, call, host_readable, resolve, tracing
+from fastlm.ops.registry import check_device, check_tensor, register
 
 MAX_HEAD_DIM = 256
-ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_rng(rng: Tensor, q: Tensor, dropout_p: float) -> None:
@@ -50,11 +50,11 @@ def attention_fwd_triton(
     dropout_p: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    from fastlm.kernels import attention
+    from fastlm.kernels.attention import attn_fwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q  # without dropout the kernel never reads it (any device tensor will do)
-    return attention.attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
@@ -75,13 +75,11 @@ def attention_bwd_triton(
     dropout_p: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastlm.kernels import attention_bwd
+    from fastlm.kernels.attention import attn_bwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q
-    return attention_bwd.attn_bwd(
-        do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k
-    )
+    return attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
 
 
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
@@ -99,9 +97,6 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng)
     ctx.args = (max_q, max_k, scale, causal, dropout_p)
     ctx.mark_non_differentiable(lse)
-
-
-FWD: dict = {}
 
 
 def rows_16b_aligned(t: Tensor) -> bool:
@@ -123,11 +118,8 @@ def grad_out_layout(do: Tensor, backend: str) -> Tensor:
     return do if do.stride(-1) == 1 else do.contiguous()
 
 
-def _register(backend: str) -> None:
-    bwd = getattr(torch.ops.fastlm, f"attention_bwd_{backend}").default
-    if backend != "triton":
-        torch.library.register_fake(f"fastlm::attention_fwd_{backend}")(_fwd_fake)
-        torch.library.register_fake(f"fastlm::attention_bwd_{backend}")(_bwd_fake)
+def _backward(backend: str):
+    bwd = ATTENTION_BWD[backend]
 
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
@@ -136,8 +128,7 @@ def _register(backend: str) -> None:
         dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
-    torch.library.register_autograd(f"fastlm::attention_fwd_{backend}", backward, setup_context=_setup)
-    FWD[backend] = getattr(torch.ops.fastlm, f"attention_fwd_{backend}").default
+    return backward
 
 
 def attention_bwd_cpu(
@@ -186,13 +177,10 @@ def attention_bwd_cpu(
     return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
-attention_fwd_triton.register_fake(_fwd_fake)
-attention_bwd_triton.register_fake(_bwd_fake)
-_register("triton")
-if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
-    _register("cuda")
+if extension.lib is not None:  # the cpu backend's backward is this Python function (schema in csrc/ops.cpp)
     torch.library.register_kernel("fastlm::attention_bwd_cpu", "cpu")(attention_bwd_cpu)
-    _register("cpu")
+ATTENTION_BWD = register("attention_bwd", _bwd_fake)
+ATTENTION_FWD = register("attention_fwd", _fwd_fake, _backward, _setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,12 +189,9 @@ if _ext._C is not None:  # the schemas exist in every build (calling an op witho
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        check_tensor(t, name, backend)
         if t.dim() < min_dim:
             raise ValueError(f"{name} must have at least {min_dim} dims, got shape {list(t.shape)}")
-        if t.dtype not in ATTN_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {backend} backend, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -223,17 +208,12 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> N
 CUDA_HEAD_DIMS = (64, 128)
 
 
-def check_cuda_case(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, varlen: bool) -> None:
+def check_cuda_case(q: Tensor, k: Tensor, v: Tensor) -> None:
     """The CUDA C++ kernels cover dense fp16/bf16 attention with head dims 64 and 128, causal or not, GQA, rows
-    aligned to 16 bytes; anything else raises, naming the case (use the triton backend or auto for it)."""
+    aligned to 16 bytes (varlen, masks and dropout: ``dispatch.LACKS``); other inputs raise, naming the case (use
+    the triton backend or auto for them)."""
     case = None
-    if varlen:
-        case = "varlen (packed) sequences"
-    elif mask is not None:
-        case = "an attn_mask"
-    elif dropout_p > 0:
-        case = "dropout"
-    elif q.dtype not in (torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float16, torch.bfloat16):
         case = f"dtype {q.dtype}"
     elif q.shape[-1] not in CUDA_HEAD_DIMS:
         case = f"head dim {q.shape[-1]} (has {CUDA_HEAD_DIMS})"
@@ -247,24 +227,9 @@ def check_cuda_case(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, var
         )
 
 
-def check_cpu_case(dropout_p: float, varlen: bool) -> None:
-    """The CPU C++ kernel (csrc/cpu/attention.cpp) covers dense attention of any float dtype and head dim, with masks,
-    causal and GQA; varlen and dropout raise, naming the case (use the torch backend for them)."""
-    case = "varlen (packed) sequences" if varlen else "dropout" if dropout_p > 0 else None
-    if case is not None:
-        raise UnsupportedCaseError(
-            f"the cpu backend's attention does not support {case}; use fastlm.backend('torch') or 'auto'"
-        )
-
-
-def _backend(x: Tensor, dropout_p: float, varlen: bool) -> str:
-    """The backend for this call. ``auto`` picks per case: on CPU tensors it runs the cpu kernel where that kernel
-    has the case and torch's ops for dropout and varlen (the kernel has neither); a backend asked for by name that
-    lacks the case raises instead (``check_cpu_case``)."""
-    backend = resolve("attention", x)
-    if backend == "cpu" and current_backend() == "auto" and (varlen or dropout_p > 0):
-        return "torch"
-    return backend
+def _features(mask, dropout_p: float, varlen: bool) -> tuple:
+    """The call's features that some backends lack (``dispatch.LACKS``): the backend choice is dispatch's."""
+    return tuple(f for f, on in (("mask", mask is not None), ("dropout", dropout_p > 0), ("varlen", varlen)) if on)
 
 
 _UNUSED_RNG: dict = {}  # device -> a (1,) int64 zero, the ``rng`` input of calls without dropout
@@ -342,7 +307,7 @@ def scaled_dot_product_attention(
     Returns:
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
     """
-    backend = _backend(query, dropout_p, varlen=False)
+    backend = resolve("attention", query, _features(attn_mask, dropout_p, varlen=False))
     if backend == "torch":
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
@@ -375,8 +340,7 @@ def scaled_dot_product_attention(
             raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
             raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        check_device(attn_mask, "attn_mask", query, "query")
         if attn_mask.requires_grad:
             raise ValueError("attn_mask requires grad, but the fused attention gives the mask no gradient")
         full = (*lead, H, Sq, Sk)
@@ -390,11 +354,9 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "cuda":
-        check_cuda_case(q4, k4, v4, mask4, dropout_p, varlen=False)
-    elif backend == "cpu":
-        check_cpu_case(dropout_p, varlen=False)
+        check_cuda_case(q4, k4, v4)
     o, lse = call(
-        FWD[backend],
+        ATTENTION_FWD[backend],
         q4,
         k4,
         v4,
@@ -447,7 +409,7 @@ def varlen_attention(
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
-    backend = _backend(q, dropout_p, varlen=True)
+    backend = resolve("attention", q, _features(None, dropout_p, varlen=True))
     if backend == "torch":
         from fastlm import reference
 
@@ -475,21 +437,16 @@ def varlen_attention(
                 f"{name} must be a 1-D int32 tensor of n + 1 >= 2 offsets, got "
                 f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}"
             )
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        check_device(cu, name, q, "q")
         offsets.append(_checked_offsets(cu, name, total, mx))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     q, k, v = (_unit_last(t) for t in (q, k, v))
-    if backend == "cuda":
-        check_cuda_case(q, k, v, None, dropout_p, varlen=True)
-    elif backend == "cpu":
-        check_cpu_case(dropout_p, varlen=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = call(
-        FWD[backend],
+        ATTENTION_FWD[backend],
         q,
         k,
         v,

@@ -1,4 +1,5 @@
-"""Cross-entropy and linear (LM-head) cross-entropy: registered ops, fake impls, autograd, public functions.
+"""Cross-entropy over class indices: registered ops, fake impls, autograd, the public function, and the input checks
+and helpers that the linear cross-entropy (linear_cross_entropy.py) shares.
 
 Ops (for <backend> in {triton, cuda, cpu}):
     fastlm::cross_entropy_fwd_<backend>(input, target, weight?, ignore_index, label_smoothing, reduction,
@@ -7,27 +8,19 @@ Ops (for <backend> in {triton, cuda, cpu}):
 fp32. ``loss`` is fp32: (N*D,) for reduction "none", a scalar otherwise; ``grad`` is d loss / d input for an
 incoming gradient of 1 (input's dtype and shape), written in the same pass as the loss, or (0,) when not asked for.
 The backward only scales it by the incoming gradient.
-
-    fastlm::linear_cross_entropy_fwd(input, linear_weight, target, linear_bias?, weight?, ignore_index,
-                                     label_smoothing, reduction, compute_grad, chunk_size, backend)
-        -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
-processes the tokens in chunks: logits of the chunk (a matmul) -> the fused cross-entropy kernel writes the loss and
-the logits' gradient in place -> grad_input of the chunk and the accumulated grad_linear_weight (two matmuls). The
-full (tokens, vocab) logits never exist. With reduction "none" the per-token incoming gradients are needed before
-the weight gradient can be formed, so the gradients are recomputed chunk by chunk in the backward instead.
 """
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm import _ext
-from fastlm.dispatch import FUSED_DTYPES, call, host_readable, resolve
+from fastlm.dispatch import call, host_readable, resolve
+from fastlm.ops.registry import check_device, check_tensor, register
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
-def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int, C: int) -> Tensor:
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, C: int) -> Tensor:
     """The mean's denominator as a (1,) fp32 device tensor: sum of w[target] over the rows not ignored (no sync)."""
     keep = target != ignore_index
     if weight is None:
@@ -35,7 +28,7 @@ def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int, C: in
     return (weight[target.clamp(0, C - 1)] * keep).sum(dtype=torch.float32).reshape(1)
 
 
-def _reduce(losses: Tensor, reduction: int, denom: Tensor | None) -> Tensor:
+def reduce_losses(losses: Tensor, reduction: int, denom: Tensor | None) -> Tensor:
     if reduction == 0:
         return losses
     total = losses.sum()
@@ -54,11 +47,11 @@ def cross_entropy_fwd_triton(
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels import cross_entropy as k
 
-    denom = _denominator(target, weight, ignore_index, input.shape[1]) if reduction == 1 else None
+    denom = mean_denominator(target, weight, ignore_index, input.shape[1]) if reduction == 1 else None
     losses, grad = k.cross_entropy_rows(input, target, weight, denom, ignore_index, label_smoothing, compute_grad)
     if grad is None:
         grad = input.new_empty((0,))
-    return _reduce(losses, reduction, denom), grad
+    return reduce_losses(losses, reduction, denom), grad
 
 
 def _ce_fake(input, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
@@ -80,7 +73,7 @@ def loss_dtype(input: Tensor) -> torch.dtype:
     return torch.float32 if torch.is_autocast_enabled(input.device.type) else input.dtype
 
 
-def _scaled(grad, g):
+def scale_grad(grad, g):
     """grad * g in grad's dtype. fp16: through fp32, since g may not fit fp16 (GradScaler's default scale is 65536,
     which is inf in fp16) while the product does."""
     if grad.dtype == torch.float16:
@@ -94,44 +87,25 @@ def _ce_backward(ctx, dloss, _dgrad):
     (grad,) = ctx.saved_tensors
     if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
-        return _scaled(grad, g), None, None, None, None, None, None
+        return scale_grad(grad, g), None, None, None, None, None, None
     if host_readable(grad, dloss) and bool(dloss == 1):
         # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
         # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing). Not
         # while tracing: there the comparison is a data-dependent guard (torch 2.11 traces this backward with
         # FunctionalTensors outside Dynamo, where torch.compiler.is_compiling() is False).
         return grad, None, None, None, None, None, None
-    return _scaled(grad, dloss), None, None, None, None, None, None
+    return scale_grad(grad, dloss), None, None, None, None, None, None
 
 
-CE_FWD: dict = {}
-
-
-def _register(backend: str) -> None:
-    name = f"fastlm::cross_entropy_fwd_{backend}"
-    if backend != "triton":
-        torch.library.register_fake(name)(_ce_fake)
-    torch.library.register_autograd(name, _ce_backward, setup_context=_ce_setup)
-    CE_FWD[backend] = getattr(torch.ops.fastlm, f"cross_entropy_fwd_{backend}").default
-
-
-cross_entropy_fwd_triton.register_fake(_ce_fake)
-_register("triton")
-if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
-    _register("cuda")
-    _register("cpu")
+CROSS_ENTROPY_FWD = register("cross_entropy_fwd", _ce_fake, lambda backend: _ce_backward, _ce_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation shared by cross_entropy and linear_cross_entropy
 
 
-def _check(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float, backend):
-    if input.dtype not in FUSED_DTYPES:
-        raise TypeError(
-            f"input must be float32, float16 or bfloat16 for the {backend} backend, got {input.dtype} "
-            "(use fastlm.backend('torch') for other dtypes)"
-        )
+def check_inputs(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float, backend):
+    check_tensor(input, "input", backend)
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"target must hold class indices as int64 (or int32), got {target.dtype}; "
@@ -141,19 +115,17 @@ def _check(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    check_device(target, "target", input, "input")
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if weight is not None:
         if weight.shape != (C,):
             raise ValueError(f"weight must have shape [{C}] (one per class), got {list(weight.shape)}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        check_device(weight, "weight", input, "input")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
 
 
-def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
+def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
     """On CPU the range check costs no device sync, so bad targets raise; on GPU, and inside torch.compile (where
     the check would be a data-dependent branch), they give NaN (documented)."""
     if target.numel() and host_readable(target):
@@ -202,7 +174,7 @@ def cross_entropy(
         return TF.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
-    _check(input, target, weight, reduction, label_smoothing, backend)
+    check_inputs(input, target, weight, reduction, label_smoothing, backend)
     if input.dim() == 1:  # unbatched (C,) with a () target
         return cross_entropy(
             input[None], target.reshape(1), weight, None, ignore_index, None, reduction, label_smoothing
@@ -213,7 +185,7 @@ def cross_entropy(
             f"got {list(target.shape)}"
         )
     C = input.shape[1]
-    _check_target_range(target, C, ignore_index)
+    check_target_range(target, C, ignore_index)
     if input.dim() == 2:
         x = input if input.stride(1) == 1 else input.contiguous()
     else:
@@ -222,7 +194,14 @@ def cross_entropy(
     w = weight.float().contiguous() if weight is not None else None
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     loss, _ = call(
-        CE_FWD[backend], x, t, w, int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], compute_grad
+        CROSS_ENTROPY_FWD[backend],
+        x,
+        t,
+        w,
+        int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        compute_grad,
     )
     if reduction == "none":
         loss = loss.view(target.shape)

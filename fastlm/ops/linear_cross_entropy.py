@@ -2,7 +2,7 @@
 materialising the (tokens, vocab) logits.
 
     fastlm::linear_cross_entropy_fwd(input, linear_weight, target, linear_bias?, weight?, ignore_index,
-                                     label_smoothing, reduction, compute_grad, chunk_size, cpu)
+                                     label_smoothing, reduction, compute_grad, chunk_size, backend)
         -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
 
 Tokens are processed in chunks: the chunk's logits (one matmul, cuBLAS) -> the fused cross-entropy Triton kernel
@@ -23,7 +23,15 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import REDUCTIONS, _check, _check_target_range, _denominator, _reduce, _scaled, loss_dtype
+from fastlm.ops.cross_entropy import (
+    REDUCTIONS,
+    check_inputs,
+    check_target_range,
+    loss_dtype,
+    mean_denominator,
+    reduce_losses,
+    scale_grad,
+)
 
 
 def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
@@ -34,10 +42,11 @@ def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
     return max(64, 1 << (size - 1).bit_length())
 
 
-def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, cpu):
+def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, backend):
     """Per-row losses (fp32) and, if ``write_grad``, the gradient of the chunk's logits: the Triton kernel writes it
-    over the logits in place; the CPU C++ kernel (``cpu``) returns it (then scaled by 1 / denom for the mean)."""
-    if not cpu:
+    over the logits in place (backend "triton"); the CPU C++ kernel (backend "cpu") returns it (then scaled by 1 /
+    denom for the mean)."""
+    if backend == "triton":
         from fastlm.kernels import cross_entropy as k
 
         return k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
@@ -47,14 +56,14 @@ def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, cpu):
     return losses, g
 
 
-def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, cpu, row_scale=None):
+def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, backend, row_scale=None):
     """Logits of tokens [s, e) and their gradient; returns (losses, grad_logits)."""
     logits = x[s:e] @ w.T
     if b is not None:
         logits += b
-    losses, g = _rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, cpu)
+    losses, g = _rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, backend)
     if row_scale is not None:
-        g = _scaled(g, row_scale[s:e, None])
+        g = scale_grad(g, row_scale[s:e, None])
     return losses, g
 
 
@@ -70,11 +79,11 @@ def linear_cross_entropy_fwd(
     reduction: int,
     compute_grad: bool,
     chunk_size: int,
-    cpu: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T = input.shape[0]
     V = linear_weight.shape[0]
-    denom = _denominator(target, weight, ignore_index, V) if reduction == 1 else None
+    denom = mean_denominator(target, weight, ignore_index, V) if reduction == 1 else None
     losses = torch.empty(T, dtype=torch.float32, device=input.device)
     grads_now = compute_grad and reduction != 0
     gx = torch.empty_like(input) if grads_now else input.new_empty((0,))
@@ -84,7 +93,7 @@ def linear_cross_entropy_fwd(
         e = min(s + chunk_size, T)
         if grads_now:
             losses[s:e], g = _chunk_grads(
-                input, linear_weight, linear_bias, target, weight, denom, ignore_index, label_smoothing, s, e, cpu
+                input, linear_weight, linear_bias, target, weight, denom, ignore_index, label_smoothing, s, e, backend
             )
             torch.mm(g, linear_weight, out=gx[s:e])
             gw.addmm_(g.T, input[s:e])
@@ -94,9 +103,9 @@ def linear_cross_entropy_fwd(
             logits = input[s:e] @ linear_weight.T
             if linear_bias is not None:
                 logits += linear_bias
-            losses[s:e], _ = _rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, cpu)
+            losses[s:e], _ = _rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, backend)
     gb_out = gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,))
-    return _reduce(losses, reduction, denom), gx, gw, gb_out
+    return reduce_losses(losses, reduction, denom), gx, gw, gb_out
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -111,7 +120,7 @@ def _fake(
     reduction,
     compute_grad,
     chunk_size,
-    cpu,
+    backend,
 ):
     loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=torch.float32)
     now = compute_grad and reduction != 0
@@ -127,9 +136,9 @@ def _fake(
 
 
 def _setup(ctx, inputs, output):
-    x, w, t, b, weight, ignore_index, smoothing, reduction, compute_grad, chunk, cpu = inputs
+    x, w, t, b, weight, ignore_index, smoothing, reduction, compute_grad, chunk, backend = inputs
     ctx.reduction, ctx.has_bias = reduction, b is not None
-    ctx.args = (ignore_index, smoothing, chunk, cpu)
+    ctx.args = (ignore_index, smoothing, chunk, backend)
     if reduction == 0:  # gradients recomputed in the backward
         ctx.save_for_backward(x, w, t, b, weight)
     else:
@@ -139,15 +148,15 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dloss, *_):
     if ctx.reduction != 0:
         gx, gw, gb = ctx.saved_tensors
-        gb = _scaled(gb, dloss) if ctx.has_bias else None
-        return _scaled(gx, dloss), _scaled(gw, dloss), None, gb, None, None, None, None, None, None, None
+        gb = scale_grad(gb, dloss) if ctx.has_bias else None
+        return scale_grad(gx, dloss), scale_grad(gw, dloss), None, gb, None, None, None, None, None, None, None
     x, w, t, b, weight = ctx.saved_tensors
-    ignore_index, smoothing, chunk, cpu = ctx.args
+    ignore_index, smoothing, chunk, backend = ctx.args
     gx, gw = torch.empty_like(x), torch.zeros_like(w)
     gb = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
     for s in range(0, x.shape[0], chunk):
         e = min(s + chunk, x.shape[0])
-        _, g = _chunk_grads(x, w, b, t, weight, None, ignore_index, smoothing, s, e, cpu, row_scale=dloss)
+        _, g = _chunk_grads(x, w, b, t, weight, None, ignore_index, smoothing, s, e, backend, row_scale=dloss)
         torch.mm(g, w, out=gx[s:e])
         gw.addmm_(g.T, x[s:e])
         if gb is not None:
@@ -213,8 +222,8 @@ def linear_cross_entropy(
     if target.shape != input.shape[:-1]:
         raise ValueError(f"target must have shape {list(input.shape[:-1])}, got {list(target.shape)}")
     x = input.reshape(-1, input.shape[-1])
-    _check(x.new_empty((0, V)), target, weight, reduction, label_smoothing, backend)
-    _check_target_range(target, V, ignore_index)
+    check_inputs(x.new_empty((0, V)), target, weight, reduction, label_smoothing, backend)
+    check_target_range(target, V, ignore_index)
     t = target.reshape(-1).to(torch.int64)
     chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1])
     needs_grad = torch.is_grad_enabled() and (
@@ -231,6 +240,6 @@ def linear_cross_entropy(
         REDUCTIONS[reduction],
         needs_grad,
         int(chunk),
-        backend == "cpu",
+        backend,
     )
     return (loss.view(target.shape) if reduction == "none" else loss).to(loss_dtype(input))

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm import _ext, reference
-from fastlm.dispatch import FUSED_DTYPES, call, resolve
+from fastlm import reference
+from fastlm.dispatch import call, resolve
+from fastlm.ops.registry import check_device, check_tensor, register
 
 MAX_N = 65536  # widest normalised row of the fused kernels (both backends)
 
@@ -86,7 +87,9 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _make_backward(bwd_op):
+def _backward(backend: str):
+    bwd_op = NORM_BWD[backend]
+
     def backward(ctx, dy, dh, _dmean, _drstd):
         x, weight, mean, rstd = ctx.saved_tensors
         if dy.stride(-1) != 1:  # e.g. the expanded gradient of a .sum(): one copy
@@ -108,25 +111,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(backend: str) -> None:
-    fwd = getattr(torch.ops.fastlm, f"norm_fwd_{backend}")
-    bwd = getattr(torch.ops.fastlm, f"norm_bwd_{backend}")
-    if backend != "triton":  # custom_op registers with the decorator's function; C++ ops need their fakes here
-        torch.library.register_fake(f"fastlm::norm_fwd_{backend}")(_fwd_fake)
-        torch.library.register_fake(f"fastlm::norm_bwd_{backend}")(_bwd_fake)
-    torch.library.register_autograd(
-        f"fastlm::norm_fwd_{backend}", _make_backward(bwd.default), setup_context=_setup_context
-    )
-    FWD_OPS[backend] = fwd.default
-
-
-FWD_OPS: dict = {}
-norm_fwd_triton.register_fake(_fwd_fake)
-norm_bwd_triton.register_fake(_bwd_fake)
-_register("triton")
-if _ext._C is not None:  # the schemas exist even in a build without CUDA kernels (then calling them raises)
-    _register("cuda")
-    _register("cpu")
+NORM_BWD = register("norm_bwd", _bwd_fake)
+NORM_FWD = register("norm_fwd", _fwd_fake, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,13 +123,7 @@ def _validate(
     input: Tensor, residual: Tensor | None, normalized_shape: Sequence[int], weight, bias, backend: str
 ) -> tuple[int, ...]:
     shape = tuple(normalized_shape) if isinstance(normalized_shape, Sequence) else (int(normalized_shape),)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dtype not in FUSED_DTYPES:
-        raise TypeError(
-            f"input must be float32, float16 or bfloat16 for the {backend} backend, got {input.dtype} "
-            "(use fastlm.backend('torch') for other dtypes)"
-        )
+    check_tensor(input, "input", backend)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
         raise ValueError(
             f"normalized_shape {list(shape)} must match the trailing dims of input, whose shape is {list(input.shape)}"
@@ -156,15 +136,13 @@ def _validate(
             continue
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (normalized_shape), got {list(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        check_device(t, name, input, "input")
         if t.dtype not in (input.dtype, torch.float32):
             raise TypeError(f"{name} must be {input.dtype} (input's dtype) or float32, got {t.dtype}")
     if residual is not None:
         if residual.shape != input.shape:
             raise ValueError(f"residual must have input's shape {list(input.shape)}, got {list(residual.shape)}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+        check_device(residual, "residual", input, "input")
         if residual.dtype != input.dtype:
             raise TypeError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
     return shape
@@ -185,7 +163,7 @@ def _fused(input, residual, normalized_shape, weight, bias, eps, rms, backend):
     shape = _validate(input, residual, normalized_shape, weight, bias, backend)
     n = math.prod(shape)
     y, h, _, _ = call(
-        FWD_OPS[backend],
+        NORM_FWD[backend],
         _rows(input, n),
         _rows(residual, n) if residual is not None else None,
         _flat(weight),

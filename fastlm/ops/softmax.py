@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm import _ext
-from fastlm.dispatch import FUSED_DTYPES, call, resolve
+from fastlm.dispatch import call, resolve
+from fastlm.ops.registry import check_device, check_tensor, register
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops
@@ -75,63 +75,45 @@ def _dy_like(dy: Tensor, dim: int) -> Tensor:
     return dy.contiguous()
 
 
-def _register(backend: str) -> None:
-    fwd = getattr(torch.ops.fastlm, f"softmax_fwd_{backend}").default
-    masked = getattr(torch.ops.fastlm, f"masked_softmax_fwd_{backend}").default
-    bwd = getattr(torch.ops.fastlm, f"softmax_bwd_{backend}").default
-    if backend != "triton":
-        torch.library.register_fake(f"fastlm::softmax_fwd_{backend}")(_fwd_fake)
-        torch.library.register_fake(f"fastlm::masked_softmax_fwd_{backend}")(_masked_fwd_fake)
-        torch.library.register_fake(f"fastlm::softmax_bwd_{backend}")(_bwd_fake)
+def _setup(ctx, inputs, output):
+    ctx.dim, ctx.log = inputs[1], inputs[2]
+    ctx.save_for_backward(output)
 
-    def setup(ctx, inputs, output):
-        ctx.dim, ctx.log = inputs[1], inputs[2]
-        ctx.save_for_backward(output)
+
+def _backward(backend: str):
+    bwd = SOFTMAX_BWD[backend]
 
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         return bwd(_dy_like(dy, ctx.dim), y, ctx.dim, ctx.log, 1.0), None, None
 
-    def masked_setup(ctx, inputs, output):
-        ctx.scale = inputs[2]
-        ctx.save_for_backward(output)
+    return backward
 
-    def masked_backward(ctx, dy):
+
+def _masked_setup(ctx, inputs, output):
+    ctx.scale = inputs[2]
+    ctx.save_for_backward(output)
+
+
+def _masked_backward(backend: str):
+    bwd = SOFTMAX_BWD[backend]
+
+    def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         B, H, Sq, Sk = y.shape
         dx = bwd(_dy_like(dy.reshape(-1, Sk), 1), y.view(-1, Sk), 1, False, ctx.scale)
         return dx.view(B, H, Sq, Sk), None, None, None
 
-    torch.library.register_autograd(f"fastlm::softmax_fwd_{backend}", backward, setup_context=setup)
-    torch.library.register_autograd(
-        f"fastlm::masked_softmax_fwd_{backend}", masked_backward, setup_context=masked_setup
-    )
-    FWD[backend], MASKED[backend] = fwd, masked
+    return backward
 
 
-FWD: dict = {}
-MASKED: dict = {}
-softmax_fwd_triton.register_fake(_fwd_fake)
-masked_softmax_fwd_triton.register_fake(_masked_fwd_fake)
-softmax_bwd_triton.register_fake(_bwd_fake)
-_register("triton")
-if _ext._C is not None:  # the schemas exist in every build (calling an op without a kernel raises)
-    _register("cuda")
-    _register("cpu")
+SOFTMAX_BWD = register("softmax_bwd", _bwd_fake)
+SOFTMAX_FWD = register("softmax_fwd", _fwd_fake, _backward, _setup)
+MASKED_SOFTMAX_FWD = register("masked_softmax_fwd", _masked_fwd_fake, _masked_backward, _masked_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public functions
-
-
-def _check_input(input: Tensor, backend: str, name: str = "input") -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(input).__name__}")
-    if input.dtype not in FUSED_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16 or bfloat16 for the {backend} backend, got {input.dtype} "
-            "(use fastlm.backend('torch') for other dtypes)"
-        )
 
 
 def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
@@ -140,7 +122,7 @@ def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
     backend = resolve("softmax", input)
     if backend == "torch":
         return (TF.log_softmax if log else TF.softmax)(input, dim)
-    _check_input(input, backend)
+    check_tensor(input, "input", backend)
     if input.dim() == 0:
         input = input.reshape(1)
         return _softmax(input, 0, None, log).reshape(())
@@ -153,8 +135,10 @@ def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
         x2 = input.reshape(-1, R)  # a view for row-strided inputs
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()  # non-unit last stride: one copy
-        return call(FWD[backend], x2, 1, log).view(input.shape)
-    return call(FWD[backend], input.contiguous(), d, log)  # a strided launch along ``d``; copies only a strided input
+        return call(SOFTMAX_FWD[backend], x2, 1, log).view(input.shape)
+    return call(
+        SOFTMAX_FWD[backend], input.contiguous(), d, log
+    )  # a strided launch along ``d``; copies only a strided input
 
 
 def softmax(input: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
@@ -209,8 +193,7 @@ def scaled_masked_softmax(
             raise TypeError(f"mask must be a Tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
-        if mask.device != input.device:
-            raise ValueError(f"mask is on {mask.device} but input is on {input.device}")
+        check_device(mask, "mask", input, "input")
         try:
             torch.broadcast_shapes(mask.shape, input.shape)
         except RuntimeError:
@@ -226,12 +209,12 @@ def scaled_masked_softmax(
         from fastlm import reference
 
         return reference.scaled_masked_softmax(input, mask, scale, is_causal)
-    _check_input(input, backend)
+    check_tensor(input, "input", backend)
     x4, lead = _as_4d(input)
     if x4.stride(-1) != 1:
         x4 = x4.contiguous()
     m4 = None
     if mask is not None:
         m4 = mask.expand(input.shape).reshape(x4.shape)  # a stride-0 view unless the leading dims cannot merge
-    y = call(MASKED[backend], x4, m4, float(scale), bool(is_causal))
+    y = call(MASKED_SOFTMAX_FWD[backend], x4, m4, float(scale), bool(is_causal))
     return y.view(input.shape)

@@ -1,4 +1,4 @@
-"""Flash attention backward in Triton (FA2 scheme; see kernels/attention.py for the forward and the notation).
+"""Flash attention backward in Triton (FA2 scheme; see forward.py for the forward and the notation).
 
 delta = rowsum(dO * O) (preprocess kernel); one program per key block computes dK, dV by streaming the queries of
 every query head that shares its key/value head (GQA without atomics); one program per query block computes dQ by
@@ -12,19 +12,8 @@ allows, as in the forward. FLOPs: 2.5x the forward's.
 import torch
 import triton
 import triton.language as tl
-from fastlm.kernels import empty, launch_grid, on_tensor_device
-from fastlm.kernels.attention import (
-    _dense_strides,
-    _keep,
-    _kv_tile,
-    _scores,
-    _seed,
-    _seq,
-    _tile_allowed,
-    _tile_ids,
-    _varlen_strides,
-)
-from fastlm.kernels.attention_configs import (
+from fastlm.kernels import LOG2E, empty, launch_grid, on_tensor_device
+from fastlm.kernels.attention.configs import (
     DKDV_FP32,
     DKDV_LEAN,
     DKDV_PTR,
@@ -33,44 +22,57 @@ from fastlm.kernels.attention_configs import (
     DQ_LEAN,
     DQ_PTR,
     DQ_TMA,
-    MASK_ADD,
-    MASK_BOOL,
-    MASK_NONE,
-    _autotuned,
     autotune_enabled,
+    autotuned,
     block_d,
     bwd_dkdv_configs,
     bwd_dq_configs,
     descriptor,
     dkdv_tma,
     fp32_case,
+    is_lean,
     lean_case,
     precision,
     use_tma,
 )
+from fastlm.kernels.attention.forward import mask_kind_of
+from fastlm.kernels.attention.tiles import (
+    dense_strides,
+    dropout_seed,
+    keep,
+    load_tile,
+    scores,
+    seq_bounds,
+    tile_allowed,
+    tile_ids,
+    varlen_strides,
+)
+
+DKDV_BOXES = (("QDesc", "BLOCK_M"), ("DODesc", "BLOCK_M"))  # descriptor argument -> its box rows
+DQ_BOXES = (("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N"))
 
 
 @triton.jit
-def _attn_bwd_preprocess(
-    O,
-    DO,
-    Delta,
-    stride_ob,
+def attn_bwd_preprocess_kernel(
+    O,  # forward output: dense (B, H, Sq, D) or varlen (total, H, D)
+    DO,  # incoming gradient dO, O's shape
+    Delta,  # output rowsum(dO * O), Lse's layout
+    stride_ob,  # O strides: batch, head, row
     stride_oh,
     stride_om,
-    stride_db,
+    stride_db,  # dO strides: batch, head, row
     stride_dh,
     stride_dm,
-    lse_sb,
+    lse_sb,  # Delta strides: batch, head
     lse_sh,
-    H,
-    Sq,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    H,  # heads
+    Sq,  # rows per (batch, head): Sq (dense) or total (varlen, then B = 1)
+    D,  # head dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two
 ):
     """delta = rowsum(dO * O) over dense (B, H, Sq, D) or varlen (total, H, D) (then B = 1, Sq = total)."""
-    pid_m, bh = _tile_ids(Sq, BLOCK_M)
+    pid_m, bh = tile_ids(Sq, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -84,69 +86,69 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    DO,
-    Qd,
-    DOd,
-    Lse,
-    Delta,
-    DK,
-    DV,
-    CuQ,
-    CuK,
-    stride_qb,
+def attn_bwd_dkdv_kernel(
+    Q,  # queries: dense (B, H, Sq, D) or varlen (total_q, H, D); unit last stride
+    K,  # keys: (B, Hkv, Sk, D) or (total_k, Hkv, D)
+    V,  # values, K's shape
+    Mask,  # user mask (B, H, Sq, Sk) view, bool or additive (MASK_KIND != none); else unused
+    DO,  # incoming gradient dO, Q's shape
+    QDesc,  # TMA descriptor of Q (TMA), boxes [1, 1, BLOCK_M, BLOCK_D]; else unused
+    DODesc,  # TMA descriptor of dO (TMA), boxes [1, 1, BLOCK_M, BLOCK_D]; else unused
+    Lse,  # (B, H, Sq) or (H, total_q) fp32 log-sum-exp saved by the forward
+    Delta,  # rowsum(dO * O), Lse's shape (the preprocess kernel)
+    DK,  # output dK, K's shape and its own strides
+    DV,  # output dV, V's shape and its own strides
+    CuQ,  # (n + 1,) int32 query offsets (VARLEN); else unused
+    CuK,  # (n + 1,) int32 key offsets (VARLEN); else unused
+    stride_qb,  # Q strides: batch (0 for varlen), head, row
     stride_qh,
     stride_qm,
-    stride_kb,
+    stride_kb,  # K strides: batch, head, row
     stride_kh,
     stride_kn,
-    stride_vb,
+    stride_vb,  # V strides: batch, head, row
     stride_vh,
     stride_vn,
-    stride_dob,
+    stride_dob,  # dO strides: batch, head, row
     stride_doh,
     stride_dom,
-    stride_dkb,
+    stride_dkb,  # dK strides: batch, head, row
     stride_dkh,
     stride_dkn,
-    stride_dvb,
+    stride_dvb,  # dV strides: batch, head, row
     stride_dvh,
     stride_dvn,
-    sm_b,
+    sm_b,  # Mask strides: batch, head, query, key (0 on broadcast dims)
     sm_h,
     sm_m,
     sm_n,
-    lse_sb,
+    lse_sb,  # Lse / Delta strides: batch, head (rows contiguous)
     lse_sh,
-    H,
-    Hkv,
-    GROUP,
-    Sq_max,
-    Sk_max,
-    D,
-    sm_scale,
-    dropout_p,
-    Seed,
-    rng_offset,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    H,  # query heads
+    Hkv,  # key/value heads
+    GROUP,  # query heads per kv head (GQA)
+    Sq_max,  # queries per sequence (dense) or max_seqlen_q (varlen)
+    Sk_max,  # keys per sequence (dense) or max_seqlen_k (varlen)
+    D,  # head dim
+    sm_scale,  # softmax scale
+    dropout_p,  # dropout probability (DROPOUT)
+    Seed,  # (1,) int64 Philox seed on the device (DROPOUT); else unused
+    rng_offset,  # Philox offset of row 0, key 0 (as in the forward)
+    MASK_KIND: tl.constexpr,  # none / bool / additive (fastlm.kernels.MASK_*)
+    CAUSAL: tl.constexpr,  # top-left aligned causal mask
     DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
-    TMA: tl.constexpr,
+    VARLEN: tl.constexpr,  # packed sequences through CuQ / CuK
+    BLOCK_M: tl.constexpr,  # queries per step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+    PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
+    TMA: tl.constexpr,  # Q and dO through the descriptors
 ):
-    pid_n, bh = _tile_ids(Sk_max, BLOCK_N)
+    pid_n, bh = tile_ids(Sk_max, BLOCK_N)
     b = bh // Hkv
     h_kv = bh % Hkv
-    seed = _seed(Seed, DROPOUT)
-    q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
+    seed = dropout_seed(Seed, DROPOUT)
+    q0, k0, Sq, Sk = seq_bounds(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < Sk:
         b64, hk64 = b.to(tl.int64), h_kv.to(tl.int64)
@@ -167,29 +169,35 @@ def _attn_bwd_dkdv_kernel(
         )
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: queries before the block see none of it
         for g in range(0, GROUP):
             h32 = h_kv * GROUP + g
             h64 = hk64 * GROUP + g
-            Q_ = Q + b64 * stride_qb + h64 * stride_qh + q0.to(tl.int64) * stride_qm
-            DO_ = DO + b64 * stride_dob + h64 * stride_doh + q0.to(tl.int64) * stride_dom
-            M_ = Mask + b64 * sm_b + h64 * sm_h
+            q_rows = Q + b64 * stride_qb + h64 * stride_qh + q0.to(tl.int64) * stride_qm
+            do_rows = DO + b64 * stride_dob + h64 * stride_doh + q0.to(tl.int64) * stride_dom
+            mask_rows = Mask + b64 * sm_b + h64 * sm_h
             lse_base = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64)
             for start_m in range(lo, Sq, BLOCK_M):
                 offs_m = start_m + offs_m0
-                if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
-                    q = _kv_tile(Q_, Qd, b, h32, start_m, offs_m, offs_d, Sq, D, stride_qm, TMA, BLOCK_M, BLOCK_D)
-                    do = _kv_tile(DO_, DOd, b, h32, start_m, offs_m, offs_d, Sq, D, stride_dom, TMA, BLOCK_M, BLOCK_D)
+                if tile_allowed(mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
+                    q = load_tile(
+                        q_rows, QDesc, b, h32, start_m, offs_m, offs_d, Sq, D, stride_qm, TMA, BLOCK_M, BLOCK_D
+                    )
+                    do = load_tile(
+                        do_rows, DODesc, b, h32, start_m, offs_m, offs_d, Sq, D, stride_dom, TMA, BLOCK_M, BLOCK_D
+                    )
                     lse = tl.load(Lse + lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
                     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
                     delta = tl.load(Delta + lse_base + offs_m, mask=offs_m < Sq, other=0.0)
-                    s = _scores(q, k, M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
-                    p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
+                    s = scores(
+                        q, k, mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC
+                    )
+                    p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
                     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                     if DROPOUT:
                         rng_rows = rng_offset + (lse_base + offs_m) * Sk_max
-                        z = tl.where(_keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
+                        z = tl.where(keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
                         dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=PREC)
                         ds = p * (z * dp - delta[:, None])
                     else:
@@ -197,71 +205,71 @@ def _attn_bwd_dkdv_kernel(
                         ds = p * (dp - delta[:, None])
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         dk *= sm_scale
-        DK_ = DK + b64 * stride_dkb + hk64 * stride_dkh + (k0.to(tl.int64) + kv_rows) * stride_dkn
-        DV_ = DV + b64 * stride_dvb + hk64 * stride_dvh + (k0.to(tl.int64) + kv_rows) * stride_dvn
-        tl.store(DK_ + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV_ + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+        dk_rows = DK + b64 * stride_dkb + hk64 * stride_dkh + (k0.to(tl.int64) + kv_rows) * stride_dkn
+        dv_rows = DV + b64 * stride_dvb + hk64 * stride_dvh + (k0.to(tl.int64) + kv_rows) * stride_dvn
+        tl.store(dk_rows + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(dv_rows + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    DO,
-    Kd,
-    Vd,
-    Lse,
-    Delta,
-    DQ,
-    CuQ,
-    CuK,
-    stride_qb,
+def attn_bwd_dq_kernel(
+    Q,  # queries: dense (B, H, Sq, D) or varlen (total_q, H, D); unit last stride
+    K,  # keys: (B, Hkv, Sk, D) or (total_k, Hkv, D)
+    V,  # values, K's shape
+    Mask,  # user mask (B, H, Sq, Sk) view, bool or additive (MASK_KIND != none); else unused
+    DO,  # incoming gradient dO, Q's shape
+    KDesc,  # TMA descriptor of K (TMA), boxes [1, 1, BLOCK_N, BLOCK_D]; else unused
+    VDesc,  # TMA descriptor of V (TMA), boxes [1, 1, BLOCK_N, BLOCK_D]; else unused
+    Lse,  # (B, H, Sq) or (H, total_q) fp32 log-sum-exp saved by the forward
+    Delta,  # rowsum(dO * O), Lse's shape (the preprocess kernel)
+    DQ,  # output dQ, Q's shape and its own strides
+    CuQ,  # (n + 1,) int32 query offsets (VARLEN); else unused
+    CuK,  # (n + 1,) int32 key offsets (VARLEN); else unused
+    stride_qb,  # Q strides: batch (0 for varlen), head, row
     stride_qh,
     stride_qm,
-    stride_kb,
+    stride_kb,  # K strides: batch, head, row
     stride_kh,
     stride_kn,
-    stride_vb,
+    stride_vb,  # V strides: batch, head, row
     stride_vh,
     stride_vn,
-    stride_dob,
+    stride_dob,  # dO strides: batch, head, row
     stride_doh,
     stride_dom,
-    stride_dqb,
+    stride_dqb,  # dQ strides: batch, head, row
     stride_dqh,
     stride_dqm,
-    sm_b,
+    sm_b,  # Mask strides: batch, head, query, key (0 on broadcast dims)
     sm_h,
     sm_m,
     sm_n,
-    lse_sb,
+    lse_sb,  # Lse / Delta strides: batch, head (rows contiguous)
     lse_sh,
-    H,
-    GROUP,
-    Sq_max,
-    Sk_max,
-    D,
-    sm_scale,
-    dropout_p,
-    Seed,
-    rng_offset,
-    MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    H,  # query heads
+    GROUP,  # query heads per kv head (GQA)
+    Sq_max,  # queries per sequence (dense) or max_seqlen_q (varlen)
+    Sk_max,  # keys per sequence (dense) or max_seqlen_k (varlen)
+    D,  # head dim
+    sm_scale,  # softmax scale
+    dropout_p,  # dropout probability (DROPOUT)
+    Seed,  # (1,) int64 Philox seed on the device (DROPOUT); else unused
+    rng_offset,  # Philox offset of row 0, key 0 (as in the forward)
+    MASK_KIND: tl.constexpr,  # none / bool / additive (fastlm.kernels.MASK_*)
+    CAUSAL: tl.constexpr,  # top-left aligned causal mask
     DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
-    TMA: tl.constexpr,
+    VARLEN: tl.constexpr,  # packed sequences through CuQ / CuK
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+    PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
+    TMA: tl.constexpr,  # K and V through the descriptors
 ):
-    pid_m, bh = _tile_ids(Sq_max, BLOCK_M)
+    pid_m, bh = tile_ids(Sq_max, BLOCK_M)
     b = bh // H
     h = bh % H
-    seed = _seed(Seed, DROPOUT)
-    q0, k0, Sq, Sk = _seq(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
+    seed = dropout_seed(Seed, DROPOUT)
+    q0, k0, Sq, Sk = seq_bounds(CuQ, CuK, b, Sq_max, Sk_max, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m < Sq:
         b64, h64 = b.to(tl.int64), h.to(tl.int64)
@@ -278,24 +286,24 @@ def _attn_bwd_dq_kernel(
         lse = tl.load(Lse + lse_idx, mask=offs_m < Sq, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(Delta + lse_idx, mask=offs_m < Sq, other=0.0)
-        K_ = K + b64 * stride_kb + (h64 // GROUP) * stride_kh + k0.to(tl.int64) * stride_kn
-        V_ = V + b64 * stride_vb + (h64 // GROUP) * stride_vh + k0.to(tl.int64) * stride_vn
-        M_ = Mask + b64 * sm_b + h64 * sm_h
+        k_rows = K + b64 * stride_kb + (h64 // GROUP) * stride_kh + k0.to(tl.int64) * stride_kn
+        v_rows = V + b64 * stride_vb + (h64 // GROUP) * stride_vh + k0.to(tl.int64) * stride_vn
+        mask_rows = Mask + b64 * sm_b + h64 * sm_h
         rng_rows = rng_offset + lse_idx * Sk_max
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         hi = tl.minimum(Sk, start_m + BLOCK_M) if CAUSAL else Sk
         hkv = h // GROUP
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            if _tile_allowed(M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
-                k = _kv_tile(K_, Kd, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_kn, TMA, BLOCK_N, BLOCK_D)
-                v = _kv_tile(V_, Vd, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_vn, TMA, BLOCK_N, BLOCK_D)
-                s = _scores(q, k, M_, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
-                p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+            if tile_allowed(mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
+                k = load_tile(k_rows, KDesc, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_kn, TMA, BLOCK_N, BLOCK_D)
+                v = load_tile(v_rows, VDesc, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_vn, TMA, BLOCK_N, BLOCK_D)
+                s = scores(q, k, mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
+                p = tl.math.exp2(s - lse[:, None] * LOG2E)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 if DROPOUT:
-                    z = tl.where(_keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
+                    z = tl.where(keep(seed, rng_rows, offs_n, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
                     ds = p * (z * dp - delta[:, None])
                 else:
                     ds = p * (dp - delta[:, None])
@@ -308,16 +316,16 @@ def _attn_bwd_dq_kernel(
         )
 
 
-_dkdv_tuned = _autotuned(
-    _attn_bwd_dkdv_kernel,
+dkdv_tuned = autotuned(
+    attn_bwd_dkdv_kernel,
     (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
-    (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
+    DKDV_BOXES,
     lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
 )
-_dq_tuned = _autotuned(
-    _attn_bwd_dq_kernel,
+dq_tuned = autotuned(
+    attn_bwd_dq_kernel,
     (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in (*DQ_LEAN.values(), *DQ_FP32.values()))),
-    (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
+    DQ_BOXES,
     lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
 )
 
@@ -350,12 +358,12 @@ def attn_bwd(
     dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     if varlen:
         n_seq, H, Hkv, Sq, Sk = cu_q.shape[0] - 1, q.shape[1], k.shape[1], max_q, max_k
-        st = _varlen_strides
+        st = varlen_strides
         lse_sb, lse_sh = 0, q.shape[0]
         pre_grid_rows, pre_b = q.shape[0], 1
     else:
         n_seq, H, Sq, Hkv, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-        st = _dense_strides
+        st = dense_strides
         lse_sb, lse_sh = H * Sq, Sq
         pre_grid_rows, pre_b = Sq, n_seq
     if dq.numel() == 0 and dk.numel() == 0:
@@ -364,7 +372,7 @@ def attn_bwd(
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     BD = block_d(D)
-    _attn_bwd_preprocess[launch_grid(triton.cdiv(pre_grid_rows, 64) * pre_b * H)](
+    attn_bwd_preprocess_kernel[launch_grid(triton.cdiv(pre_grid_rows, 64) * pre_b * H)](
         o,
         do,
         delta,
@@ -378,7 +386,7 @@ def attn_bwd(
         BLOCK_M=64,
         BLOCK_D=BD,
     )
-    mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
+    mask_kind = mask_kind_of(mask)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(
         MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD, PREC=precision(q.dtype)
@@ -386,7 +394,7 @@ def attn_bwd(
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    lean = mask_kind != MASK_NONE or dropout_p > 0.0
+    lean = is_lean(mask_kind, dropout_p > 0.0)
     tma_kv = dkdv_tma(D, tma, lean)
     tuned = configs is None and autotune_enabled(q)
     fp32 = q.dtype == torch.float32
@@ -467,9 +475,9 @@ def attn_bwd(
     grid_kv = lambda meta: launch_grid(triton.cdiv(Sk, meta["BLOCK_N"]) * n_seq * Hkv)  # noqa: E731
     grid_q = lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)  # noqa: E731
     if tuned:
-        _dkdv_tuned[grid_kv](*dk_args, **common, TMA=tma_kv)
-        _dq_tuned[grid_q](*dq_args, **common, TMA=tma)
+        dkdv_tuned[grid_kv](*dk_args, **common, TMA=tma_kv)
+        dq_tuned[grid_q](*dq_args, **common, TMA=tma)
     else:
-        _attn_bwd_dkdv_kernel[grid_kv](*dk_args, **common, TMA=tma_kv, **cfg_kv)
-        _attn_bwd_dq_kernel[grid_q](*dq_args, **common, TMA=tma, **cfg_q)
+        attn_bwd_dkdv_kernel[grid_kv](*dk_args, **common, TMA=tma_kv, **cfg_kv)
+        attn_bwd_dq_kernel[grid_q](*dq_args, **common, TMA=tma, **cfg_q)
     return dq, dk, dv

@@ -1,15 +1,14 @@
-"""Launch configurations of the Triton attention kernels (kernels/attention.py, kernels/attention_bwd.py): the
-per-head-dim config tables (the first entry of each is the default, the list is the FASTLM_AUTOTUNE=1 search space),
-the TMA and warp-specialisation rules, the autotuner wrapper, and the list of every shipped config for the static
-sm_90 report. Per architecture choices live here only.
+"""Launch configurations of the Triton attention kernels (forward.py, backward.py beside this): the per-head-dim
+config tables (the first entry of each is the default, the list is the FASTLM_AUTOTUNE=1 search space), the rules
+that pick a table (TMA, warp specialisation, "lean" for a user mask or dropout, fp32), and the autotuner wrapper.
+Per-architecture choices live here only. The static report (fastlm/bench/static.py) compiles every entry.
 """
 
 import os
 
 import torch
 import triton
-
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+from fastlm.kernels import MASK_NONE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SM90_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -25,7 +24,8 @@ except ImportError:  # pragma: no cover
 WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 
 
-def _cfg(m, n, warps, stages, ws=False):
+def fwd_entry(m, n, warps, stages, ws=False):
+    """A forward config: BLOCK_M queries per program, BLOCK_N keys per step, warps, stages, warp-specialised."""
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, WS=ws)
 
 
@@ -34,40 +34,46 @@ def _cfg(m, n, warps, stages, ws=False):
 # TMA entries load Q, K and V with UTMALDG (tests/test_static.py keeps this true).
 FWD_TMA = {
     64: [
-        _cfg(128, 64, 8, 3),
-        _cfg(128, 64, 4, 2, True),
-        _cfg(128, 128, 4, 2, True),
-        _cfg(128, 64, 4, 3, True),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 32, 8, 3),
-        _cfg(64, 128, 8, 2),
+        fwd_entry(128, 64, 8, 3),
+        fwd_entry(128, 64, 4, 2, True),
+        fwd_entry(128, 128, 4, 2, True),
+        fwd_entry(128, 64, 4, 3, True),
+        fwd_entry(64, 64, 4, 3),
+        fwd_entry(128, 32, 8, 3),
+        fwd_entry(64, 128, 8, 2),
     ],
     128: [
-        _cfg(128, 64, 8, 2),
-        _cfg(128, 64, 4, 2, True),
-        _cfg(128, 128, 4, 2, True),
-        _cfg(128, 64, 4, 3, True),
-        _cfg(128, 64, 8, 3),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 32, 8, 3),
+        fwd_entry(128, 64, 8, 2),
+        fwd_entry(128, 64, 4, 2, True),
+        fwd_entry(128, 128, 4, 2, True),
+        fwd_entry(128, 64, 4, 3, True),
+        fwd_entry(128, 64, 8, 3),
+        fwd_entry(64, 64, 4, 3),
+        fwd_entry(128, 32, 8, 3),
     ],
-    256: [_cfg(64, 32, 8, 2), _cfg(128, 64, 4, 2, True), _cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
+    256: [
+        fwd_entry(64, 32, 8, 2),
+        fwd_entry(128, 64, 4, 2, True),
+        fwd_entry(128, 64, 8, 2),
+        fwd_entry(64, 64, 8, 2),
+        fwd_entry(128, 32, 8, 3),
+    ],
 }
 # Pointer loads (sm_80, varlen, layouts TMA cannot describe).
 FWD_PTR = {
-    64: [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
-    128: [_cfg(128, 64, 8, 3), _cfg(64, 32, 8, 2)],
-    256: [_cfg(64, 32, 8, 2)],
+    64: [fwd_entry(128, 64, 4, 3), fwd_entry(128, 64, 8, 3), fwd_entry(64, 32, 8, 2)],
+    128: [fwd_entry(128, 64, 8, 3), fwd_entry(64, 32, 8, 2)],
+    256: [fwd_entry(64, 32, 8, 2)],
 }
 # A user mask (its tiles, the skip test) and dropout (its Philox numbers) take registers: the "lean" configs stay
 # spill-free with either or both, causal and not (every combination compiled for sm_90 with Triton 3.6 and 3.8; a few
 # bytes of spill come and go between versions at larger tiles), and are the only ones used (and searched) in those
 # cases. Keyed by TMA, then head-dim bucket.
 FWD_LEAN = {
-    False: {64: _cfg(64, 16, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
-    True: {64: _cfg(64, 32, 8, 2), 128: _cfg(64, 16, 8, 2), 256: _cfg(32, 32, 8, 2)},
+    False: {64: fwd_entry(64, 16, 8, 2), 128: fwd_entry(64, 16, 8, 2), 256: fwd_entry(32, 32, 8, 2)},
+    True: {64: fwd_entry(64, 32, 8, 2), 128: fwd_entry(64, 16, 8, 2), 256: fwd_entry(32, 32, 8, 2)},
 }
-INTERPRET_CFG = _cfg(16, 16, 4, 1)
+INTERPRET_CFG = fwd_entry(16, 16, 4, 1)
 
 # float32 inputs: true fp32 dots (PREC "ieee", as torch's fp32 SDPA; no TF32), which Triton lowers to FMA on the CUDA
 # cores, holding both operands of each dot in registers: the bf16 tiles spill kilobytes there (fwd D=128 128x64:
@@ -76,34 +82,35 @@ INTERPRET_CFG = _cfg(16, 16, 4, 1)
 # mask or dropout, where no FMA tiling is (~300 B; 16x16 is the least). fp32 attention is for checking and
 # debugging: use fp16/bf16 (tensor cores) for speed.
 FWD_FP32 = {
-    False: {64: _cfg(32, 32, 16, 2), 128: _cfg(16, 16, 8, 1), 256: _cfg(32, 16, 16, 2)},
-    True: {64: _cfg(32, 16, 8, 1), 128: _cfg(16, 16, 8, 1), 256: _cfg(16, 16, 8, 1)},
+    False: {64: fwd_entry(32, 32, 16, 2), 128: fwd_entry(16, 16, 8, 1), 256: fwd_entry(32, 16, 16, 2)},
+    True: {64: fwd_entry(32, 16, 8, 1), 128: fwd_entry(16, 16, 8, 1), 256: fwd_entry(16, 16, 8, 1)},
 }
 
 
-def _ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
+def ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
     """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
     split), no dropout (the Philox numbers push those configs into spills), Triton 3.6."""
     return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout
 
 
-def _bucket(D: int) -> int:
+def bucket(D: int) -> int:
+    """The head-dim bucket of the config tables: 64, 128 or 256."""
     return 64 if D <= 64 else (128 if D <= 128 else 256)
 
 
 def fwd_configs(
     D: int, tma: bool, ws: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False
 ) -> list:
-    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`_ws_ok`);
+    """The forward's configs for head dim D: the default first. ws: warp-specialised entries allowed (`ws_ok`);
     lean: a user mask or dropout, whose one config is FWD_LEAN's; fp32: float32 inputs, FWD_FP32's one config.
     One config when interpreting."""
     if interpret:
         return [INTERPRET_CFG]
     if fp32:
-        return [FWD_FP32[lean][_bucket(D)]]
+        return [FWD_FP32[lean][bucket(D)]]
     if lean:
-        return [FWD_LEAN[tma][_bucket(D)]]
-    return [c for c in (FWD_TMA if tma else FWD_PTR)[_bucket(D)] if ws or not c["WS"]]
+        return [FWD_LEAN[tma][bucket(D)]]
+    return [c for c in (FWD_TMA if tma else FWD_PTR)[bucket(D)] if ws or not c["WS"]]
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -127,7 +134,7 @@ def autotune_enabled(t: torch.Tensor) -> bool:
     )
 
 
-def _tma_strides(t: torch.Tensor):
+def tma_strides(t: torch.Tensor):
     """Strides a TMA descriptor can take for the dense (B, H, S, D) tensor t, or None. Size-1 dims get the span of
     the dims inside them (their stride is never used)."""
     if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
@@ -155,16 +162,16 @@ def use_tma(*ts: torch.Tensor) -> bool:
         t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(t.device)[0] >= 9
     ):
         return False
-    return all(_tma_strides(x) is not None for x in ts)
+    return all(tma_strides(x) is not None for x in ts)
 
 
 def descriptor(t: torch.Tensor, rows: int):
     """Host TMA descriptor of the dense (B, H, S, D) tensor t with [1, 1, rows, block_d(D)] boxes; the copy engine
     zero-fills the rows past S and the columns past D."""
-    return TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, block_d(t.shape[-1])])
+    return TensorDescriptor(t, list(t.shape), tma_strides(t), [1, 1, rows, block_d(t.shape[-1])])
 
 
-def _set_boxes(nargs, pairs):
+def set_boxes(nargs, pairs):
     """Autotune pre-hook body: each descriptor's box follows the config's block sizes."""
     if nargs.get("TMA"):
         bd = nargs["BLOCK_D"]
@@ -172,10 +179,12 @@ def _set_boxes(nargs, pairs):
             nargs[name].block_shape = [1, 1, nargs[block], bd]
 
 
-FWD_BOXES = (("Qd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N"))  # descriptor argument -> its box rows
+FWD_BOXES = (("QDesc", "BLOCK_M"), ("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N"))  # descriptor argument -> its box rows
 
 
-def _autotuned(kernel, tables, pairs, prune):
+def autotuned(kernel, tables, pairs, prune):
+    """``kernel`` under Triton's autotuner over every config of ``tables`` (deduplicated), pruned per call to the
+    ones ``prune(kwargs)`` allows, each config's pre-hook re-boxing the TMA descriptors named in ``pairs``."""
     seen, configs = set(), []
     for table in tables:
         for cfgs in table.values():
@@ -189,7 +198,7 @@ def _autotuned(kernel, tables, pairs, prune):
                             kw,
                             num_warps=c["num_warps"],
                             num_stages=c["num_stages"],
-                            pre_hook=lambda n: _set_boxes(n, pairs),
+                            pre_hook=lambda n: set_boxes(n, pairs),
                         )
                     )
 
@@ -208,84 +217,94 @@ def _autotuned(kernel, tables, pairs, prune):
 # accumulators), so it uses mma.sync tiles; dQ at D = 256 gets wgmma with TMA only (pointer loads spill there).
 
 
-def _bcfg(m, n, warps, stages):
+def bwd_entry(m, n, warps, stages):
+    """A backward config (dK/dV: BLOCK_N keys per program, BLOCK_M queries per step; dQ: the other way round)."""
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step
 DKDV_PTR = {
-    64: [_bcfg(64, 64, 8, 2), _bcfg(32, 64, 4, 2)],
-    128: [_bcfg(128, 64, 8, 2), _bcfg(64, 64, 8, 2)],
-    256: [_bcfg(32, 64, 8, 1)],
+    64: [bwd_entry(64, 64, 8, 2), bwd_entry(32, 64, 4, 2)],
+    128: [bwd_entry(128, 64, 8, 2), bwd_entry(64, 64, 8, 2)],
+    256: [bwd_entry(32, 64, 8, 1)],
 }
 # no D = 256 entry: every TMA tiling of dK/dV spills there (160+ bytes), so that case keeps pointer loads
 DKDV_TMA = {
-    64: [_bcfg(64, 64, 8, 2), _bcfg(64, 64, 4, 3)],
-    128: [_bcfg(128, 64, 8, 2), _bcfg(64, 64, 8, 2)],
+    64: [bwd_entry(64, 64, 8, 2), bwd_entry(64, 64, 4, 3)],
+    128: [bwd_entry(128, 64, 8, 2), bwd_entry(64, 64, 8, 2)],
 }
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step
 DQ_PTR = {
-    64: [_bcfg(64, 64, 8, 2), _bcfg(128, 64, 8, 2), _bcfg(64, 32, 4, 2)],
-    128: [_bcfg(64, 64, 8, 2), _bcfg(128, 64, 8, 2), _bcfg(64, 32, 4, 2)],
-    256: [_bcfg(32, 64, 8, 1)],
+    64: [bwd_entry(64, 64, 8, 2), bwd_entry(128, 64, 8, 2), bwd_entry(64, 32, 4, 2)],
+    128: [bwd_entry(64, 64, 8, 2), bwd_entry(128, 64, 8, 2), bwd_entry(64, 32, 4, 2)],
+    256: [bwd_entry(32, 64, 8, 1)],
 }
 DQ_TMA = {
-    64: [_bcfg(64, 64, 8, 2), _bcfg(128, 64, 8, 2), _bcfg(64, 64, 4, 3), _bcfg(128, 128, 8, 2)],
-    128: [_bcfg(64, 64, 8, 2), _bcfg(128, 64, 8, 2), _bcfg(64, 64, 4, 3), _bcfg(128, 32, 8, 3)],
-    256: [_bcfg(64, 32, 8, 2), _bcfg(64, 64, 8, 2), _bcfg(32, 64, 8, 1)],  # TMA frees the registers wgmma needs here
+    64: [bwd_entry(64, 64, 8, 2), bwd_entry(128, 64, 8, 2), bwd_entry(64, 64, 4, 3), bwd_entry(128, 128, 8, 2)],
+    128: [bwd_entry(64, 64, 8, 2), bwd_entry(128, 64, 8, 2), bwd_entry(64, 64, 4, 3), bwd_entry(128, 32, 8, 3)],
+    256: [
+        bwd_entry(64, 32, 8, 2),
+        bwd_entry(64, 64, 8, 2),
+        bwd_entry(32, 64, 8, 1),
+    ],  # TMA frees the registers wgmma needs here
 }
 
 
 # A user mask or dropout (see FWD_LEAN): the spill-free "lean" configs, the only ones used (and searched) then;
 # dK/dV then loads with pointers (its TMA tilings spill with dropout). D = 128 takes 32x32: 32x64 spilled 8 B on
 # Triton 3.6 once the 1-D grid and the device-side seed came in (2026-11-29).
-DKDV_LEAN = {64: _bcfg(32, 64, 8, 2), 128: _bcfg(32, 32, 8, 2), 256: _bcfg(16, 32, 8, 1)}
+DKDV_LEAN = {64: bwd_entry(32, 64, 8, 2), 128: bwd_entry(32, 32, 8, 2), 256: bwd_entry(16, 32, 8, 1)}
 DQ_LEAN = {
-    False: {64: _bcfg(64, 64, 8, 2), 128: _bcfg(64, 16, 8, 2), 256: _bcfg(32, 64, 8, 1)},
-    True: {64: _bcfg(64, 32, 8, 2), 128: _bcfg(64, 16, 8, 2), 256: _bcfg(32, 64, 8, 1)},
+    False: {64: bwd_entry(64, 64, 8, 2), 128: bwd_entry(64, 16, 8, 2), 256: bwd_entry(32, 64, 8, 1)},
+    True: {64: bwd_entry(64, 32, 8, 2), 128: bwd_entry(64, 16, 8, 2), 256: bwd_entry(32, 64, 8, 1)},
 }
 # float32 inputs (see FWD_FP32), keyed by lean then head-dim bucket; dQ at D = 256 with a mask or dropout spills
 # (~280 B), as the forward does.
 DKDV_FP32 = {
-    False: {64: _bcfg(16, 16, 4, 1), 128: _bcfg(16, 16, 8, 1), 256: _bcfg(16, 16, 8, 1)},
-    True: {64: _bcfg(32, 16, 8, 1), 128: _bcfg(32, 16, 8, 1), 256: _bcfg(32, 16, 8, 1)},
+    False: {64: bwd_entry(16, 16, 4, 1), 128: bwd_entry(16, 16, 8, 1), 256: bwd_entry(16, 16, 8, 1)},
+    True: {64: bwd_entry(32, 16, 8, 1), 128: bwd_entry(32, 16, 8, 1), 256: bwd_entry(32, 16, 8, 1)},
 }
 DQ_FP32 = {
-    False: {64: _bcfg(32, 32, 16, 2), 128: _bcfg(32, 32, 16, 2), 256: _bcfg(32, 32, 16, 2)},
-    True: {64: _bcfg(32, 16, 8, 1), 128: _bcfg(16, 16, 8, 1), 256: _bcfg(16, 16, 8, 1)},
+    False: {64: bwd_entry(32, 32, 16, 2), 128: bwd_entry(32, 32, 16, 2), 256: bwd_entry(32, 32, 16, 2)},
+    True: {64: bwd_entry(32, 16, 8, 1), 128: bwd_entry(16, 16, 8, 1), 256: bwd_entry(16, 16, 8, 1)},
 }
 
 
 def dkdv_tma(D: int, tma: bool, lean: bool) -> bool:
     """dK/dV takes the TMA path: TMA layouts, D <= 128 (see DKDV_TMA), neither mask nor dropout."""
-    return tma and not lean and _bucket(D) in DKDV_TMA
+    return tma and not lean and bucket(D) in DKDV_TMA
 
 
 def bwd_dkdv_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False) -> list:
     """dK/dV configs (the default first); tma: the TMA table (no D = 256 entry, see DKDV_TMA); lean (a mask or
     dropout): its one config (pointer loads); fp32: float32 inputs, DKDV_FP32's one config."""
     if interpret:
-        return [_bcfg(16, 16, 4, 1)]
+        return [bwd_entry(16, 16, 4, 1)]
     if fp32:
-        return [DKDV_FP32[lean][_bucket(D)]]
+        return [DKDV_FP32[lean][bucket(D)]]
     if lean:
-        return [DKDV_LEAN[_bucket(D)]]
-    return (DKDV_TMA if tma else DKDV_PTR)[_bucket(D)]
+        return [DKDV_LEAN[bucket(D)]]
+    return (DKDV_TMA if tma else DKDV_PTR)[bucket(D)]
 
 
 def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = False, fp32: bool = False) -> list:
     if interpret:
-        return [_bcfg(16, 16, 4, 1)]
+        return [bwd_entry(16, 16, 4, 1)]
     if fp32:
-        return [DQ_FP32[lean][_bucket(D)]]
+        return [DQ_FP32[lean][bucket(D)]]
     if lean:
-        return [DQ_LEAN[tma][_bucket(D)]]
-    return (DQ_TMA if tma else DQ_PTR)[_bucket(D)]
+        return [DQ_LEAN[tma][bucket(D)]]
+    return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
+
+
+def is_lean(mask_kind: int, dropout: bool) -> bool:
+    """A user mask or dropout: the lean tables apply (the one statement of that rule)."""
+    return mask_kind != MASK_NONE or bool(dropout)
 
 
 def lean_case(kw) -> bool:
-    """A user mask or dropout: the lean tables apply."""
-    return kw["MASK_KIND"] != MASK_NONE or kw["DROPOUT"]
+    """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"])
 
 
 def fp32_case(kw) -> bool:
@@ -293,56 +312,18 @@ def fp32_case(kw) -> bool:
     return kw["PREC"] == "ieee"
 
 
-def static_configs():
-    """Every shipped launch configuration of the forward and the two backward kernels at head dims 64 / 128 / 256,
-    for the static report: bf16 (the defaults causal and not, the autotune alternatives non-causal, the lean configs
-    with an additive mask and dropout; TMA and warp-specialised ones too, sm_90 only) and float32 (its own tables,
-    pointer loads, plain and lean). Yields (kernel, signature, constexprs, launch, name, label, archs)."""
-    from fastlm.kernels import attention_bwd as bwd
-    from fastlm.kernels.attention import _attn_fwd_kernel
-
-    from fastlm.bench.static import signature
-
-    floats = ("qk_scale", "sm_scale", "dropout_p")
-    kernels = (
-        ("attn_fwd", _attn_fwd_kernel, lambda D, t, lean, f: fwd_configs(D, t, WS_TRITON, False, lean, f), FWD_BOXES),
-        (
-            "attn_bwd_dkdv",
-            bwd._attn_bwd_dkdv_kernel,
-            lambda D, t, lean, f: bwd_dkdv_configs(D, t, False, lean, f) if dkdv_tma(D, True, lean) or not t else [],
-            (("Qd", "BLOCK_M"), ("DOd", "BLOCK_M")),
-        ),
-        (
-            "attn_bwd_dq",
-            bwd._attn_bwd_dq_kernel,
-            lambda D, t, lean, f: bwd_dq_configs(D, t, False, lean, f),
-            (("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")),
-        ),
-    )
-    cases = [("bf16", tma, lean) for tma in (False, True) for lean in (False, True)]
-    cases += [("fp32", False, lean) for lean in (False, True)]  # fp32 never takes TMA (use_tma: fp16/bf16)
-    for D in (64, 128, 256):
-        BD = block_d(D)
-        for name, kernel, configs, boxes in kernels:
-            for dt, tma, lean in cases:
-                ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
-                ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Seed": "*i64"}
-                for i, config in enumerate(configs(D, tma, lean, dt == "fp32")):
-                    for causal in (False, True) if i == 0 else (False,):
-                        cfg = dict(config)
-                        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                        # lean configs: compiled with the heaviest case, an additive mask and dropout
-                        consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
-                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="ieee" if dt == "fp32" else "tf32")
-                        consts |= dict(TMA=tma, **cfg)
-                        descs = {n: (f"tensordesc<{dt}[1,1,{cfg[b]},{BD}]>" if tma else f"*{dt}") for n, b in boxes}
-                        sig = signature(kernel, consts, ptrs | descs, floats, ("rng_offset",))
-                        label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
-                        label += (
-                            (" fp32" if dt == "fp32" else "")
-                            + (" tma" if tma else "")
-                            + (" ws" if cfg.get("WS") else "")
-                            + (" mask+dropout" if lean else "")
-                        )
-                        label += " default" if i == 0 else ""
-                        yield kernel, sig, consts, (warps, stages), name, label, (90,) if tma else (80, 90)
+def describe() -> str:
+    """How the attention kernels launch on this machine (``fastlm info``): TMA, warp specialisation, autotuning,
+    and the knobs that change them."""
+    mode = os.environ.get("FASTLM_ATTENTION_TMA", "auto")
+    if mode == "0" or TensorDescriptor is None:
+        tma = "off" + (" (FASTLM_ATTENTION_TMA=0)" if mode == "0" else " (Triton without tensor descriptors)")
+    elif mode == "1":
+        tma = "on wherever the layout allows (FASTLM_ATTENTION_TMA=1)"
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 9:
+        tma = "on for fp16/bf16 with 16-byte aligned layouts"
+    else:
+        tma = "off (needs an sm_90+ GPU)"
+    ws = "available (Triton 3.6)" if WS_TRITON else "off (compile on Triton 3.6 only)"
+    tune = "on" if os.environ.get("FASTLM_AUTOTUNE", "0") == "1" else "off (FASTLM_AUTOTUNE=1 turns it on)"
+    return f"TMA {tma}; warp-specialised configs {ws}; autotuning {tune}"

@@ -1,0 +1,208 @@
+"""Every Triton launch configuration fastlm ships, per op family, for the static report (fastlm/bench/static.py):
+the kernels and their config rules are read from ``fastlm.kernels``; nothing there knows about this module.
+
+Each entry is a ``Shipped`` tuple, one shape for every family. Configurations are compiled with the heaviest flag set
+a launcher can pick for them (residual + weight + bias for the norms, an additive mask + causal for the softmax, a
+mask + dropout for the "lean" attention tables), bf16 data unless said, and the row widths and strides a typical call
+has (a multiple of 16, which Triton specialises on at launch; a unit column stride, specialised as the constant 1).
+"""
+
+from typing import NamedTuple
+
+import triton
+
+
+class Shipped(NamedTuple):
+    kernel: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr", a tensordesc)
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    name: str  # the kernel's name in the report
+    label: str  # the configuration, readable
+    archs: tuple = (80, 90)  # the archs it is compiled for (TMA configs: sm_90 only)
+
+
+def signature(fn, consts: dict, pointers: dict, floats=(), int64=()) -> dict:
+    """A compile signature from the kernel's argument names: pointers by name (e.g. ``{"X": "*bf16"}``), then
+    fp32 / i64 scalars by name, constexprs, and i32 for every other argument."""
+    names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.__code__.co_varnames[: fn.fn.__code__.co_argcount]
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = pointers[n]
+        elif n in floats:
+            sig[n] = "fp32"
+        elif n in int64:
+            sig[n] = "i64"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def shipped_configs():
+    """Every shipped configuration of every family."""
+    yield from norm_configs()
+    yield from softmax_configs()
+    yield from cross_entropy_configs()
+    yield from attention_configs()
+
+
+def norm_configs():
+    """Every block-size class the norm launchers can pick (``kernels/norms.fwd_config`` / ``bwd_config``) with the
+    heaviest flags (LayerNorm, residual, weight, bias; bf16 data, fp32 weights)."""
+    from fastlm.kernels import norms
+
+    fwd_sig = {k: "*bf16" for k in ("X", "R", "Y", "H")}
+    fwd_sig.update({k: "*fp32" for k in ("W", "B", "Mean", "Rstd")})
+    fwd_sig.update({"stride_x": "i32", "stride_r": "i32", "M": "i32", "N": "i32", "eps": "fp32"})
+    bwd_sig = {k: "*bf16" for k in ("DY", "X", "DH", "DX")}
+    bwd_sig.update({k: "*fp32" for k in ("W", "Mean", "Rstd", "DW", "DB")})
+    bwd_sig.update({"stride_dy": "i32", "stride_x": "i32", "stride_dh": "i32", "M": "i32", "N": "i32"})
+    bwd_sig["rows_per_program"] = "i32"
+    widths = [2**i for i in range(15)] + [norms.MAX_N]  # one N per block-size class, and the chunked path
+    seen = set()
+    for kernel, name, sig, config, flags in (
+        (
+            norms.norm_fwd_kernel,
+            "norm_fwd_kernel",
+            fwd_sig,
+            norms.fwd_config,
+            dict(RMS=False, HAS_RES=True, HAS_W=True, HAS_B=True),
+        ),
+        (
+            norms.norm_bwd_kernel,
+            "norm_bwd_kernel",
+            bwd_sig,
+            norms.bwd_config,
+            dict(RMS=False, HAS_W=True, HAS_DB=True, HAS_DH=True),
+        ),
+    ):
+        for n in widths:
+            cfg = config(n)
+            key = (name, tuple(sorted(cfg.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            consts = {**flags, **{k: v for k, v in cfg.items() if k != "num_warps"}}
+            full_sig = {**sig, **{k: "constexpr" for k in consts}}
+            label = (
+                f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} single={cfg['SINGLE_PASS']} w={cfg['num_warps']}"
+            )
+            yield Shipped(kernel, full_sig, consts, cfg["num_warps"], 3, name, label)
+
+
+# Softmax rows are addressed through (stride_outer, stride_inner, stride_col); a last-dim softmax has inner == 1 and
+# a unit column stride, which Triton specialises at launch as the constant 1: compiled so here.
+_SOFTMAX_UNIT = dict(inner=1, stride_col=1, y_stride_col=1, dy_stride_col=1)
+
+
+def softmax_configs():
+    """The softmax family's block-size classes (``kernels/softmax.config``) for a last-dim row: widths from 64 to
+    MAX_FUSED in one pass, and the split path (statistics kernels + pass); the forward with its heaviest flags
+    (additive mask, causal), both softmax and log-softmax in the backward; bf16 data."""
+    from fastlm.kernels import MASK_ADD
+    from fastlm.kernels import softmax as sm
+
+    ptrs = {"X": "*bf16", "Mask": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "WS": "*fp32"}
+    seen = set()
+    for R in (64, 512, 4096, sm.MAX_FUSED, 4 * sm.MAX_FUSED):
+        cfg = sm.config(R)
+        warps = cfg["num_warps"]
+        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        label = f"R={R} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} split={cfg['SPLIT']} w={warps}"
+        kernels = [
+            (sm.softmax_fwd_kernel, "softmax_fwd", dict(LOG=False, MASK_KIND=MASK_ADD, CAUSAL=True, ZERO_EMPTY=True)),
+            (sm.softmax_bwd_kernel, "softmax_bwd", dict(LOG=False)),
+            (sm.softmax_bwd_kernel, "log_softmax_bwd", dict(LOG=True)),
+        ]
+        consts = dict(SPLIT=cfg["SPLIT"], CHUNKS=max(2, triton.next_power_of_2(cfg["n_chunks"])), **tiles)
+        if cfg["SPLIT"]:
+            kernels += [
+                (sm.softmax_stats_kernel, "softmax_stats", dict(MASK_KIND=MASK_ADD, CAUSAL=True)),
+                (sm.softmax_bwd_stats_kernel, "softmax_bwd_stats", dict(LOG=False)),
+            ]
+        for kernel, name, flags in kernels:
+            names = set(kernel.arg_names)
+            c = {k: v for k, v in {**consts, **flags, **_SOFTMAX_UNIT}.items() if k in names}
+            key = (name, tuple(sorted(c.items())))
+            if key not in seen:
+                seen.add(key)
+                yield Shipped(kernel, signature(kernel, c, ptrs, ("scale",)), c, warps, 3, name, label)
+
+
+def cross_entropy_configs():
+    """The cross-entropy kernel's block-size classes (``kernels/cross_entropy.block_n``) at a GPT-2 sized and a
+    Llama-3 sized vocabulary (one chunk, many chunks), with every flag on (weights, mean, gradient, smoothing)."""
+    from fastlm.kernels import cross_entropy as ce
+
+    ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "Loss": "*fp32", "G": "*bf16", "Denom": "*fp32", "WSum": "*fp32"}
+    for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
+        consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
+        consts |= dict(inner=1, stride_col=1, g_stride_col=1)
+        label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
+        sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
+        yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy", label)
+
+
+def attention_configs():
+    """Every shipped launch configuration of the attention forward and the two backward kernels at head dims 64 /
+    128 / 256: bf16 (the defaults causal and not, the autotune alternatives non-causal, the lean configs with an
+    additive mask and dropout; TMA and warp-specialised ones too, sm_90 only) and float32 (its own tables, pointer
+    loads, plain and lean)."""
+    from fastlm.kernels import MASK_ADD, MASK_NONE
+    from fastlm.kernels.attention import backward, configs, forward
+
+    floats = ("qk_scale", "sm_scale", "dropout_p")
+    kernels = (
+        (
+            "attn_fwd",
+            forward.attn_fwd_kernel,
+            lambda D, t, lean, f: configs.fwd_configs(D, t, configs.WS_TRITON, False, lean, f),
+            configs.FWD_BOXES,
+        ),
+        (
+            "attn_bwd_dkdv",
+            backward.attn_bwd_dkdv_kernel,
+            lambda D, t, lean, f: (
+                configs.bwd_dkdv_configs(D, t, False, lean, f) if configs.dkdv_tma(D, True, lean) or not t else []
+            ),
+            backward.DKDV_BOXES,
+        ),
+        (
+            "attn_bwd_dq",
+            backward.attn_bwd_dq_kernel,
+            lambda D, t, lean, f: configs.bwd_dq_configs(D, t, False, lean, f),
+            backward.DQ_BOXES,
+        ),
+    )
+    cases = [("bf16", tma, lean) for tma in (False, True) for lean in (False, True)]
+    cases += [("fp32", False, lean) for lean in (False, True)]  # fp32 never takes TMA (use_tma: fp16/bf16)
+    for D in (64, 128, 256):
+        BD = configs.block_d(D)
+        for name, kernel, table, boxes in kernels:
+            for dt, tma, lean in cases:
+                ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
+                ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Seed": "*i64"}
+                for i, config in enumerate(table(D, tma, lean, dt == "fp32")):
+                    for causal in (False, True) if i == 0 else (False,):
+                        cfg = dict(config)
+                        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                        # lean configs: compiled with the heaviest case, an additive mask and dropout
+                        consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
+                        consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="ieee" if dt == "fp32" else "tf32")
+                        consts |= dict(TMA=tma, **cfg)
+                        descs = {n: (f"tensordesc<{dt}[1,1,{cfg[b]},{BD}]>" if tma else f"*{dt}") for n, b in boxes}
+                        sig = signature(kernel, consts, ptrs | descs, floats, ("rng_offset",))
+                        label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"
+                        label += (
+                            (" fp32" if dt == "fp32" else "")
+                            + (" tma" if tma else "")
+                            + (" ws" if cfg.get("WS") else "")
+                            + (" mask+dropout" if lean else "")
+                        )
+                        label += " default" if i == 0 else ""
+                        archs = (90,) if tma else (80, 90)
+                        yield Shipped(kernel, sig, consts, warps, stages, name, label, archs)
