@@ -20,6 +20,7 @@
 // mask hides every key are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding,
 // Sq = 1, or a ragged last block) take a row-at-a-time path instead (dot products over D), since a 32-query
 // block would waste most of its lanes there.
+#include "checks.h"
 #include "cpu/common.h"
 
 #include <algorithm>
@@ -381,11 +382,8 @@ void check_bhsd(const Tensor& t, const char* name, ScalarType dt) {
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
-                                             const std::optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                             double scale, bool causal, double dropout_p, const Tensor& rng) {
-  (void)max_q;
-  (void)max_k;
-  (void)rng;
+                                             const std::optional<Tensor>& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
+                                             double scale, bool causal, double dropout_p, const Tensor& /*rng*/) {
   STD_TORCH_CHECK(!cu_q.has_value() && !cu_k.has_value(),
                   "fastlm: unsupported case: varlen (cu_q / cu_k) attention in the CPU backend");
   STD_TORCH_CHECK(dropout_p == 0.0, "fastlm: unsupported case: dropout (dropout_p = ", dropout_p,
@@ -395,22 +393,18 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   check_bhsd(q, "q", dt);
   check_bhsd(k, "k", dt);
   check_bhsd(v, "v", dt);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
-  STD_TORCH_CHECK(k.size(0) == B && v.size(0) == B, "fastlm: q, k and v must share the batch size");
-  STD_TORCH_CHECK(k.size(3) == D && v.size(3) == D, "fastlm: q, k and v must share the head dim");
-  STD_TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Sk, "fastlm: k and v must have the same shape");
+  const attn::Dims d = attn::qkv_dims(q, k, v);
+  const int64_t B = d.B, H = d.H, Sq = d.Sq, D = d.D, Hkv = d.Hkv, Sk = d.Sk;
   STD_TORCH_CHECK(D >= 1, "fastlm: the head dim must be at least 1");
   // Expanded (stride-0) k/v can claim any length without memory behind it; the scratch sizes derive from Sk and D.
   STD_TORCH_CHECK(Sk <= (int64_t{1} << 32) && Sq <= (int64_t{1} << 32) && D <= (int64_t{1} << 20),
                   "fastlm: sequence lengths up to 2^32 and head dims up to 2^20 (got Sq ", Sq, ", Sk ", Sk, ", D ", D,
                   ")");
-  STD_TORCH_CHECK(Hkv >= 1 || H == 0, "fastlm: k must have at least one head");
-  STD_TORCH_CHECK(Hkv == 0 || H % Hkv == 0, "fastlm: the number of query heads (", H,
-                  ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  attn::check_heads(d);
   Params p{};
   if (mask.has_value()) {
     const Tensor& m = *mask;
-    STD_TORCH_CHECK(m.is_cpu(), "fastlm: mask must be a CPU tensor for the cpu backend");
+    check_cpu(m, "mask");
     const ScalarType mt = m.scalar_type();
     p.mask_kind = mt == ScalarType::Bool       ? kBoolMask
                   : mt == ScalarType::Float    ? kF32Mask
@@ -425,16 +419,10 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     p.mask = m.data_ptr();
     p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sq = m.stride(2), p.m_sk = m.stride(3);
   }
-  Tensor o = torch::stable::new_empty(q, {B, H, Sq, D});
-  Tensor lse = torch::stable::new_empty(q, {B, H, Sq}, ScalarType::Float);
-  if (B == 0 || H == 0 || Sq == 0) return {o, lse};
-  if (Sk == 0) {  // no keys: every row is empty
-    torch::stable::zero_(o);
-    torch::stable::fill_(lse, -std::numeric_limits<double>::infinity());
-    return {o, lse};
-  }
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = o.data_ptr();
-  p.lse = static_cast<float*>(lse.data_ptr());
+  const attn::FwdOut out = attn::fwd_outputs(q, d);
+  if (out.done) return {out.o, out.lse};
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = out.o.data_ptr();
+  p.lse = static_cast<float*>(out.lse.data_ptr());
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
@@ -451,7 +439,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   p.n_qblocks = (Sq + bm - 1) / bm;
   p.scale = static_cast<float>(scale);
   p.causal = causal;
-  dispatch_float(dt, "q", [&](auto tag) {
+  dispatch_float<half, bf16>(dt, [&](auto tag) {
     using T = decltype(tag);
     // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
     parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) {
@@ -464,7 +452,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
       }
     });
   });
-  return {o, lse};
+  return {out.o, out.lse};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Helpers shared by the fastlm CPU kernels (csrc/cpu/*.cpp): element types and their fp32 conversions, a
-// vectorisable exp, runtime ISA dispatch, dtype dispatch, argument checks and the row-parallel loop.
+// vectorisable exp, runtime ISA dispatch, the device checks, scratch buffers and the row-parallel loop (dtype
+// names, dtype dispatch and the checks shared with the CUDA ops: csrc/checks.h).
 //
 // Written against the LibTorch stable ABI only (torch/csrc/stable, TORCH_TARGET_VERSION = 2.10), like the CUDA
 // kernels, so the same abi3 wheel serves every torch >= 2.10. Threads come from torch's own pool through
@@ -13,6 +14,8 @@
 // run at the baseline ISA), so every helper here is FASTLM_INLINE; lambdas are never cloned, so a
 // parallel_for body calls a cloned function for its range of rows.
 #pragma once
+
+#include "checks.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -35,9 +38,6 @@
 #endif
 
 namespace fastlm::cpu {
-
-using torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
 
 // ------------------------------------------------------------------------------------------------------------
 // Element types: 16-bit patterns converted with integer ops and one multiply, so that loops over them vectorise
@@ -136,28 +136,17 @@ FASTLM_INLINE float exp_fast(float x) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Dtypes, checks, dispatch.
+// Checks (the device-agnostic ones, and the dtype dispatch, are in csrc/checks.h).
 
-inline const char* dtype_name(ScalarType t) {
-  return t == ScalarType::Float      ? "float32"
-         : t == ScalarType::Half     ? "float16"
-         : t == ScalarType::BFloat16 ? "bfloat16"
-         : t == ScalarType::Double   ? "float64"
-         : t == ScalarType::Long     ? "int64"
-         : t == ScalarType::Int      ? "int32"
-         : t == ScalarType::Bool     ? "bool"
-                                     : "an unsupported dtype";
-}
-
-inline bool is_float_dtype(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+// The device check of the CPU ops (checks.h's on_device).
+inline void check_cpu(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
 }
 
 // A CPU tensor of float32 / float16 / bfloat16.
 inline void check_cpu_float(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(t.is_cpu(), "fastlm: ", name, " must be a CPU tensor for the cpu backend");
-  STD_TORCH_CHECK(is_float_dtype(t.scalar_type()), "fastlm: ", name, " must be float32, float16 or bfloat16, got ",
-                  dtype_name(t.scalar_type()));
+  check_cpu(t, name);
+  check_float_dtype(t, name);
 }
 
 // A 64-byte aligned fp32 buffer: thread-local scratch, allocated once per row range (never per row).
@@ -179,17 +168,6 @@ class Scratch {
  private:
   float* p_;
 };
-
-// Calls f(T{}) for the element type of dtype t: float, half or bf16.
-template <typename F>
-void dispatch_float(ScalarType t, const char* name, F&& f) {
-  switch (t) {
-    case ScalarType::Float: f(float{}); return;
-    case ScalarType::Half: f(half{}); return;
-    case ScalarType::BFloat16: f(bf16{}); return;
-    default: STD_TORCH_CHECK(false, "fastlm: ", name, " must be float32, float16 or bfloat16, got ", dtype_name(t));
-  }
-}
 
 // Runs f(begin, end) over [0, n) on torch's intra-op thread pool, in chunks of at least `grain` items (pick grain
 // so that a chunk is >= ~32 KiB of work: smaller chunks cost more in scheduling than they gain).

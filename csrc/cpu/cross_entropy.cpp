@@ -22,6 +22,7 @@
 //  3. (mean / sum) serial: the sum of the per-row losses in row order, in double.
 // Every reduction has a fixed order (SIMD lane sums are fixed per build / ISA clone): bitwise reproducible, and
 // independent of the thread count.
+#include "checks.h"
 #include "cpu/common.h"
 
 #include <algorithm>
@@ -258,36 +259,12 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
                                                  const std::optional<Tensor>& weight, int64_t ignore_index,
                                                  double label_smoothing, int64_t reduction, bool compute_grad) {
   check_cpu_float(input, "input");
-  STD_TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm: input must be (N, C) or (N, C, D), got ",
-                  input.dim(), " dimensions");
-  const int64_t N = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t D = input.dim() == 3 ? input.size(2) : 1;
+  const ce::Shape s = ce::input_shape(input);
+  const int64_t C = s.C, D = s.D, rows = s.rows;
   STD_TORCH_CHECK(C >= 1, "fastlm: the number of classes C = ", C, " must be at least 1");
-  if (input.dim() == 2) {
-    STD_TORCH_CHECK(C == 1 || N == 0 || input.stride(1) == 1,
-                    "fastlm: input must have unit stride along the classes, got ", input.stride(1));
-    STD_TORCH_CHECK(N <= 1 || input.stride(0) >= 0, "fastlm: input has a negative row stride");
-  } else {
-    STD_TORCH_CHECK(input.is_contiguous(), "fastlm: a 3-D input (N, C, D) must be contiguous");
-  }
-  const int64_t rows = N * D;
-  STD_TORCH_CHECK(target.is_cpu(), "fastlm: target must be a CPU tensor for the cpu backend");
-  STD_TORCH_CHECK(target.scalar_type() == ScalarType::Long, "fastlm: target must be int64, got ",
-                  dtype_name(target.scalar_type()));
-  STD_TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "fastlm: target must be 1-D of size N * D = ", rows);
-  STD_TORCH_CHECK(rows <= 1 || target.stride(0) == 1, "fastlm: target must be contiguous");
-  const float* w = nullptr;
-  if (weight) {
-    STD_TORCH_CHECK(weight->is_cpu(), "fastlm: weight must be a CPU tensor for the cpu backend");
-    STD_TORCH_CHECK(weight->scalar_type() == ScalarType::Float, "fastlm: weight must be float32, got ",
-                    dtype_name(weight->scalar_type()));
-    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "fastlm: weight must be 1-D of size C = ", C);
-    STD_TORCH_CHECK(C == 1 || weight->stride(0) == 1, "fastlm: weight must be contiguous");
-    w = static_cast<const float*>(weight->data_ptr());
-  }
-  STD_TORCH_CHECK(reduction >= 0 && reduction <= 2, "fastlm: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-                  reduction);
+  ce::check_input_layout(input, s, s.N > 0);
+  ce::check_target_weight(target, weight, reduction, s, check_cpu);
+  const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
   STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
                   label_smoothing);
 
@@ -313,20 +290,11 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
       for (int64_t c = 0; c < C; ++c) W += w[c];
     }
     const bool smooth = label_smoothing > 0.0;
-    dispatch_float(input.scalar_type(), "input", [&](auto tag) {
+    dispatch_float<half, bf16>(input.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       CeArgs<T> a{};
-      a.x = static_cast<const T*>(input.data_ptr());
-      a.target = tp;
-      a.w = w;
-      a.losses = lp;
-      a.grad = compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
-      a.C = C;
-      a.D = D;
-      a.sn = input.dim() == 2 ? input.stride(0) : C * D;
-      a.ignore_index = ignore_index;
-      a.eps = static_cast<float>(label_smoothing);
-      a.eps_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      ce::set_args<T>(a, input, tp, w, lp, compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr, s, ignore_index,
+                      label_smoothing);
       a.W = static_cast<float>(W);
       a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
       // Strided lanes: an (C, nb) block of logits stays within ~256 KiB of L2 between sweeps.

@@ -17,6 +17,7 @@
 //
 // Numerics: fp32 math, exp via exp_fast (~2 ulp); vectorised sums are reassociated across SIMD lanes (fixed for
 // a given build / ISA clone, so bitwise reproducible run to run).
+#include "checks.h"
 #include "cpu/common.h"
 
 #include <algorithm>
@@ -189,16 +190,25 @@ struct StridedShape {
   int64_t outer, R, inner, nb, nblocks;
 };
 
+// Work item w of the strided layout: its first element (o * R * inner + i0) and its number of lanes.
+struct StridedItem {
+  int64_t base, nl;
+};
+
+FASTLM_INLINE StridedItem strided_item(const StridedShape& sh, int64_t w) {
+  const int64_t o = w / sh.nblocks;
+  const int64_t i0 = (w % sh.nblocks) * sh.nb;
+  return {o * sh.R * sh.inner + i0, std::min(sh.nb, sh.inner - i0)};
+}
+
 template <typename T>
 FASTLM_CPU_CLONES void softmax_strided(const T* __restrict__ x, T* __restrict__ y, StridedShape sh, bool log,
                                        int64_t w0, int64_t w1) {
   float m[kMaxLanes], sum[kMaxLanes];
   const int64_t R = sh.R, inner = sh.inner;
   for (int64_t w = w0; w < w1; ++w) {
-    const int64_t o = w / sh.nblocks;
-    const int64_t i0 = (w % sh.nblocks) * sh.nb;
-    const int64_t nl = std::min(sh.nb, inner - i0);
-    const int64_t base = o * R * inner + i0;
+    const StridedItem it = strided_item(sh, w);
+    const int64_t base = it.base, nl = it.nl;
     for (int64_t i = 0; i < nl; ++i) m[i] = kNegInf, sum[i] = 0.f;
     for (int64_t j = 0; j < R; ++j) {
       const T* p = x + base + j * inner;
@@ -261,10 +271,8 @@ FASTLM_CPU_CLONES void softmax_bwd_strided(const T* __restrict__ y, const T* __r
   float dot[kMaxLanes];
   const int64_t R = sh.R, inner = sh.inner;
   for (int64_t w = w0; w < w1; ++w) {
-    const int64_t o = w / sh.nblocks;
-    const int64_t i0 = (w % sh.nblocks) * sh.nb;
-    const int64_t nl = std::min(sh.nb, inner - i0);
-    const int64_t base = o * R * inner + i0;
+    const StridedItem it = strided_item(sh, w);
+    const int64_t base = it.base, nl = it.nl;
     for (int64_t i = 0; i < nl; ++i) dot[i] = 0.f;
     for (int64_t j = 0; j < R; ++j) {
       const T* py = y + base + j * inner;
@@ -293,20 +301,11 @@ FASTLM_CPU_CLONES void softmax_bwd_strided(const T* __restrict__ y, const T* __r
 // ------------------------------------------------------------------------------------------------------------
 // Host side.
 
-int64_t normalize_dim(const Tensor& t, int64_t dim, const char* name) {
-  const int64_t nd = t.dim();
-  STD_TORCH_CHECK(nd >= 1, "fastlm: ", name, " must have at least 1 dimension");
-  STD_TORCH_CHECK(dim >= -nd && dim < nd, "fastlm: dim ", dim, " is out of range for ", name, " with ", nd,
-                  " dimensions");
-  return dim < 0 ? dim + nd : dim;
-}
-
 // (outer, R, inner) of a tensor along dim, and the lane blocking of the strided layout: an (R, nb) block of fp32
 // statistics inputs stays within ~256 KiB of L2 between sweeps, nb a multiple of 16 (one AVX-512 vector).
 StridedShape split_dims(const Tensor& t, int64_t dim) {
-  StridedShape s{1, t.size(dim), 1, 1, 1};
-  for (int64_t d = 0; d < dim; ++d) s.outer *= t.size(d);
-  for (int64_t d = dim + 1; d < t.dim(); ++d) s.inner *= t.size(d);
+  const softmax::Split sp = softmax::split_dims(t, dim);
+  StridedShape s{sp.outer, sp.R, sp.inner, 1, 1};
   int64_t nb = (256 * 1024 / 4) / std::max<int64_t>(s.R, 1);
   nb = std::clamp<int64_t>(nb / 16 * 16, 16, kMaxLanes);
   s.nb = std::min(nb, s.inner);
@@ -316,20 +315,14 @@ StridedShape split_dims(const Tensor& t, int64_t dim) {
 
 Tensor softmax_fwd_cpu(const Tensor& x, int64_t dim_in, bool log) {
   check_cpu_float(x, "x");
-  const int64_t dim = normalize_dim(x, dim_in, "x");
+  const int64_t dim = softmax::normalize_dim(x, dim_in, "x");
   const bool rows2d = x.dim() == 2 && dim == 1;
   if (x.numel() == 0) return torch::stable::new_empty(x, x.sizes());
-  if (rows2d) {
-    STD_TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastlm: x must have unit stride along dim 1, got stride ",
-                    x.stride(1));
-    STD_TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= 0, "fastlm: x has a negative row stride");
-  } else {
-    STD_TORCH_CHECK(x.is_contiguous(), "fastlm: x must be contiguous (or 2-D with unit last stride and dim == 1)");
-  }
+  softmax::check_layout(x, rows2d);
   const StridedShape sh = split_dims(x, dim);
   Tensor y = torch::stable::new_empty(x, x.sizes());
   if (x.numel() == 0) return y;
-  dispatch_float(x.scalar_type(), "x", [&](auto tag) {
+  dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
@@ -353,29 +346,12 @@ void run_masked(const MaskedArgs<T>& a, int64_t rows) {
 
 Tensor masked_softmax_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal) {
   check_cpu_float(x, "x");
-  STD_TORCH_CHECK(x.dim() == 4, "fastlm: x must be 4-D (B, H, Sq, Sk), got ", x.dim(), " dimensions");
-  const int64_t B = x.size(0), H = x.size(1), Sq = x.size(2), Sk = x.size(3);
-  STD_TORCH_CHECK(Sk <= 1 || x.stride(3) == 1, "fastlm: x must have unit stride along the last dim, got stride ",
-                  x.stride(3));
-  for (int d = 0; d < 3; ++d) {
-    STD_TORCH_CHECK(x.size(d) <= 1 || x.stride(d) >= 0, "fastlm: x has a negative stride");
-  }
-  if (mask) {
-    STD_TORCH_CHECK(mask->is_cpu(), "fastlm: mask must be a CPU tensor for the cpu backend");
-    STD_TORCH_CHECK(mask->dim() == 4 && mask->size(0) == B && mask->size(1) == H && mask->size(2) == Sq &&
-                        mask->size(3) == Sk,
-                    "fastlm: mask must be an expanded view of x's shape (B, H, Sq, Sk)");
-    for (int d = 0; d < 4; ++d) {
-      STD_TORCH_CHECK(mask->size(d) <= 1 || mask->stride(d) >= 0, "fastlm: mask has a negative stride");
-    }
-    const ScalarType mt = mask->scalar_type();
-    STD_TORCH_CHECK(mt == ScalarType::Bool || mt == ScalarType::Half || mt == ScalarType::BFloat16 ||
-                        mt == ScalarType::Float || mt == ScalarType::Double,
-                    "fastlm: mask must be bool (True = keep) or floating point (additive), got ", dtype_name(mt));
-  }
+  const softmax::Scores sc = softmax::check_scores(x);
+  const int64_t B = sc.B, H = sc.H, Sq = sc.Sq, Sk = sc.Sk;
+  if (mask) softmax::check_mask(*mask, sc, check_cpu);
   Tensor y = torch::stable::new_empty(x, {B, H, Sq, Sk});
   if (x.numel() == 0) return y;
-  dispatch_float(x.scalar_type(), "x", [&](auto tag) {
+  dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     MaskedArgs<T> a{};
     a.x = static_cast<const T*>(x.data_ptr());
@@ -413,29 +389,16 @@ Tensor masked_softmax_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask
 Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, int64_t dim_in, bool log, double scale) {
   check_cpu_float(y, "y");
   check_cpu_float(dy, "dy");
-  const int64_t dim = normalize_dim(y, dim_in, "y");
-  STD_TORCH_CHECK(dy.scalar_type() == y.scalar_type(), "fastlm: dy (", dtype_name(dy.scalar_type()),
-                  ") must have y's dtype (", dtype_name(y.scalar_type()), ")");
-  STD_TORCH_CHECK(dy.dim() == y.dim(), "fastlm: dy must have y's shape");
-  for (int64_t d = 0; d < y.dim(); ++d) {
-    STD_TORCH_CHECK(dy.size(d) == y.size(d), "fastlm: dy must have y's shape (mismatch at dim ", d, ")");
-  }
+  const int64_t dim = softmax::normalize_dim(y, dim_in, "y");
+  softmax::check_dy(dy, y);
   const bool rows2d = y.dim() == 2 && dim == 1;
   if (y.numel() == 0) return torch::stable::new_empty(y, y.sizes());  // any strides (an expanded empty dy)
-  if (rows2d) {
-    STD_TORCH_CHECK(y.size(1) <= 1 || (y.stride(1) == 1 && dy.stride(1) == 1),
-                    "fastlm: y and dy must have unit stride along dim 1");
-    STD_TORCH_CHECK(y.size(0) <= 1 || (y.stride(0) >= 0 && dy.stride(0) >= 0),
-                    "fastlm: y and dy must have non-negative row strides");
-  } else {
-    STD_TORCH_CHECK(y.is_contiguous(), "fastlm: y must be contiguous (or 2-D with unit last stride and dim == 1)");
-    STD_TORCH_CHECK(dy.is_contiguous(), "fastlm: dy must be contiguous (or 2-D with unit last stride and dim == 1)");
-  }
+  softmax::check_bwd_layout(y, dy, rows2d);
   const StridedShape sh = split_dims(y, dim);
   Tensor dx = torch::stable::new_empty(y, y.sizes());
   if (y.numel() == 0) return dx;
   const float sc = static_cast<float>(scale);
-  dispatch_float(y.scalar_type(), "y", [&](auto tag) {
+  dispatch_float<half, bf16>(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* yp = static_cast<const T*>(y.data_ptr());
     const T* dyp = static_cast<const T*>(dy.data_ptr());

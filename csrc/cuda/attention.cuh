@@ -1,6 +1,6 @@
 // Shared device and host code of the fastlm flash-attention CUDA kernels (attention_fwd.cu, attention_bwd.cu):
 // cp.async tile loaders into swizzled shared memory, ldmatrix / mma.sync m16n8k16 wrappers, fragment helpers,
-// and the host-side argument checks common to the forward and the backward.
+// and the host side common to the forward and the backward (argument checks, kernel parameters, dispatch).
 //
 // Conventions (all kernels): 4 warps (128 threads) per block; a warp owns 16 rows of the "M" side of its
 // matmuls. mma.sync m16n8k16 fragment layout (g = lane / 4, t = lane % 4):
@@ -12,6 +12,7 @@
 // distinct 16-byte bank groups (no bank conflicts), and cp.async writes stay 16-byte aligned.
 #pragma once
 
+#include "checks.h"
 #include "common.cuh"
 #include "launch.h"
 
@@ -185,26 +186,6 @@ __device__ __forceinline__ float quad_sum(float v) {
 // ------------------------------------------------------------------------------------------------------------
 // Host helpers (inline: this header is included by several translation units).
 // ------------------------------------------------------------------------------------------------------------
-using torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
-
-inline const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    default: return "an unsupported dtype";
-  }
-}
-
-template <typename K>
-inline void allow_smem(K* kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
-}
 
 // The cases the CUDA kernels do not handle (the Python side routes them to Triton).
 inline void check_scope(const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
@@ -218,9 +199,7 @@ inline void check_scope(const std::optional<Tensor>& mask, const std::optional<T
 
 // A 4-D (B, heads, S, D) tensor of dtype dt on device dev, unit last stride, 16-byte aligned rows (cp.async).
 inline void check_bhsd(const Tensor& t, const char* name, ScalarType dt, int32_t dev) {
-  STD_TORCH_CHECK(t.is_cuda(), "fastlm: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == dev, "fastlm: ", name, " is on cuda:", t.get_device_index(),
-                  " but q is on cuda:", dev, "; all tensors must be on the same device");
+  CudaDevice{dev, "q", kSameDevice}(t, name);
   STD_TORCH_CHECK(t.dim() == 4, "fastlm: ", name, " must be 4-D (B, H, S, D), got ", t.dim(), " dimensions");
   STD_TORCH_CHECK(t.scalar_type() == dt, "fastlm: ", name, " must be ", dtype_name(dt), ", got ",
                   dtype_name(t.scalar_type()));
@@ -245,28 +224,56 @@ inline ScalarType check_q(const Tensor& q) {
   return dt;
 }
 
-// Shapes shared by the forward and the backward.
-struct Dims {
-  int64_t B, H, Hkv, Sq, Sk, D;
-};
-
-inline Dims check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
+// The prologue of attention_fwd_cuda and attention_bwd_cuda: the scope, then q, k and v (dtype, head dim, device,
+// layout; shapes shared with the CPU kernel's checks, csrc/checks.h; what the grids and int indices can hold).
+inline Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                         const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, double dropout_p) {
+  check_scope(mask, cu_q, cu_k, dropout_p);
   const ScalarType dt = check_q(q);
   const int32_t dev = q.get_device_index();
   check_bhsd(q, "q", dt, dev);
   check_bhsd(k, "k", dt, dev);
   check_bhsd(v, "v", dt, dev);
-  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
-  STD_TORCH_CHECK(k.size(0) == d.B && v.size(0) == d.B, "fastlm: q, k and v must share the batch size");
-  STD_TORCH_CHECK(k.size(3) == d.D && v.size(3) == d.D, "fastlm: q, k and v must share the head dim");
-  STD_TORCH_CHECK(v.size(1) == d.Hkv && v.size(2) == d.Sk, "fastlm: k and v must have the same shape");
-  STD_TORCH_CHECK(d.Hkv >= 1 || d.H == 0, "fastlm: k must have at least one head");
-  STD_TORCH_CHECK(d.Hkv == 0 || d.H % d.Hkv == 0, "fastlm: the number of query heads (", d.H,
-                  ") must be a multiple of the number of key/value heads (", d.Hkv, ")");
+  const Dims d = qkv_dims(q, k, v);
+  check_heads(d);
   STD_TORCH_CHECK(d.Sq < (int64_t{1} << 31) && d.Sk < (int64_t{1} << 31), "fastlm: sequence too long");
   // Grids are (blocks along S, heads, batch): gridDim.y and gridDim.z are limited to 65535.
   STD_TORCH_CHECK(d.B <= 65535 && d.H <= 65535, "fastlm: batch size and head count must be <= 65535");
   return d;
+}
+
+// A (B, heads, S, ...) tensor as kernel parameters: its data and its batch, head and sequence strides (elements).
+template <typename Ptr>
+void set_bhs(const Tensor& t, Ptr& ptr, int64_t& sb, int64_t& sh, int64_t& ss) {
+  ptr = static_cast<Ptr>(t.data_ptr());
+  sb = t.stride(0);
+  sh = t.stride(1);
+  ss = t.stride(2);
+}
+
+// The kernel parameters FwdParams and BwdParams share: q, k, v and their strides, head counts, lengths, scale,
+// causal.
+template <typename P>
+void set_qkv_params(P& p, const Tensor& q, const Tensor& k, const Tensor& v, const Dims& d, double scale,
+                    bool causal) {
+  set_bhs(q, p.q, p.q_sb, p.q_sh, p.q_ss);
+  set_bhs(k, p.k, p.k_sb, p.k_sh, p.k_ss);
+  set_bhs(v, p.v, p.v_sb, p.v_sh, p.v_ss);
+  p.H = static_cast<int>(d.H);
+  p.group = static_cast<int>(d.H / d.Hkv);
+  p.Sq = static_cast<int>(d.Sq);
+  p.Sk = static_cast<int>(d.Sk);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.causal = causal;
+}
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for the element type T of dt (__half / __nv_bfloat16) and the head
+// dim D (64 / 128): the kernels' instantiations.
+template <typename F>
+void dispatch_kernels(ScalarType dt, int64_t D, F&& f) {
+  dispatch_half<__half, __nv_bfloat16>(dt, [&](auto t) {
+    dispatch_int<64, 128>(D, "head dim", [&](auto d) { f(t, d); });
+  });
 }
 
 }  // namespace attn

@@ -240,64 +240,34 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdParams
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem_bytes<D>();
-  allow_smem(attention_fwd_kernel<T, D>, smem);
+  allow_dynamic_smem(attention_fwd_kernel<T, D>, smem);
   attention_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), "attention_fwd_kernel launch");
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
-                                              const std::optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                              double scale, bool causal, double dropout_p, const Tensor& rng) {
-  (void)max_q;
-  (void)max_k;
-  (void)rng;
-  check_scope(mask, cu_q, cu_k, dropout_p);
-  const Dims d = check_qkv(q, k, v);
+                                              const std::optional<Tensor>& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
+                                              double scale, bool causal, double dropout_p, const Tensor& /*rng*/) {
+  const Dims d = check_inputs(q, k, v, mask, cu_q, cu_k, dropout_p);
   const int32_t dev = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(dev);
-  Tensor o = torch::stable::new_empty(q, {d.B, d.H, d.Sq, d.D});
-  Tensor lse = torch::stable::new_empty(q, {d.B, d.H, d.Sq}, ScalarType::Float);
-  if (d.B == 0 || d.H == 0 || d.Sq == 0) return {o, lse};
-  if (d.Sk == 0) {  // no keys: every row is empty
-    torch::stable::zero_(o);
-    torch::stable::fill_(lse, -INFINITY);
-    return {o, lse};
-  }
+  const FwdOut out = fwd_outputs(q, d);
+  if (out.done) return {out.o, out.lse};
 
   FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = o.data_ptr();
-  p.lse = static_cast<float*>(lse.data_ptr());
-  p.q_sb = q.stride(0);
-  p.q_sh = q.stride(1);
-  p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0);
-  p.k_sh = k.stride(1);
-  p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0);
-  p.v_sh = v.stride(1);
-  p.v_ss = v.stride(2);
-  p.H = static_cast<int>(d.H);
-  p.group = static_cast<int>(d.H / d.Hkv);
-  p.Sq = static_cast<int>(d.Sq);
-  p.Sk = static_cast<int>(d.Sk);
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
-  p.causal = causal;
+  set_qkv_params(p, q, k, v, d, scale, causal);
+  p.o = out.o.data_ptr();
+  p.lse = static_cast<float*>(out.lse.data_ptr());
 
   const dim3 grid(static_cast<unsigned>((d.Sq + kFwdBM - 1) / kFwdBM), static_cast<unsigned>(d.H),
                   static_cast<unsigned>(d.B));
   STD_TORCH_CHECK(grid.x <= 0x7fffffffu, "fastlm: sequence too long");
   const cudaStream_t stream = current_stream(dev);
-  const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
-  if (d.D == 64) {
-    bf16 ? launch_fwd<__nv_bfloat16, 64>(p, grid, stream) : launch_fwd<__half, 64>(p, grid, stream);
-  } else {
-    bf16 ? launch_fwd<__nv_bfloat16, 128>(p, grid, stream) : launch_fwd<__half, 128>(p, grid, stream);
-  }
-  return {o, lse};
+  dispatch_kernels(q.scalar_type(), d.D, [&](auto t, auto dd) {
+    launch_fwd<decltype(t), decltype(dd)::value>(p, grid, stream);
+  });
+  return {out.o, out.lse};
 }
 
 }  // namespace

@@ -28,15 +28,14 @@
 //
 // Numerics: all math in fp32; the build uses --use_fast_math (exp/log via ex2/lg2.approx). The mean's division
 // and 1 / denom are IEEE-rounded (__fdiv_rn / __frcp_rn): 0 / 0 = NaN as torch; eps / C comes from the host.
+#include "checks.h"
 #include "common.cuh"
 #include "launch.h"
 
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
 #include <cuda_runtime.h>
@@ -50,9 +49,6 @@
 
 namespace fastlm {
 namespace {
-
-using torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
 
 constexpr int64_t kMaxC = INT_MAX / 2;  // keeps class indices and chunk counts in int
 constexpr int kStridedThreads = 256;
@@ -299,70 +295,16 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ------------------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------------------
-const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Int: return "int32";
-    default: return "an unsupported dtype";
-  }
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-int pow2_ceil(int64_t v) {
-  int p = 1;
-  while (p < v && p < (1 << 30)) p <<= 1;
-  return p;
-}
-
-void check_same_device(const Tensor& t, const char* name, int32_t dev) {
-  STD_TORCH_CHECK(t.is_cuda(), "fastlm: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == dev, "fastlm: ", name, " is on cuda:", t.get_device_index(),
-                  " but input is on cuda:", dev);
-}
-
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
                                                   const std::optional<Tensor>& weight, int64_t ignore_index,
                                                   double label_smoothing, int64_t reduction, bool compute_grad) {
-  STD_TORCH_CHECK(input.is_cuda(), "fastlm: input must be a CUDA tensor");
-  const ScalarType xt = input.scalar_type();
-  STD_TORCH_CHECK(xt == ScalarType::Float || xt == ScalarType::Half || xt == ScalarType::BFloat16,
-                  "fastlm: input must be float32, float16 or bfloat16, got ", dtype_name(xt));
+  check_cuda_float(input, "input");
   const int32_t dev = input.get_device_index();
-  STD_TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm: input must be (N, C) or (N, C, D), got ",
-                  input.dim(), " dimensions");
-  const int64_t N = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t D = input.dim() == 3 ? input.size(2) : 1;
+  const ce::Shape s = ce::input_shape(input);
+  const int64_t N = s.N, C = s.C, D = s.D, rows = s.rows;
   STD_TORCH_CHECK(C >= 1 && C <= kMaxC, "fastlm: the number of classes C = ", C, " must be in [1, ", kMaxC, "]");
-  if (input.dim() == 2) {
-    STD_TORCH_CHECK(C == 1 || input.stride(1) == 1, "fastlm: input must have unit stride along the classes, got ",
-                    input.stride(1));
-    STD_TORCH_CHECK(N <= 1 || input.stride(0) >= 0, "fastlm: input has a negative row stride");
-  } else {
-    STD_TORCH_CHECK(input.is_contiguous(), "fastlm: a 3-D input (N, C, D) must be contiguous");
-  }
-  const int64_t rows = N * D;
-  check_same_device(target, "target", dev);
-  STD_TORCH_CHECK(target.scalar_type() == ScalarType::Long, "fastlm: target must be int64, got ",
-                  dtype_name(target.scalar_type()));
-  STD_TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "fastlm: target must be 1-D of size N * D = ", rows);
-  STD_TORCH_CHECK(rows <= 1 || target.stride(0) == 1, "fastlm: target must be contiguous");
-  if (weight) {
-    check_same_device(*weight, "weight", dev);
-    STD_TORCH_CHECK(weight->scalar_type() == ScalarType::Float, "fastlm: weight must be float32, got ",
-                    dtype_name(weight->scalar_type()));
-    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "fastlm: weight must be 1-D of size C = ", C);
-    STD_TORCH_CHECK(C == 1 || weight->stride(0) == 1, "fastlm: weight must be contiguous");
-  }
-  STD_TORCH_CHECK(reduction >= 0 && reduction <= 2, "fastlm: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-                  reduction);
+  ce::check_input_layout(input, s, true);
+  ce::check_target_weight(target, weight, reduction, s, CudaDevice{dev, "input", ""});
 
   torch::stable::accelerator::DeviceGuard guard(dev);
   Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
@@ -379,49 +321,31 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
     check_cuda(cudaGetLastError(), "ce_denom_kernel launch");
   }
   if (rows > 0) {
-    auto run = [&](auto tag) {
+    dispatch_float<__half, __nv_bfloat16>(input.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       constexpr int V = kVec<T>;
       CeArgs<T> a{};
-      a.x = static_cast<const T*>(input.data_ptr());
-      a.target = tp;
-      a.w = w;
-      a.losses = static_cast<float*>(losses.data_ptr());
-      a.grad = compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
+      ce::set_args<T>(a, input, tp, w, static_cast<float*>(losses.data_ptr()),
+                      compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr, s, ignore_index, label_smoothing);
       a.denom = dp;
       a.rows = rows;
-      a.D = D;
-      a.sn = input.dim() == 2 ? input.stride(0) : C * D;
-      a.ignore_index = ignore_index;
-      a.C = static_cast<int>(C);
-      a.eps = static_cast<float>(label_smoothing);
-      a.eps_c = static_cast<float>(label_smoothing / static_cast<double>(C));
       a.smooth = label_smoothing > 0.0;
       if (D == 1) {
-        a.vec = C % V == 0 && aligned16(a.x) && (N <= 1 || (a.sn * static_cast<int64_t>(sizeof(T))) % 16 == 0) &&
-                (!a.grad || aligned16(a.grad)) && (!a.w || aligned16(a.w));
-        const int nchunks = static_cast<int>((C + V - 1) / V);
-        const int tpr = std::min(1024, std::max(32, round_up((nchunks + 3) / 4, 32)));
-        const int rpb = std::max(1, 256 / tpr);
-        const int64_t blocks = (rows + rpb - 1) / rpb;
-        STD_TORCH_CHECK(blocks <= INT_MAX, "fastlm: too many rows (", rows, ")");
-        ce_rows_kernel<T><<<static_cast<unsigned>(blocks), dim3(tpr, rpb), 0, stream>>>(a);
+        a.vec = C % V == 0 && aligned16(a.x) && stride_aligned(N, a.sn, sizeof(T)) && (!a.grad || aligned16(a.grad)) &&
+                (!a.w || aligned16(a.w));
+        // No row cache: pass 2 re-reads the logits (mostly from L2).
+        const RowsLaunch l = rows_launch(rows, static_cast<int>((C + V - 1) / V), 4, 0, 0);
+        ce_rows_kernel<T><<<l.blocks, l.block, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "ce_rows_kernel launch");
       } else {
-        const int bx = std::min(32, pow2_ceil(D));
-        const int by = std::max(1, std::min(kStridedThreads / bx, pow2_ceil(C)));
+        int bx, by;
+        strided_shape(D, C, kStridedThreads, bx, by);
         a.nib = (D + bx - 1) / bx;
         STD_TORCH_CHECK(N <= INT_MAX / a.nib, "fastlm: input too large for the strided cross-entropy launch");
         ce_strided_kernel<T><<<static_cast<unsigned>(N * a.nib), dim3(bx, by), 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "ce_strided_kernel launch");
       }
-    };
-    switch (xt) {
-      case ScalarType::Float: run(float{}); break;
-      case ScalarType::Half: run(__half{}); break;
-      case ScalarType::BFloat16: run(__nv_bfloat16{}); break;
-      default: STD_TORCH_CHECK(false, "fastlm: unsupported dtype ", dtype_name(xt));
-    }
+    });
   }
   if (reduction != 0) {
     ce_reduce_kernel<<<1, kReduceThreads, 0, stream>>>(static_cast<const float*>(losses.data_ptr()), rows, dp,
