@@ -35,11 +35,14 @@ AUTO = {
 }
 
 # Cases a compiled backend's kernels lack, per (family, backend): a call's feature -> how to name it. Under auto a
-# call with such a feature runs torch's ops; a backend asked for by name raises UnsupportedCaseError naming it.
+# call with such a feature runs torch's ops; a backend asked for by name raises UnsupportedCaseError naming it and
+# the backend that has it on the same tensors (ALTERNATIVE).
 LACKS = {
     ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
     ("attention", "cuda"): {"varlen": "varlen (packed) sequences", "mask": "an attn_mask", "dropout": "dropout"},
 }
+
+ALTERNATIVE = {"cpu": "torch", "cuda": "triton"}
 
 # Which op families each compiled backend implements.
 IMPLEMENTED = {
@@ -132,7 +135,8 @@ def resolve(family: str, x: torch.Tensor, features=()) -> str:
         if auto:
             return "torch"
         raise UnsupportedCaseError(
-            f"the {name} backend's {family} does not support {lacking[0]}; use fastlm.backend('triton') or 'auto'"
+            f"the {name} backend's {family} does not support {lacking[0]}; "
+            f"use fastlm.backend('{ALTERNATIVE[name]}') or 'auto'"
         )
     return name
 

@@ -78,3 +78,35 @@ def test_env_variable():
     assert out.stdout.strip() == "torch"
     bad = _run("import fastlm", FASTLM_BACKEND="nope")
     assert bad.returncode != 0 and "backend must be one of" in bad.stderr
+
+
+def test_named_backend_lacking_a_feature_names_it_and_the_alternative():
+    with (
+        fastlm.backend("cpu"),
+        pytest.raises(
+            B.UnsupportedCaseError,
+            match=r"cpu backend's attention does not support dropout; use fastlm.backend\('torch'\)",
+        ),
+    ):
+        fastlm.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)), dropout_p=0.1)
+
+
+def test_backend_without_the_family_raises_unsupported():
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with (
+        fastlm.backend("cuda"),
+        pytest.raises(B.UnsupportedCaseError, match="the cuda backend has no linear_ce kernels"),
+    ):
+        fastlm.functional.linear_cross_entropy(x, w, t)
+
+
+def test_bad_arguments_are_checked_before_the_backend_choice():
+    """A bad argument is a ValueError / TypeError on every backend, not an UnsupportedCaseError (which tests and the
+    bench treat as a skip)."""
+    q = torch.randn(1, 2, 8, 16)
+    for name in ("cpu", "cuda", "triton"):
+        with fastlm.backend(name):
+            with pytest.raises(ValueError, match="dropout_p must be in"):
+                fastlm.functional.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+            with pytest.raises(TypeError, match="attn_mask must be a Tensor"):
+                fastlm.functional.scaled_dot_product_attention(q, q, q, attn_mask=[[True]], dropout_p=0.1)

@@ -208,7 +208,8 @@ def _lce_ref(x, w, t, b=None, weight=None, **kw):
     return loss.reshape(t.shape) if kw.get("reduction") == "none" else loss
 
 
-# The backends with a linear cross-entropy: Triton (also what "cuda" runs), and the CPU kernel on CPU tensors.
+# The backends with a linear cross-entropy: Triton, and the CPU kernel on CPU tensors ("cuda" has none: it raises
+# UnsupportedCaseError, test_backend.py).
 LCE_BACKENDS = ["triton"] + ([] if ON_GPU else ["cpu"])
 
 

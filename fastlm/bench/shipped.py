@@ -20,7 +20,7 @@ class Shipped(NamedTuple):
     num_stages: int
     name: str  # the kernel's name in the report
     label: str  # the configuration, readable
-    archs: tuple = (80, 90)  # the archs it is compiled for (TMA configs: sm_90 only)
+    archs: tuple | None = None  # the only archs it is compiled for (TMA configs: sm_90); None: every arch asked
 
 
 def signature(fn, consts: dict, pointers: dict, floats=(), int64=()) -> dict:
@@ -204,5 +204,4 @@ def attention_configs():
                             + (" mask+dropout" if lean else "")
                         )
                         label += " default" if i == 0 else ""
-                        archs = (90,) if tma else (80, 90)
-                        yield Shipped(kernel, sig, consts, warps, stages, name, label, archs)
+                        yield Shipped(kernel, sig, consts, warps, stages, name, label, (90,) if tma else None)

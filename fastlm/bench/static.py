@@ -94,7 +94,7 @@ def report(archs=(90,)) -> list[KernelStat]:
     stats = []
     for c in shipped_configs():
         for arch in archs:
-            if arch in c.archs:  # e.g. TMA configs: sm_90 only
+            if c.archs is None or arch in c.archs:  # e.g. TMA configs: sm_90 only
                 stats.append(
                     compile_stat(c.kernel, c.signature, c.constexprs, c.num_warps, arch, c.name, c.label, c.num_stages)
                 )

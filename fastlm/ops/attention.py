@@ -227,6 +227,14 @@ def check_cuda_case(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def _check_call(mask, dropout_p: float) -> None:
+    """The arguments the backend choice reads, checked before it (a bad one is a bad argument on every backend)."""
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(mask).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def _features(mask, dropout_p: float, varlen: bool) -> tuple:
     """The call's features that some backends lack (``dispatch.LACKS``): the backend choice is dispatch's."""
     return tuple(f for f, on in (("mask", mask is not None), ("dropout", dropout_p > 0), ("varlen", varlen)) if on)
@@ -307,6 +315,7 @@ def scaled_dot_product_attention(
     Returns:
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
     """
+    _check_call(attn_mask, dropout_p)
     backend = resolve("attention", query, _features(attn_mask, dropout_p, varlen=False))
     if backend == "torch":
         if return_lse:
@@ -336,8 +345,6 @@ def scaled_dot_product_attention(
     q4, k4, v4 = (_unit_last(t).reshape(B, *t.shape[-3:]) for t in (q4, k4, v4))
     mask4 = None
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
             raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
         check_device(attn_mask, "attn_mask", query, "query")
@@ -350,8 +357,6 @@ def scaled_dot_product_attention(
             raise ValueError(
                 f"attn_mask of shape {list(attn_mask.shape)} is not broadcastable to {list(full)}"
             ) from None
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "cuda":
         check_cuda_case(q4, k4, v4)
@@ -409,6 +414,7 @@ def varlen_attention(
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
+    _check_call(None, dropout_p)
     backend = resolve("attention", q, _features(None, dropout_p, varlen=True))
     if backend == "torch":
         from fastlm import reference
@@ -441,8 +447,6 @@ def varlen_attention(
         offsets.append(_checked_offsets(cu, name, total, mx))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     q, k, v = (_unit_last(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = call(

@@ -46,6 +46,10 @@ def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, backend
     """Per-row losses (fp32) and, if ``write_grad``, the gradient of the chunk's logits: the Triton kernel writes it
     over the logits in place (backend "triton"); the CPU C++ kernel (backend "cpu") returns it (then scaled by 1 /
     denom for the mean)."""
+    if backend not in ("triton", "cpu"):
+        raise ValueError(
+            f"backend must be 'triton' or 'cpu' (the backends with a linear cross-entropy), got {backend!r}"
+        )
     if backend == "triton":
         from fastlm.kernels import cross_entropy as k
 
