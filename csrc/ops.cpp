@@ -88,6 +88,20 @@ void define_native_schemas(torch::stable::detail::StableLibrary& m, const char* 
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
+// Op families with Triton and CPU kernels only (the CUDA C++ backend raises UnsupportedCaseError for them, in
+// fastlm.dispatch): each family's schemas in its own function, defined with the "_cpu" suffix.
+void define_rope_schemas(torch::stable::detail::StableLibrary& m) {
+  // rotary position embedding (csrc/cpu/rope.cpp; fastlm/ops/rope.py has the contract)
+}
+
+void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
+  // swiglu / geglu (csrc/cpu/gated_mlp.cpp; fastlm/ops/gated_mlp.py has the contract)
+}
+
+void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
+  // soft-target cross-entropy, kl_div, distillation losses (csrc/cpu/distillation.cpp; fastlm/ops/distillation.py)
+}
+
 }  // namespace
 
 // A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
@@ -98,6 +112,9 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   // implementation of torch ops for it (recomputation from the saved lse; the CPU kernels target inference), so
   // that training through the cpu backend still works.
   define_native_schemas(m, "cpu");
+  define_rope_schemas(m);
+  define_gated_mlp_schemas(m);
+  define_distillation_schemas(m);
 }
 
 namespace {

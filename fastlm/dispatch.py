@@ -32,12 +32,21 @@ AUTO = {
     ("linear_ce", "cpu"): "cpu",  # torch's matmuls around the CPU cross-entropy kernel
     ("attention", "cuda"): "triton",
     ("attention", "cpu"): "cpu",
+    ("rope", "cuda"): "triton",  # rotary position embedding (fastlm/ops/rope.py)
+    ("rope", "cpu"): "cpu",
+    ("gated_mlp", "cuda"): "triton",  # swiglu, geglu (fastlm/ops/gated_mlp.py)
+    ("gated_mlp", "cpu"): "cpu",
+    ("distill", "cuda"): "triton",  # kl_div, distillation_loss (fastlm/ops/distillation.py)
+    ("distill", "cpu"): "cpu",
+    ("linear_distill", "cuda"): "triton",  # cuBLAS matmuls around the Triton distillation kernel
+    ("linear_distill", "cpu"): "cpu",
 }
 
 # Cases a compiled backend's kernels lack, per (family, backend): a call's feature -> how to name it. Under auto a
 # call with such a feature runs torch's ops; a backend asked for by name raises UnsupportedCaseError naming it and
 # the backend that has it on the same tensors (ALTERNATIVE).
 LACKS = {
+    ("softmax", "cuda"): {"soft_target": "class-probability (soft) targets"},
     ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
     ("attention", "cuda"): {"varlen": "varlen (packed) sequences", "mask": "an attn_mask", "dropout": "dropout"},
 }
@@ -46,9 +55,9 @@ ALTERNATIVE = {"cpu": "torch", "cuda": "triton"}
 
 # Which op families each compiled backend implements.
 IMPLEMENTED = {
-    "triton": {"norms", "softmax", "linear_ce", "attention"},
+    "triton": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},
     "cuda": {"norms", "softmax", "attention"},
-    "cpu": {"norms", "softmax", "linear_ce", "attention"},  # csrc/cpu/: attention forward only (backward: torch ops)
+    "cpu": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},  # csrc/cpu/: attention forward only (backward: torch ops)
 }
 
 

@@ -29,9 +29,10 @@ def register(
     fake: Callable,
     backward: Callable[[str], Callable] | None = None,
     setup_context: Callable | None = None,
+    backends: tuple[str, ...] = ("triton", "cuda", "cpu"),
 ) -> dict:
     """Register the fake impl (and, with ``backward``, the autograd formula) of ``fastlm::<op>_<backend>`` for every
-    backend in ``op_backends()``; returns ``{backend: OpOverload}``.
+    backend of ``backends`` in ``op_backends()``; returns ``{backend: OpOverload}``.
 
     Args:
         op: the op's name without the backend suffix, e.g. ``"norm_fwd"``.
@@ -39,9 +40,11 @@ def register(
         backward: ``backward(backend)`` returns the autograd backward of that backend's op (its formula calls the
             same backend's backward op).
         setup_context: what the forward saves for the backward (torch.library's ``setup_context``).
+        backends: the backends that have this op (a family without CUDA C++ kernels: ``("triton", "cpu")``; its
+            ``_cpu`` schema is defined in csrc/ops.cpp all the same).
     """
     table = {}
-    for backend in op_backends():
+    for backend in (b for b in op_backends() if b in backends):
         name = f"fastlm::{op}_{backend}"
         torch.library.register_fake(name)(fake)
         if backward is not None:
