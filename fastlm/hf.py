@@ -1,4 +1,5 @@
-"""Hugging Face integration: ``attn_implementation="fastlm"``.
+"""Hugging Face integration: ``attn_implementation="fastlm"``, and the forwards that ``fastlm.patch`` gives
+Llama-family modules (rotary application, gated MLP, the causal-LM loss).
 
 Registers fastlm's attention with transformers' ``AttentionInterface`` and the SDPA-style boolean mask builder with
 its ``AttentionMaskInterface`` (so the causal/padding mask reaches the kernel as a (B, 1, Sq, Sk) bool mask, or as
@@ -9,7 +10,10 @@ never imports transformers itself. transformers is optional (``pip install fastl
 
 import importlib.abc
 import importlib.util
+import inspect
 import sys
+
+from torch import Tensor, nn
 
 NAME = "fastlm"
 _registered = False
@@ -93,3 +97,197 @@ def install() -> None:
     elif importlib.util.find_spec("transformers") is not None:
         if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
             sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-model patching (fastlm.patch): the rotary application, the gated MLP and the causal-LM loss of Llama-family
+# models. One table each; a model family whose modules match the table's shapes is handled without code of its own.
+
+# Hugging Face modeling modules whose ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` fastlm's RoPE
+# reproduces exactly, and whether their rotation is interleaved (GPT-J / Cohere pairs). Phi-3's rotates the first
+# ``cos.shape[-1]`` dims only (partial rotary): fastlm's function does the same when cos is narrower than the head.
+ROPE_MODULES = {
+    f"transformers.models.{name}.modeling_{name}": False
+    for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+}
+
+# Incremented while a patched attention module runs: the modeling module's ``apply_rotary_pos_emb`` is swapped once
+# for a dispatcher that runs fastlm's kernel only then, so unpatched models in the same process keep HF's function.
+# A module global (not a context variable) so that torch.compile reads it as a constant and guards on it.
+_rope_depth = 0
+
+
+def rope_globals(cls: type) -> dict | None:
+    """The globals of ``cls.forward``'s module when it is one of ``ROPE_MODULES`` and the forward calls its
+    ``apply_rotary_pos_emb``; else None."""
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    g = getattr(forward, "__globals__", {})
+    if g.get("__name__") not in ROPE_MODULES or "apply_rotary_pos_emb" not in forward.__code__.co_names:
+        return None
+    return g
+
+
+def install_rope(g: dict) -> None:
+    """Swap the module's ``apply_rotary_pos_emb`` for a dispatcher (once per module; idempotent)."""
+    original = g["apply_rotary_pos_emb"]
+    if getattr(original, "_fastlm_original", None) is not None:
+        return
+    interleaved = ROPE_MODULES[g["__name__"]]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _rope_depth == 0:
+            return original(q, k, cos, sin, *args, **kwargs)
+        from fastlm.ops.rope import apply_rotary_pos_emb as fused
+
+        return fused(q, k, cos, sin, *args, interleaved=interleaved, **kwargs)
+
+    apply_rotary_pos_emb._fastlm_original = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    g["apply_rotary_pos_emb"] = apply_rotary_pos_emb
+
+
+def rope_attention_forward(self, *args, **kwargs):
+    """A patched attention module: HF's own forward, with its rotary application on fastlm's kernel."""
+    global _rope_depth
+    _rope_depth += 1
+    try:
+        return self._fastlm_original_class.forward(self, *args, **kwargs)
+    finally:
+        _rope_depth -= 1
+
+
+def is_rope_attention(m: nn.Module) -> bool:
+    cls = type(m)
+    return cls.__name__.endswith("Attention") and rope_globals(cls) is not None
+
+
+# HF activation classes -> (fused function, its keyword arguments)
+def _gated_activation(act: nn.Module):
+    from transformers import activations
+
+    kinds = {
+        activations.SiLUActivation: ("swiglu", {}),
+        nn.SiLU: ("swiglu", {}),
+        activations.GELUTanh: ("geglu", {"approximate": "tanh"}),
+        activations.GELUActivation: ("geglu", {"approximate": "none"}),
+    }
+    for cls in ("PytorchGELUTanh",):  # older transformers name of GELUTanh
+        if hasattr(activations, cls):
+            kinds[getattr(activations, cls)] = ("geglu", {"approximate": "tanh"})
+    kind = kinds.get(type(act))
+    if kind is None or (
+        type(act) is activations.GELUActivation and getattr(act, "act", None) is not nn.functional.gelu
+    ):
+        return None
+    return kind
+
+
+def _mlp_parts(m: nn.Module):
+    """(projections, activation) of an HF gated MLP: Llama's gate_proj / up_proj / down_proj + act_fn, or Phi-3's
+    merged gate_up_proj (first half gate) + down_proj + activation_fn; None for anything else."""
+    if not type(m).__name__.endswith("MLP") or not type(m).__module__.startswith("transformers.models."):
+        return None
+    linear = lambda n: isinstance(getattr(m, n, None), nn.Linear)  # noqa: E731
+    if all(linear(n) for n in ("gate_proj", "up_proj", "down_proj")) and hasattr(m, "act_fn"):
+        return ("gate_proj", "up_proj"), m.act_fn
+    if all(linear(n) for n in ("gate_up_proj", "down_proj")) and hasattr(m, "activation_fn"):
+        return ("gate_up_proj",), m.activation_fn
+    return None
+
+
+def is_gated_mlp(m: nn.Module) -> bool:
+    parts = _mlp_parts(m)
+    return parts is not None and _gated_activation(parts[1]) is not None
+
+
+def gated_mlp_forward(self, hidden_states: Tensor) -> Tensor:
+    """down_proj(act(gate_proj(x)) * up_proj(x)) with the activation and the product in one fused kernel (the
+    backward recomputes the activation instead of saving it)."""
+    from fastlm.ops import gated_mlp
+
+    projections, act = _mlp_parts(self)
+    kind, kwargs = _gated_activation(act)
+    fn = getattr(gated_mlp, kind)
+    if len(projections) == 2:
+        h = fn(self.gate_proj(hidden_states), self.up_proj(hidden_states), **kwargs)
+    else:  # Phi-3: one [..., 2 * I] projection, split in the kernel
+        h = fn(self.gate_up_proj(hidden_states), **kwargs)
+    return self.down_proj(h)
+
+
+def is_causal_lm(m: nn.Module) -> bool:
+    """An HF ``*ForCausalLM`` with a linear ``lm_head`` and no final logit soft-capping (Gemma 2's tanh on the
+    logits cannot be folded into the linear cross-entropy; those models keep HF's loss)."""
+    cls = type(m)
+    config = getattr(m, "config", None)
+    return (
+        cls.__name__.endswith("ForCausalLM")
+        and cls.__module__.startswith("transformers.models.")
+        and isinstance(getattr(m, "lm_head", None), nn.Linear)
+        and getattr(config, "final_logit_softcapping", None) is None
+    )
+
+
+def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
+    """The LM head of a patched causal LM: the ordinary linear layer, except while the model's loss forward
+    captures its input (then no logits are computed: an empty (..., 0) placeholder is returned)."""
+    capture = self._fastlm_capture
+    if capture is None:
+        return nn.functional.linear(hidden_states, self.weight, self.bias)
+    capture.append(hidden_states)
+    return hidden_states[..., :0]
+
+
+def causal_lm_forward(self, *args, **kwargs):
+    """A patched ``*ForCausalLM``: in training with ``labels`` (or ``shift_labels``), the loss by the fused linear
+    cross-entropy on the LM head's input, so the (tokens, vocab) logits are never materialised and
+    ``outputs.logits`` is None; otherwise (evaluation, generation, no labels) HF's own forward, logits included.
+
+    Same loss as HF's ``ForCausalLMLoss``: labels shifted by one (or ``shift_labels`` as given), ``ignore_index``,
+    a mean over the tokens not ignored, or a sum divided by ``num_items_in_batch`` when given (gradient
+    accumulation); ``logits_to_keep`` selects the positions exactly as HF does (the loss covers the kept ones)."""
+    original = self._fastlm_original_class.forward
+    bound = inspect.signature(original).bind(self, *args, **kwargs)
+    extra = bound.arguments.get("kwargs", {})
+    labels = bound.arguments.get("labels")
+    if not self.training or (labels is None and extra.get("shift_labels") is None):
+        return original(self, *args, **kwargs)
+    bound.arguments["labels"] = None
+    head = self.lm_head
+    head._fastlm_capture = []
+    try:
+        out = original(*bound.args, **bound.kwargs)
+        (hidden,) = head._fastlm_capture
+    finally:
+        head._fastlm_capture = None
+    out.loss = causal_lm_loss(hidden, head.weight, head.bias, labels, **extra)
+    out.logits = None
+    return out
+
+
+def causal_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Tensor | None = None,
+    **_,
+) -> Tensor:
+    """HF's ``ForCausalLMLoss`` on ``linear(hidden, weight, bias)`` without materialising the logits (float32 loss,
+    as HF upcasts the logits)."""
+    from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.reshape(-1).to(hidden.device)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index)
+    loss = loss.float()
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss

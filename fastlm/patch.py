@@ -13,6 +13,11 @@ the swap changes the module's ``__class__`` in place, so parameters, buffers, ho
   ... copies: a class named ``*Output`` with ``dense``, ``dropout`` and a ``LayerNorm`` whose forward is
   ``LayerNorm(dropout(dense(h)) + input_tensor)``) -> the same with the residual add fused into the LayerNorm
   (``add_layer_norm``: one pass over memory instead of an add and a norm);
+- Hugging Face Llama-family models (Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2/Gemma3, Phi-3; see fastlm/hf.py):
+  the attention modules' rotary application (``apply_rotary_pos_emb`` -> fastlm's fused RoPE, only inside the
+  patched modules), the gated MLPs (``down(act(gate(x)) * up(x))`` -> ``swiglu`` / ``geglu``, Phi-3's merged
+  ``gate_up_proj`` included), and the ``*ForCausalLM`` loss (in training with labels: the fused linear
+  cross-entropy on the LM head's input, logits never materialised, ``outputs.logits`` None);
 - Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
 """
 
@@ -22,6 +27,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from fastlm import hf
 from fastlm import nn as fnn
 from fastlm.ops import norms
 
@@ -83,9 +89,10 @@ def _is_hf_norm(m: nn.Module, suffix: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     name: str
-    group: str  # "norms", "attention" or "softmax": the switch of fastlm.patch that enables it
+    group: str  # "norms", "attention", "softmax", "rope", "mlp" or "loss": the switch of fastlm.patch enabling it
     matches: Callable[[nn.Module], bool]
     fused_class: Callable[[type], type]  # original class -> the class to swap in
+    prepare: Callable[[nn.Module], None] | None = None  # what else the swap needs, run once per swapped module
 
 
 _derived: dict = {}
@@ -107,6 +114,25 @@ def _exact(cls: type) -> Callable[[nn.Module], bool]:
     return lambda m: type(m) is cls
 
 
+def _swap(module: nn.Module, cls: type) -> None:
+    original = type(module)
+    module._fastlm_offset = "Gemma" in original.__name__
+    module.__class__ = cls
+    module._fastlm_original_class = original
+
+
+def _prepare_rope(module: nn.Module) -> None:
+    hf.install_rope(hf.rope_globals(module._fastlm_original_class))
+
+
+def _prepare_causal_lm(module: nn.Module) -> None:
+    """The LM head captures its input during the loss forward instead of computing the logits."""
+    head = module.lm_head
+    if getattr(head, "_fastlm_original_class", None) is None:
+        _swap(head, _derive(hf.lm_head_forward)(type(head)))
+    head._fastlm_capture = None
+
+
 ADAPTERS = [
     Adapter("torch.nn.LayerNorm", "norms", _exact(nn.LayerNorm), lambda cls: fnn.LayerNorm),
     Adapter("torch.nn.RMSNorm", "norms", _exact(nn.RMSNorm), lambda cls: fnn.RMSNorm),
@@ -119,27 +145,52 @@ ADAPTERS = [
     Adapter("torch.nn.Softmax", "softmax", _exact(nn.Softmax), lambda cls: fnn.Softmax),
     Adapter("torch.nn.LogSoftmax", "softmax", _exact(nn.LogSoftmax), lambda cls: fnn.LogSoftmax),
     Adapter("torch.nn.CrossEntropyLoss", "softmax", _exact(nn.CrossEntropyLoss), lambda cls: fnn.CrossEntropyLoss),
+    Adapter(
+        "HF rotary embedding (in *Attention)",
+        "rope",
+        hf.is_rope_attention,
+        _derive(hf.rope_attention_forward),
+        _prepare_rope,
+    ),
+    Adapter("HF gated MLP (swiglu / geglu)", "mlp", hf.is_gated_mlp, _derive(hf.gated_mlp_forward)),
+    Adapter(
+        "HF *ForCausalLM loss (linear cross-entropy)",
+        "loss",
+        hf.is_causal_lm,
+        _derive(hf.causal_lm_forward),
+        _prepare_causal_lm,
+    ),
 ]
 
 
 def patch(
-    model: nn.Module, *, norms: bool = True, attention: bool = True, softmax: bool = True, verbose: bool = False
+    model: nn.Module,
+    *,
+    norms: bool = True,
+    attention: bool = True,
+    softmax: bool = True,
+    rope: bool = True,
+    mlp: bool = True,
+    loss: bool = True,
+    verbose: bool = False,
 ) -> nn.Module:
     """Swap, in place, the modules of ``model`` that fastlm has fused versions of; returns ``model``.
 
+    Each switch turns one group of swaps off: ``norms``, ``attention`` (torch's MultiheadAttention and HF's
+    ``attn_implementation``), ``softmax`` (softmax / log-softmax / cross-entropy modules), ``rope`` (HF rotary
+    application), ``mlp`` (HF gated MLPs), ``loss`` (HF causal-LM loss on the fused linear cross-entropy).
     ``fastlm.patch_summary(model)`` (or ``verbose=True``) reports what was replaced; :func:`unpatch` restores it.
     """
-    groups = {"norms": norms, "attention": attention, "softmax": softmax}
+    groups = {"norms": norms, "attention": attention, "softmax": softmax, "rope": rope, "mlp": mlp, "loss": loss}
     summary: dict[str, int] = {}
     for module in model.modules():
         if getattr(module, "_fastlm_original_class", None) is not None:
             continue  # already patched
         for a in ADAPTERS:
             if groups[a.group] and a.matches(module):
-                original = type(module)
-                module._fastlm_offset = "Gemma" in original.__name__
-                module.__class__ = a.fused_class(original)
-                module._fastlm_original_class = original
+                _swap(module, a.fused_class(type(module)))
+                if a.prepare is not None:
+                    a.prepare(module)
                 summary[a.name] = summary.get(a.name, 0) + 1
                 break
     if attention and _is_hf_model(model):

@@ -27,7 +27,8 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    positions: str = "learned"  # or "sinusoidal"
+    positions: str = "learned"  # "learned", "sinusoidal" (added to the embeddings) or "rope" (rotary, in attention)
+    mlp: str = "gelu"  # "gelu" (4C, tanh GELU) or "swiglu" (Llama's gated MLP, hidden 8C/3 rounded up to 64)
     backend: str = "auto"  # fastlm backend for every kernel of the model
 
 
@@ -39,12 +40,36 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # (B, T, nh, hs) each
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs): strided views, no copy
+        if rotary is not None:  # cos, sin: (1, T, hs), broadcast over batch and heads
+            q, k = F.apply_rotary_pos_emb(q, k, *rotary)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedMLP(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)), gate and up as one merged projection split in the fused kernel."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = -(-8 * cfg.n_embd // 3 // 64) * 64  # 8C/3 (the parameters of a 4C MLP), rounded up to 64
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden)
+        self.down = nn.Linear(hidden, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.swiglu(self.gate_up(x))))  # (B, T, 2H) -> (B, T, H) -> (B, T, C)
+
+
+def rotary_tables(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin (block_size, head_dim) of the rotary embedding in Hugging Face's (rotate-half) layout."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(block_size, dtype=torch.float32), inv)  # (T, hs / 2)
+    emb = torch.cat([freqs, freqs], -1)  # (T, hs)
+    return emb.cos(), emb.sin()
 
 
 class Block(nn.Module):
@@ -53,16 +78,23 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
-            nn.Dropout(cfg.dropout),
-        )
+        if cfg.mlp == "swiglu":
+            self.mlp = GatedMLP(cfg)
+        elif cfg.mlp == "gelu":
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+                nn.Dropout(cfg.dropout),
+            )
+        else:
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, rotary: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         normed, residual = _add_ln(hidden, residual, self.ln_1)
-        hidden = self.attn(normed)
+        hidden = self.attn(normed, rotary)
         normed, residual = _add_ln(hidden, residual, self.ln_2)
         return self.mlp(normed), residual
 
@@ -90,14 +122,18 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         elif cfg.positions == "sinusoidal":
             self.register_buffer("pe", sinusoidal(cfg.block_size, cfg.n_embd), persistent=False)
+        elif cfg.positions == "rope":
+            cos, sin = rotary_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {cfg.positions!r}")
+            raise ValueError(f"positions must be 'learned', 'sinusoidal' or 'rope', got {cfg.positions!r}")
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
-            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+            if name.endswith(("attn.proj.weight", "mlp.2.weight", "mlp.down.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -112,10 +148,14 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = self.wpe.weight[:T] if self.config.positions == "learned" else self.pe[:T]
-        hidden, residual = self.drop(self.wte(idx) + pos), None  # (B, T, C)
+        hidden, residual, rotary = self.wte(idx), None, None  # (B, T, C)
+        if self.config.positions == "rope":  # (1, T, hs) each, broadcast over batch and heads
+            rotary = (self.rope_cos[None, :T].to(hidden.dtype), self.rope_sin[None, :T].to(hidden.dtype))
+        else:
+            hidden = hidden + (self.wpe.weight[:T] if self.config.positions == "learned" else self.pe[:T])
+        hidden = self.drop(hidden)
         for block in self.blocks:
-            hidden, residual = block(hidden, residual)
+            hidden, residual = block(hidden, residual, rotary)
         normed, _ = _add_ln(hidden, residual, self.ln_f)
         return normed
 
