@@ -7,7 +7,8 @@ of the models in fastlm.models, on fastlm's kernels.
   schedule, step; the batches are a function of (seed, step)).
 - Multi-GPU / multi-node: launch with ``torchrun`` (DDP; FSDP2 with ``--fsdp``); on CPU, gloo.
 - ``--teacher ckpt``: distillation, ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE`` at temperature T,
-  with fastlm's fused log-softmax.
+  with the fused ``linear_distillation_loss`` (both LM heads and the loss in token chunks: neither model's logits are
+  materialised).
 """
 
 import argparse
@@ -77,23 +78,23 @@ def loss_of(
         if teacher is None:
             return model(x, y)[1]
         alpha, temp = kd
-        h = inner.hidden_states(x)
-        logits = h @ inner.wte.weight.T  # (B, T, V): distillation needs the student's logits
+        h = inner.hidden_states(x)  # (B, T, C)
         with torch.no_grad():
-            t_logits = teacher.hidden_states(x) @ teacher.wte.weight.T
-        hard = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-        return alpha * distillation_kl(logits, t_logits, temp) + (1 - alpha) * hard
+            t_h = teacher.hidden_states(x)  # (B, T, C_teacher)
+        return F.linear_distillation_loss(
+            h.reshape(-1, h.shape[-1]),
+            inner.wte.weight,
+            t_h.reshape(-1, t_h.shape[-1]),
+            teacher.wte.weight.detach(),  # the teacher is frozen: no gradient
+            target=y.reshape(-1),
+            kind="kl",
+            temperature=temp,
+            hard_weight=1.0 - alpha,
+        )
     x = xy[:, :-1]
     g = torch.Generator(device="cpu").manual_seed(seed * 7919 + step)
     inputs, labels = mask_tokens(x.cpu(), vocab, generator=g)
     return model(inputs.to(x.device), mlm_labels=labels.to(x.device))["mlm_loss"]
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) at temperature T, averaged over positions, with the fused log-softmax."""
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------------------------

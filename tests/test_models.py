@@ -182,15 +182,41 @@ def test_classification_metrics_and_finetune(tmp_path):
     assert metrics["accuracy"] >= 0.9, metrics
 
 
-def test_distillation_loss_hand_computed():
-    s = torch.tensor([[[1.0, 2.0, 0.5]]])
-    t = torch.tensor([[[0.2, 1.5, 1.0]]])
-    temp = 2.0
-    ps = torch.softmax(s / temp, -1)
-    pt = torch.softmax(t / temp, -1)
-    want = (pt * (pt.log() - ps.log())).sum() * temp**2
-    torch.testing.assert_close(T.distillation_kl(s, t, temp), want)
-    assert T.distillation_kl(t, t, temp).abs() < 1e-7
+def test_distillation_loss_is_the_unfused_formula():
+    """`fastlm train --teacher`'s loss (the fused linear distillation loss): alpha * T^2 * KL(teacher || student) +
+    (1 - alpha) * CE, computed here from materialised logits in float64, and the student's gradient with it."""
+    torch.manual_seed(0)
+    student, teacher = GPT(GPTConfig(**TINY_GPT)), GPT(GPTConfig(**TINY_GPT))
+    vocab = TINY_GPT["vocab_size"]
+    xy = torch.randint(0, vocab, (2, 9))
+    alpha, temp = 0.7, 2.0
+    loss = T.loss_of(student, "clm", xy, vocab, 0, 0, teacher=teacher, kd=(alpha, temp))
+    (grad,) = torch.autograd.grad(loss, [student.wte.weight])
+    x, y = xy[:, :-1], xy[:, 1:]
+    w = student.wte.weight.detach().double().requires_grad_()
+    s = student.hidden_states(x).detach().double() @ w.T
+    with torch.no_grad():
+        t = (teacher.hidden_states(x) @ teacher.wte.weight.T).double()
+    ls, lt = torch.log_softmax(s / temp, -1), torch.log_softmax(t / temp, -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1).mean() * temp**2
+    want = alpha * kl + (1 - alpha) * torch.nn.functional.cross_entropy(s.reshape(-1, vocab), y.reshape(-1))
+    (want_grad,) = torch.autograd.grad(want, [w])  # through the LM head only (the hidden states are detached)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    # the gradient through the LM head alone: the same loss with the hidden states detached
+    h, t_h = student.hidden_states(x).detach(), teacher.hidden_states(x).detach()  # (B, T, C)
+    fused = T.F.linear_distillation_loss(
+        h.reshape(-1, 32),
+        student.wte.weight,
+        t_h.reshape(-1, 32),
+        teacher.wte.weight.detach(),
+        target=y.reshape(-1),
+        kind="kl",
+        temperature=temp,
+        hard_weight=1 - alpha,
+    )
+    (g_head,) = torch.autograd.grad(fused, [student.wte.weight])
+    torch.testing.assert_close(g_head.double(), want_grad, atol=1e-5, rtol=1e-4)
+    assert (grad - g_head).abs().sum() > 0  # the full loss also reaches the embeddings through the hidden states
 
 
 def test_zero_shot_runs_and_prefers_the_likelier_word():
