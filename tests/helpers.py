@@ -5,6 +5,12 @@ import torch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
+# torch.library.opcheck's tests for a Triton op: all four on a GPU; in the interpreter not test_aot_dispatch_dynamic,
+# which fails there for trivially correct ops (an interpreter artefact). (test_utils=None is not "all": opcheck
+# raises ValueError for it.)
+OPCHECK_ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+OPCHECK_TESTS = OPCHECK_ALL if ON_GPU else OPCHECK_ALL[:3]
+
 # Tolerances of a fused kernel against the float64 reference, per dtype: (atol, rtol), atol relative to the
 # reference's largest magnitude (gradients such as dW grow with the number of rows).
 TOL = {

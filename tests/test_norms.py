@@ -5,7 +5,7 @@ backend at large sizes and its raw ops: test_cpu_norms.py."""
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import DEVICE, ON_GPU, assert_close_ref
+from helpers import DEVICE, ON_GPU, OPCHECK_TESTS, assert_close_ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -277,7 +277,6 @@ def test_random_shapes(m, n, kind, has_w, has_b):
 
 # On CPU the Triton ops run under the interpreter, where opcheck's aot_dispatch_dynamic test fails for trivially
 # correct ops (its fake-tensor pass touches data the interpreter needs); the GPU run does the full opcheck.
-OPCHECK_TESTS = None if ON_GPU else ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _fwd_args(M, N, rms, residual, weight, bias, dtype=torch.float32):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import DEVICE, ON_GPU, compare_with_reference
+from helpers import DEVICE, ON_GPU, OPCHECK_TESTS, compare_with_reference
 
 import fastlm
 import fastlm.functional as F
@@ -14,7 +14,6 @@ from fastlm.dispatch import BackendUnavailableError
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 1, primes, non-powers of two, both sides of the single-pass limit (16384) and the split path up to 262144
 WIDTHS = [1, 7, 128, 1000, 4096, 16384, 16385, 40000, 262144]
-OPCHECK_TESTS = None if ON_GPU else ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _rows(n: int) -> int:
