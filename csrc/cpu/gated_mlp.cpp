@@ -17,6 +17,11 @@
 // forward 3 * M * I elements, backward 5 * M * I; every output element is computed by one thread (results do not
 // depend on the thread count). The gate_up form (up None) is the same kernel with up = gate + I and, in the
 // backward, dup = dgate + I, both with gate's / dgate's row stride: no copies.
+// No FP traps are relied on here: without this, GCC's PRE turns exp_fast's clamp into a branch around a multiply that
+// "could trap", and the AVX2 (x86-64-v3) and baseline clones' loops stay scalar (if-conversion refuses); AVX-512
+// masks hide it. Before the includes, so that the inlined helpers are compiled with the same options.
+#pragma GCC optimize("no-trapping-math")
+
 #include "checks.h"
 #include "cpu/common.h"
 
@@ -42,10 +47,10 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
 
 FASTLM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
-// Phi(g), the standard normal CDF, from erfc (Numerical Recipes' erfcc, Chebyshev fit: relative error < 1.2e-7 for
-// every z >= 0), so that Phi of a negative g keeps its relative accuracy (no 1 + erf(..) cancellation). e2 is
-// exp(-g^2 / 2) = exp(-z^2), which the caller also needs for phi(g).
-FASTLM_INLINE float normal_cdf(float g, float e2) {
+// Phi(g), the standard normal CDF, from erfc (Numerical Recipes' erfcc, a Chebyshev fit: relative error < 1.2e-7 for
+// every z >= 0), so that Phi of a negative g keeps its relative accuracy (no 1 + erf(..) cancellation):
+// 0.5 erfc(z) = 0.5 t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z = |g| / sqrt(2): one exp.
+FASTLM_INLINE float normal_cdf(float g) {
   const float z = (g < 0.f ? -g : g) * kSqrt1_2;
   const float t = 1.0f / (1.0f + 0.5f * z);
   float p = 0.17087277f;
@@ -58,7 +63,7 @@ FASTLM_INLINE float normal_cdf(float g, float e2) {
   p = __builtin_fmaf(p, t, 0.37409196f);
   p = __builtin_fmaf(p, t, 1.00002368f);
   p = __builtin_fmaf(p, t, -1.26551223f);
-  const float half_erfc = 0.5f * t * e2 * exp_fast(p);  // 0.5 erfc(z) = Phi(-|g|)
+  const float half_erfc = 0.5f * t * exp_fast(p - z * z);  // Phi(-|g|)
   return g < 0.f ? half_erfc : 1.0f - half_erfc;
 }
 
@@ -66,10 +71,9 @@ FASTLM_INLINE float normal_cdf(float g, float e2) {
 template <int A, bool kGrad>
 FASTLM_INLINE void activation(float g, float& a, float& da) {
   if constexpr (A == kGeluErf) {
-    const float e2 = exp_fast(-0.5f * g * g);
-    const float cdf = normal_cdf(g, e2);
+    const float cdf = normal_cdf(g);
     a = g * cdf;
-    if constexpr (kGrad) da = cdf + g * e2 * kInvSqrt2Pi;
+    if constexpr (kGrad) da = cdf + g * exp_fast(-0.5f * g * g) * kInvSqrt2Pi;  // + g phi(g)
   } else {
     float k = g, dk = 1.0f;
     if constexpr (A == kGeluTanh) {
