@@ -95,7 +95,13 @@ void define_rope_schemas(torch::stable::detail::StableLibrary& m) {
 }
 
 void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
-  // swiglu / geglu (csrc/cpu/gated_mlp.cpp; fastlm/ops/gated_mlp.py has the contract)
+  // swiglu / geglu (csrc/cpu/gated_mlp.cpp; fastlm/ops/gated_mlp.py has the contract): y = act(gate) * up with act
+  // 0 silu, 1 gelu tanh, 2 gelu erf. gate and up (M, I), unit column stride, any row stride; up None: gate is the
+  // merged (M, 2I) gate_up tensor (first half gate). y (M, I) contiguous in gate's dtype.
+  m.def("gated_mlp_fwd_cpu(Tensor gate, Tensor? up, int act) -> Tensor");
+  // dgate = dy * up * act'(gate), dup = dy * act(gate) in one pass (act recomputed). dy (M, I), unit column stride.
+  // Both (M, I) contiguous; with up None, dgate is the (M, 2I) gradient of gate_up and dup is empty (0,).
+  m.def("gated_mlp_bwd_cpu(Tensor dy, Tensor gate, Tensor? up, int act) -> (Tensor dgate, Tensor dup)");
 }
 
 void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {

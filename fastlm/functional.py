@@ -5,6 +5,7 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 
 from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.gated_mlp import geglu, swiglu
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
@@ -13,6 +14,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "cross_entropy",
+    "geglu",
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",
@@ -20,5 +22,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "scaled_masked_softmax",
     "softmax",
+    "swiglu",
     "varlen_attention",
 ]

@@ -66,3 +66,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_caus
         )
         outs.append(oi.transpose(0, 1))
     return torch.cat(outs, 0)
+
+
+def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
+    """Unfused ``silu(gate) * up``; ``up=None``: ``gate`` is the merged ``[..., 2*I]`` tensor, split by ``chunk``."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return TF.silu(gate) * up
+
+
+def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "tanh") -> Tensor:
+    """Unfused ``gelu(gate, approximate) * up``; ``up=None`` as in :func:`swiglu`."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return TF.gelu(gate, approximate=approximate) * up

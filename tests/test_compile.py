@@ -38,6 +38,10 @@ CASES = {
         lambda x, r, w: torch.cat(F.add_rms_norm(x, r, (48,), w), -1),
         lambda: (_x(4, 48), _x(4, 48), _x(48)),
     ),
+    "geglu": (
+        lambda g, u, gu: F.geglu(g, u, approximate="none") + F.geglu(gu),
+        lambda: (_x(3, 5, 24), _x(3, 5, 24), _x(3, 5, 48)),
+    ),
     "softmax": (lambda x: F.softmax(x, dim=1), lambda: (_x(4, 6, 5),)),
     "log_softmax": (lambda x: F.log_softmax(x, dim=-1), lambda: (_x(4, 37),)),
     "scaled_masked_softmax": (
@@ -52,6 +56,7 @@ CASES = {
         lambda h, w, t: F.linear_cross_entropy(h, w, t),
         lambda: (_x(10, 16), _x(40, 16), _targets(10, 40)),
     ),
+    "swiglu": (lambda x: F.swiglu(*x.chunk(2, dim=-1)) * F.swiglu(x), lambda: (_x(4, 2 * 40),)),
     "scaled_dot_product_attention": (
         lambda q, k, v, m: (
             F.scaled_dot_product_attention(q, k, v, attn_mask=m)

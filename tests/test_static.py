@@ -95,6 +95,14 @@ def test_wide_norm_configs_use_128_bit_accesses(stats):
         assert s.ldg128 > 0 and s.stg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads/stores"
 
 
+def test_gated_mlp_uses_128_bit_accesses(stats):
+    """Every block-size class of the elementwise SwiGLU / GeGLU kernels reads and writes with 128-bit accesses."""
+    rows = [s for s in stats if s.kernel.startswith("gated_mlp")]
+    assert {s.kernel for s in rows} == {"gated_mlp_fwd", "gated_mlp_bwd"}
+    for s in rows:
+        assert s.ldg128 > 0 and s.stg128 > 0, f"{s.kernel} [{s.config}] has no 128-bit global loads/stores"
+
+
 def test_attention_uses_wgmma_on_sm90(stats):
     """Forward at every head dim, backward up to D = 128 and dQ at D = 256 with TMA run their dots on wgmma (HGMMA).
     At D = 256 no wgmma tiling of dK/dV (nor of the pointer-load dQ) is spill-free on sm_90, so those use mma.sync

@@ -17,6 +17,7 @@ import torch
 from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
+from fastlm.bench import gated_mlp as gated_mlp_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import softmax as softmax_cases
@@ -27,6 +28,7 @@ FAMILIES = {
     "softmax": softmax_cases,
     "ce": ce_cases,
     "attention": attention_cases,
+    "gated_mlp": gated_mlp_cases,
     "model": model_cases,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -48,6 +48,7 @@ def shipped_configs():
     yield from softmax_configs()
     yield from cross_entropy_configs()
     yield from attention_configs()
+    yield from gated_mlp_configs()
 
 
 def norm_configs():
@@ -145,6 +146,20 @@ def cross_entropy_configs():
         label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
         sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
         yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy", label)
+
+
+def gated_mlp_configs():
+    """The gated-MLP kernels' block-size classes (``kernels/gated_mlp.config``: one per BLOCK_N class), forward and
+    backward, with the heaviest activation (exact GELU: libdevice's erf); bf16 data."""
+    from fastlm.kernels import gated_mlp as gm
+
+    ptrs = {name: "*bf16" for name in ("G", "U", "Y", "DY", "DG", "DU")}
+    for block_n in gm.BLOCK_N_CLASSES:
+        cfg = gm.config(block_n)
+        consts = dict(ACT=gm.ACT_GELU_ERF, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        label = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} act=gelu_erf w={cfg['num_warps']}"
+        for kernel, name in ((gm.gated_mlp_fwd_kernel, "gated_mlp_fwd"), (gm.gated_mlp_bwd_kernel, "gated_mlp_bwd")):
+            yield Shipped(kernel, signature(kernel, consts, ptrs), consts, cfg["num_warps"], 3, name, label)
 
 
 def attention_configs():
