@@ -66,3 +66,29 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_caus
         )
         outs.append(oi.transpose(0, 1))
     return torch.cat(outs, 0)
+
+
+def apply_rotary_pos_emb(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, interleaved: bool = False
+) -> tuple[Tensor, Tensor]:
+    """HF transformers' rotary embedding, unfused: ``x * cos + rotate_half(x) * sin`` with the tables unsqueezed at
+    ``unsqueeze_dim`` (Llama); partial rotary when ``cos.shape[-1] < head_dim`` (Phi-3: the first rot dims rotate,
+    the rest pass through); ``interleaved``: Cohere's ``rotate_half`` on adjacent pairs. Dtypes follow torch's
+    promotion, as in Llama's (no cast back)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def rotate_half(x):
+        if interleaved:
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    def embed(x):
+        if rot == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    return embed(q), embed(k)

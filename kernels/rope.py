@@ -1,0 +1,245 @@
+"""Fused rotary position embedding (RoPE) of q and k, forward and backward, in one launch.
+
+Each head vector x (head_dim D) of q and of k is rotated pairwise over its first ``rot`` dims (``rot`` = the tables'
+last dim; the remaining D - rot dims pass through: partial rotary, as Phi-3). A pair is (a, b) = (j, j + rot/2)
+(GPT-NeoX / Llama's ``rotate_half``) or (2j, 2j + 1) (``interleaved``: GPT-J / Cohere), j < rot/2, with the tables'
+own entries at both indices, so the result equals HF's ``x * cos + rotate_half(x) * sin`` for any tables:
+    forward:   y_a = x_a cos_a - x_b sin_a            y_b = x_b cos_b + x_a sin_b
+    backward (the transpose of that linear map, which is what a gradient needs):
+               dx_a = dy_a cos_a + dy_b sin_b         dx_b = dy_b cos_b - dy_a sin_a
+The backward is the forward with the sine table swapped within each pair and negated (sa, sb) <- (-sb, -sa): one
+kernel, a BACKWARD constexpr. Math in fp32; the output's dtype is the launcher's choice (HF's type promotion).
+
+One program per token row (b, s): it loads the row's cos / sin once (stride 0 where the tables broadcast over batch
+or positions) and rotates all Hq heads of q and Hk heads of k (GQA: Hq != Hk) in [BLOCK_H, rot/2] tiles whose
+inner dim is unit-stride, so q and k are read and written once, coalesced, in whatever layout they come:
+(B, H, S, D) or (B, S, H, D), any strides with a unit last stride (HF's ``view(B, S, H, D).transpose(1, 2)``
+without a copy). In place (QO == Q, KO == K) each element is read before the program writes it, and the
+pass-through dims are not touched.
+
+Bytes: read q, k, cos, sin; write q_out, k_out:
+    (2 * (Hq + Hk) * D * e_x + 2 * rot * e_cos) per token row, with the tables' bytes read once per distinct row
+    (in place: the pass-through dims are neither read nor written).
+Limits: D and rot even, 2 <= rot <= D; a grid axis of B * S rows (< 2**31).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from fastlm.kernels import launch_grid, on_tensor_device
+
+TILE = 2048  # elements of one [BLOCK_H, BLOCK_HALF] tile (four live in registers: x_a, x_b, y_a, y_b)
+MAX_PASS = 128  # widest chunk of the pass-through copy
+
+
+@triton.jit
+def rotate_heads(
+    X,  # input heads of one tensor (q or k): head h of the row at x_row + h * sx_h, unit stride within the head
+    Y,  # output (may be X itself: in place)
+    x_row,  # int64 offset of the row's first head in X
+    y_row,  # int64 offset of the row's first head in Y
+    sx_h,  # head stride of X
+    sy_h,  # head stride of Y
+    H,  # heads of this tensor
+    cos_a,  # [BLOCK_HALF] fp32 cos at the pairs' first index
+    cos_b,  # [BLOCK_HALF] fp32 cos at the pairs' second index
+    sin_a,  # [BLOCK_HALF] fp32 sin (or -sin_b in the backward)
+    sin_b,  # [BLOCK_HALF] fp32 sin (or -sin_a in the backward)
+    off_a,  # [BLOCK_HALF] first index of each pair within the head
+    off_b,  # [BLOCK_HALF] second index of each pair
+    pair_ok,  # [BLOCK_HALF] j < rot / 2
+    rot,  # rotated dims
+    D,  # head dim
+    COPY_PASS: tl.constexpr,  # copy dims rot..D (out of place with rot < D)
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < H
+        xh = X + x_row + h.to(tl.int64)[:, None] * sx_h
+        yh = Y + y_row + h.to(tl.int64)[:, None] * sy_h
+        m = h_ok[:, None] & pair_ok[None, :]
+        xa = tl.load(xh + off_a[None, :], mask=m, other=0.0).to(tl.float32)
+        xb = tl.load(xh + off_b[None, :], mask=m, other=0.0).to(tl.float32)
+        ya = xa * cos_a[None, :] - xb * sin_a[None, :]
+        yb = xb * cos_b[None, :] + xa * sin_b[None, :]
+        tl.store(yh + off_a[None, :], ya.to(Y.dtype.element_ty), mask=m)
+        tl.store(yh + off_b[None, :], yb.to(Y.dtype.element_ty), mask=m)
+        if COPY_PASS:
+            for p0 in range(rot, D, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                pm = h_ok[:, None] & (p < D)[None, :]
+                v = tl.load(xh + p[None, :], mask=pm, other=0.0)
+                tl.store(yh + p[None, :], v.to(Y.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def rope_kernel(
+    Q,  # (B, S, Hq, D) addressed by (sq_b, sq_s, sq_h), unit last stride
+    K,  # (B, S, Hk, D) addressed by (sk_b, sk_s, sk_h), unit last stride
+    QO,  # q's output (QO == Q in place), by (sqo_b, sqo_s, sqo_h)
+    KO,  # k's output (KO == K in place), by (sko_b, sko_s, sko_h)
+    Cos,  # (Bc, Sc, rot) table, addressed by (sc_b, sc_s): stride 0 where it broadcasts; unit last stride
+    Sin,  # (Bc, Sc, rot) table, addressed by (ss_b, ss_s)
+    S,  # positions per batch: row = b * S + s
+    Hq,  # heads of q
+    Hk,  # heads of k
+    rot,  # rotated dims (even, <= D)
+    D,  # head dim
+    sq_b,  # q's batch stride
+    sq_s,  # q's position stride
+    sq_h,  # q's head stride
+    sk_b,  # k's batch stride
+    sk_s,  # k's position stride
+    sk_h,  # k's head stride
+    sqo_b,  # q_out's batch stride
+    sqo_s,  # q_out's position stride
+    sqo_h,  # q_out's head stride
+    sko_b,  # k_out's batch stride
+    sko_s,  # k_out's position stride
+    sko_h,  # k_out's head stride
+    sc_b,  # cos's batch stride (0: broadcast)
+    sc_s,  # cos's position stride (0: broadcast)
+    ss_b,  # sin's batch stride (0: broadcast)
+    ss_s,  # sin's position stride (0: broadcast)
+    INTERLEAVED: tl.constexpr,  # pairs (2j, 2j + 1) instead of (j, j + rot / 2)
+    BACKWARD: tl.constexpr,  # the transposed rotation (gradients)
+    COPY_PASS: tl.constexpr,  # copy the pass-through dims rot..D (out of place, rot < D)
+    BLOCK_HALF: tl.constexpr,  # >= rot / 2, a power of 2
+    BLOCK_HQ: tl.constexpr,  # q heads per tile
+    BLOCK_HK: tl.constexpr,  # k heads per tile
+    BLOCK_P: tl.constexpr,  # pass-through chunk
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // S
+    s = row % S
+    half = rot // 2
+    j = tl.arange(0, BLOCK_HALF)
+    pair_ok = j < half
+    if INTERLEAVED:
+        off_a = 2 * j
+        off_b = 2 * j + 1
+    else:
+        off_a = j
+        off_b = j + half
+    c_row = Cos + b * sc_b + s * sc_s
+    s_row = Sin + b * ss_b + s * ss_s
+    cos_a = tl.load(c_row + off_a, mask=pair_ok, other=0.0).to(tl.float32)
+    cos_b = tl.load(c_row + off_b, mask=pair_ok, other=0.0).to(tl.float32)
+    sin_a = tl.load(s_row + off_a, mask=pair_ok, other=0.0).to(tl.float32)
+    sin_b = tl.load(s_row + off_b, mask=pair_ok, other=0.0).to(tl.float32)
+    if BACKWARD:
+        sin_a, sin_b = -sin_b, -sin_a
+    rotate_heads(
+        Q,
+        QO,
+        b * sq_b + s * sq_s,
+        b * sqo_b + s * sqo_s,
+        sq_h,
+        sqo_h,
+        Hq,
+        cos_a,
+        cos_b,
+        sin_a,
+        sin_b,
+        off_a,
+        off_b,
+        pair_ok,
+        rot,
+        D,
+        COPY_PASS,
+        BLOCK_HQ,
+        BLOCK_P,
+    )
+    rotate_heads(
+        K,
+        KO,
+        b * sk_b + s * sk_s,
+        b * sko_b + s * sko_s,
+        sk_h,
+        sko_h,
+        Hk,
+        cos_a,
+        cos_b,
+        sin_a,
+        sin_b,
+        off_a,
+        off_b,
+        pair_ok,
+        rot,
+        D,
+        COPY_PASS,
+        BLOCK_HK,
+        BLOCK_P,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch heuristic
+
+
+def config(Hq: int, Hk: int, rot: int, D: int, copy_pass: bool) -> dict:
+    """Tiles of ~TILE elements: all heads of a row in one tile when they fit (Llama-3-8B, D = 128: the 32 q heads
+    in one [32, 64] tile, the 8 k heads in one [8, 64] tile), else a loop over head tiles."""
+    block_half = triton.next_power_of_2(max(1, rot // 2))
+    cap = max(1, TILE // block_half)
+    block_hq = min(triton.next_power_of_2(max(1, Hq)), cap)
+    block_hk = min(triton.next_power_of_2(max(1, Hk)), cap)
+    block_p = min(MAX_PASS, triton.next_power_of_2(max(1, D - rot))) if copy_pass else 1
+    warps = 4 if max(block_hq, block_hk) * block_half <= 1024 else 8
+    return dict(BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_P=block_p, num_warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host function: the inputs are checked (and the tables normalised to (Bc, Sc, rot)) by fastlm.ops.rope.
+
+
+def axes(t: torch.Tensor, head_axis: int) -> tuple[int, int, int]:
+    """(batch, position, head) strides of a 4-D (B, H, S, D) (head_axis 1) or (B, S, H, D) (head_axis 2) tensor."""
+    return t.stride(0), t.stride(3 - head_axis), t.stride(head_axis)
+
+
+@on_tensor_device
+def rope(q, k, qo, ko, cos, sin, head_axis: int, interleaved: bool, backward: bool) -> None:
+    """Rotate q into qo and k into ko (see the module docstring); qo is q and ko is k in place.
+
+    q: (B, Hq, S, D) or (B, S, Hq, D) (``head_axis`` 1 or 2), k likewise with Hk heads, qo / ko of their shapes,
+    all with unit last strides (any other strides); cos, sin: (Bc, Sc, rot) with Bc in {1, B}, Sc in {1, S}, unit
+    last stride. The outputs' dtype is theirs (fastlm.ops.rope allocates them).
+    """
+    inplace = qo is q  # in place: the pass-through dims stay as they are
+    B, S, D = q.shape[0], q.shape[3 - head_axis], q.shape[3]
+    Hq, Hk = q.shape[head_axis], k.shape[head_axis]
+    rot = cos.shape[-1]
+    if B * S == 0 or (Hq == 0 and Hk == 0):
+        return
+    copy_pass = not inplace and rot < D
+    cfg = config(Hq, Hk, rot, D, copy_pass)
+    warps = cfg.pop("num_warps")
+    bcast = [(cos.stride(i) if cos.shape[i] > 1 else 0) for i in (0, 1)] + [
+        (sin.stride(i) if sin.shape[i] > 1 else 0) for i in (0, 1)
+    ]
+    rope_kernel[launch_grid(B * S)](
+        q,
+        k,
+        qo,
+        ko,
+        cos,
+        sin,
+        S,
+        Hq,
+        Hk,
+        rot,
+        D,
+        *axes(q, head_axis),
+        *axes(k, head_axis),
+        *axes(qo, head_axis),
+        *axes(ko, head_axis),
+        *bcast,
+        INTERLEAVED=interleaved,
+        BACKWARD=backward,
+        COPY_PASS=copy_pass,
+        num_warps=warps,
+        **cfg,
+    )
