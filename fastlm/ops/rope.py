@@ -38,6 +38,22 @@ def empty_in_layout(t: Tensor, dtype: torch.dtype, alloc=None) -> Tensor:
     return out.permute([order.index(d) for d in range(t.dim())])
 
 
+def check_op_shapes(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_axis: int) -> None:
+    """The Triton ops' contract on shapes (csrc/cpu/rope.cpp checks the same): what keeps the kernel's addressing
+    inside the tensors when an op is called directly."""
+    ok = head_axis in (1, 2) and q.dim() == k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+    if ok:
+        B, S, D, rot = q.shape[0], q.shape[3 - head_axis], q.shape[3], cos.shape[2]
+        ok = k.shape[0] == B and k.shape[3 - head_axis] == S and k.shape[3] == D and 2 <= rot <= D and rot % 2 == 0
+        ok = ok and cos.shape[0] in (1, B) and cos.shape[1] in (1, S)
+        ok = ok and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (q, k, cos, sin))
+    if not ok:
+        raise ValueError(
+            f"rope op: q {list(q.shape)} / k {list(k.shape)} (head_axis {head_axis}) with tables cos "
+            f"{list(cos.shape)} / sin {list(sin.shape)} break the op's contract (fastlm/ops/rope.py docstring)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops
 
@@ -49,6 +65,7 @@ def rope_fwd_triton(
     from fastlm.kernels import empty
     from fastlm.kernels import rope as kr
 
+    check_op_shapes(q, k, cos, sin, head_axis)
     dt = torch.promote_types(q.dtype, cos.dtype)
     qo, ko = empty_in_layout(q, dt, empty), empty_in_layout(k, dt, empty)
     kr.rope(q, k, qo, ko, cos, sin, head_axis, interleaved, backward)
@@ -59,6 +76,7 @@ def rope_fwd_triton(
 def rope_inplace_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_axis: int, interleaved: bool) -> None:
     from fastlm.kernels import rope as kr
 
+    check_op_shapes(q, k, cos, sin, head_axis)
     kr.rope(q, k, q, k, cos, sin, head_axis, interleaved, False)
 
 
@@ -87,18 +105,15 @@ def unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def rotate_grads(backend: str, ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """(dL/dq, dL/dk) in q's and k's dtypes from the incoming gradients: the transposed rotation, one launch."""
-    cos, sin = ctx.saved_tensors
-    head_axis, interleaved, backward = ctx.args
-    gq, gk = call(ROPE_FWD[backend], unit_last(dq), unit_last(dk), cos, sin, head_axis, interleaved, backward)
-    need_q, need_k = ctx.needs_input_grad[:2]
-    return (gq.to(ctx.dtypes[0]) if need_q else None), (gk.to(ctx.dtypes[1]) if need_k else None)
-
-
 def _fwd_backward(backend):
     def backward(ctx, dq, dk):
-        gq, gk = rotate_grads(backend, ctx, dq, dk)
+        """(dL/dq, dL/dk) in q's and k's dtypes: the transposed rotation of the incoming gradients, one launch."""
+        cos, sin = ctx.saved_tensors
+        head_axis, interleaved, direction = ctx.args
+        gq, gk = call(ROPE_FWD[backend], unit_last(dq), unit_last(dk), cos, sin, head_axis, interleaved, direction)
+        need_q, need_k = ctx.needs_input_grad[:2]
+        gq = gq.to(ctx.dtypes[0]) if need_q else None
+        gk = gk.to(ctx.dtypes[1]) if need_k else None
         return gq, gk, None, None, None, None, None
 
     return backward
@@ -108,24 +123,34 @@ ROPE_FWD = register("rope_fwd", _fwd_fake, _fwd_backward, _fwd_setup, backends=(
 ROPE_INPLACE = register("rope_inplace", _inplace_fake, backends=("triton", "cpu"))
 
 
+def no_heads(x: Tensor, head_axis: int) -> Tensor:
+    """A zero-head partner for ``x`` (the ops rotate a q and a k: this rotates x alone)."""
+    shape = list(x.shape)
+    shape[head_axis] = 0
+    return x.new_empty(shape)
+
+
 class RopeInplace(torch.autograd.Function):
-    """The in-place rotation under autograd: q and k are marked dirty (their history now ends here), the backward is
-    the out-of-place op's (the transposed rotation, from the saved tables only)."""
+    """The in-place rotation of one tensor (q or k) under autograd: it is marked dirty (its history now ends here);
+    the backward is the out-of-place op's transposed rotation, from the saved tables only. One tensor per Function:
+    autograd refuses a Function that modifies a view input in place (HF's q and k are transposed views) and
+    returns more than one tensor, so under autograd q and k take one launch each (without autograd, one for both)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, head_axis, interleaved, backend):
-        ROPE_INPLACE[backend](q, k, cos, sin, head_axis, interleaved)
-        ctx.mark_dirty(q, k)
+    def forward(ctx, x, cos, sin, head_axis, interleaved, backend):
+        ROPE_INPLACE[backend](x, no_heads(x, head_axis), cos, sin, head_axis, interleaved)
+        ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
-        ctx.args = (head_axis, interleaved, True)
-        ctx.dtypes = (q.dtype, k.dtype)
-        ctx.backend = backend
-        return q, k
+        ctx.args = (head_axis, interleaved, backend, x.dtype)
+        return x
 
     @staticmethod
-    def backward(ctx, dq, dk):
-        gq, gk = rotate_grads(ctx.backend, ctx, dq, dk)
-        return gq, gk, None, None, None, None, None
+    def backward(ctx, dx):
+        cos, sin = ctx.saved_tensors
+        head_axis, interleaved, backend, dtype = ctx.args
+        dx = unit_last(dx)
+        gx, _ = call(ROPE_FWD[backend], dx, no_heads(dx, head_axis), cos, sin, head_axis, interleaved, True)
+        return gx.to(dtype), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,8 +280,11 @@ def apply_rotary_pos_emb(
         ``(q_embed, k_embed)``: dtype as HF's formula gives under torch's type promotion (q's dtype with tables of
         q's dtype; float32 for float32 tables and 16-bit q), in q's and k's layout; fp32 math inside.
     """
+    for t, name in ((q, "q"), (k, "k"), (cos, "cos"), (sin, "sin")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     # auto: a dtype outside the fused kernels' (fp64, ...) anywhere goes to torch's ops
-    odd = next((t for t in (q, k, cos, sin) if isinstance(t, Tensor) and t.dtype not in FUSED_DTYPES), q)
+    odd = next((t for t in (q, k, cos, sin) if t.dtype not in FUSED_DTYPES), q)
     backend = resolve("rope", odd)
     if backend == "torch":
         q_out, k_out = reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=interleaved)
@@ -272,7 +300,11 @@ def apply_rotary_pos_emb(
     if inplace:
         check_inplace(q, k)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            RopeInplace.apply(q, k, cos3, sin3, head_axis, interleaved, backend)
+            for t in (q, k):
+                if t.requires_grad:
+                    RopeInplace.apply(t, cos3, sin3, head_axis, interleaved, backend)
+                else:
+                    ROPE_INPLACE[backend](t, no_heads(t, head_axis), cos3, sin3, head_axis, interleaved)
         else:
             ROPE_INPLACE[backend](q, k, cos3, sin3, head_axis, interleaved)
         return q, k
