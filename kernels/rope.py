@@ -34,12 +34,12 @@ MAX_PASS = 128  # widest chunk of the pass-through copy
 
 @triton.jit
 def rotate_heads(
-    X,  # input heads of one tensor (q or k): head h of the row at x_row + h * sx_h, unit stride within the head
+    X,  # input heads of one tensor (q or k): head h of the row at x_row + h * stride_xh, unit stride within the head
     Y,  # output (may be X itself: in place)
     x_row,  # int64 offset of the row's first head in X
     y_row,  # int64 offset of the row's first head in Y
-    sx_h,  # head stride of X
-    sy_h,  # head stride of Y
+    stride_xh,  # head stride of X
+    stride_yh,  # head stride of Y
     H,  # heads of this tensor
     cos_a,  # [BLOCK_HALF] fp32 cos at the pairs' first index
     cos_b,  # [BLOCK_HALF] fp32 cos at the pairs' second index
@@ -57,8 +57,8 @@ def rotate_heads(
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         h_ok = h < H
-        xh = X + x_row + h.to(tl.int64)[:, None] * sx_h
-        yh = Y + y_row + h.to(tl.int64)[:, None] * sy_h
+        xh = X + x_row + h.to(tl.int64)[:, None] * stride_xh
+        yh = Y + y_row + h.to(tl.int64)[:, None] * stride_yh
         m = h_ok[:, None] & pair_ok[None, :]
         xa = tl.load(xh + off_a[None, :], mask=m, other=0.0).to(tl.float32)
         xb = tl.load(xh + off_b[None, :], mask=m, other=0.0).to(tl.float32)
@@ -76,37 +76,38 @@ def rotate_heads(
 
 @triton.jit
 def rope_kernel(
-    Q,  # (B, S, Hq, D) addressed by (sq_b, sq_s, sq_h), unit last stride
-    K,  # (B, S, Hk, D) addressed by (sk_b, sk_s, sk_h), unit last stride
-    QO,  # q's output (QO == Q in place), by (sqo_b, sqo_s, sqo_h)
-    KO,  # k's output (KO == K in place), by (sko_b, sko_s, sko_h)
-    Cos,  # (Bc, Sc, rot) table, addressed by (sc_b, sc_s): stride 0 where it broadcasts; unit last stride
-    Sin,  # (Bc, Sc, rot) table, addressed by (ss_b, ss_s)
+    Q,  # (B, S, Hq, D) addressed by (stride_qb, stride_qs, stride_qh), unit last stride
+    K,  # (B, S, Hk, D) addressed by (stride_kb, stride_ks, stride_kh), unit last stride
+    QO,  # q's output (QO == Q in place), by (stride_qob, stride_qos, stride_qoh)
+    KO,  # k's output (KO == K in place), by (stride_kob, stride_kos, stride_koh)
+    Cos,  # (Bc, Sc, rot) table, addressed by (stride_cb, stride_cs): stride 0 where it broadcasts; unit last stride
+    Sin,  # (Bc, Sc, rot) table, addressed by (stride_sb, stride_ss)
     S,  # positions per batch: row = b * S + s
     Hq,  # heads of q
     Hk,  # heads of k
-    rot,  # rotated dims (even, <= D)
+    half,  # pairs: rot / 2 (passed halved, so that Triton sees its divisibility for the j + half accesses)
     D,  # head dim
-    sq_b,  # q's batch stride
-    sq_s,  # q's position stride
-    sq_h,  # q's head stride
-    sk_b,  # k's batch stride
-    sk_s,  # k's position stride
-    sk_h,  # k's head stride
-    sqo_b,  # q_out's batch stride
-    sqo_s,  # q_out's position stride
-    sqo_h,  # q_out's head stride
-    sko_b,  # k_out's batch stride
-    sko_s,  # k_out's position stride
-    sko_h,  # k_out's head stride
-    sc_b,  # cos's batch stride (0: broadcast)
-    sc_s,  # cos's position stride (0: broadcast)
-    ss_b,  # sin's batch stride (0: broadcast)
-    ss_s,  # sin's position stride (0: broadcast)
+    stride_qb,  # q's batch stride
+    stride_qs,  # q's position stride
+    stride_qh,  # q's head stride
+    stride_kb,  # k's batch stride
+    stride_ks,  # k's position stride
+    stride_kh,  # k's head stride
+    stride_qob,  # q_out's batch stride
+    stride_qos,  # q_out's position stride
+    stride_qoh,  # q_out's head stride
+    stride_kob,  # k_out's batch stride
+    stride_kos,  # k_out's position stride
+    stride_koh,  # k_out's head stride
+    stride_cb,  # cos's batch stride (0: broadcast)
+    stride_cs,  # cos's position stride (0: broadcast)
+    stride_sb,  # sin's batch stride (0: broadcast)
+    stride_ss,  # sin's position stride (0: broadcast)
     INTERLEAVED: tl.constexpr,  # pairs (2j, 2j + 1) instead of (j, j + rot / 2)
     BACKWARD: tl.constexpr,  # the transposed rotation (gradients)
     COPY_PASS: tl.constexpr,  # copy the pass-through dims rot..D (out of place, rot < D)
     BLOCK_HALF: tl.constexpr,  # >= rot / 2, a power of 2
+    EXACT: tl.constexpr,  # BLOCK_HALF == rot / 2 (no pair mask)
     BLOCK_HQ: tl.constexpr,  # q heads per tile
     BLOCK_HK: tl.constexpr,  # k heads per tile
     BLOCK_P: tl.constexpr,  # pass-through chunk
@@ -114,17 +115,23 @@ def rope_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // S
     s = row % S
-    half = rot // 2
+    rot = 2 * half
     j = tl.arange(0, BLOCK_HALF)
-    pair_ok = j < half
+    if EXACT:
+        pair_ok = j < BLOCK_HALF  # all true, known at compile time: the head mask alone, vector accesses kept
+    else:
+        pair_ok = j < half
     if INTERLEAVED:
         off_a = 2 * j
         off_b = 2 * j + 1
+    elif EXACT:
+        off_a = j
+        off_b = j + BLOCK_HALF  # == half, as a constant: aligned vector accesses of the second halves too
     else:
         off_a = j
         off_b = j + half
-    c_row = Cos + b * sc_b + s * sc_s
-    s_row = Sin + b * ss_b + s * ss_s
+    c_row = Cos + b * stride_cb + s * stride_cs
+    s_row = Sin + b * stride_sb + s * stride_ss
     cos_a = tl.load(c_row + off_a, mask=pair_ok, other=0.0).to(tl.float32)
     cos_b = tl.load(c_row + off_b, mask=pair_ok, other=0.0).to(tl.float32)
     sin_a = tl.load(s_row + off_a, mask=pair_ok, other=0.0).to(tl.float32)
@@ -134,10 +141,10 @@ def rope_kernel(
     rotate_heads(
         Q,
         QO,
-        b * sq_b + s * sq_s,
-        b * sqo_b + s * sqo_s,
-        sq_h,
-        sqo_h,
+        b * stride_qb + s * stride_qs,
+        b * stride_qob + s * stride_qos,
+        stride_qh,
+        stride_qoh,
         Hq,
         cos_a,
         cos_b,
@@ -155,10 +162,10 @@ def rope_kernel(
     rotate_heads(
         K,
         KO,
-        b * sk_b + s * sk_s,
-        b * sko_b + s * sko_s,
-        sk_h,
-        sko_h,
+        b * stride_kb + s * stride_ks,
+        b * stride_kob + s * stride_kos,
+        stride_kh,
+        stride_koh,
         Hk,
         cos_a,
         cos_b,
@@ -188,7 +195,14 @@ def config(Hq: int, Hk: int, rot: int, D: int, copy_pass: bool) -> dict:
     block_hk = min(triton.next_power_of_2(max(1, Hk)), cap)
     block_p = min(MAX_PASS, triton.next_power_of_2(max(1, D - rot))) if copy_pass else 1
     warps = 4 if max(block_hq, block_hk) * block_half <= 1024 else 8
-    return dict(BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_P=block_p, num_warps=warps)
+    return dict(
+        BLOCK_HALF=block_half,
+        EXACT=block_half == rot // 2,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_P=block_p,
+        num_warps=warps,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +244,7 @@ def rope(q, k, qo, ko, cos, sin, head_axis: int, interleaved: bool, backward: bo
         S,
         Hq,
         Hk,
-        rot,
+        rot // 2,
         D,
         *axes(q, head_axis),
         *axes(k, head_axis),

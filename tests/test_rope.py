@@ -109,8 +109,8 @@ def test_reference_is_hf():
         (modeling_cohere.apply_rotary_pos_emb, (2, 3, 16), True),
     ):
         cos, sin = _tables(shape).double(), _tables(shape).double()
-        for got, want in zip(reference.apply_rotary_pos_emb(q, k, cos, sin, 1, inter), hf(q, k, cos, sin, 1)):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = reference.apply_rotary_pos_emb(q, k, cos, sin, 1, inter)
+        torch.testing.assert_close(got, hf(q, k, cos, sin, 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -346,8 +346,8 @@ def _args(**over):
     ],
 )
 def test_bad_input(backend, over, unsqueeze_dim, exc, match):
-    on_device = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) and t.device.type != "meta" else t for n, t in over.items()}
-    a = _args(**on_device)
+    movable = {n: t for n, t in over.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    a = _args(**{**over, **{n: t.to(DEVICE) for n, t in movable.items()}})
     with pytest.raises(exc, match=match):
         F.apply_rotary_pos_emb(a["q"], a["k"], a["cos"], a["sin"], unsqueeze_dim)
 
@@ -377,7 +377,8 @@ def test_opcheck(backend, dtype):
     qs, ks = q.detach().transpose(1, 2).requires_grad_(), k.detach().transpose(1, 2).requires_grad_()
     torch.library.opcheck(fwd, (qs, ks, cos, sin, 2, False, False), test_utils=OPCHECK_TESTS)  # (B, S, H, D)
     torch.library.opcheck(fwd, (q, k, cos.float(), sin.float(), 1, True, True), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(inplace, (q.detach().clone(), k.detach().clone(), cos, sin, 1, False), test_utils=OPCHECK_TESTS)
+    qi, ki = q.detach().clone(), k.detach().clone()
+    torch.library.opcheck(inplace, (qi, ki, cos, sin, 1, False), test_utils=OPCHECK_TESTS)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

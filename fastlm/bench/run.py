@@ -19,6 +19,7 @@ from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
+from fastlm.bench import rope as rope_cases
 from fastlm.bench import softmax as softmax_cases
 from fastlm.dispatch import UnsupportedCaseError
 
@@ -27,6 +28,7 @@ FAMILIES = {
     "softmax": softmax_cases,
     "ce": ce_cases,
     "attention": attention_cases,
+    "rope": rope_cases,
     "model": model_cases,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
