@@ -51,6 +51,8 @@ def rotate_heads(
     rot,  # rotated dims
     D,  # head dim
     COPY_PASS: tl.constexpr,  # copy dims rot..D (out of place with rot < D)
+    PAIRED_TILE: tl.constexpr,  # interleaved pairs with rot == 2 * BLOCK_HALF: one contiguous tile, split in registers
+    BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -59,13 +61,25 @@ def rotate_heads(
         h_ok = h < H
         xh = X + x_row + h.to(tl.int64)[:, None] * stride_xh
         yh = Y + y_row + h.to(tl.int64)[:, None] * stride_yh
-        m = h_ok[:, None] & pair_ok[None, :]
-        xa = tl.load(xh + off_a[None, :], mask=m, other=0.0).to(tl.float32)
-        xb = tl.load(xh + off_b[None, :], mask=m, other=0.0).to(tl.float32)
-        ya = xa * cos_a[None, :] - xb * sin_a[None, :]
-        yb = xb * cos_b[None, :] + xa * sin_b[None, :]
-        tl.store(yh + off_a[None, :], ya.to(Y.dtype.element_ty), mask=m)
-        tl.store(yh + off_b[None, :], yb.to(Y.dtype.element_ty), mask=m)
+        if PAIRED_TILE:
+            # interleaved, rot == 2 * BLOCK_HALF: one contiguous [BLOCK_H, rot] tile, split into its (even, odd)
+            # lanes in registers, instead of two stride-2 accesses (which cannot be vectorised)
+            d = tl.arange(0, 2 * BLOCK_HALF)
+            m = h_ok[:, None] & (d < 2 * BLOCK_HALF)[None, :]
+            x = tl.load(xh + d[None, :], mask=m, other=0.0).to(tl.float32)
+            xa, xb = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_HALF, 2]))
+            ya = xa * cos_a[None, :] - xb * sin_a[None, :]
+            yb = xb * cos_b[None, :] + xa * sin_b[None, :]
+            y = tl.reshape(tl.join(ya, yb), [BLOCK_H, 2 * BLOCK_HALF])
+            tl.store(yh + d[None, :], y.to(Y.dtype.element_ty), mask=m)
+        else:
+            m = h_ok[:, None] & pair_ok[None, :]
+            xa = tl.load(xh + off_a[None, :], mask=m, other=0.0).to(tl.float32)
+            xb = tl.load(xh + off_b[None, :], mask=m, other=0.0).to(tl.float32)
+            ya = xa * cos_a[None, :] - xb * sin_a[None, :]
+            yb = xb * cos_b[None, :] + xa * sin_b[None, :]
+            tl.store(yh + off_a[None, :], ya.to(Y.dtype.element_ty), mask=m)
+            tl.store(yh + off_b[None, :], yb.to(Y.dtype.element_ty), mask=m)
         if COPY_PASS:
             for p0 in range(rot, D, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
@@ -156,6 +170,8 @@ def rope_kernel(
         rot,
         D,
         COPY_PASS,
+        INTERLEAVED and EXACT,
+        BLOCK_HALF,
         BLOCK_HQ,
         BLOCK_P,
     )
@@ -177,6 +193,8 @@ def rope_kernel(
         rot,
         D,
         COPY_PASS,
+        INTERLEAVED and EXACT,
+        BLOCK_HALF,
         BLOCK_HK,
         BLOCK_P,
     )
