@@ -18,7 +18,7 @@ without a copy). In place (QO == Q, KO == K) each element is read before the pro
 pass-through dims are not touched.
 
 Bytes: read q, k, cos, sin; write q_out, k_out:
-    (2 * (Hq + Hk) * D * e_x + 2 * rot * e_cos) per token row, with the tables' bytes read once per distinct row
+    (Hq + Hk) * D * (e_in + e_out) + 2 * rot * e_cos per token row, the tables' bytes once per distinct table row
     (in place: the pass-through dims are neither read nor written).
 Limits: D and rot even, 2 <= rot <= D; a grid axis of B * S rows (< 2**31).
 """
