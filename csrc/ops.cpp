@@ -91,7 +91,14 @@ void define_native_schemas(torch::stable::detail::StableLibrary& m, const char* 
 // Op families with Triton and CPU kernels only (the CUDA C++ backend raises UnsupportedCaseError for them, in
 // fastlm.dispatch): each family's schemas in its own function, defined with the "_cpu" suffix.
 void define_rope_schemas(torch::stable::detail::StableLibrary& m) {
-  // rotary position embedding (csrc/cpu/rope.cpp; fastlm/ops/rope.py has the contract)
+  // rotary position embedding (csrc/cpu/rope.cpp; fastlm/ops/rope.py has the contract). q (B, Hq, S, D) (head_axis
+  // 1) or (B, S, Hq, D) (head_axis 2), k likewise with Hk heads, unit last strides; cos / sin (Bc, Sc, rot), Bc in
+  // {1, B}, Sc in {1, S}, q's dtype or float32. backward: the transposed rotation. Outputs: dtype
+  // promote(q, cos), q's / k's layout. The in-place op writes into q and k (their dtype).
+  m.def(
+      "rope_fwd_cpu(Tensor q, Tensor k, Tensor cos, Tensor sin, int head_axis, bool interleaved, bool backward) -> "
+      "(Tensor q_out, Tensor k_out)");
+  m.def("rope_inplace_cpu(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int head_axis, bool interleaved) -> ()");
 }
 
 void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {

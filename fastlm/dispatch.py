@@ -57,7 +57,8 @@ ALTERNATIVE = {"cpu": "torch", "cuda": "triton"}
 IMPLEMENTED = {
     "triton": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},
     "cuda": {"norms", "softmax", "attention"},
-    "cpu": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},  # csrc/cpu/: attention forward only (backward: torch ops)
+    # csrc/cpu/: attention forward only (its backward: torch ops)
+    "cpu": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},
 }
 
 

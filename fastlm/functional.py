@@ -8,11 +8,13 @@ from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.gated_mlp import geglu, swiglu
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastlm.ops.rope import apply_rotary_pos_emb
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
 
 __all__ = [
     "add_layer_norm",
     "add_rms_norm",
+    "apply_rotary_pos_emb",
     "cross_entropy",
     "geglu",
     "layer_norm",

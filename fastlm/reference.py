@@ -80,3 +80,29 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "tanh") -> 
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
     return TF.gelu(gate, approximate=approximate) * up
+
+
+def apply_rotary_pos_emb(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, interleaved: bool = False
+) -> tuple[Tensor, Tensor]:
+    """HF transformers' rotary embedding, unfused: ``x * cos + rotate_half(x) * sin`` with the tables unsqueezed at
+    ``unsqueeze_dim`` (Llama); partial rotary when ``cos.shape[-1] < head_dim`` (Phi-3: the first rot dims rotate,
+    the rest pass through); ``interleaved``: Cohere's ``rotate_half`` on adjacent pairs. Dtypes follow torch's
+    promotion, as in Llama's (no cast back)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def rotate_half(x):
+        if interleaved:
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    def embed(x):
+        if rot == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    return embed(q), embed(k)

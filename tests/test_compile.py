@@ -48,6 +48,10 @@ CASES = {
         lambda x, m: F.scaled_masked_softmax(x, m, scale=0.5, is_causal=True),
         lambda: (_x(2, 2, 9, 9), torch.rand(2, 1, 9, 9, device=DEVICE) > 0.3),
     ),
+    "apply_rotary_pos_emb": (
+        lambda q, k, c, s: torch.cat([t.flatten() for t in F.apply_rotary_pos_emb(q, k, c, s)]),
+        lambda: (_x(2, 4, 5, 16), _x(2, 2, 5, 16), _x(2, 5, 16, grad=False), _x(2, 5, 16, grad=False)),
+    ),
     "cross_entropy": (
         lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1) + F.cross_entropy(x, t, reduction="none").sum(),
         lambda: (_x(6, 40), _targets(6, 40)),

@@ -20,6 +20,7 @@ from fastlm.bench import cross_entropy as ce_cases
 from fastlm.bench import gated_mlp as gated_mlp_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
+from fastlm.bench import rope as rope_cases
 from fastlm.bench import softmax as softmax_cases
 from fastlm.dispatch import UnsupportedCaseError
 
@@ -29,6 +30,7 @@ FAMILIES = {
     "ce": ce_cases,
     "attention": attention_cases,
     "gated_mlp": gated_mlp_cases,
+    "rope": rope_cases,
     "model": model_cases,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -49,6 +49,7 @@ def shipped_configs():
     yield from cross_entropy_configs()
     yield from attention_configs()
     yield from gated_mlp_configs()
+    yield from rope_configs()
 
 
 def norm_configs():
@@ -220,3 +221,25 @@ def attention_configs():
                         )
                         label += " default" if i == 0 else ""
                         yield Shipped(kernel, sig, consts, warps, stages, name, label, (90,) if tma else None)
+
+
+def rope_configs():
+    """The rotary kernel's tile classes (``kernels/rope.config``) at Llama-3-8B's heads (32 / 8, D = 128; forward,
+    backward, interleaved), a partial rotary out of place (rot 64 of D 128: the pass-through copy) and D = 256 (16 / 16
+    heads: tiles capped at TILE elements, a loop over heads); bf16."""
+    from fastlm.kernels import rope
+
+    ptrs = {n: "*bf16" for n in ("Q", "K", "QO", "KO", "Cos", "Sin")}
+    for Hq, Hk, rot, D, copy_pass, interleaved, backward in (
+        (32, 8, 128, 128, False, False, False),
+        (32, 8, 128, 128, False, False, True),
+        (32, 8, 128, 128, False, True, False),
+        (32, 8, 64, 128, True, False, False),
+        (16, 16, 256, 256, False, False, True),
+    ):
+        cfg = rope.config(Hq, Hk, rot, D, copy_pass)
+        warps = cfg.pop("num_warps")
+        consts = dict(INTERLEAVED=interleaved, BACKWARD=backward, COPY_PASS=copy_pass, **cfg)
+        label = f"H={Hq}/{Hk} D={D} rot={rot} {'bwd' if backward else 'fwd'}" + (" interleaved" if interleaved else "")
+        label += f" BLOCK_H={cfg['BLOCK_HQ']}/{cfg['BLOCK_HK']} w={warps}"
+        yield Shipped(rope.rope_kernel, signature(rope.rope_kernel, consts, ptrs), consts, warps, 3, "rope", label)
