@@ -5,6 +5,7 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 
 from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.kl_div import kl_div
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
@@ -13,6 +14,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "cross_entropy",
+    "kl_div",
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",
