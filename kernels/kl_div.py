@@ -26,13 +26,13 @@ WARPS = 4
 
 @triton.jit
 def kl_div_kernel(
-    X,  # (n,) input (log-probabilities), contiguous
-    T,  # (n,) target, contiguous, X's dtype
-    Loss,  # (n,) elementwise loss in X's dtype (not REDUCE)
+    X,  # (N,) input (log-probabilities), contiguous
+    T,  # (N,) target, contiguous, X's dtype
+    Loss,  # (N,) elementwise loss in X's dtype (not REDUCE)
     Partials,  # (programs,) fp32 per-program sums of the loss (REDUCE)
-    GX,  # (n,) scale * dl/dx (WRITE_GX)
-    GT,  # (n,) scale * dl/dt (WRITE_GT)
-    n,  # number of elements
+    GX,  # (N,) scale * dl/dx (WRITE_GX)
+    GT,  # (N,) scale * dl/dt (WRITE_GT)
+    N,  # number of elements
     scale,  # factor of both gradients
     LOG_TARGET: tl.constexpr,  # the target holds log-probabilities
     REDUCE: tl.constexpr,  # write per-program partial sums instead of the elementwise loss
@@ -42,7 +42,7 @@ def kl_div_kernel(
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    mask = offs < N
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(T + offs, mask=mask, other=0.0).to(tl.float32)
     if LOG_TARGET:

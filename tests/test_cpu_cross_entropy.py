@@ -165,7 +165,10 @@ def test_cpu_soft_deterministic_across_threads():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x.half(), None, 0.0, 1, True, False), "target must have input's dtype"),
+        (
+            lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x.half(), None, 0.0, 1, True, False),
+            "target must have input's dtype",
+        ),
         (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x[:3], None, 0.0, 1, True, False), "must have input's shape"),
         (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x.t().contiguous().t(), None, 0.0, 1, True, False), "unit stride"),
         (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x, torch.ones(9), 0.0, 1, True, False), "weight must be 1-D"),

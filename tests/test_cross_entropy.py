@@ -233,7 +233,9 @@ def test_soft_targets(backend, dtype, C):
     N = max(2, min(12, 20_000 // C))
     x = (torch.randn(N, C, device=DEVICE) * 2).to(dtype)
     t = _probs((N, C)).to(dtype)
-    compare_with_reference(lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t), {"x": x, "t": t}, dtype)
+    compare_with_reference(
+        lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t), {"x": x, "t": t}, dtype
+    )
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
@@ -266,8 +268,8 @@ def test_soft_spatial_unbatched_strided(backend, reduction):
     for x, t in cases:
         ww = w if x.dim() > 1 else None
         compare_with_reference(
-            lambda x, t: F.cross_entropy(x, t, ww, **kw),
-            lambda x, t: TF.cross_entropy(x, t, ww.to(x.dtype) if ww is not None else None, **kw),
+            lambda x, t, ww=ww: F.cross_entropy(x, t, ww, **kw),
+            lambda x, t, ww=ww: TF.cross_entropy(x, t, ww.to(x.dtype) if ww is not None else None, **kw),
             {"x": x, "t": t},
             torch.float32,
         )

@@ -25,7 +25,7 @@ def liger_providers(device: torch.device) -> dict[str, None]:
 
 
 # the suite's kernel -> Liger's function in liger_kernel.transformers.functional
-LIGER_KERNELS = ("layer_norm", "rms_norm", "add_rms_norm", "softmax", "cross_entropy", "linear_cross_entropy")
+LIGER_KERNELS = ("layer_norm", "rms_norm", "add_rms_norm", "softmax", "cross_entropy", "linear_cross_entropy", "kl_div")
 
 
 def liger_fn(kernel: str):
@@ -43,4 +43,5 @@ def liger_fn(kernel: str):
         "softmax": lambda x: lf.liger_softmax(x),
         "cross_entropy": lambda x, t: lf.liger_cross_entropy(x, t),
         "linear_cross_entropy": lambda x, w, t: lf.liger_fused_linear_cross_entropy(x, w, t),
+        "kl_div": lambda x, t: lf.liger_kl_div(x, t, reduction="batchmean"),
     }[kernel]

@@ -17,6 +17,7 @@ import torch
 from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
+from fastlm.bench import kl_div as kl_div_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import softmax as softmax_cases
@@ -26,6 +27,7 @@ FAMILIES = {
     "norms": norm_cases,
     "softmax": softmax_cases,
     "ce": ce_cases,
+    "kl_div": kl_div_cases,
     "attention": attention_cases,
     "model": model_cases,
 }
