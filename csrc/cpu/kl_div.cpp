@@ -37,19 +37,29 @@ struct KlArgs {
   float scale;
 };
 
+// All ones where t is +-0, else 0; as integer masks, never FP selects (log_fast's note: they would keep the loops
+// from vectorising).
+FASTLM_INLINE uint32_t zero_mask(float t) { return 0u - static_cast<uint32_t>((float_to_bits(t) & 0x7fffffffu) == 0u); }
+
+// t with +-0 replaced by 1 (so that t * log(t) is 0 * 0 there).
+FASTLM_INLINE float zero_to_one(float t) {
+  const uint32_t z = zero_mask(t);
+  return bits_to_float((float_to_bits(t) & ~z) | (0x3f800000u & z));
+}
+
 template <bool kLog>
 FASTLM_INLINE float kl_point(float x, float t) {
   if constexpr (kLog) {
     return exp_fast(t) * (t - x);
   } else {
-    return (t == 0.f ? 0.f : t * log_fast(t)) - t * x;  // xlogy(t, t) - t x: t = 0 and x = -inf gives NaN, as torch
+    // xlogy(t, t) - t x, with 0 * log(1) for t = 0 (log_fast's note); t = 0 and x = -inf gives NaN, as torch
+    return t * log_fast(zero_to_one(t)) - t * x;
   }
 }
 
 template <typename T, bool kLog>
 FASTLM_CPU_CLONES void kl_blocks(const KlArgs<T>& a, int64_t b0, int64_t b1) {
   const float scale = a.scale;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i0 = b * kBlock;
     const int64_t n = std::min(kBlock, a.n - i0);
@@ -82,7 +92,7 @@ FASTLM_CPU_CLONES void kl_blocks(const KlArgs<T>& a, int64_t b0, int64_t b1) {
         if constexpr (kLog) {
           d = exp_fast(tv) * (tv - xv + 1.f);
         } else {
-          d = tv == 0.f ? nan : log_fast(tv) + 1.f - xv;
+          d = log_fast(tv) + 1.f - xv + bits_to_float(0x7fc00000u & zero_mask(tv));  // NaN at t = 0, as torch
         }
         g[k] = from_float<T>(scale * d);
       }
