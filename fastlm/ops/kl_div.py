@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import call, resolve
-from fastlm.ops.cross_entropy import scale_grad
+from fastlm.ops.cross_entropy import scale_saved_grad
 from fastlm.ops.registry import check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -68,7 +68,7 @@ def _kl_setup(ctx, inputs, output):
 def _scale(saved: Tensor, dloss: Tensor, reduction: int) -> Tensor:
     if reduction == 0:
         return saved * dloss  # elementwise incoming gradient, in the loss's (= input's) dtype
-    return scale_grad(saved, dloss)
+    return scale_saved_grad(saved, dloss, reduction)  # a scalar: loss.backward() hands the gradient on unscaled
 
 
 def _kl_backward(ctx, dloss, _dgrad, _dtgrad):
