@@ -421,6 +421,21 @@ inline void check_input_layout(const Tensor& input, const Shape& s, bool class_s
   }
 }
 
+// weight None or (C,) float32 contiguous, reduction 0 / 1 / 2.
+template <typename OnDevice>
+void check_weight_reduction(const std::optional<Tensor>& weight, int64_t reduction, const Shape& s,
+                            const OnDevice& on_device) {
+  if (weight) {
+    on_device(*weight, "weight");
+    STD_TORCH_CHECK(weight->scalar_type() == ScalarType::Float, "fastlm: weight must be float32, got ",
+                    dtype_name(weight->scalar_type()));
+    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == s.C, "fastlm: weight must be 1-D of size C = ", s.C);
+    STD_TORCH_CHECK(s.C == 1 || weight->stride(0) == 1, "fastlm: weight must be contiguous");
+  }
+  STD_TORCH_CHECK(reduction >= 0 && reduction <= 2, "fastlm: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                  reduction);
+}
+
 // target (rows,) int64 contiguous, weight None or (C,) float32 contiguous, reduction 0 / 1 / 2.
 template <typename OnDevice>
 void check_target_weight(const Tensor& target, const std::optional<Tensor>& weight, int64_t reduction, const Shape& s,
@@ -431,15 +446,26 @@ void check_target_weight(const Tensor& target, const std::optional<Tensor>& weig
   STD_TORCH_CHECK(target.dim() == 1 && target.size(0) == s.rows, "fastlm: target must be 1-D of size N * D = ",
                   s.rows);
   STD_TORCH_CHECK(s.rows <= 1 || target.stride(0) == 1, "fastlm: target must be contiguous");
-  if (weight) {
-    on_device(*weight, "weight");
-    STD_TORCH_CHECK(weight->scalar_type() == ScalarType::Float, "fastlm: weight must be float32, got ",
-                    dtype_name(weight->scalar_type()));
-    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == s.C, "fastlm: weight must be 1-D of size C = ", s.C);
-    STD_TORCH_CHECK(s.C == 1 || weight->stride(0) == 1, "fastlm: weight must be contiguous");
+  check_weight_reduction(weight, reduction, s, on_device);
+}
+
+// Soft (class-probability) target: input's shape and dtype; (N, C): unit class stride, no negative row stride;
+// (N, C, D): contiguous.
+template <typename OnDevice>
+void check_soft_target(const Tensor& target, const Tensor& input, const Shape& s, const OnDevice& on_device) {
+  on_device(target, "target");
+  STD_TORCH_CHECK(target.scalar_type() == input.scalar_type(), "fastlm: target must have input's dtype (",
+                  dtype_name(input.scalar_type()), "), got ", dtype_name(target.scalar_type()));
+  bool same = target.dim() == input.dim();
+  for (int64_t d = 0; same && d < input.dim(); ++d) same = target.size(d) == input.size(d);
+  STD_TORCH_CHECK(same, "fastlm: a class-probability target must have input's shape");
+  if (input.dim() == 2) {
+    STD_TORCH_CHECK(s.C == 1 || s.N == 0 || target.stride(1) == 1,
+                    "fastlm: target must have unit stride along the classes, got ", target.stride(1));
+    STD_TORCH_CHECK(s.N <= 1 || target.stride(0) >= 0, "fastlm: target has a negative row stride");
+  } else {
+    STD_TORCH_CHECK(target.is_contiguous(), "fastlm: a 3-D target (N, C, D) must be contiguous");
   }
-  STD_TORCH_CHECK(reduction >= 0 && reduction <= 2, "fastlm: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-                  reduction);
 }
 
 // The fields the CPU and CUDA kernel arguments CeArgs<T> share (each backend sets its own others).

@@ -113,6 +113,18 @@ void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
 
 void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
   // soft-target cross-entropy, kl_div, distillation losses (csrc/cpu/distillation.cpp; fastlm/ops/distillation.py)
+  // soft-target cross-entropy (csrc/cpu/cross_entropy.cpp; fastlm/ops/cross_entropy.py): cross_entropy_fwd's contract
+  // with a class-probability target of input's shape and dtype, no ignore_index; the mean divides by the number of
+  // rows. target_grad = d loss / d target for an incoming gradient of 1 ((0,) unless compute_target_grad).
+  m.def(
+      "soft_cross_entropy_fwd_cpu(Tensor input, Tensor target, Tensor? weight, float label_smoothing, int reduction, "
+      "bool compute_grad, bool compute_target_grad) -> (Tensor loss, Tensor grad, Tensor target_grad)");
+  // kl_div (csrc/cpu/kl_div.cpp; fastlm/ops/kl_div.py): input and target contiguous, same shape and dtype.
+  // reduction 0: loss elementwise (input's shape and dtype); 1: the float32 sum times scale. grad / target_grad:
+  // d loss / d input and d target for an incoming gradient of 1, times scale ((0,) when not asked for).
+  m.def(
+      "kl_div_fwd_cpu(Tensor input, Tensor target, bool log_target, int reduction, float scale, bool compute_grad, "
+      "bool compute_target_grad) -> (Tensor loss, Tensor grad, Tensor target_grad)");
 }
 
 }  // namespace

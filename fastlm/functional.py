@@ -6,6 +6,7 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.gated_mlp import geglu, swiglu
+from fastlm.ops.kl_div import kl_div
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.rope import apply_rotary_pos_emb
@@ -17,6 +18,7 @@ __all__ = [
     "apply_rotary_pos_emb",
     "cross_entropy",
     "geglu",
+    "kl_div",
     "layer_norm",
     "linear_cross_entropy",
     "log_softmax",

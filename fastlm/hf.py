@@ -185,7 +185,8 @@ def _gated_activation(act: nn.Module):
 def _mlp_parts(m: nn.Module):
     """(projections, activation) of an HF gated MLP: Llama's gate_proj / up_proj / down_proj + act_fn, or Phi-3's
     merged gate_up_proj (first half gate) + down_proj + activation_fn; None for anything else."""
-    if not type(m).__name__.endswith("MLP") or not type(m).__module__.startswith("transformers.models."):
+    cls = getattr(m, "_fastlm_original_class", None) or type(m)
+    if not cls.__name__.endswith("MLP") or not cls.__module__.startswith("transformers.models."):
         return None
     linear = lambda n: isinstance(getattr(m, n, None), nn.Linear)  # noqa: E731
     if all(linear(n) for n in ("gate_proj", "up_proj", "down_proj")) and hasattr(m, "act_fn"):
@@ -239,7 +240,7 @@ def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def causal_lm_forward(self, *args, **kwargs):
-    """A patched ``*ForCausalLM``: in training with ``labels`` (or ``shift_labels``), the loss by the fused linear
+    """A patched ``*ForCausalLM``: in training with ``labels``, the loss by the fused linear
     cross-entropy on the LM head's input, so the (tokens, vocab) logits are never materialised and
     ``outputs.logits`` is None; otherwise (evaluation, generation, no labels) HF's own forward, logits included.
 
@@ -250,7 +251,7 @@ def causal_lm_forward(self, *args, **kwargs):
     bound = inspect.signature(original).bind(self, *args, **kwargs)
     extra = bound.arguments.get("kwargs", {})
     labels = bound.arguments.get("labels")
-    if not self.training or (labels is None and extra.get("shift_labels") is None):
+    if not self.training or labels is None:  # HF computes a loss only when labels are given
         return original(self, *args, **kwargs)
     bound.arguments["labels"] = None
     head = self.lm_head

@@ -10,6 +10,13 @@ gives a NaN loss and gradient (checked on the host only for CPU tensors, where t
 With reduction "mean" the gradient is divided by the denominator (sum of w_t over the rows that are not ignored,
 as torch), read from a device scalar so that no sync is needed.
 
+Soft (class-probability) targets, SOFT: T holds a target of x's shape (addressed like x, with its own row stride),
+t' = (1 - eps) * t + eps / C, and per row, as torch's probability path:
+    S = sum_c w_c t'_c,   loss = S * lse - sum_c w_c t'_c x_c
+    dloss/dx_c = p_c * S - w_c t'_c,     dloss/dt_c = -(1 - eps) * w_c * (x_c - lse)   (WRITE_TGRAD, same sweep)
+no ignore_index; with reduction "mean" both gradients are divided by the number of rows (torch's denominator there).
+Bytes (soft): reads x and t once per pass and writes the gradient(s): ~(4 + 2 with the target's gradient) * N * C * e.
+
 Rows are addressed as in kernels/softmax.py: (N, C) with any row stride, or contiguous (N, C, d...) with the
 classes strided by d. Bytes: reads x once per pass (two passes: statistics, then gradient; the second is mostly
 an L2 hit for rows that fit) and writes the gradient: ~3 * N * C * e.
@@ -26,14 +33,25 @@ MAX_BLOCK = 8192  # chunk width of the loop over classes
 
 
 @triton.jit
+def soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W: tl.constexpr):
+    """w_c * t'_c for the classes c of a chunk (0 outside [0, C)), t' = (1 - eps) * t + eps / C."""
+    t = tl.load(t_row + c.to(tl.int64) * stride_col, mask=c < C, other=0.0).to(tl.float32)
+    wt = one_m_eps * t + eps_c
+    if HAS_W:
+        wt *= tl.load(W + c, mask=c < C, other=0.0)
+    return tl.where(c < C, wt, 0.0)
+
+
+@triton.jit
 def cross_entropy_kernel(
     X,  # logits, addressed through (inner, stride_outer, stride_inner, stride_col)
-    T,  # (n_rows,) int64 targets
+    T,  # (n_rows,) int64 targets; SOFT: class probabilities addressed like X with row stride t_stride_outer
     W,  # (C,) fp32 class weights (HAS_W)
     Loss,  # (n_rows,) fp32 per-row loss (weighted, not divided by the denominator)
     G,  # gradient, addressed like X with the g_* strides (WRITE_GRAD); may alias X
     Denom,  # (1,) fp32 denominator of the mean (MEAN)
     WSum,  # (1,) fp32 sum of the class weights (HAS_W; C without weights)
+    TGrad,  # SOFT: d loss / d target, addressed like G (WRITE_TGRAD)
     n_rows,
     C,
     inner,
@@ -43,25 +61,35 @@ def cross_entropy_kernel(
     g_stride_outer,
     g_stride_inner,
     g_stride_col,
+    t_stride_outer,  # SOFT: row stride of the target's (outer) view; its other strides are X's
     ignore_index,
     smoothing,
     HAS_W: tl.constexpr,
     MEAN: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SMOOTH: tl.constexpr,
+    SOFT: tl.constexpr,  # class-probability targets
+    WRITE_TGRAD: tl.constexpr,  # SOFT: write d loss / d target
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row_offsets(row, inner, stride_outer, stride_inner)
     x_row = X + base
     cols = tl.arange(0, BLOCK_N)
-    t = tl.load(T + row)
-    ignored = t == ignore_index
-    valid = (t >= 0) & (t < C)
-    # pass 1: per-lane running max and sum of exp (and the smoothing sum), combined at the end
+    if SOFT:
+        t_row = T + row_offsets(row, inner, t_stride_outer, stride_inner)
+        one_m_eps = 1.0 - smoothing
+        eps_c = smoothing / C
+    else:
+        t = tl.load(T + row)
+        ignored = t == ignore_index
+        valid = (t >= 0) & (t < C)
+    # pass 1: per-lane running max and sum of exp (and the smoothing sum; SOFT: sum w t' and sum w t' x), combined
+    # at the end
     m_vec = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_vec = tl.zeros([BLOCK_N], tl.float32)
     sx_vec = tl.zeros([BLOCK_N], tl.float32)
+    sw_vec = tl.zeros([BLOCK_N], tl.float32)
     for off in range(0, C, BLOCK_N):
         c = off + cols
         x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=float("-inf")).to(tl.float32)
@@ -69,7 +97,11 @@ def cross_entropy_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
         m_vec = m_new
-        if SMOOTH:
+        if SOFT:
+            wt = soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W)
+            sw_vec += wt
+            sx_vec += tl.where(c < C, wt * x, 0.0)
+        elif SMOOTH:
             if HAS_W:
                 wx = tl.load(W + c, mask=c < C, other=0.0) * x
             else:
@@ -78,41 +110,66 @@ def cross_entropy_kernel(
     m = tl.max(m_vec, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = m_safe + tl.log(tl.sum(l_vec * tl.exp(m_vec - m_safe), axis=0))
-    t_safe = tl.where(valid, t, 0)
-    x_t = tl.load(x_row + t_safe * stride_col).to(tl.float32)
-    if HAS_W:
-        w_t = tl.load(W + t_safe)
-        w_sum = tl.load(WSum)
+    if SOFT:
+        s_wt = tl.sum(sw_vec, axis=0)
+        tl.store(Loss + row, s_wt * lse - tl.sum(sx_vec, axis=0))
+        if WRITE_GRAD or WRITE_TGRAD:
+            if MEAN:
+                scale = 1.0 / tl.load(Denom)
+            else:
+                scale = 1.0
+            g_base = row_offsets(row, inner, g_stride_outer, g_stride_inner)
+            for off in range(0, C, BLOCK_N):
+                c = off + cols
+                g_off = g_base + c.to(tl.int64) * g_stride_col
+                x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=0.0).to(tl.float32)
+                if WRITE_GRAD:
+                    wt = soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W)
+                    g = scale * (tl.exp(x - lse) * s_wt - wt)
+                    tl.store(G + g_off, g.to(G.dtype.element_ty), mask=c < C)
+                if WRITE_TGRAD:
+                    if HAS_W:
+                        w_c = tl.load(W + c, mask=c < C, other=0.0)
+                    else:
+                        w_c = 1.0
+                    dt = -scale * one_m_eps * w_c * (x - lse)
+                    tl.store(TGrad + g_off, dt.to(TGrad.dtype.element_ty), mask=c < C)
     else:
-        w_t = 1.0
-        w_sum = C * 1.0
-    loss = (1.0 - smoothing) * w_t * (lse - x_t)
-    if SMOOTH:
-        loss += smoothing / C * (w_sum * lse - tl.sum(sx_vec, axis=0))
-    loss = tl.where(valid, loss, float("nan"))
-    loss = tl.where(ignored, 0.0, loss)
-    tl.store(Loss + row, loss)
-    if WRITE_GRAD:
-        if MEAN:
-            scale = 1.0 / tl.load(Denom)
+        t_safe = tl.where(valid, t, 0)
+        x_t = tl.load(x_row + t_safe * stride_col).to(tl.float32)
+        if HAS_W:
+            w_t = tl.load(W + t_safe)
+            w_sum = tl.load(WSum)
         else:
-            scale = 1.0
-        g_row = G + row_offsets(row, inner, g_stride_outer, g_stride_inner)
-        coef = (1.0 - smoothing) * w_t * scale
-        for off in range(0, C, BLOCK_N):
-            c = off + cols
-            x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse)
-            g = coef * (p - tl.where(c == t, 1.0, 0.0))
-            if SMOOTH:
-                if HAS_W:
-                    w_c = tl.load(W + c, mask=c < C, other=0.0)
-                else:
-                    w_c = 1.0
-                g += smoothing / C * scale * (w_sum * p - w_c)
-            g = tl.where(valid, g, float("nan"))
-            g = tl.where(ignored, 0.0, g)
-            tl.store(g_row + c.to(tl.int64) * g_stride_col, g.to(G.dtype.element_ty), mask=c < C)
+            w_t = 1.0
+            w_sum = C * 1.0
+        loss = (1.0 - smoothing) * w_t * (lse - x_t)
+        if SMOOTH:
+            loss += smoothing / C * (w_sum * lse - tl.sum(sx_vec, axis=0))
+        loss = tl.where(valid, loss, float("nan"))
+        loss = tl.where(ignored, 0.0, loss)
+        tl.store(Loss + row, loss)
+        if WRITE_GRAD:
+            if MEAN:
+                scale = 1.0 / tl.load(Denom)
+            else:
+                scale = 1.0
+            g_row = G + row_offsets(row, inner, g_stride_outer, g_stride_inner)
+            coef = (1.0 - smoothing) * w_t * scale
+            for off in range(0, C, BLOCK_N):
+                c = off + cols
+                x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse)
+                g = coef * (p - tl.where(c == t, 1.0, 0.0))
+                if SMOOTH:
+                    if HAS_W:
+                        w_c = tl.load(W + c, mask=c < C, other=0.0)
+                    else:
+                        w_c = 1.0
+                    g += smoothing / C * scale * (w_sum * p - w_c)
+                g = tl.where(valid, g, float("nan"))
+                g = tl.where(ignored, 0.0, g)
+                tl.store(g_row + c.to(tl.int64) * g_stride_col, g.to(G.dtype.element_ty), mask=c < C)
 
 
 def block_n(C: int) -> int:
@@ -147,6 +204,7 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         g,
         denom if denom is not None else losses,
         w_sum,
+        x,
         n_rows,
         C,
         inner,
@@ -156,13 +214,65 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         go,
         gi,
         gc,
+        0,
         ignore_index,
         smoothing,
         HAS_W=weight is not None,
         MEAN=denom is not None,
         WRITE_GRAD=write_grad,
         SMOOTH=smoothing > 0.0,
+        SOFT=False,
+        WRITE_TGRAD=False,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )
     return losses, grad
+
+
+@on_tensor_device
+def soft_cross_entropy_rows(x, target, weight, denom, smoothing: float, write_grad: bool, write_target_grad: bool):
+    """Per-row losses (fp32) for class-probability targets and, if asked, the gradients w.r.t. x and the target.
+
+    x: (N, C) with unit class stride, or contiguous (N, C, D); target: x's shape and dtype ((N, C): unit class stride,
+    any row stride; (N, C, D): contiguous); weight: (C,) fp32 or None; denom: (1,) fp32 number of rows for the mean,
+    or None. Returns (losses, grad or None, target_grad or None); the gradients are contiguous.
+    """
+    n_rows, C, inner, so, si, sc = row_view(x, 1)
+    losses = empty((n_rows,), torch.float32, x.device)
+    grad = empty(x.shape, x.dtype, x.device) if write_grad else None
+    tgrad = empty(x.shape, x.dtype, x.device) if write_target_grad else None
+    if n_rows == 0:
+        return losses, grad, tgrad
+    g = grad if write_grad else (tgrad if write_target_grad else x)
+    go, gi, gc = row_view(g, 1)[3:]
+    cross_entropy_kernel[launch_grid(n_rows)](
+        x,
+        target,
+        weight if weight is not None else x,
+        losses,
+        grad if write_grad else g,
+        denom if denom is not None else losses,
+        losses,
+        tgrad if write_target_grad else g,
+        n_rows,
+        C,
+        inner,
+        so,
+        si,
+        sc,
+        go,
+        gi,
+        gc,
+        target.stride(0),
+        0,
+        smoothing,
+        HAS_W=weight is not None,
+        MEAN=denom is not None,
+        WRITE_GRAD=write_grad,
+        SMOOTH=smoothing > 0.0,
+        SOFT=True,
+        WRITE_TGRAD=write_target_grad,
+        BLOCK_N=block_n(C),
+        num_warps=warps(C),
+    )
+    return losses, grad, tgrad

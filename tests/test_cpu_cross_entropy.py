@@ -120,6 +120,67 @@ def test_cpu_cross_entropy_backward_unit_shortcut():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Class-probability (soft) targets: an LM vocabulary (many 2048-logit chunks) and the strided (N, C, D) layout
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_soft_cross_entropy_vocab(dtype):
+    x = (torch.randn(64, 32000) * 3).to(dtype)
+    t = torch.softmax(torch.randn(64, 32000) * 2, 1).to(dtype)
+    w = torch.rand(32000) + 0.5
+    compare_with_reference(
+        lambda x, t: F.cross_entropy(x, t, w, label_smoothing=0.1),
+        lambda x, t: TF.cross_entropy(x, t, w.to(x.dtype), label_smoothing=0.1),
+        {"x": x, "t": t},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_soft_cross_entropy_spatial(dtype):
+    """(N, C, D) with D = 300: a ragged last lane block; unnormalised targets, both gradients, reduction none."""
+    x = (torch.randn(2, 500, 300) * 2).to(dtype)
+    t = torch.rand(2, 500, 300).to(dtype)
+    compare_with_reference(
+        lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=0.05),
+        lambda x, t: TF.cross_entropy(x, t, reduction="none", label_smoothing=0.05),
+        {"x": x, "t": t},
+        dtype,
+    )
+
+
+def test_cpu_soft_deterministic_across_threads():
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(300, 4096, generator=g), torch.rand(300, 4096, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        a = ops.soft_cross_entropy_fwd_cpu(x, t, None, 0.1, 1, True, True)
+        torch.set_num_threads(1)
+        b = ops.soft_cross_entropy_fwd_cpu(x, t, None, 0.1, 1, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x.half(), None, 0.0, 1, True, False),
+            "target must have input's dtype",
+        ),
+        (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x[:3], None, 0.0, 1, True, False), "must have input's shape"),
+        (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x.t().contiguous().t(), None, 0.0, 1, True, False), "unit stride"),
+        (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x, torch.ones(9), 0.0, 1, True, False), "weight must be 1-D"),
+        (lambda: ops.soft_cross_entropy_fwd_cpu(_x, _x, None, 0.0, 3, True, False), "reduction must be"),
+    ],
+)
+def test_cpu_soft_bad_input_raw_op(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Determinism: bitwise equal across calls and thread counts (every row is computed by one thread, fixed order).
 
 

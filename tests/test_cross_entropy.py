@@ -162,8 +162,28 @@ def test_compile_fullgraph(backend):
         ),
         (
             lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, device=DEVICE)),
+            ValueError,
+            r"class-probability target must have input's shape \[3, 4\]",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE).half()),
             TypeError,
-            "target must hold class indices",
+            "class-probability target must have input's dtype",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device="meta")),
+            ValueError,
+            "target is on meta",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE), ignore_index=1),
+            ValueError,
+            "ignore_index is not supported for class-probability targets",
+        ),
+        (
+            lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE), reduction="x"),
+            ValueError,
+            "reduction must be",
         ),
         (
             lambda: F.cross_entropy(torch.randn(3, 4, device=DEVICE), _targets((4,), 4)),
@@ -195,6 +215,122 @@ def test_compile_fullgraph(backend):
 def test_bad_input(backend, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-probability (soft) targets: loss, d input and d target against torch's probability path in float64
+
+
+def _probs(shape, dim=1, normalised=True):
+    t = torch.rand(shape, device=DEVICE)
+    return t / t.sum(dim, keepdim=True) if normalised else t * 2  # torch does not require rows that sum to 1
+
+
+@pytest.mark.parametrize("C", [1, 7, 9000])  # 9000: more than one 8192-wide chunk (Triton) / 2048 (cpu)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_soft_targets(backend, dtype, C):
+    N = max(2, min(12, 20_000 // C))
+    x = (torch.randn(N, C, device=DEVICE) * 2).to(dtype)
+    t = _probs((N, C)).to(dtype)
+    compare_with_reference(
+        lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t), {"x": x, "t": t}, dtype
+    )
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_soft_reductions_weights_smoothing(backend, reduction, weighted, smoothing):
+    """torch's mean for probability targets divides by the number of rows, not by a sum of weights; targets that
+    do not sum to 1 are taken as they are."""
+    N, C = 37, 300
+    x = torch.randn(N, C, device=DEVICE)
+    t = _probs((N, C), normalised=not weighted)
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    compare_with_reference(
+        lambda x, t: F.cross_entropy(x, t, w, **kw),
+        lambda x, t: TF.cross_entropy(x, t, w.to(x.dtype) if w is not None else None, **kw),
+        {"x": x, "t": t},
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_soft_spatial_unbatched_strided(backend, reduction):
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    w = torch.rand(11, device=DEVICE) + 0.5
+    cases = [
+        (torch.randn(3, 11, 4, 5, device=DEVICE), _probs((3, 11, 4, 5))),  # (N, C, d1, d2)
+        (torch.randn(50, device=DEVICE), _probs((50,), dim=0)),  # (C,)
+    ]
+    for x, t in cases:
+        ww = w if x.dim() > 1 else None
+        compare_with_reference(
+            lambda x, t, ww=ww: F.cross_entropy(x, t, ww, **kw),
+            lambda x, t, ww=ww: TF.cross_entropy(x, t, ww.to(x.dtype) if ww is not None else None, **kw),
+            {"x": x, "t": t},
+            torch.float32,
+        )
+    # strided rows of both input and target, and a target whose classes are not contiguous (copied)
+    base, tbase = torch.randn(6, 90, device=DEVICE), _probs((40, 6)).t()
+    compare_with_reference(
+        lambda b, t: F.cross_entropy(b[:, :40], t, **kw),
+        lambda b, t: TF.cross_entropy(b[:, :40], t, **kw),
+        {"b": base, "t": tbase},
+        torch.float32,
+    )
+
+
+def test_soft_only_one_side_requires_grad(backend):
+    x = torch.randn(5, 30, device=DEVICE)
+    t = _probs((5, 30))
+    for x_req, t_req in ((True, False), (False, True)):
+        xl, tl = x.clone().requires_grad_(x_req), t.clone().requires_grad_(t_req)
+        loss = F.cross_entropy(xl, tl, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss * 3, xl if x_req else tl)
+        xr, tr = x.double().requires_grad_(x_req), t.double().requires_grad_(t_req)
+        (gr,) = torch.autograd.grad(TF.cross_entropy(xr, tr, label_smoothing=0.1) * 3, xr if x_req else tr)
+        torch.testing.assert_close(g.double(), gr, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(F.cross_entropy(x, t, reduction="sum"), TF.cross_entropy(x, t, reduction="sum"))
+
+
+def test_soft_module_and_linear_ce_stays_index_only(backend):
+    w = torch.rand(20, device=DEVICE)
+    x = torch.randn(8, 20, device=DEVICE)
+    t = _probs((8, 20))
+    ours = fnn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(ours(x, t), torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(x, t))
+    if backend in LCE_BACKENDS:
+        with pytest.raises(TypeError, match="target must hold class indices"):
+            F.linear_cross_entropy(torch.randn(8, 4, device=DEVICE), torch.randn(20, 4, device=DEVICE), t[:, 0])
+
+
+def test_soft_opcheck(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA C++ kernels have no soft-target cross-entropy (dispatch.LACKS)")
+    op = getattr(torch.ops.fastlm, f"soft_cross_entropy_fwd_{backend}")
+    x = torch.randn(6, 30, device=DEVICE, requires_grad=True)
+    t = _probs((6, 30)).requires_grad_()
+    w = torch.rand(30, device=DEVICE)
+    for red in (0, 1, 2):
+        torch.library.opcheck(op, (x, t, w, 0.1, red, True, True), test_utils=OPCHECK_TESTS)
+    x3, t3 = torch.randn(3, 30, 4, device=DEVICE), _probs((3, 30, 4))
+    torch.library.opcheck(op, (x3, t3, None, 0.0, 1, False, False), test_utils=OPCHECK_TESTS)
+
+
+def test_soft_compile_fullgraph(backend):
+    def f(x, t):
+        return F.cross_entropy(x, t, label_smoothing=0.1) + F.cross_entropy(x, t, reduction="none").sum()
+
+    x = torch.randn(8, 50, device=DEVICE, requires_grad=True)
+    t = _probs((8, 50)).requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")(x, t)
+    want = f(x, t)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, t)), torch.autograd.grad(want, (x, t)), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------

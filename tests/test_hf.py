@@ -74,9 +74,10 @@ def test_hf_patch_parity(backend, name, padding):
     labels = ids.masked_fill(mask == 0, -100)
 
     def run(m):
-        out = m(input_ids=ids, attention_mask=mask, labels=labels)
-        # logits where the mask is on, and the loss: everything a padded position cannot influence
-        return out.loss + (out.logits * mask[..., None]).square().mean() * 1e-2
+        # the loss (a patched causal LM in training computes it without logits), and the logits where the mask is on:
+        # everything a padded position cannot influence
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss + (m(input_ids=ids, attention_mask=mask).logits * mask[..., None]).square().mean() * 1e-2
 
     _compare_models(ref, ours, run, atol=2e-4, rtol=2e-4)
     fastlm.unpatch(ours)

@@ -135,6 +135,45 @@ FASTLM_INLINE float exp_fast(float x) {
   return x != x ? x : out;
 }
 
+// log(x) in fp32, branch-free so that loops over it vectorise (musl's range reduction, Cephes' logf polynomial):
+// x = 2^k * m with m in [sqrt(1/2), sqrt(2)) found with integer ops only, log(x) = k ln2 + log(1 + f), f = m - 1,
+// by a degree-9 polynomial (ln2 split in two). Max relative error ~2 ulp; subnormals are scaled by 2^25 first.
+// log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, NaN gives NaN: added to the result, not selected, and every
+// case test is an integer compare blended with masks, so that every operation runs for every x (GCC otherwise
+// threads the tests into branches, and does not if-convert FP operations back under -ftrapping-math: the loop
+// would not vectorise). Callers: select the input, not the call (log_fast(t == 0 ? 1 : t)), for the same reason.
+FASTLM_INLINE float log_fast(float x) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const uint32_t ux = float_to_bits(x);
+  // +0 and positive subnormals: x * 2^25 (blended with integer masks: see above)
+  const uint32_t sub = 0u - static_cast<uint32_t>(ux < 0x00800000u);
+  const uint32_t u = (float_to_bits(x * 33554432.f) & sub) | (ux & ~sub);
+  const uint32_t ix = u - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const float k = static_cast<float>((static_cast<int32_t>(ix) >> 23) - static_cast<int32_t>(sub & 25u));
+  const float f = bits_to_float(u - (ix & 0xff800000u)) - 1.f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = __builtin_fmaf(y, f, -1.1514610310e-1f);
+  y = __builtin_fmaf(y, f, 1.1676998740e-1f);
+  y = __builtin_fmaf(y, f, -1.2420140846e-1f);
+  y = __builtin_fmaf(y, f, 1.4249322787e-1f);
+  y = __builtin_fmaf(y, f, -1.6668057665e-1f);
+  y = __builtin_fmaf(y, f, 2.0000714765e-1f);
+  y = __builtin_fmaf(y, f, -2.4999993993e-1f);
+  y = __builtin_fmaf(y, f, 3.3333331174e-1f);
+  y = y * f * z;
+  y = __builtin_fmaf(k, -2.12194440e-4f, y);
+  y = __builtin_fmaf(z, -0.5f, y);
+  const float out = __builtin_fmaf(k, 0.693359375f, f + y);  // finite for x = 0 (-105) and x = inf (88.7)
+  // +-0 -> -inf, +inf -> inf, negative or NaN -> NaN: added bit patterns chosen with integer compares
+  const uint32_t mag = ux & 0x7fffffffu;
+  const uint32_t zero = 0u - static_cast<uint32_t>(mag == 0u);
+  const uint32_t pinf = 0u - static_cast<uint32_t>(ux == 0x7f800000u);
+  const uint32_t bad = 0u - static_cast<uint32_t>((mag > 0x7f800000u) | ((ux >> 31) & (mag != 0u)));
+  const float special = bits_to_float((float_to_bits(-inf) & zero) | (float_to_bits(inf) & pinf) | (0x7fc00000u & bad));
+  return out + special;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Checks (the device-agnostic ones, and the dtype dispatch, are in csrc/checks.h).
 

@@ -9,6 +9,13 @@
 //   grad = (1 - eps) * w_t * (p_c - [c == t]) + eps / C * (W * p_c - w_c),  p = softmax(x), times 1 / denom (mean)
 // Rows with t == ignore_index: loss 0, grad 0.
 //
+// Soft (class-probability) targets, fastlm::soft_cross_entropy_fwd_cpu: the same kernels with kSoft; the target is a
+// tensor of the input's shape and dtype, t' = (1 - eps) * t + eps / C, and per row (as torch's probability path):
+//   S    = sum_c w_c t'_c,   loss = S * lse - sum_c w_c t'_c x_c
+//   grad = (p_c * S - w_c t'_c) * scale,   target_grad = -(1 - eps) * w_c * (x_c - lse) * scale
+// with scale = 1 / rows for the mean (torch divides by the number of rows, not by a sum of weights), else 1; no
+// ignore_index. The target gradient (when asked for) is written in the gradient sweep, from x and lse.
+//
 // Steps:
 //  1. serial, O(rows): the target range check and (mean) denom = sum over non-ignored rows of w_t (count without
 //     weights), in row order.
@@ -40,7 +47,10 @@ constexpr int64_t kMaxLanes = 256;  // d lanes of a strided block
 template <typename T>
 struct CeArgs {
   const T* x;
-  const int64_t* target;  // (rows,)
+  const int64_t* target;  // (rows,) class indices (not soft)
+  const T* prob;          // soft: the target, laid out as x (row r at r * tsn; strided: as x)
+  T* tgrad;               // soft: d loss / d target (contiguous, x's shape), or nullptr
+  int64_t tsn;            // soft, (N, C): target row stride
   const float* w;         // (C,) or nullptr
   float* losses;          // (rows,)
   T* grad;                // input's shape, contiguous; nullptr: no gradient
@@ -65,7 +75,40 @@ FASTLM_INLINE float weight_of(const float* w, int64_t c) {
 
 // ------------------------------------------------------------------------------------------------------------
 // Rows layout: input (N, C), unit class stride, row r at r * sn; grad row at r * C.
-template <typename T, bool kSmooth, bool kW>
+
+// Soft targets, the gradient sweep of one row: p = e * exp(m_chunk - lse) from the kept exps e (kept when gr is
+// asked for; fp32: e is gr itself, each element read before it is overwritten), grad = scale * (p * S - w t'), and
+// d loss / d target =
+// -scale * (1 - eps) * w * (x - lse) from the logits, chunk by chunk (the chunk's x and t are still in L1).
+template <typename T, bool kW>
+FASTLM_INLINE void soft_grad_row(const CeArgs<T>& a, const T* xr, const T* tr, T* gr, T* dtr, const float* e,
+                                 const float* cmax, float lse, float S) {
+  const int64_t C = a.C;
+  const float one_m_eps = 1.f - a.eps, eps_c = a.eps_c, scale = a.scale;
+  const float scale_s = scale * S, tscale = -scale * one_m_eps;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    const float* ec = e + c0;
+    const T* xc = xr + c0;
+    const T* tc = tr + c0;
+    if (gr) {
+      const float f = exp_fast(cmax[c0 / kChunk] - lse);
+      T* gc = gr + c0;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tc[k]) + eps_c);
+        gc[k] = from_float<T>(scale_s * (ec[k] * f) - scale * wt);
+      }
+    }
+    if (dtr) {
+      T* dc = dtr + c0;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) dc[k] = from_float<T>(tscale * weight_of<kW>(a.w, c0 + k) * (to_float(xc[k]) - lse));
+    }
+  }
+}
+
+template <typename T, bool kSmooth, bool kW, bool kSoft>
 FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
   const int64_t C = a.C;
   const int64_t nchunks = (C + kChunk - 1) / kChunk;
@@ -75,11 +118,14 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
   // is what bounds this kernel, not memory).
   std::vector<float> scratch(a.grad && !std::is_same_v<T, float> ? C : 0);
   std::vector<float> cmax(nchunks);
+  const float one_m_eps = 1.f - a.eps;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = a.x + r * a.sn;
+    const T* tr = kSoft ? a.prob + r * a.tsn : nullptr;
     T* gr = a.grad ? a.grad + r * C : nullptr;
-    const int64_t t = a.target[r];
-    if (t == a.ignore_index) {
+    T* dtr = kSoft && a.tgrad ? a.tgrad + r * C : nullptr;
+    const int64_t t = kSoft ? 0 : a.target[r];
+    if (!kSoft && t == a.ignore_index) {
       a.losses[r] = 0.f;
       if (gr) {
         const T z = from_float<T>(0.f);
@@ -89,8 +135,9 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       continue;
     }
     float* e = !gr ? nullptr : std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch.data();
-    // Statistics, online over chunks: m the running max, s the sum of exp(x - m), sx = sum_c w_c x_c.
-    float m = kNegInf, s = 0.f, sx = 0.f;
+    // Statistics, online over chunks: m the running max, s the sum of exp(x - m), sx = sum_c w_c x_c (soft:
+    // sum_c w_c t'_c x_c, and sw = sum_c w_c t'_c).
+    float m = kNegInf, s = 0.f, sx = 0.f, sw = 0.f;
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       const int64_t c0 = ci * kChunk;
       const T* p = xr + c0;
@@ -109,29 +156,47 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       // are all exp(-inf) = 0 then, and the rescaling above keeps s = 0 once a finite max appears).
       const float mref = m == kNegInf ? 0.f : m;
       cmax[ci] = mref;
-      float cs = 0.f, cx = 0.f;
+      float cs = 0.f, cx = 0.f, cw = 0.f;
       if (e) {
         float* ec = e + c0;
-#pragma omp simd reduction(+ : cs, cx)
+#pragma omp simd reduction(+ : cs, cx, cw)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
           const float ev = exp_fast(v - mref);
           ec[k] = ev;
           cs += ev;
-          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
+          if constexpr (kSoft) {
+            const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tr[c0 + k]) + a.eps_c);
+            cw += wt;
+            cx += wt * v;
+          } else if constexpr (kSmooth) {
+            cx += weight_of<kW>(a.w, c0 + k) * v;
+          }
         }
       } else {
-#pragma omp simd reduction(+ : cs, cx)
+#pragma omp simd reduction(+ : cs, cx, cw)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
           cs += exp_fast(v - mref);
-          if constexpr (kSmooth) cx += weight_of<kW>(a.w, c0 + k) * v;
+          if constexpr (kSoft) {
+            const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tr[c0 + k]) + a.eps_c);
+            cw += wt;
+            cx += wt * v;
+          } else if constexpr (kSmooth) {
+            cx += weight_of<kW>(a.w, c0 + k) * v;
+          }
         }
       }
       s += cs;
       sx += cx;
+      sw += cw;
     }
     const float lse = m + std::log(s);
+    if constexpr (kSoft) {
+      a.losses[r] = sw * lse - sx;
+      if (gr || dtr) soft_grad_row<T, kW>(a, xr, tr, gr, dtr, e, cmax.data(), lse, sw);
+      continue;
+    }
     const float x_t = to_float(xr[t]);
     const float w_t = a.w ? a.w[t] : 1.f;
     float loss = (1.f - a.eps) * w_t * (lse - x_t);
@@ -168,17 +233,56 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
 // ------------------------------------------------------------------------------------------------------------
 // Strided layout: input contiguous (N, C, D), element (n, c, d) at n * sn + c * D + d (sn = C * D); grad likewise.
 // Work item w = (n, block ib) covers d in [ib * nb, min(D, (ib + 1) * nb)).
-template <typename T, bool kSmooth, bool kW>
+
+// Soft targets, one block of nl lanes after the statistics (m, s, sx = sum w t' x, sw = sum w t'): the losses, then
+// the gradient and the target's gradient in one more sweep over the classes.
+template <typename T, bool kW>
+FASTLM_INLINE void soft_strided_block(const CeArgs<T>& a, int64_t n, int64_t d0, int64_t nl, const T* xb, const T* pb,
+                                      const float* m, const float* s, const float* sx, const float* sw) {
+  const int64_t C = a.C, D = a.D;
+  const float one_m_eps = 1.f - a.eps, eps_c = a.eps_c, scale = a.scale, tscale = -a.scale * (1.f - a.eps);
+  float lse[kMaxLanes], ss[kMaxLanes];
+  for (int64_t i = 0; i < nl; ++i) {
+    lse[i] = m[i] + std::log(s[i]);
+    a.losses[n * D + d0 + i] = sw[i] * lse[i] - sx[i];
+    ss[i] = scale * sw[i];
+  }
+  if (!a.grad && !a.tgrad) return;
+  T* gb = a.grad ? a.grad + n * a.sn + d0 : nullptr;
+  T* db = a.tgrad ? a.tgrad + n * a.sn + d0 : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* p = xb + c * D;
+    const T* q = pb + c * D;
+    const float wc = weight_of<kW>(a.w, c);
+    if (gb) {
+      T* g = gb + c * D;
+#pragma omp simd
+      for (int64_t i = 0; i < nl; ++i) {
+        const float pr = exp_fast(to_float(p[i]) - lse[i]);
+        g[i] = from_float<T>(ss[i] * pr - scale * wc * (one_m_eps * to_float(q[i]) + eps_c));
+      }
+    }
+    if (db) {
+      T* dt = db + c * D;
+#pragma omp simd
+      for (int64_t i = 0; i < nl; ++i) dt[i] = from_float<T>(tscale * wc * (to_float(p[i]) - lse[i]));
+    }
+  }
+}
+
+template <typename T, bool kSmooth, bool kW, bool kSoft>
 FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
-  float m[kMaxLanes], s[kMaxLanes], sx[kMaxLanes], lse[kMaxLanes], coef[kMaxLanes], smc[kMaxLanes];
+  float m[kMaxLanes], s[kMaxLanes], sx[kMaxLanes], sw[kMaxLanes], lse[kMaxLanes], coef[kMaxLanes], smc[kMaxLanes];
+  const float one_m_eps = 1.f - a.eps;
   const int64_t C = a.C, D = a.D;
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t n = w / a.nblocks;
     const int64_t d0 = (w % a.nblocks) * a.nb;
     const int64_t nl = std::min(a.nb, D - d0);
     const T* xb = a.x + n * a.sn + d0;
-    const int64_t* tb = a.target + n * D + d0;
-    for (int64_t i = 0; i < nl; ++i) m[i] = kNegInf, s[i] = 0.f, sx[i] = 0.f;
+    const int64_t* tb = kSoft ? nullptr : a.target + n * D + d0;
+    const T* pb = kSoft ? a.prob + n * a.sn + d0 : nullptr;  // soft: the target, contiguous like x
+    for (int64_t i = 0; i < nl; ++i) m[i] = kNegInf, s[i] = 0.f, sx[i] = 0.f, sw[i] = 0.f;
     for (int64_t c = 0; c < C; ++c) {
       const T* p = xb + c * D;
 #pragma omp simd
@@ -190,12 +294,28 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
     for (int64_t c = 0; c < C; ++c) {
       const T* p = xb + c * D;
       const float wc = weight_of<kW>(a.w, c);
+      if constexpr (kSoft) {
+        const T* q = pb + c * D;
 #pragma omp simd
-      for (int64_t i = 0; i < nl; ++i) {
-        const float v = to_float(p[i]);
-        s[i] += exp_fast(v - m[i]);
-        if constexpr (kSmooth) sx[i] += wc * v;
+        for (int64_t i = 0; i < nl; ++i) {
+          const float v = to_float(p[i]);
+          const float wt = wc * (one_m_eps * to_float(q[i]) + a.eps_c);
+          s[i] += exp_fast(v - m[i]);
+          sw[i] += wt;
+          sx[i] += wt * v;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < nl; ++i) {
+          const float v = to_float(p[i]);
+          s[i] += exp_fast(v - m[i]);
+          if constexpr (kSmooth) sx[i] += wc * v;
+        }
       }
+    }
+    if constexpr (kSoft) {
+      soft_strided_block<T, kW>(a, n, d0, nl, xb, pb, m, s, sx, sw);
+      continue;
     }
     for (int64_t i = 0; i < nl; ++i) {
       const int64_t t = tb[i];
@@ -242,17 +362,34 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
 // ------------------------------------------------------------------------------------------------------------
 // Host side.
 
-template <typename T, bool kSmooth, bool kW>
+template <typename T, bool kSmooth, bool kW, bool kSoft = false>
 void run_rows(const CeArgs<T>& a, int64_t rows, bool strided) {
-  const int64_t passes = a.grad ? 3 : 1;
+  const int64_t passes = (a.grad ? 3 : 1) + (kSoft ? 1 + (a.tgrad ? 2 : 0) : 0);
   if (!strided) {
     parallel_rows(rows, grain_for(a.C * passes * static_cast<int64_t>(sizeof(T))),
-                  [&](int64_t r0, int64_t r1) { ce_rows<T, kSmooth, kW>(a, r0, r1); });
+                  [&](int64_t r0, int64_t r1) { ce_rows<T, kSmooth, kW, kSoft>(a, r0, r1); });
   } else {
     const int64_t items = rows / a.D * a.nblocks;
     parallel_rows(items, grain_for(a.C * a.nb * passes * static_cast<int64_t>(sizeof(T))),
-                  [&](int64_t w0, int64_t w1) { ce_strided<T, kSmooth, kW>(a, w0, w1); });
+                  [&](int64_t w0, int64_t w1) { ce_strided<T, kSmooth, kW, kSoft>(a, w0, w1); });
   }
+}
+
+// Strided lanes: an (C, nb) block of logits stays within ~256 KiB of L2 between sweeps.
+template <typename T>
+void set_lanes(CeArgs<T>& a) {
+  a.nb = std::min(a.D, std::clamp<int64_t>((256 * 1024 / 4) / a.C / 16 * 16, 16, kMaxLanes));
+  a.nblocks = (a.D + a.nb - 1) / a.nb;
+}
+
+// (mean / sum): the fixed-order sum of the per-row losses, in double, divided by denom for the mean.
+Tensor reduce_losses(const Tensor& input, const float* lp, int64_t rows, int64_t reduction, float denom) {
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) total += lp[r];
+  Tensor loss = torch::stable::new_empty(input, std::vector<int64_t>{}, ScalarType::Float);
+  *static_cast<float*>(loss.data_ptr()) = reduction == 1 ? static_cast<float>(total) / denom
+                                                         : static_cast<float>(total);
+  return loss;
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
@@ -297,9 +434,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
                       label_smoothing);
       a.W = static_cast<float>(W);
       a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
-      // Strided lanes: an (C, nb) block of logits stays within ~256 KiB of L2 between sweeps.
-      a.nb = std::min(D, std::clamp<int64_t>((256 * 1024 / 4) / C / 16 * 16, 16, kMaxLanes));
-      a.nblocks = (D + a.nb - 1) / a.nb;
+      set_lanes(a);
       const bool strided = D > 1;
       if (!smooth) {
         run_rows<T, false, false>(a, rows, strided);
@@ -312,12 +447,51 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   }
   if (reduction == 0) return {losses, grad};
   // Step 3: fixed-order sum.
-  double total = 0.0;
-  for (int64_t r = 0; r < rows; ++r) total += lp[r];
-  Tensor loss = torch::stable::new_empty(input, std::vector<int64_t>{}, ScalarType::Float);
-  *static_cast<float*>(loss.data_ptr()) = reduction == 1 ? static_cast<float>(total) / denom_f
-                                                         : static_cast<float>(total);
-  return {loss, grad};
+  return {reduce_losses(input, lp, rows, reduction, denom_f), grad};
+}
+
+// Soft targets: target of input's shape and dtype ((N, C): unit class stride; (N, C, D): contiguous). The mean
+// divides by the number of rows N * D (torch's probability path); no ignore_index, no range check.
+std::tuple<Tensor, Tensor, Tensor> soft_cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                              const std::optional<Tensor>& weight,
+                                                              double label_smoothing, int64_t reduction,
+                                                              bool compute_grad, bool compute_target_grad) {
+  check_cpu_float(input, "input");
+  const ce::Shape s = ce::input_shape(input);
+  const int64_t C = s.C, rows = s.rows;
+  STD_TORCH_CHECK(C >= 1, "fastlm: the number of classes C = ", C, " must be at least 1");
+  ce::check_input_layout(input, s, s.N > 0);
+  ce::check_soft_target(target, input, s, check_cpu);
+  ce::check_weight_reduction(weight, reduction, s, check_cpu);
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
+                  label_smoothing);
+  const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
+  Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
+  Tensor grad = compute_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+  Tensor tgrad =
+      compute_target_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+  float* lp = static_cast<float*>(losses.data_ptr());
+  const float denom_f = static_cast<float>(rows);
+  if (rows > 0) {
+    dispatch_float<half, bf16>(input.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      CeArgs<T> a{};
+      ce::set_args<T>(a, input, nullptr, w, lp, compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr, s, -1,
+                      label_smoothing);
+      a.prob = static_cast<const T*>(target.data_ptr());
+      a.tsn = input.dim() == 2 ? target.stride(0) : C * s.D;
+      a.tgrad = compute_target_grad ? static_cast<T*>(tgrad.data_ptr()) : nullptr;
+      a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
+      set_lanes(a);
+      if (w) {
+        run_rows<T, false, true, true>(a, rows, s.D > 1);
+      } else {
+        run_rows<T, false, false, true>(a, rows, s.D > 1);
+      }
+    });
+  }
+  if (reduction == 0) return {losses, grad, tgrad};
+  return {reduce_losses(input, lp, rows, reduction, denom_f), grad, tgrad};
 }
 
 }  // namespace
@@ -325,4 +499,5 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
 
 STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_fwd_cpu", TORCH_BOX(&fastlm::cpu::cross_entropy_fwd_cpu));
+  m.impl("soft_cross_entropy_fwd_cpu", TORCH_BOX(&fastlm::cpu::soft_cross_entropy_fwd_cpu));
 }

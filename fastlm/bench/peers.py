@@ -25,7 +25,16 @@ def liger_providers(device: torch.device) -> dict[str, None]:
 
 
 # the suite's kernel -> Liger's function in liger_kernel.transformers.functional
-LIGER_KERNELS = ("layer_norm", "rms_norm", "add_rms_norm", "softmax", "cross_entropy", "linear_cross_entropy", "rope")
+LIGER_KERNELS = (
+    "layer_norm",
+    "rms_norm",
+    "add_rms_norm",
+    "softmax",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "rope",
+    "kl_div",
+)
 
 
 def liger_fn(kernel: str):
@@ -44,4 +53,5 @@ def liger_fn(kernel: str):
         "cross_entropy": lambda x, t: lf.liger_cross_entropy(x, t),
         "linear_cross_entropy": lambda x, w, t: lf.liger_fused_linear_cross_entropy(x, w, t),
         "rope": lambda q, k, cos, sin: lf.liger_rope(q, k, cos, sin),
+        "kl_div": lambda x, t: lf.liger_kl_div(x, t, reduction="batchmean"),
     }[kernel]

@@ -18,6 +18,7 @@ from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
 from fastlm.bench import gated_mlp as gated_mlp_cases
+from fastlm.bench import kl_div as kl_div_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import rope as rope_cases
@@ -28,6 +29,7 @@ FAMILIES = {
     "norms": norm_cases,
     "softmax": softmax_cases,
     "ce": ce_cases,
+    "kl_div": kl_div_cases,
     "attention": attention_cases,
     "gated_mlp": gated_mlp_cases,
     "rope": rope_cases,

@@ -47,6 +47,7 @@ def shipped_configs():
     yield from norm_configs()
     yield from softmax_configs()
     yield from cross_entropy_configs()
+    yield from kl_div_configs()
     yield from attention_configs()
     yield from gated_mlp_configs()
     yield from rope_configs()
@@ -141,12 +142,27 @@ def cross_entropy_configs():
     from fastlm.kernels import cross_entropy as ce
 
     ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "Loss": "*fp32", "G": "*bf16", "Denom": "*fp32", "WSum": "*fp32"}
+    ptrs["TGrad"] = "*bf16"
     for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
-        consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
-        consts |= dict(inner=1, stride_col=1, g_stride_col=1)
-        label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}"
-        sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
-        yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy", label)
+        for soft in (False, True):  # class indices; class probabilities with both gradients (T: bf16)
+            consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
+            consts |= dict(SOFT=soft, WRITE_TGRAD=soft, inner=1, stride_col=1, g_stride_col=1)
+            label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}" + (" soft" if soft else "")
+            sig = signature(ce.cross_entropy_kernel, consts, ptrs | ({"T": "*bf16"} if soft else {}), ("smoothing",))
+            name = "cross_entropy_soft" if soft else "cross_entropy"
+            yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, name, label)
+
+
+def kl_div_configs():
+    """The kl_div kernel's one block size, with the reduced loss and both gradients, for each form of the target."""
+    from fastlm.kernels import kl_div as kl
+
+    ptrs = {"X": "*bf16", "T": "*bf16", "Loss": "*bf16", "Partials": "*fp32", "GX": "*bf16", "GT": "*bf16"}
+    for log_target in (False, True):
+        consts = dict(LOG_TARGET=log_target, REDUCE=True, WRITE_GX=True, WRITE_GT=True, BLOCK=kl.BLOCK)
+        label = f"BLOCK={kl.BLOCK} w={kl.WARPS} log_target={log_target}"
+        sig = signature(kl.kl_div_kernel, consts, ptrs, ("scale",))
+        yield Shipped(kl.kl_div_kernel, sig, consts, kl.WARPS, 3, "kl_div", label)
 
 
 def gated_mlp_configs():

@@ -27,8 +27,9 @@ class LogSoftmax(torch.nn.LogSoftmax):
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (class-index targets): input ``(N, C)`` or
-    ``(N, C, d...)``, target ``(N,)`` or ``(N, d...)``."""
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss`: input ``(N, C)``, ``(C,)`` or ``(N, C, d...)``; target
+    class indices ``(N,)`` / ``()`` / ``(N, d...)`` or class probabilities of input's shape (as
+    fastlm.functional.cross_entropy)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy.cross_entropy(

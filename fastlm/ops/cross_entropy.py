@@ -1,5 +1,5 @@
-"""Cross-entropy over class indices: registered ops, fake impls, autograd, the public function, and the input checks
-and helpers that the linear cross-entropy (linear_cross_entropy.py) shares.
+"""Cross-entropy over class indices or class probabilities: registered ops, fake impls, autograd, the public
+function, and the input checks and helpers that the linear cross-entropy (linear_cross_entropy.py) shares.
 
 Ops (for <backend> in {triton, cuda, cpu}):
     fastlm::cross_entropy_fwd_<backend>(input, target, weight?, ignore_index, label_smoothing, reduction,
@@ -8,6 +8,17 @@ Ops (for <backend> in {triton, cuda, cpu}):
 fp32. ``loss`` is fp32: (N*D,) for reduction "none", a scalar otherwise; ``grad`` is d loss / d input for an
 incoming gradient of 1 (input's dtype and shape), written in the same pass as the loss, or (0,) when not asked for.
 The backward only scales it by the incoming gradient.
+
+Class-probability (soft) targets, for <backend> in {triton, cpu} (the CUDA C++ kernels have none):
+    fastlm::soft_cross_entropy_fwd_<backend>(input, target, weight?, label_smoothing, reduction, compute_grad,
+                                             compute_target_grad) -> (loss, grad, target_grad)
+``target`` has input's shape and dtype ((N, C): unit class stride; (N, C, D): contiguous). Per row, with
+t' = (1 - eps) * t + eps / C (torch's smoothing of probabilities): loss = -sum_c w_c t'_c log_softmax(x)_c,
+d loss / d x_c = p_c * sum_k w_k t'_k - w_c t'_c, d loss / d t_c = -(1 - eps) * w_c * log_softmax(x)_c. As torch:
+targets need not sum to 1, there is no ignore_index, and the mean divides by the number of rows N * D (not by a
+sum of weights). ``target_grad`` (when the target requires grad) is written in the forward's gradient sweep, so
+the backward scales both saved gradients and reads nothing else. Bytes: reads x and t twice (statistics, then
+gradients), writes each gradient once.
 """
 
 import torch
@@ -81,32 +92,103 @@ def scale_grad(grad, g):
     return grad * g.to(grad.dtype)
 
 
-def _ce_backward(ctx, dloss, _dgrad):
-    if dloss is None:
-        return None, None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    if ctx.reduction == 0:  # per-row incoming gradients: rows are dim 0 (and the trailing dims of (N, C, D))
+def scale_saved_grad(grad: Tensor, dloss: Tensor, reduction: int) -> Tensor:
+    """A gradient saved by a fused loss's forward (for an incoming gradient of 1) times the incoming gradient
+    ``dloss``: per row for reduction 0 (rows are dim 0, and the trailing dims of (N, C, D)), else a scalar."""
+    if reduction == 0:
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
-        return scale_grad(grad, g), None, None, None, None, None, None
+        return scale_grad(grad, g)
     if host_readable(grad, dloss) and bool(dloss == 1):
         # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
         # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing). Not
         # while tracing: there the comparison is a data-dependent guard (torch 2.11 traces this backward with
         # FunctionalTensors outside Dynamo, where torch.compiler.is_compiling() is False).
-        return grad, None, None, None, None, None, None
-    return scale_grad(grad, dloss), None, None, None, None, None, None
+        return grad
+    return scale_grad(grad, dloss)
+
+
+def _ce_backward(ctx, dloss, _dgrad):
+    if dloss is None:
+        return None, None, None, None, None, None, None
+    (grad,) = ctx.saved_tensors
+    return scale_saved_grad(grad, dloss, ctx.reduction), None, None, None, None, None, None
 
 
 CROSS_ENTROPY_FWD = register("cross_entropy_fwd", _ce_fake, lambda backend: _ce_backward, _ce_setup)
+
+
+@torch.library.custom_op("fastlm::soft_cross_entropy_fwd_triton", mutates_args=())
+def soft_cross_entropy_fwd_triton(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    reduction: int,
+    compute_grad: bool,
+    compute_target_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels import cross_entropy as k
+
+    rows = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
+    denom = torch.full((1,), float(rows), dtype=torch.float32, device=input.device) if reduction == 1 else None
+    losses, grad, tgrad = k.soft_cross_entropy_rows(
+        input, target, weight, denom, label_smoothing, compute_grad, compute_target_grad
+    )
+    grad = grad if grad is not None else input.new_empty((0,))
+    tgrad = tgrad if tgrad is not None else input.new_empty((0,))  # a second tensor: outputs must not alias
+    return reduce_losses(losses, reduction, denom), grad, tgrad
+
+
+def _soft_fake(input, target, weight, label_smoothing, reduction, compute_grad, compute_target_grad):
+    rows = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
+    loss = input.new_empty((rows,) if reduction == 0 else (), dtype=torch.float32)
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, grad, input.new_empty(input.shape if compute_target_grad else (0,))
+
+
+def _soft_setup(ctx, inputs, output):
+    ctx.reduction, ctx.compute_grad, ctx.compute_target_grad = inputs[4], inputs[5], inputs[6]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated (see _ce_setup)
+
+
+def _soft_backward(ctx, dloss, _dgrad, _dtgrad):
+    grad, tgrad = ctx.saved_tensors
+    dx = scale_saved_grad(grad, dloss, ctx.reduction) if ctx.compute_grad and dloss is not None else None
+    dt = scale_saved_grad(tgrad, dloss, ctx.reduction) if ctx.compute_target_grad and dloss is not None else None
+    return dx, dt, None, None, None, None, None
+
+
+SOFT_CROSS_ENTROPY_FWD = register(
+    "soft_cross_entropy_fwd", _soft_fake, lambda backend: _soft_backward, _soft_setup, backends=("triton", "cpu")
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation shared by cross_entropy and linear_cross_entropy
 
 
-def check_inputs(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, label_smoothing: float, backend):
+def check_inputs(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    backend,
+    soft: bool = False,
+):
+    """The checks shared by every cross-entropy: ``soft`` admits class-probability targets (cross_entropy's; the
+    linear cross-entropy takes class indices only)."""
     check_tensor(input, "input", backend)
-    if target.dtype not in (torch.int64, torch.int32):
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if soft:
+        if target.dtype != input.dtype:
+            raise TypeError(
+                f"a class-probability target must have input's dtype ({input.dtype}) for the {backend} backend, "
+                f"got {target.dtype}"
+            )
+    elif target.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"target must hold class indices as int64 (or int32), got {target.dtype}; "
             "class-probability targets are not supported by the fused kernels"
@@ -151,30 +233,37 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Cross-entropy over class-index targets; same signature and semantics as
+    """Cross-entropy over class-index or class-probability targets; same signature and semantics as
     ``torch.nn.functional.cross_entropy`` (``size_average`` / ``reduce`` are torch's deprecated arguments and must
     be None).
 
     Args:
         input: ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` logits; vocabularies up to 262144 and beyond.
-        target: ``(N,)``, ``()`` or ``(N, d1, ...)`` class indices (int64). A target outside ``[0, C)`` that is
+        target: class indices (int64): ``(N,)``, ``()`` or ``(N, d1, ...)``; a target outside ``[0, C)`` that is
             not ``ignore_index`` raises on CPU tensors and gives a NaN loss on GPU (no device sync to check it).
+            Or class probabilities (floating point): input's shape and, on the fused backends, input's dtype; they
+            need not sum to 1; with label smoothing t' = (1 - eps) * t + eps / C; ``ignore_index`` must be
+            negative (unused), as torch. The target gets a gradient when it requires one.
         weight: ``(C,)`` class weights.
-        reduction: ``"none"`` (shape of target), ``"mean"`` (weighted mean over the rows not ignored; NaN when every
-            row is ignored, as torch) or ``"sum"``.
+        reduction: ``"none"`` (shape of input without the class dim), ``"mean"`` (indices: weighted mean over the
+            rows not ignored, NaN when every row is ignored; probabilities: sum / (N * d1 * ...), as torch) or
+            ``"sum"``.
 
     Returns:
-        The loss in input's dtype (computed in float32). The gradient is written in the forward pass; the
-        backward only scales it.
+        The loss in input's dtype (computed in float32). The gradients are written in the forward pass; the
+        backward only scales them.
     """
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
-    backend = resolve("softmax", input)
+    soft = isinstance(target, Tensor) and target.is_floating_point()
+    backend = resolve("softmax", input, features=("soft_target",) if soft else ())
     if backend == "torch":
         return TF.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
-    check_inputs(input, target, weight, reduction, label_smoothing, backend)
+    check_inputs(input, target, weight, reduction, label_smoothing, backend, soft)
+    if soft:
+        return _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, backend)
     if input.dim() == 1:  # unbatched (C,) with a () target
         return cross_entropy(
             input[None], target.reshape(1), weight, None, ignore_index, None, reduction, label_smoothing
@@ -205,4 +294,41 @@ def cross_entropy(
     )
     if reduction == "none":
         loss = loss.view(target.shape)
+    return loss.to(loss_dtype(input))
+
+
+def _soft_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing, backend
+) -> Tensor:
+    """cross_entropy with class-probability targets (checked by check_inputs) on a fused backend."""
+    if target.shape != input.shape:
+        raise ValueError(
+            f"a class-probability target must have input's shape {list(input.shape)}, got {list(target.shape)}"
+        )
+    if ignore_index >= 0:
+        raise ValueError(f"ignore_index is not supported for class-probability targets, got {ignore_index}")
+    if input.dim() == 1:  # unbatched (C,)
+        loss = _soft_cross_entropy(input[None], target[None], weight, ignore_index, reduction, label_smoothing, backend)
+        return loss.reshape(())
+    C = input.shape[1]
+    if input.dim() == 2:
+        x = input if input.stride(1) == 1 else input.contiguous()
+        t = target if target.stride(1) == 1 or C == 1 else target.contiguous()
+    else:  # (N, C, D): classes strided by D, no transpose
+        x = input.reshape(input.shape[0], C, -1).contiguous()
+        t = target.reshape(input.shape[0], C, -1).contiguous()
+    w = weight.float().contiguous() if weight is not None else None
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = call(
+        SOFT_CROSS_ENTROPY_FWD[backend],
+        x,
+        t,
+        w,
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        grad_on and input.requires_grad,
+        grad_on and target.requires_grad,
+    )
+    if reduction == "none":
+        loss = loss.view(input.shape[0], *input.shape[2:])
     return loss.to(loss_dtype(input))

@@ -1,0 +1,151 @@
+"""KL divergence with torch.nn.functional.kl_div's semantics: registered ops, fake impl, autograd, public function.
+
+Ops (for <backend> in {triton, cpu}; the kernels: kernels/kl_div.py, csrc/cpu/kl_div.cpp):
+    fastlm::kl_div_fwd_<backend>(input, target, log_target, reduction, scale, compute_grad, compute_target_grad)
+        -> (loss, grad, target_grad)
+``input`` and ``target`` are contiguous, of one shape and dtype (the public function broadcasts them first).
+reduction 0: ``loss`` elementwise (input's shape and dtype); 1: ``loss`` = scale * sum, a float32 scalar. ``grad``
+and ``target_grad`` are d loss / d input and d loss / d target for an incoming gradient of 1 (so times ``scale``),
+written in the same pass as the loss, (0,) when not asked for; the backward only multiplies them by the incoming
+gradient.
+
+Pointwise (x = input, t = target), as torch: ``t * (log t - x)`` with 0 where t == 0 (torch's xlogy), or
+``exp(t) * (t - x)`` with ``log_target``. d/dx = -t (-exp(t)); d/dt = log t + 1 - x, NaN where t == 0 as torch's
+(xlogy's derivative; the true limit is -inf), or exp(t) * (t - x + 1). Reductions: "sum"; "mean" over all elements
+(torch's, with its warning: "batchmean" is the KL divergence); "batchmean" = sum / input.size(0) (the sum for a 0-d
+input); "none". Bytes: reads input and target once, writes each gradient asked for (and the loss for "none").
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastlm.dispatch import call, resolve
+from fastlm.ops.cross_entropy import scale_saved_grad
+from fastlm.ops.registry import check_device, check_tensor, register
+
+REDUCTIONS = ("none", "batchmean", "sum", "mean")
+MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)  # torch's own words (torch.nn.functional.kl_div), so that filters written for torch's warning apply
+
+
+@torch.library.custom_op("fastlm::kl_div_fwd_triton", mutates_args=())
+def kl_div_fwd_triton(
+    input: Tensor,
+    target: Tensor,
+    log_target: bool,
+    reduction: int,
+    scale: float,
+    compute_grad: bool,
+    compute_target_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels import kl_div as k
+
+    loss, gx, gt = k.kl_div_fwd(input, target, log_target, reduction == 1, scale, compute_grad, compute_target_grad)
+    gx = gx if gx is not None else input.new_empty((0,))
+    gt = gt if gt is not None else input.new_empty((0,))  # a second tensor: outputs must not alias
+    return loss, gx, gt
+
+
+def _kl_fake(input, target, log_target, reduction, scale, compute_grad, compute_target_grad):
+    loss = input.new_empty(input.shape) if reduction == 0 else input.new_empty((), dtype=torch.float32)
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, grad, input.new_empty(input.shape if compute_target_grad else (0,))
+
+
+def _kl_setup(ctx, inputs, output):
+    ctx.reduction, ctx.compute_grad, ctx.compute_target_grad = inputs[3], inputs[5], inputs[6]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated
+
+
+def _scale(saved: Tensor, dloss: Tensor, reduction: int) -> Tensor:
+    if reduction == 0:
+        return saved * dloss  # elementwise incoming gradient, in the loss's (= input's) dtype
+    return scale_saved_grad(saved, dloss, reduction)  # a scalar: loss.backward() hands the gradient on unscaled
+
+
+def _kl_backward(ctx, dloss, _dgrad, _dtgrad):
+    grad, tgrad = ctx.saved_tensors
+    dx = _scale(grad, dloss, ctx.reduction) if ctx.compute_grad and dloss is not None else None
+    dt = _scale(tgrad, dloss, ctx.reduction) if ctx.compute_target_grad and dloss is not None else None
+    return dx, dt, None, None, None, None, None
+
+
+KL_DIV_FWD = register("kl_div_fwd", _kl_fake, lambda backend: _kl_backward, _kl_setup, backends=("triton", "cpu"))
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> Tensor:
+    """The KL divergence loss; same signature and semantics as ``torch.nn.functional.kl_div``.
+
+    Args:
+        input: log-probabilities, any shape (float32 / float16 / bfloat16 on the fused backends; other dtypes run
+            torch's function under ``auto``).
+        target: probabilities (log-probabilities with ``log_target``), broadcastable with ``input`` as torch
+            allows (a broadcast operand is expanded into a copy first); input's dtype on the fused backends. A
+            target of exactly 0 contributes 0 (its own gradient is NaN there, as torch's).
+        size_average, reduce: torch's deprecated arguments (mapped to ``reduction`` as torch does).
+        reduction: ``"none"`` (the broadcast shape), ``"sum"``, ``"mean"`` (over all elements: torch's, and its
+            UserWarning), or ``"batchmean"`` (sum / input.size(0); the sum for a 0-d input).
+        log_target: the target holds log-probabilities.
+
+    Returns:
+        The loss in input's dtype (reduced in float32). Gradients w.r.t. input and target (when they require
+        grad) are written in the forward pass; the backward only scales them.
+    """
+    backend = resolve("distill", input)
+    if backend == "torch":
+        return TF.kl_div(input, target, size_average, reduce, reduction, log_target)
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    elif reduction == "mean" and not torch.compiler.is_compiling():
+        warnings.warn(MEAN_WARNING, stacklevel=2)
+    check_tensor(input, "input", backend)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if target.dtype != input.dtype:
+        raise TypeError(f"target must have input's dtype ({input.dtype}) for the {backend} backend, got {target.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    check_device(target, "target", input, "input")
+    try:
+        shape = torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"input {list(input.shape)} and target {list(target.shape)} must be broadcastable to one shape"
+        ) from None
+    # A broadcast operand is expanded into a copy (autograd sums its gradient back); contiguous ones pass as is.
+    x = input.expand(shape).contiguous()
+    t = target.expand(shape).contiguous()
+    numel = math.prod(shape)
+    if reduction == "mean":
+        scale = 1.0 / numel if numel else math.nan
+    elif reduction == "batchmean" and input.dim() != 0:
+        scale = 1.0 / input.shape[0] if input.shape[0] else math.nan
+    else:
+        scale = 1.0
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = call(
+        KL_DIV_FWD[backend],
+        x,
+        t,
+        bool(log_target),
+        0 if reduction == "none" else 1,
+        scale,
+        grad_on and input.requires_grad,
+        grad_on and target.requires_grad,
+    )
+    return loss.to(input.dtype)
