@@ -123,7 +123,7 @@ void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
   // reduction 0: loss elementwise (input's shape and dtype); 1: the float32 sum times scale. grad / target_grad:
   // d loss / d input and d target for an incoming gradient of 1, times scale ((0,) when not asked for).
   m.def(
-      "kl_div_fwd_cpu(Tensor input, Tensor target, bool log_target, int reduction, float scale, bool compute_grad, "
+      "kl_div_fwd_cpu(Tensor input, Tensor target, bool log_target, int reduction, SymInt divisor, bool compute_grad, "
       "bool compute_target_grad) -> (Tensor loss, Tensor grad, Tensor target_grad)");
 }
 

@@ -96,23 +96,29 @@ def cross_entropy_kernel(
         m_new = tl.maximum(m_vec, x)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
-        m_vec = m_new
         if SOFT:
+            # sx = sum w t' (x - m_lane), kept relative to the lane's running max (shifted when it grows), so that
+            # the loss never subtracts two large numbers (lse and sum w t' x) for large logits
             wt = soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W)
+            sx_vec -= tl.where(m_vec == float("-inf"), 0.0, sw_vec * (m_safe - m_vec))
             sw_vec += wt
-            sx_vec += tl.where(c < C, wt * x, 0.0)
+            sx_vec += tl.where(c < C, wt * (x - m_safe), 0.0)
         elif SMOOTH:
             if HAS_W:
                 wx = tl.load(W + c, mask=c < C, other=0.0) * x
             else:
                 wx = x
             sx_vec += tl.where(c < C, wx, 0.0)
+        m_vec = m_new
     m = tl.max(m_vec, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    lse = m_safe + tl.log(tl.sum(l_vec * tl.exp(m_vec - m_safe), axis=0))
+    log_sum = tl.log(tl.sum(l_vec * tl.exp(m_vec - m_safe), axis=0))  # lse - m, exact of lse's own rounding
+    lse = m_safe + log_sum
     if SOFT:
         s_wt = tl.sum(sw_vec, axis=0)
-        tl.store(Loss + row, s_wt * lse - tl.sum(sx_vec, axis=0))
+        # sum w t' x - s_wt * m = sum over lanes of sx + sw * (m_lane - m)
+        lane_shift = tl.where(m_vec == float("-inf"), 0.0, sw_vec * (m_vec - m_safe))
+        tl.store(Loss + row, s_wt * log_sum - tl.sum(sx_vec + lane_shift, axis=0))
         if WRITE_GRAD or WRITE_TGRAD:
             if MEAN:
                 scale = 1.0 / tl.load(Denom)

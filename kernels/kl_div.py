@@ -15,6 +15,8 @@ adds the partials with one torch sum (deterministic: no atomics). Bytes: reads x
 each gradient asked for (n * e each) and, for "none", the loss (n * e). Offsets are 64-bit (n may exceed 2**31).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -70,9 +72,12 @@ def kl_div_kernel(
 
 
 @on_tensor_device
-def kl_div_fwd(x, t, log_target: bool, reduce: bool, scale: float, write_gx: bool, write_gt: bool):
+def kl_div_fwd(x, t, log_target: bool, reduce: bool, divisor: int, write_gx: bool, write_gt: bool):
     """(loss, gx or None, gt or None) for contiguous x and t of one shape and dtype: loss is the elementwise loss
-    (x's shape and dtype), or with ``reduce`` the fp32 scalar ``scale * sum``."""
+    (x's shape and dtype), or with ``reduce`` the fp32 scalar ``sum / divisor``; scale = 1 / divisor (NaN for 0).
+    The divisor is an int op argument, not a float scale, so that torch.compile(dynamic=True) traces it as a
+    symbolic size instead of guarding on its value (a recompile per batch size)."""
+    scale = 1.0 / divisor if divisor else math.nan
     n = x.numel()
     programs = triton.cdiv(n, BLOCK)
     partials = empty((programs,), torch.float32, x.device) if reduce else None

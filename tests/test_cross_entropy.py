@@ -296,6 +296,20 @@ def test_soft_only_one_side_requires_grad(backend):
         torch.testing.assert_close(F.cross_entropy(x, t, reduction="sum"), TF.cross_entropy(x, t, reduction="sum"))
 
 
+@pytest.mark.parametrize("spatial", [False, True])
+def test_soft_large_logits_keep_fp32_precision(backend, spatial):
+    """Logits far from 0 (a shift of 1000): the loss is formed relative to the row max, so it keeps fp32 precision
+    (summing w t' x and subtracting it from sw * lse lost ~1e-4 at this shift)."""
+    shape = (4, 300, 3) if spatial else (6, 300)
+    x = torch.randn(shape, device=DEVICE) * 3 + 1000
+    t = _probs(shape)
+    got = F.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    want = TF.cross_entropy(x.double(), t.double(), reduction="none", label_smoothing=0.1)
+    torch_err = (TF.cross_entropy(x, t, reduction="none", label_smoothing=0.1).double() - want).abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5, f"error {err:.3g} vs torch's {torch_err:.3g}"
+
+
 def test_soft_module_and_linear_ce_stays_index_only(backend):
     w = torch.rand(20, device=DEVICE)
     x = torch.randn(8, 20, device=DEVICE)

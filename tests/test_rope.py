@@ -5,7 +5,7 @@ bad input, opcheck and torch.compile. The cpu backend at model sizes: test_cpu_r
 
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU, compare_with_reference
+from helpers import DEVICE, ON_GPU, OPCHECK_TESTS, compare_with_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.cohere import modeling_cohere
 from transformers.models.llama import modeling_llama
@@ -17,7 +17,6 @@ from fastlm import reference
 from fastlm.dispatch import BackendUnavailableError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPCHECK_TESTS = None if ON_GPU else ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _heads(B, S, H, D, layout, dtype=torch.float32):
@@ -252,6 +251,11 @@ def test_inplace_on_leaf_raises_as_torch(backend):
         with fastlm.backend(name), pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
             F.apply_rotary_pos_emb(q, k, cos, sin, inplace=True)
         assert torch.equal(q.detach(), before)
+    leaf = torch.randn(1, 3, 2, 8, device=DEVICE, requires_grad=True)  # a view of it: HF's transposed layout
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="view of a leaf Variable that requires grad"):
+        F.apply_rotary_pos_emb(leaf.transpose(1, 2), k, cos, sin, inplace=True)
+    assert torch.equal(leaf.detach(), before)  # refused before the kernel wrote
     with torch.no_grad():
         F.apply_rotary_pos_emb(q, k, cos, sin, inplace=True)
     assert not torch.equal(q.detach(), before)
@@ -359,6 +363,21 @@ def test_inplace_bad_input(backend):
     with pytest.raises(ValueError, match="unit last stride"):
         q = torch.randn(2, 4, 3, 16, device=DEVICE)[..., ::2]
         F.apply_rotary_pos_emb(q, a["k"], a["cos"], a["sin"], inplace=True)
+
+
+def test_inplace_on_shared_memory(backend):
+    """q and k views of one tensor (a merged qkv projection's heads; or the very same tensor): each element is
+    rotated once, as the torch backend does it."""
+    a = _args()
+    for q_heads, k_heads in ((slice(0, 2), slice(2, 4)), (slice(0, 3), slice(1, 4)), (slice(0, 4), slice(0, 4))):
+        qk = torch.randn(2, 4, 3, 8, device=DEVICE)
+        want_q, want_k = (t.clone() for t in (qk[:, q_heads], qk[:, k_heads]))
+        with fastlm.backend("torch"):
+            want_q, want_k = F.apply_rotary_pos_emb(want_q, want_k, a["cos"], a["sin"])
+        q, k = F.apply_rotary_pos_emb(qk[:, q_heads], qk[:, k_heads], a["cos"], a["sin"], inplace=True)
+        torch.testing.assert_close(k, want_k)
+        if q_heads.stop <= k_heads.start:  # disjoint: q keeps its own result
+            torch.testing.assert_close(q, want_q)
 
 
 def test_cuda_backend_says_unsupported():

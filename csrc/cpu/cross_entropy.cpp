@@ -150,6 +150,9 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       }
       if (cm > m) {
         s *= exp_fast(m - cm);  // m = -inf (first chunk): s = 0 * 0
+        if constexpr (kSoft) {
+          if (m != kNegInf) sx -= sw * (cm - m);  // soft: sx is kept relative to the running max
+        }
         m = cm;
       }
       // While every logit so far is -inf, exp(v - m) would be exp(-inf + inf) = NaN: take the exps against 0 (they
@@ -168,7 +171,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
           if constexpr (kSoft) {
             const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tr[c0 + k]) + a.eps_c);
             cw += wt;
-            cx += wt * v;
+            cx += wt * (v - mref);
           } else if constexpr (kSmooth) {
             cx += weight_of<kW>(a.w, c0 + k) * v;
           }
@@ -181,7 +184,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
           if constexpr (kSoft) {
             const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tr[c0 + k]) + a.eps_c);
             cw += wt;
-            cx += wt * v;
+            cx += wt * (v - mref);
           } else if constexpr (kSmooth) {
             cx += weight_of<kW>(a.w, c0 + k) * v;
           }
@@ -193,7 +196,8 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
     }
     const float lse = m + std::log(s);
     if constexpr (kSoft) {
-      a.losses[r] = sw * lse - sx;
+      // sw * lse - sum w t' x, with sx = sum w t' (x - m): no cancellation of large logits against lse
+      a.losses[r] = sw * std::log(s) - sx;
       if (gr || dtr) soft_grad_row<T, kW>(a, xr, tr, gr, dtr, e, cmax.data(), lse, sw);
       continue;
     }
@@ -244,7 +248,7 @@ FASTLM_INLINE void soft_strided_block(const CeArgs<T>& a, int64_t n, int64_t d0,
   float lse[kMaxLanes], ss[kMaxLanes];
   for (int64_t i = 0; i < nl; ++i) {
     lse[i] = m[i] + std::log(s[i]);
-    a.losses[n * D + d0 + i] = sw[i] * lse[i] - sx[i];
+    a.losses[n * D + d0 + i] = sw[i] * std::log(s[i]) - sx[i];  // sx = sum w t' (x - m): no cancellation
     ss[i] = scale * sw[i];
   }
   if (!a.grad && !a.tgrad) return;
@@ -302,7 +306,7 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
           const float wt = wc * (one_m_eps * to_float(q[i]) + a.eps_c);
           s[i] += exp_fast(v - m[i]);
           sw[i] += wt;
-          sx[i] += wt * v;
+          sx[i] += wt * (v - m[i]);  // relative to the row's max: see soft_strided_block
         }
       } else {
 #pragma omp simd

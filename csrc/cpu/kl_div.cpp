@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <limits>
 #include <vector>
 
 namespace fastlm::cpu {
@@ -101,7 +102,7 @@ FASTLM_CPU_CLONES void kl_blocks(const KlArgs<T>& a, int64_t b0, int64_t b1) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> kl_div_fwd_cpu(const Tensor& input, const Tensor& target, bool log_target,
-                                                  int64_t reduction, double scale, bool compute_grad,
+                                                  int64_t reduction, int64_t divisor, bool compute_grad,
                                                   bool compute_target_grad) {
   check_cpu_float(input, "input");
   check_cpu(target, "target");
@@ -113,6 +114,9 @@ std::tuple<Tensor, Tensor, Tensor> kl_div_fwd_cpu(const Tensor& input, const Ten
   STD_TORCH_CHECK(input.is_contiguous() && target.is_contiguous(), "fastlm: input and target must be contiguous");
   STD_TORCH_CHECK(reduction == 0 || reduction == 1, "fastlm: reduction must be 0 (none) or 1 (scaled sum), got ",
                   reduction);
+  STD_TORCH_CHECK(divisor >= 0, "fastlm: divisor must be >= 0, got ", divisor);
+  // the reduction's factor; 0 elements / an empty batch: NaN, as torch's mean of nothing
+  const double scale = divisor > 0 ? 1.0 / static_cast<double>(divisor) : std::numeric_limits<double>::quiet_NaN();
   const int64_t n = input.numel();
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   Tensor loss = reduction == 0 ? torch::stable::new_empty(input, input.sizes())

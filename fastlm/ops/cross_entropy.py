@@ -117,6 +117,24 @@ def _ce_backward(ctx, dloss, _dgrad):
 CROSS_ENTROPY_FWD = register("cross_entropy_fwd", _ce_fake, lambda backend: _ce_backward, _ce_setup)
 
 
+def check_soft_layout(input: Tensor, target: Tensor) -> None:
+    """The soft-target kernels' layout contract (the C++ op checks the same): target of input's shape and dtype; (N, C)
+    with unit class strides, or contiguous (N, C, D)."""
+    if target.shape != input.shape or target.dtype != input.dtype:
+        raise ValueError(
+            f"target must have input's shape and dtype {list(input.shape)} {input.dtype}, got "
+            f"{list(target.shape)} {target.dtype}"
+        )
+    if input.dim() == 3:
+        if not (input.is_contiguous() and target.is_contiguous()):
+            raise ValueError("(N, C, D) input and target must be contiguous")
+    elif input.dim() != 2 or (input.shape[1] > 1 and (input.stride(1) != 1 or target.stride(1) != 1)):
+        raise ValueError(
+            f"input and target must be (N, C) with unit class strides, got strides {list(input.stride())} and "
+            f"{list(target.stride())}"
+        )
+
+
 @torch.library.custom_op("fastlm::soft_cross_entropy_fwd_triton", mutates_args=())
 def soft_cross_entropy_fwd_triton(
     input: Tensor,
@@ -129,6 +147,7 @@ def soft_cross_entropy_fwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import cross_entropy as k
 
+    check_soft_layout(input, target)
     rows = input.shape[0] * (input.shape[2] if input.dim() == 3 else 1)
     denom = torch.full((1,), float(rows), dtype=torch.float32, device=input.device) if reduction == 1 else None
     losses, grad, tgrad = k.soft_cross_entropy_rows(

@@ -1,13 +1,13 @@
 """KL divergence with torch.nn.functional.kl_div's semantics: registered ops, fake impl, autograd, public function.
 
 Ops (for <backend> in {triton, cpu}; the kernels: kernels/kl_div.py, csrc/cpu/kl_div.cpp):
-    fastlm::kl_div_fwd_<backend>(input, target, log_target, reduction, scale, compute_grad, compute_target_grad)
+    fastlm::kl_div_fwd_<backend>(input, target, log_target, reduction, divisor, compute_grad, compute_target_grad)
         -> (loss, grad, target_grad)
 ``input`` and ``target`` are contiguous, of one shape and dtype (the public function broadcasts them first).
-reduction 0: ``loss`` elementwise (input's shape and dtype); 1: ``loss`` = scale * sum, a float32 scalar. ``grad``
-and ``target_grad`` are d loss / d input and d loss / d target for an incoming gradient of 1 (so times ``scale``),
-written in the same pass as the loss, (0,) when not asked for; the backward only multiplies them by the incoming
-gradient.
+reduction 0: ``loss`` elementwise (input's shape and dtype); 1: ``loss`` = sum / divisor, a float32 scalar (divisor
+0 gives NaN). ``grad`` and ``target_grad`` are d loss / d input and d loss / d target for an incoming gradient of 1
+(so divided by ``divisor``), written in the same pass as the loss, (0,) when not asked for; the backward only
+multiplies them by the incoming gradient.
 
 Pointwise (x = input, t = target), as torch: ``t * (log t - x)`` with 0 where t == 0 (torch's xlogy), or
 ``exp(t) * (t - x)`` with ``log_target``. d/dx = -t (-exp(t)); d/dt = log t + 1 - x, NaN where t == 0 as torch's
@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import call, resolve
-from fastlm.ops.cross_entropy import scale_saved_grad
+from fastlm.ops.cross_entropy import loss_dtype, scale_saved_grad
 from fastlm.ops.registry import check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -41,19 +41,19 @@ def kl_div_fwd_triton(
     target: Tensor,
     log_target: bool,
     reduction: int,
-    scale: float,
+    divisor: int,
     compute_grad: bool,
     compute_target_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import kl_div as k
 
-    loss, gx, gt = k.kl_div_fwd(input, target, log_target, reduction == 1, scale, compute_grad, compute_target_grad)
+    loss, gx, gt = k.kl_div_fwd(input, target, log_target, reduction == 1, divisor, compute_grad, compute_target_grad)
     gx = gx if gx is not None else input.new_empty((0,))
     gt = gt if gt is not None else input.new_empty((0,))  # a second tensor: outputs must not alias
     return loss, gx, gt
 
 
-def _kl_fake(input, target, log_target, reduction, scale, compute_grad, compute_target_grad):
+def _kl_fake(input, target, log_target, reduction, divisor, compute_grad, compute_target_grad):
     loss = input.new_empty(input.shape) if reduction == 0 else input.new_empty((), dtype=torch.float32)
     grad = input.new_empty(input.shape if compute_grad else (0,))
     return loss, grad, input.new_empty(input.shape if compute_target_grad else (0,))
@@ -132,11 +132,11 @@ def kl_div(
     t = target.expand(shape).contiguous()
     numel = math.prod(shape)
     if reduction == "mean":
-        scale = 1.0 / numel if numel else math.nan
+        divisor = numel  # 0: NaN, torch's mean of nothing
     elif reduction == "batchmean" and input.dim() != 0:
-        scale = 1.0 / input.shape[0] if input.shape[0] else math.nan
+        divisor = input.shape[0]
     else:
-        scale = 1.0
+        divisor = 1
     grad_on = torch.is_grad_enabled()
     loss, _, _ = call(
         KL_DIV_FWD[backend],
@@ -144,8 +144,8 @@ def kl_div(
         t,
         bool(log_target),
         0 if reduction == "none" else 1,
-        scale,
+        divisor,
         grad_on and input.requires_grad,
         grad_on and target.requires_grad,
     )
-    return loss.to(input.dtype)
+    return loss.to(loss_dtype(input))  # float32 under autocast, as torch's kl_div (on its fp32 list)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import FUSED_DTYPES, call, resolve
+from fastlm.dispatch import FUSED_DTYPES, call, resolve, tracing
 from fastlm.ops.registry import check_device, check_tensor, register
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,12 +228,14 @@ def check_inputs(q, k, cos, sin, unsqueeze_dim, backend) -> tuple[int, Tensor, T
 
 
 def check_inplace(q: Tensor, k: Tensor) -> None:
-    """What torch's own in-place ops refuse, refused before the kernel writes: a leaf that requires grad, a strided
-    last dim (the result would land in a copy), an expanded (stride-0) dim."""
+    """What torch's own in-place ops refuse, refused before the kernel writes: a leaf that requires grad or a view
+    of one, a strided last dim (the result would land in a copy), an expanded (stride-0) dim."""
     for t, name in ((q, "q"), (k, "k")):
-        if torch.is_grad_enabled() and t.requires_grad and t.is_leaf:
+        base = t._base if t._base is not None else t
+        if torch.is_grad_enabled() and base.requires_grad and base.is_leaf:
+            what = "a leaf Variable" if base is t else "a view of a leaf Variable"
             raise RuntimeError(
-                f"a leaf Variable that requires grad ({name}) is being used in an in-place operation "
+                f"{what} that requires grad ({name}) is being used in an in-place operation "
                 "(apply_rotary_pos_emb(..., inplace=True)); use inplace=False"
             )
         if t.shape[-1] > 1 and t.stride(-1) != 1:
@@ -242,6 +244,23 @@ def check_inplace(q: Tensor, k: Tensor) -> None:
             raise ValueError(
                 f"inplace=True cannot write into {name}: it is expanded (stride 0) and several elements share memory"
             )
+
+
+def may_overlap(q: Tensor, k: Tensor) -> bool:
+    """Whether q's and k's memory may intersect (same storage, intersecting byte ranges: conservative for views
+    that interleave without sharing elements, e.g. the q and k heads of one merged qkv projection). Not decidable
+    while torch.compile traces (storage addresses), where torch's functionalization handles aliasing itself."""
+    if tracing() or not (q.numel() and k.numel()):
+        return False
+    if q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:  # [first, past-the-last) element of t in its storage
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+    (q0, q1), (k0, k1) = span(q), span(k)
+    return q0 < k1 and k0 < q1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,6 +318,9 @@ def apply_rotary_pos_emb(
         )
     if inplace:
         check_inplace(q, k)
+        if may_overlap(q, k):  # the in-place kernel would read what it already rotated: compute, then write back
+            out = call(ROPE_FWD[backend], unit_last(q), unit_last(k), cos3, sin3, head_axis, interleaved, False)
+            return q.copy_(out[0]), k.copy_(out[1])
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             for t in (q, k):
                 if t.requires_grad:
