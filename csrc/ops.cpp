@@ -100,6 +100,15 @@ void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
 
 void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
   // soft-target cross-entropy, kl_div, distillation losses (csrc/cpu/distillation.cpp; fastlm/ops/distillation.py)
+  // distillation
+  // Distillation loss between student and teacher logits (csrc/cpu/distillation.cpp; contract in
+  // fastlm/ops/distillation.py): student / teacher (N, V) of one dtype, unit class stride, any row strides; target
+  // (N,) int64 or None; kind 0 KL(p_t || p_s), 1 KL(p_s || p_t), 2 generalised JSD (0 < beta < 1); reduction 0 none /
+  // 1 batchmean / 2 sum. Returns loss (float32: (N,) or 0-dim, times T^2) and grad = d loss / d student for an
+  // incoming gradient of 1 (student's shape and dtype, contiguous; (0,) when compute_grad is false).
+  m.def(
+      "distillation_fwd_cpu(Tensor student, Tensor teacher, Tensor? target, int kind, float beta, float temperature, "
+      "int ignore_index, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }
 
 }  // namespace

@@ -5,7 +5,9 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 
 from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.distillation import distillation_loss
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastlm.ops.linear_distillation import linear_distillation_loss
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
 
@@ -13,8 +15,10 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "cross_entropy",
+    "distillation_loss",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "log_softmax",
     "rms_norm",
     "scaled_dot_product_attention",
