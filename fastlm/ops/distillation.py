@@ -75,6 +75,10 @@ def distillation_fwd_triton(
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels import distillation as k
 
+    if kind == KINDS["jsd"] and not 0.0 < beta < 1.0:
+        raise ValueError(f"the jsd kind needs 0 < beta < 1 (the public function maps the end points), got {beta}")
+    if student.shape[1] > 1 and (student.stride(1) != 1 or teacher.stride(1) != 1):
+        raise ValueError("student and teacher must have unit stride along the classes")
     denom = counted_rows(target, student.shape[0], ignore_index, student.device) if reduction == 1 else None
     scale = 1.0 / denom if denom is not None else None
     losses, grad = k.distillation_rows(
