@@ -54,13 +54,13 @@ def _lane_combine(m_vec, l_vec, a_vec):
 
 @triton.jit
 def distillation_kernel(
-    S,  # (n_rows, V) student logits, row stride stride_s, unit class stride
-    Tch,  # (n_rows, V) teacher logits, row stride stride_t, unit class stride (S's dtype)
+    S,  # (n_rows, C) student logits, row stride stride_s, unit class stride
+    Tch,  # (n_rows, C) teacher logits, row stride stride_t, unit class stride (S's dtype)
     Tgt,  # (n_rows,) int64 targets (HAS_TARGET): rows equal to ignore_index are skipped
     Loss,  # (n_rows,) fp32 per-row loss (T^2 * L; 0 for ignored rows)
-    G,  # (n_rows, V) gradient w.r.t. S, row stride stride_g (WRITE_GRAD); may alias S
+    G,  # (n_rows, C) gradient w.r.t. S, row stride stride_g (WRITE_GRAD); may alias S
     Scale,  # (1,) fp32 gradient scale (HAS_SCALE), e.g. 1 / counted rows
-    V,  # classes per row
+    C,  # classes per row (the vocabulary V)
     stride_s,  # row stride of S (elements)
     stride_t,  # row stride of Tch
     stride_g,  # row stride of G
@@ -85,9 +85,9 @@ def distillation_kernel(
     if ignored:
         tl.store(Loss + row, 0.0)
         if WRITE_GRAD:
-            for off in range(0, V, BLOCK_N):
+            for off in range(0, C, BLOCK_N):
                 c = off + cols
-                tl.store(g_row + c, tl.zeros([BLOCK_N], tl.float32).to(G.dtype.element_ty), mask=c < V)
+                tl.store(g_row + c, tl.zeros([BLOCK_N], tl.float32).to(G.dtype.element_ty), mask=c < C)
     else:
         # pass 1: statistics of both rows, per lane; KL / reverse KL also accumulate sum e_t (y - x) / e_s (x - y)
         m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -96,10 +96,10 @@ def distillation_kernel(
         l_t = tl.zeros([BLOCK_N], tl.float32)
         a_s = tl.zeros([BLOCK_N], tl.float32)
         a_t = tl.zeros([BLOCK_N], tl.float32)
-        for off in range(0, V, BLOCK_N):
+        for off in range(0, C, BLOCK_N):
             c = off + cols
-            x = tl.load(s_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
-            y = tl.load(t_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
+            x = tl.load(s_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
+            y = tl.load(t_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
             m_s, l_s, a_s, e_s = _lane_update(m_s, l_s, a_s, x)
             m_t, l_t, a_t, e_t = _lane_update(m_t, l_t, a_t, y)
             if KIND == KIND_KL:
@@ -118,10 +118,10 @@ def distillation_kernel(
             # pass 2 (JSD): the loss and K = KL(p_s || m), from the normalised probabilities
             acc = tl.zeros([BLOCK_N], tl.float32)
             acc_k = tl.zeros([BLOCK_N], tl.float32)
-            for off in range(0, V, BLOCK_N):
+            for off in range(0, C, BLOCK_N):
                 c = off + cols
-                x = tl.load(s_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
-                y = tl.load(t_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
+                x = tl.load(s_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
+                y = tl.load(t_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
                 lp_s = x - lse_s
                 lp_t = y - lse_t
                 p_s = tl.exp(lp_s)
@@ -138,10 +138,10 @@ def distillation_kernel(
             coef = temp
             if HAS_SCALE:
                 coef = coef * tl.load(Scale)
-            for off in range(0, V, BLOCK_N):
+            for off in range(0, C, BLOCK_N):
                 c = off + cols
-                x = tl.load(s_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
-                y = tl.load(t_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
+                x = tl.load(s_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
+                y = tl.load(t_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
                 lp_s = x - lse_s
                 p_s = tl.exp(lp_s)
                 if KIND == KIND_KL:
@@ -151,7 +151,7 @@ def distillation_kernel(
                 else:
                     lm = tl.log(beta * tl.exp(y - lse_t) + (1.0 - beta) * p_s)
                     g = tl.where(p_s > 0.0, (1.0 - beta) * p_s * (lp_s - lm - k_sm), 0.0)
-                tl.store(g_row + c, (coef * g).to(G.dtype.element_ty), mask=c < V)
+                tl.store(g_row + c, (coef * g).to(G.dtype.element_ty), mask=c < C)
 
 
 def block_n(V: int) -> int:

@@ -36,7 +36,10 @@ def test_cpu_distillation_vocab(dtype, kind, beta, V, N):
     tgt = _targets(N, V)
     kw = dict(kind=kind, beta=beta, temperature=2.0, target=tgt)
     compare_with_reference(
-        lambda s: F.distillation_loss(s, t, **kw), lambda s: R.distillation_loss(s, t.to(s.dtype), **kw), {"s": s}, dtype
+        lambda s: F.distillation_loss(s, t, **kw),
+        lambda s: R.distillation_loss(s, t.to(s.dtype), **kw),
+        {"s": s},
+        dtype,
     )
 
 
