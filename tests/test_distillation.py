@@ -55,7 +55,7 @@ def test_reductions_ignore_index(backend, kind, reduction):
 
 @pytest.mark.parametrize("V", [1, 7, 300, 4097, 131075])
 def test_vocab_sizes(backend, V):
-    """One class, odd widths, one chunk past the Triton block (4096) and the CPU chunk (2048), an LM vocabulary."""
+    """One class, odd widths, past two Triton blocks and CPU chunks (2048 each), an LM vocabulary."""
     N = 3 if V > 10_000 else 5
     s, t = torch.randn(N, V, device=DEVICE) * 2, torch.randn(N, V, device=DEVICE) * 2
     for kind in ("kl", "jsd"):
