@@ -120,11 +120,20 @@ void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
       "soft_cross_entropy_fwd_cpu(Tensor input, Tensor target, Tensor? weight, float label_smoothing, int reduction, "
       "bool compute_grad, bool compute_target_grad) -> (Tensor loss, Tensor grad, Tensor target_grad)");
   // kl_div (csrc/cpu/kl_div.cpp; fastlm/ops/kl_div.py): input and target contiguous, same shape and dtype.
-  // reduction 0: loss elementwise (input's shape and dtype); 1: the float32 sum times scale. grad / target_grad:
-  // d loss / d input and d target for an incoming gradient of 1, times scale ((0,) when not asked for).
+  // reduction 0: loss elementwise (input's shape and dtype); 1: the float32 sum over divisor (0: NaN). grad / target_grad:
+  // d loss / d input and d target for an incoming gradient of 1, over divisor ((0,) when not asked for).
   m.def(
       "kl_div_fwd_cpu(Tensor input, Tensor target, bool log_target, int reduction, SymInt divisor, bool compute_grad, "
       "bool compute_target_grad) -> (Tensor loss, Tensor grad, Tensor target_grad)");
+  // distillation
+  // Distillation loss between student and teacher logits (csrc/cpu/distillation.cpp; contract in
+  // fastlm/ops/distillation.py): student / teacher (N, V) of one dtype, unit class stride, any row strides; target
+  // (N,) int64 or None; kind 0 KL(p_t || p_s), 1 KL(p_s || p_t), 2 generalised JSD (0 < beta < 1); reduction 0 none /
+  // 1 batchmean / 2 sum. Returns loss (float32: (N,) or 0-dim, times T^2) and grad = d loss / d student for an
+  // incoming gradient of 1 (student's shape and dtype, contiguous; (0,) when compute_grad is false).
+  m.def(
+      "distillation_fwd_cpu(Tensor student, Tensor teacher, Tensor? target, int kind, float beta, float temperature, "
+      "int ignore_index, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }
 
 }  // namespace

@@ -5,9 +5,11 @@ Each function picks its backend with :func:`fastlm.backend` (see ``fastlm/dispat
 
 from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.distillation import distillation_loss
 from fastlm.ops.gated_mlp import geglu, swiglu
 from fastlm.ops.kl_div import kl_div
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastlm.ops.linear_distillation import linear_distillation_loss
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.rope import apply_rotary_pos_emb
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
@@ -17,10 +19,12 @@ __all__ = [
     "add_rms_norm",
     "apply_rotary_pos_emb",
     "cross_entropy",
+    "distillation_loss",
     "geglu",
     "kl_div",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "log_softmax",
     "rms_norm",
     "scaled_dot_product_attention",

@@ -106,3 +106,71 @@ def apply_rotary_pos_emb(
         return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
     return embed(q), embed(k)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    target: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Unfused distillation loss (fastlm.functional.distillation_loss's semantics) from log_softmax, in float32 (float64
+    for float64 input): per-row divergence times T^2, ignored rows left out, batchmean over the counted rows."""
+    V = student_logits.shape[-1]
+    ct = torch.promote_types(student_logits.dtype, torch.float32)
+    lps = TF.log_softmax(student_logits.reshape(-1, V).to(ct) / temperature, dim=-1)
+    lpt = TF.log_softmax(teacher_logits.reshape(-1, V).to(ct) / temperature, dim=-1)
+    if kind == "jsd" and beta in (0.0, 1.0):  # the end points: the limits (forward / reverse KL), as Liger and TRL
+        kind = "kl" if beta == 0.0 else "reverse_kl"
+    if kind == "kl":
+        rows = (lpt.exp() * (lpt - lps)).sum(-1)
+    elif kind == "reverse_kl":
+        rows = (lps.exp() * (lps - lpt)).sum(-1)
+    else:
+        ps, pt = lps.exp(), lpt.exp()
+        lm = (beta * pt + (1 - beta) * ps).log()
+        rows = beta * (pt * (lpt - lm)).sum(-1) + (1 - beta) * (ps * (lps - lm)).sum(-1)
+    rows = rows * temperature**2
+    count = torch.tensor(float(rows.shape[0]), dtype=rows.dtype, device=rows.device)
+    if target is not None:
+        keep = target.reshape(-1) != ignore_index
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        count = keep.sum().to(rows.dtype)
+    if reduction == "none":
+        out = rows.reshape(student_logits.shape[:-1])
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / count
+    return out.to(student_logits.dtype)
+
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    target: Tensor | None = None,
+    kind: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Unfused linear distillation: both models' full logits, then (1 - hard_weight) * batchmean distillation +
+    hard_weight * mean cross-entropy over the same (not ignored) rows."""
+    V = student_weight.shape[0]
+    s = TF.linear(student_hidden, student_weight).reshape(-1, V)
+    t = TF.linear(teacher_hidden, teacher_weight).reshape(-1, V)
+    tgt = target.reshape(-1) if target is not None else None
+    kw = dict(kind=kind, beta=beta, temperature=temperature, target=tgt, ignore_index=ignore_index)
+    loss = distillation_loss(s, t, **kw) if hard_weight < 1.0 else s.new_zeros(())
+    if hard_weight > 0.0:
+        loss = (1.0 - hard_weight) * loss + hard_weight * TF.cross_entropy(s, tgt, ignore_index=ignore_index)
+    return loss

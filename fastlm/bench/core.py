@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ TARGETS = {
     ("cpu", "add_rms_norm", "fwd"): {"torch-eager": 1.3, "torch-compile": 1.0},
     ("cpu", "scaled_masked_softmax", "fwd"): {"torch-eager": 1.3, "torch-compile": 1.0},
     ("cpu", "cross_entropy", "fwd+bwd"): {"torch-eager": 1.3, "torch-compile": 1.0},
+    ("cpu", "distillation_loss", "fwd+bwd"): {"torch-eager": 1.3},
     ("cpu", "layer_norm", "fwd"): {"torch-eager": 1.0},
     ("cpu", "softmax", "fwd"): {"torch-eager": 1.0},
     ("cpu", "sdpa", "fwd"): {"torch-sdpa": 1.0},
@@ -206,6 +208,67 @@ def interleaved_quantiles_ms(fns: dict[str, Callable[[], object]], rep_ms: int =
     return out
 
 
+# The child of subprocess_peak_rss_mb: builds the case's fwd+bwd step, runs it once (warm-up; torch.compile compiles
+# here), then resets the peak RSS (/proc/self/clear_refs "5") and reports how far one more step raises it above the
+# resident size before it (imports, inputs and compiled code excluded; the step's outputs, e.g. gradients, included).
+_PEAK_CHILD = """
+import gc, importlib, json, sys
+import torch
+from fastlm.bench.core import Case
+a = json.loads(sys.argv[1])
+c = a["case"]
+case = Case(**{**c, "dtype": getattr(torch, c["dtype"].removeprefix("torch.")), "params": tuple(c["params"])})
+step = importlib.import_module(a["module"]).runner(case, a["provider"], torch.device("cpu"))()
+step()
+gc.collect()
+def kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+rss = kb("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+step()
+print(json.dumps({"peak_mb": (kb("VmHWM:") - rss) / 1024}))
+"""
+
+
+def subprocess_peak_rss_mb(module: str, case: Case, provider: str, timeout_s: float = 900) -> float:
+    """CPU peak memory of one fwd+bwd call of ``provider`` on ``case`` (family module ``module``, e.g.
+    ``"fastlm.bench.distillation"``), in MiB: measured in a fresh child process (the same Python, importing fastlm
+    from this installation) as the rise of its peak resident size (VmHWM, Linux) over its resident size just before
+    the call, after one warm-up call. glibc's malloc is told to serve every block above 64 KiB by mmap
+    (MALLOC_MMAP_THRESHOLD_, which also stops its adaptive threshold), so the warm-up's freed buffers go back to the
+    OS instead of being reused unseen by the measured call."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastlm.__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    payload = {"module": module, "provider": provider, "case": dataclasses.asdict(case)}
+    payload["case"]["dtype"] = str(case.dtype)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD, json.dumps(payload)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"peak-memory child for {case.kernel} {provider} failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def cpu_peak_mb(family, case: Case, provider: str) -> float | None:
+    """The CPU peak memory of ``provider`` on ``case`` (subprocess_peak_rss_mb) for the kernels a family lists in
+    ``MEMORY_KERNELS`` (where memory is the headline, e.g. the chunked LM-head losses); None for the others."""
+    if case.kernel not in getattr(family, "MEMORY_KERNELS", ()):
+        return None
+    try:
+        return subprocess_peak_rss_mb(family.__name__, case, provider)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:  # reported, and the column stays empty
+        print(f"peak memory of {case.kernel} {case.shape} {provider} not measured: {exc}", file=sys.stderr)
+        return None
+
+
 def rotating(make: Callable[[], tuple], nbytes: int, device: torch.device, l2_bytes: int = 64 << 20):
     """Enough copies of the inputs from ``make()`` that cycling through them exceeds the L2 cache (GPU only);
     returns a function giving the next copy on each call."""
@@ -348,14 +411,18 @@ def markdown(results: list[Result], env: dict, ceilings: dict) -> str:
         "Ceilings measured in this run: "
         + ", ".join(f"{k} = {v:.1f}" for k, v in ceilings.items() if isinstance(v, (int, float))),
         "",
-        "| kernel | shape | dtype | mode | provider | median ms | throughput | of ceiling | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak MB: on a GPU torch.cuda.max_memory_allocated over the timing (inputs included); on the CPU, where a "
+        "family asks for it, the resident memory one fwd+bwd adds in a fresh process (inputs excluded).",
+        "",
+        "| kernel | shape | dtype | mode | provider | median ms | throughput | of ceiling | peak MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         frac = f"{100 * r.fraction_of_ceiling:.0f}%" if r.fraction_of_ceiling is not None else ""
+        peak = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else ""
         lines.append(
             f"| {r.kernel} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.4f} | "
-            f"{r.p50:.1f} {r.unit} | {frac} | {r.note} |"
+            f"{r.p50:.1f} {r.unit} | {frac} | {peak} | {r.note} |"
         )
     device_type = "cpu" if env["device"].startswith("CPU") else "cuda"
     rows = ratios(results, device_type)

@@ -17,6 +17,7 @@ import torch
 from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
+from fastlm.bench import distillation as distill_cases
 from fastlm.bench import gated_mlp as gated_mlp_cases
 from fastlm.bench import kl_div as kl_div_cases
 from fastlm.bench import model as model_cases
@@ -30,6 +31,7 @@ FAMILIES = {
     "softmax": softmax_cases,
     "ce": ce_cases,
     "kl_div": kl_div_cases,
+    "distill": distill_cases,
     "attention": attention_cases,
     "gated_mlp": gated_mlp_cases,
     "rope": rope_cases,
@@ -97,7 +99,9 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
             if on_gpu:
                 timings = {p: (q, mem / 2**20) for p, (q, mem) in fns.items()}
             else:  # the providers' calls interleaved, so that the machine's drift hits them alike
-                timings = {p: (q, None) for p, q in core.interleaved_quantiles_ms(fns).items()}
+                timings = {
+                    p: (q, core.cpu_peak_mb(family, case, p)) for p, q in core.interleaved_quantiles_ms(fns).items()
+                }
             ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
             for provider, ((p50, p20, p80), peak) in timings.items():
                 results.append(

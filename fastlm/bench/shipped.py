@@ -48,6 +48,7 @@ def shipped_configs():
     yield from softmax_configs()
     yield from cross_entropy_configs()
     yield from kl_div_configs()
+    yield from distillation_configs()
     yield from attention_configs()
     yield from gated_mlp_configs()
     yield from rope_configs()
@@ -177,6 +178,20 @@ def gated_mlp_configs():
         label = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} act=gelu_erf w={cfg['num_warps']}"
         for kernel, name in ((gm.gated_mlp_fwd_kernel, "gated_mlp_fwd"), (gm.gated_mlp_bwd_kernel, "gated_mlp_bwd")):
             yield Shipped(kernel, signature(kernel, consts, ptrs), consts, cfg["num_warps"], 3, name, label)
+
+
+def distillation_configs():
+    """The distillation kernel's block-size classes (``kernels/distillation.block_n``) at a small and at Llama-3's
+    vocabulary, for the lightest (forward KL: two passes) and the heaviest kind (JSD: three passes, a log per
+    logit), every flag on (target, gradient scale, gradient)."""
+    from fastlm.kernels import distillation as d
+
+    ptrs = {"S": "*bf16", "Tch": "*bf16", "Tgt": "*i64", "Loss": "*fp32", "G": "*bf16", "Scale": "*fp32"}
+    for C, kind in ((1024, d.JSD), (128256, d.KL), (128256, d.JSD)):
+        consts = dict(KIND=kind, HAS_TARGET=True, HAS_SCALE=True, WRITE_GRAD=True, BLOCK_N=d.block_n(C))
+        label = f"C={C} {['kl', 'reverse_kl', 'jsd'][kind]} BLOCK_N={consts['BLOCK_N']} w={d.warps(C)}"
+        sig = signature(d.distillation_kernel, consts, ptrs, ("beta", "inv_temp", "temp"))
+        yield Shipped(d.distillation_kernel, sig, consts, d.warps(C), 3, "distillation", label)
 
 
 def attention_configs():

@@ -42,7 +42,7 @@ def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
     return max(64, 1 << (size - 1).bit_length())
 
 
-def _rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, backend):
+def ce_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, backend):
     """Per-row losses (fp32) and, if ``write_grad``, the gradient of the chunk's logits: the Triton kernel writes it
     over the logits in place (backend "triton"); the CPU C++ kernel (backend "cpu") returns it (then scaled by 1 /
     denom for the mean)."""
@@ -65,7 +65,7 @@ def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, backe
     logits = x[s:e] @ w.T
     if b is not None:
         logits += b
-    losses, g = _rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, backend)
+    losses, g = ce_rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, backend)
     if row_scale is not None:
         g = scale_grad(g, row_scale[s:e, None])
     return losses, g
@@ -107,7 +107,7 @@ def linear_cross_entropy_fwd(
             logits = input[s:e] @ linear_weight.T
             if linear_bias is not None:
                 logits += linear_bias
-            losses[s:e], _ = _rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, backend)
+            losses[s:e], _ = ce_rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, backend)
     gb_out = gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,))
     return reduce_losses(losses, reduction, denom), gx, gw, gb_out
 

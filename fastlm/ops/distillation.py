@@ -1,0 +1,260 @@
+"""Distillation losses between student and teacher logits: registered ops, fake impl, autograd, the public function,
+and the row helper that the linear distillation (linear_distillation.py) shares.
+
+Ops (for <backend> in {triton, cpu}; kernels in kernels/distillation.py and csrc/cpu/distillation.cpp):
+    fastlm::distillation_fwd_<backend>(student, teacher, target?, kind, beta, temperature, ignore_index, reduction,
+                                       compute_grad) -> (loss, grad)
+``student`` and ``teacher`` are (N, V) of one dtype with a unit class stride (any row strides); ``target`` (N,)
+int64; kind 0 KL(p_t || p_s), 1 KL(p_s || p_t), 2 generalised JSD (0 < beta < 1); reduction 0 none / 1 batchmean
+(sum over the counted rows / their number) / 2 sum. ``loss`` is fp32: (N,) for "none" (0 for ignored rows), a
+scalar otherwise; ``grad`` is d loss / d student for an incoming gradient of 1 (student's shape and dtype), written
+in the same pass as the loss, or (0,) when not asked for. The backward only scales it. The teacher gets no
+gradient (the public function refuses a teacher that requires one).
+"""
+
+import torch
+from torch import Tensor
+
+from fastlm import reference
+from fastlm.dispatch import call, host_readable, resolve
+from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_grad
+from fastlm.ops.registry import check_device, check_tensor, register
+
+KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+REDUCTIONS = {"none": 0, "batchmean": 1, "sum": 2}
+
+
+def kernel_kind(kind: str, beta: float) -> int:
+    """The kernels' KIND flag: the JSD's end points are the limits of JSD(beta) / beta (beta -> 0: forward KL) and
+    JSD(beta) / (1 - beta) (beta -> 1: reverse KL), the convention of Liger-Kernel and TRL's GKD."""
+    if kind == "jsd" and beta == 0.0:
+        return KINDS["kl"]
+    if kind == "jsd" and beta == 1.0:
+        return KINDS["reverse_kl"]
+    return KINDS[kind]
+
+
+def counted_rows(target: Tensor | None, n_rows: int, ignore_index: int, device) -> Tensor:
+    """The batchmean's denominator as a (1,) fp32 device tensor (no sync): the rows not ignored, or all rows."""
+    if target is None:
+        return torch.full((1,), float(n_rows), dtype=torch.float32, device=device)
+    return mean_denominator(target, None, ignore_index, 1)
+
+
+def distill_rows(
+    s, t, target, kind: int, beta: float, temperature: float, ignore_index: int, scale, backend: str, in_place: bool
+):
+    """Per-row losses (fp32) and, with ``scale`` ((1,) fp32 device tensor), the gradient w.r.t. ``s`` times
+    ``scale``, for a chunk of (N, V) logits (the linear distillation's). ``scale`` None: losses only (grad None).
+    ``in_place``: the Triton kernel writes the gradient over ``s`` (the cpu op always returns a new tensor)."""
+    write_grad = scale is not None
+    if backend == "triton":
+        from fastlm.kernels import distillation as k
+
+        grad = s if write_grad and in_place else None
+        return k.distillation_rows(s, t, target, kind, beta, temperature, ignore_index, scale, write_grad, grad)
+    if backend != "cpu":
+        raise ValueError(f"backend must be 'triton' or 'cpu' (the backends with a distillation loss), got {backend!r}")
+    losses, g = torch.ops.fastlm.distillation_fwd_cpu(
+        s, t, target, kind, beta, temperature, ignore_index, 0, write_grad
+    )
+    return losses, (g.mul_(scale) if write_grad else None)
+
+
+@torch.library.custom_op("fastlm::distillation_fwd_triton", mutates_args=())
+def distillation_fwd_triton(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None,
+    kind: int,
+    beta: float,
+    temperature: float,
+    ignore_index: int,
+    reduction: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels import distillation as k
+
+    if kind == KINDS["jsd"] and not 0.0 < beta < 1.0:
+        raise ValueError(f"the jsd kind needs 0 < beta < 1 (the public function maps the end points), got {beta}")
+    if student.shape[1] > 1 and (student.stride(1) != 1 or teacher.stride(1) != 1):
+        raise ValueError("student and teacher must have unit stride along the classes")
+    denom = counted_rows(target, student.shape[0], ignore_index, student.device) if reduction == 1 else None
+    scale = 1.0 / denom if denom is not None else None
+    losses, grad = k.distillation_rows(
+        student, teacher, target, kind, beta, temperature, ignore_index, scale, compute_grad
+    )
+    if grad is None:
+        grad = student.new_empty((0,))
+    return reduce_losses(losses, reduction, denom), grad
+
+
+def _fake(student, teacher, target, kind, beta, temperature, ignore_index, reduction, compute_grad):
+    loss = student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return loss, student.new_empty(student.shape if compute_grad else (0,))
+
+
+def _setup(ctx, inputs, output):
+    ctx.reduction = inputs[7]
+    ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)  # the `grad` output is never differentiated: no zero-filled incoming gradient
+
+
+def _backward(ctx, dloss, _dgrad):
+    nones = (None,) * 8
+    if dloss is None:
+        return (None, *nones)
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == 0:
+        return (scale_grad(grad, dloss.view(-1, 1)), *nones)
+    if host_readable(grad, dloss) and bool(dloss == 1):
+        return (grad, *nones)  # loss.backward(): no extra pass over the gradient (see cross_entropy.py)
+    return (scale_grad(grad, dloss), *nones)
+
+
+DISTILLATION_FWD = register("distillation_fwd", _fake, lambda backend: _backward, _setup, backends=("triton", "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation shared by distillation_loss and linear_distillation_loss
+
+
+def check_options(kind: str, beta: float, temperature: float, reduction: str | None = None) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        hint = (
+            ": 'mean' would average over every element (rows x classes), which is not a KL divergence per sample "
+            "(torch's kl_div warns about it); use 'batchmean'"
+            if reduction == "mean"
+            else ""
+        )
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}{hint}")
+
+
+def check_no_teacher_grad(*tensors_and_names) -> None:
+    for t, name in tensors_and_names:
+        if torch.is_grad_enabled() and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but the distillation loss gives the teacher no gradient: detach the teacher "
+                f"({name}.detach()) or compute it under torch.no_grad()"
+            )
+
+
+def check_target(target: Tensor | None, leading: tuple, ref: Tensor, ref_name: str) -> None:
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise TypeError(f"target must hold class indices as int64 (or int32), got {got}")
+    if tuple(target.shape) != tuple(leading):
+        raise ValueError(
+            f"target must have shape {list(leading)} (the leading dims of {ref_name}), got {list(target.shape)}"
+        )
+    check_device(target, "target", ref, ref_name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    target: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Knowledge-distillation loss between student and teacher logits, fused: one kernel per row computes both
+    softmaxes (online over the vocabulary), the loss and the student's gradient.
+
+    With p_s = softmax(student_logits / T), p_t = softmax(teacher_logits / T) per row:
+
+    - ``"kl"``: forward KL(p_t || p_s) = sum p_t (log p_t - log p_s) (Hinton et al.'s distillation).
+    - ``"reverse_kl"``: KL(p_s || p_t).
+    - ``"jsd"``: generalised Jensen-Shannon divergence (GKD, Agarwal et al.), m = beta p_t + (1 - beta) p_s,
+      loss = beta KL(p_t || m) + (1 - beta) KL(p_s || m): beta weighs the teacher end. As in Liger-Kernel's JSD and
+      TRL's GKD, the end points give the limits of the normalised divergence instead of the formula's 0:
+      beta = 0 is the forward KL(p_t || p_s), beta = 1 the reverse KL(p_s || p_t) (so beta -> 0 and beta = 0 differ).
+
+    Each row's loss is multiplied by T^2 (Hinton et al.: keeps the gradient's size independent of T).
+
+    Args:
+        student_logits: ``(..., V)`` logits (float32 / float16 / bfloat16; unit stride along V, any row stride).
+        teacher_logits: ``(..., V)``, student_logits' shape and dtype. It gets no gradient: one that requires grad
+            raises (detach it).
+        kind: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        beta: the JSD's weight, in [0, 1] (only read for ``"jsd"``).
+        temperature: T > 0.
+        target: ``(...)`` class indices (the leading dims); rows equal to ``ignore_index`` are left out (loss 0,
+            gradient 0, not counted by batchmean). None counts every row.
+        reduction: ``"batchmean"`` (sum over the counted rows / their number; NaN when every row is ignored, as
+            torch's mean cross-entropy), ``"sum"`` or ``"none"`` (per-row losses of shape ``(...)``, 0 for ignored
+            rows). ``"mean"`` raises: torch's ``kl_div(reduction="mean")`` divides by rows x classes, which is
+            not the divergence per sample (a known footgun).
+
+    Returns:
+        The loss in student_logits' dtype (computed in float32; float32 under autocast). The student's gradient is
+        written in the forward pass; the backward only scales it.
+    """
+    check_options(kind, beta, temperature, reduction)
+    for t, name in ((student_logits, "student_logits"), (teacher_logits, "teacher_logits")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    check_no_teacher_grad((teacher_logits, "teacher_logits"))
+    if student_logits.dim() < 1 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"student_logits (..., V) and teacher_logits must have the same shape, got {list(student_logits.shape)} "
+            f"and {list(teacher_logits.shape)}"
+        )
+    check_device(teacher_logits, "teacher_logits", student_logits, "student_logits")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(
+            f"teacher_logits must have student_logits' dtype ({student_logits.dtype}), got {teacher_logits.dtype} "
+            "(cast the teacher's logits)"
+        )
+    check_target(target, student_logits.shape[:-1], student_logits, "student_logits")
+    backend = resolve("distill", student_logits)
+    if backend == "torch":
+        return reference.distillation_loss(
+            student_logits,
+            teacher_logits,
+            kind=kind,
+            beta=beta,
+            temperature=temperature,
+            target=target,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+    check_tensor(student_logits, "student_logits", backend)
+    V = student_logits.shape[-1]
+    if V < 1:
+        raise ValueError("student_logits must have at least one class (V >= 1)")
+    s, t = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
+    s = s if s.stride(-1) == 1 or V == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 or V == 1 else t.contiguous()
+    tgt = target.reshape(-1).to(torch.int64) if target is not None else None
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = call(
+        DISTILLATION_FWD[backend],
+        s,
+        t,
+        tgt,
+        kernel_kind(kind, beta),
+        float(beta),
+        float(temperature),
+        int(ignore_index),
+        REDUCTIONS[reduction],
+        compute_grad,
+    )
+    if reduction == "none":
+        loss = loss.view(student_logits.shape[:-1])
+    return loss.to(loss_dtype(student_logits))

@@ -1,0 +1,236 @@
+"""Linear distillation for LM heads: the distillation loss between ``student_hidden @ student_weight.T`` and
+``teacher_hidden @ teacher_weight.T`` (plus an optional hard-label cross-entropy) without ever materialising either
+model's (tokens, vocab) logits.
+
+    fastlm::linear_distillation_fwd(student_hidden, student_weight, teacher_hidden, teacher_weight, target?, kind,
+                                    beta, temperature, hard_weight, ignore_index, compute_grad, chunk_size, backend)
+        -> (loss, grad_student_hidden, grad_student_weight)
+
+Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py): the chunk's student and
+teacher logits (two matmuls, cuBLAS / torch) -> the fused distillation row kernel (kernels/distillation.py, or the
+cpu backend's csrc/cpu/distillation.cpp) writes the chunk's losses and the student logits' gradient (over the
+logits in place on the Triton backend) -> with hard_weight > 0 the fused cross-entropy kernel adds its gradient ->
+grad_student_hidden of the chunk and the running grad_student_weight (two more matmuls). The forward does every
+matmul of forward + backward; the backward only scales the two gradients by the incoming scalar. Peak extra memory:
+about three (chunk, vocab) buffers instead of both models' full logits, their softmaxes and gradients.
+
+    loss = (1 - hard_weight) * distillation (batchmean over the counted rows)
+           + hard_weight * cross_entropy(student logits, target, ignore_index, mean over the same rows)
+
+Gradients are accumulated in student_weight's dtype (as the linear cross-entropy).
+"""
+
+import torch
+from torch import Tensor
+
+from fastlm import reference
+from fastlm.dispatch import host_readable, resolve
+from fastlm.ops.cross_entropy import check_target_range, loss_dtype, scale_grad
+from fastlm.ops.distillation import (
+    check_no_teacher_grad,
+    check_options,
+    check_target,
+    counted_rows,
+    distill_rows,
+    kernel_kind,
+)
+from fastlm.ops.linear_cross_entropy import ce_rows, chunk_size_for
+from fastlm.ops.registry import check_tensor
+
+CPU_CHUNK_BYTES = 32 << 20  # fp32 logits per chunk on the cpu backend
+
+
+def default_chunk(tokens: int, vocab: int, hidden: int, device: torch.device) -> int:
+    """Tokens per chunk: :func:`chunk_size_for` (the linear cross-entropy's rule); on CPU at least a 32 MiB fp32
+    chunk of logits: each chunk's grad_weight update reads and writes the whole (V, H) weight gradient, which
+    small chunks repeat too often there (measured, 1024 tokens x 32000 x 512 on 2 cores: 64-token chunks 4.6 s,
+    256-token chunks 3.3 s per forward + backward, same peak memory)."""
+    chunk = chunk_size_for(tokens, vocab, hidden)
+    if device.type == "cpu":
+        floor = max(1, CPU_CHUNK_BYTES // (4 * max(vocab, 1)))
+        chunk = max(chunk, 1 << (floor.bit_length() - 1))
+    return chunk
+
+
+@torch.library.custom_op("fastlm::linear_distillation_fwd", mutates_args=())
+def linear_distillation_fwd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Tensor | None,
+    kind: int,
+    beta: float,
+    temperature: float,
+    hard_weight: float,
+    ignore_index: int,
+    compute_grad: bool,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    N = student_hidden.shape[0]
+    dev = student_hidden.device
+    count = counted_rows(target, N, ignore_index, dev)
+    distill = hard_weight < 1.0
+    hard = hard_weight > 0.0
+    d_scale = (1.0 - hard_weight) / count if compute_grad else None  # the distillation's share of the gradient
+    ce_denom = count / hard_weight if hard else None  # the CE kernels scale their gradient by 1 / denom
+    loss_d = torch.zeros(N, dtype=torch.float32, device=dev)
+    loss_ce = torch.zeros(N, dtype=torch.float32, device=dev)
+    gx = torch.empty_like(student_hidden) if compute_grad else student_hidden.new_empty((0,))
+    gw = torch.zeros_like(student_weight) if compute_grad else student_hidden.new_empty((0,))
+    for s in range(0, N, chunk_size):
+        e = min(s + chunk_size, N)
+        logits = student_hidden[s:e] @ student_weight.T  # (chunk, V)
+        tgt = target[s:e] if target is not None else None
+        g = None
+        if distill:
+            t_logits = teacher_hidden[s:e] @ teacher_weight.T
+            # without the hard loss the gradient may replace the logits; with it the CE kernel still reads them
+            loss_d[s:e], g = distill_rows(
+                logits, t_logits, tgt, kind, beta, temperature, ignore_index, d_scale, backend, in_place=not hard
+            )
+            del t_logits
+        if hard:
+            loss_ce[s:e], g_ce = ce_rows(logits, tgt, None, ce_denom, ignore_index, 0.0, compute_grad, backend)
+            if compute_grad:
+                g = g_ce if g is None else g.add_(g_ce)
+        if compute_grad:
+            torch.mm(g, student_weight, out=gx[s:e])
+            gw.addmm_(g.T, student_hidden[s:e])
+    loss = (1.0 - hard_weight) * loss_d.sum() / count[0] + hard_weight * loss_ce.sum() / count[0]
+    return loss, gx, gw
+
+
+@linear_distillation_fwd.register_fake
+def _fake(sh, sw, th, tw, target, kind, beta, temperature, hard_weight, ignore_index, compute_grad, chunk, backend):
+    loss = sh.new_empty((), dtype=torch.float32)
+    return loss, sh.new_empty(sh.shape if compute_grad else (0,)), sw.new_empty(sw.shape if compute_grad else (0,))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, dloss, *_):
+    gx, gw = ctx.saved_tensors
+    if host_readable(gx, dloss) and bool(dloss == 1):
+        # loss.backward() on CPU: no copy of the gradients (a whole grad_weight more at the peak; see cross_entropy.py)
+        return (gx, gw) + (None,) * 11
+    return (scale_grad(gx, dloss), scale_grad(gw, dloss)) + (None,) * 11
+
+
+torch.library.register_autograd("fastlm::linear_distillation_fwd", _backward, setup_context=_setup)
+
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    target: Tensor | None = None,
+    kind: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Distillation through both LM heads without materialising either model's logits:
+    ``(1 - hard_weight) * distillation_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T,
+    kind=kind, beta=beta, temperature=temperature, target=target, reduction="batchmean") + hard_weight *
+    cross_entropy(student_hidden @ student_weight.T, target)`` (see :func:`fastlm.functional.distillation_loss` for
+    the kinds, beta and T^2). Reduction: batchmean only (sum over the counted rows / their number, for both terms).
+
+    Args:
+        student_hidden: ``(..., Hs)`` student hidden states.
+        student_weight: ``(V, Hs)`` student LM-head weight; student_hidden's dtype and device.
+        teacher_hidden: ``(..., Ht)`` teacher hidden states (student_hidden's leading dims and dtype).
+        teacher_weight: ``(V, Ht)``. Teacher tensors get no gradient: one that requires grad raises (detach it).
+        target: ``(...)`` class indices: rows equal to ``ignore_index`` are left out of both terms; required when
+            ``hard_weight > 0``.
+        hard_weight: weight of the hard-label cross-entropy, in [0, 1].
+        chunk_size: tokens per chunk (default :func:`fastlm.ops.linear_cross_entropy.chunk_size_for`).
+
+    Returns:
+        The scalar loss in student_hidden's dtype (float32 under autocast). Gradients to student_hidden and
+        student_weight are computed in the forward; the backward only scales them.
+    """
+    check_options(kind, beta, temperature)
+    if not 0.0 <= hard_weight <= 1.0:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+    if hard_weight > 0.0 and target is None:
+        raise ValueError("hard_weight > 0 needs target (the class indices of the hard-label cross-entropy)")
+    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
+    tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    for t, name in zip(tensors, names, strict=True):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    check_no_teacher_grad((teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"))
+    sh, sw, th, tw = tensors
+    if sh.dim() < 1 or sw.dim() != 2 or sh.shape[-1] != sw.shape[1]:
+        raise ValueError(
+            f"student_hidden (..., Hs) and student_weight (V, Hs) must share Hs: got {list(sh.shape)} and "
+            f"{list(sw.shape)}"
+        )
+    if th.dim() < 1 or tw.dim() != 2 or th.shape[-1] != tw.shape[1]:
+        raise ValueError(
+            f"teacher_hidden (..., Ht) and teacher_weight (V, Ht) must share Ht: got {list(th.shape)} and "
+            f"{list(tw.shape)}"
+        )
+    if tw.shape[0] != sw.shape[0]:
+        raise ValueError(
+            f"student_weight and teacher_weight must have the same vocabulary V: {sw.shape[0]} vs {tw.shape[0]}"
+        )
+    if th.shape[:-1] != sh.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden must have student_hidden's leading dims {list(sh.shape[:-1])}, got {list(th.shape[:-1])}"
+        )
+    for t, name in zip(tensors[1:], names[1:], strict=True):
+        if t.dtype != sh.dtype or t.device != sh.device:
+            raise TypeError(
+                f"{name} must match student_hidden's dtype and device ({sh.dtype}, {sh.device}), got {t.dtype} on "
+                f"{t.device}"
+            )
+    check_target(target, sh.shape[:-1], sh, "student_hidden")
+    V = sw.shape[0]
+    backend = resolve("linear_distill", sh)
+    if backend == "torch":
+        return reference.linear_distillation_loss(
+            sh,
+            sw,
+            th,
+            tw,
+            target=target,
+            kind=kind,
+            beta=beta,
+            temperature=temperature,
+            hard_weight=hard_weight,
+            ignore_index=ignore_index,
+        )
+    check_tensor(sh, "student_hidden", backend)
+    x, xt = sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1])
+    tgt = target.reshape(-1).to(torch.int64) if target is not None else None
+    if tgt is not None and hard_weight > 0.0:
+        check_target_range(tgt, V, ignore_index)
+    chunk = chunk_size or default_chunk(x.shape[0], V, x.shape[1], x.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and (sh.requires_grad or sw.requires_grad)
+    loss, *_ = linear_distillation_fwd(
+        x.contiguous(),
+        sw.contiguous(),
+        xt.contiguous(),
+        tw.contiguous(),
+        tgt,
+        kernel_kind(kind, beta),
+        float(beta),
+        float(temperature),
+        float(hard_weight),
+        int(ignore_index),
+        needs_grad,
+        int(chunk),
+        backend,
+    )
+    return loss.to(loss_dtype(sh))
