@@ -61,6 +61,21 @@ CASES = {
         lambda: (_x(10, 16), _x(40, 16), _targets(10, 40)),
     ),
     "swiglu": (lambda x: F.swiglu(*x.chunk(2, dim=-1)) * F.swiglu(x), lambda: (_x(4, 2 * 40),)),
+    "kl_div": (
+        lambda x, t: F.kl_div(x, t, reduction="batchmean") + F.kl_div(x, t.log(), reduction="sum", log_target=True),
+        lambda: (_x(6, 40).log_softmax(-1).detach().requires_grad_(), _x(6, 40, grad=False).softmax(-1)),
+    ),
+    "distillation_loss": (
+        lambda s, t, y: (
+            F.distillation_loss(s, t, kind="jsd", temperature=2.0, target=y)
+            + F.distillation_loss(s, t, reduction="none").sum()
+        ),
+        lambda: (_x(6, 40), _x(6, 40, grad=False), _targets(6, 40)),
+    ),
+    "linear_distillation_loss": (
+        lambda h, w, th, tw, y: F.linear_distillation_loss(h, w, th, tw, target=y, hard_weight=0.3, chunk_size=4),
+        lambda: (_x(10, 16), _x(40, 16), _x(10, 8, grad=False), _x(40, 8, grad=False), _targets(10, 40)),
+    ),
     "scaled_dot_product_attention": (
         lambda q, k, v, m: (
             F.scaled_dot_product_attention(q, k, v, attn_mask=m)
