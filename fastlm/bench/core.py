@@ -40,11 +40,21 @@ TARGETS = {
     ("cpu", "scaled_masked_softmax", "fwd"): {"torch-eager": 1.3, "torch-compile": 1.0},
     ("cpu", "cross_entropy", "fwd+bwd"): {"torch-eager": 1.3, "torch-compile": 1.0},
     ("cpu", "distillation_loss", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cpu", "cross_entropy_soft", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cpu", "kl_div", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cpu", "rope", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cpu", "swiglu", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cpu", "geglu", "fwd+bwd"): {"torch-eager": 1.3},
+    ("cuda", "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 1.0},  # and peak memory <= 1/4 (MEMORY_TARGETS)
     ("cpu", "layer_norm", "fwd"): {"torch-eager": 1.0},
     ("cpu", "softmax", "fwd"): {"torch-eager": 1.0},
     ("cpu", "sdpa", "fwd"): {"torch-sdpa": 1.0},
     ("cpu", "bert-base_infer", "fwd"): {"torch-eager": 1.0},
 }
+
+
+# Peak-memory targets (issue 17): fastlm's peak / the baseline's peak at most this, for the memory-saving losses.
+MEMORY_TARGETS = {(device, "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 0.25} for device in ("cpu", "cuda")}
 
 
 class SkipCase(Exception):
@@ -377,6 +387,7 @@ def ratios(results: list[Result], device_type: str) -> list[dict]:
     rows = []
     for (kernel, shape, dtype, mode), provs in by_case.items():
         targets = TARGETS.get((device_type, kernel, mode), {})
+        memory_targets = MEMORY_TARGETS.get((device_type, kernel, mode), {})
         for fp, fr in provs.items():
             if not fp.startswith("fastlm-"):
                 continue
@@ -385,6 +396,11 @@ def ratios(results: list[Result], device_type: str) -> list[dict]:
                     continue
                 ratio = br.ms / fr.ms
                 target = targets.get(bp)
+                memory = fr.peak_mem_mb / br.peak_mem_mb if fr.peak_mem_mb and br.peak_mem_mb else None
+                memory_target = memory_targets.get(bp)
+                met = None if target is None else ratio >= target
+                if memory_target is not None and memory is not None:
+                    met = (met is not False) and memory <= memory_target
                 rows.append(
                     dict(
                         kernel=kernel,
@@ -395,7 +411,9 @@ def ratios(results: list[Result], device_type: str) -> list[dict]:
                         baseline=bp,
                         ratio=ratio,
                         target=target,
-                        met=None if target is None else ratio >= target,
+                        memory=memory,
+                        memory_target=memory_target,
+                        met=met,
                     )
                 )
     return rows
@@ -431,14 +449,16 @@ def markdown(results: list[Result], env: dict, ceilings: dict) -> str:
             "",
             "Speed-ups (baseline time / fastlm time, same run); targets from the issues where they set one:",
             "",
-            "| kernel | shape | dtype | mode | fastlm | vs baseline | speed-up | target | |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| kernel | shape | dtype | mode | fastlm | vs baseline | speed-up | target | peak memory | target | |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in rows:
             target = f">= {x['target']:.1f}x" if x["target"] is not None else ""
+            memory = f"{x['memory']:.2f}x" if x["memory"] is not None else ""
+            memory_target = f"<= {x['memory_target']:.2f}x" if x["memory_target"] is not None else ""
             verdict = "" if x["met"] is None else ("met" if x["met"] else "**MISSED**")
             lines.append(
                 f"| {x['kernel']} | {x['shape']} | {x['dtype']} | {x['mode']} | {x['fastlm']} | {x['baseline']} | "
-                f"{x['ratio']:.2f}x | {target} | {verdict} |"
+                f"{x['ratio']:.2f}x | {target} | {memory} | {memory_target} | {verdict} |"
             )
     return "\n".join(lines) + "\n"
