@@ -318,10 +318,14 @@ def apply_rotary_pos_emb(
         )
     if inplace:
         check_inplace(q, k)
-        if may_overlap(q, k):  # the in-place kernel would read what it already rotated: compute, then write back
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if may_overlap(q, k) or (grads and tracing()):
+            # Out of place, then written back: where q and k share memory (the in-place kernel would read what it
+            # already rotated), and under torch.compile with autograd, where torch 2.11's AOTAutograd traces the
+            # in-place Function on views (mark_dirty) into wrong gradients (seen in the device's twin; 2.14 is right)
             out = call(ROPE_FWD[backend], unit_last(q), unit_last(k), cos3, sin3, head_axis, interleaved, False)
             return q.copy_(out[0]), k.copy_(out[1])
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if grads:
             for t in (q, k):
                 if t.requires_grad:
                     RopeInplace.apply(t, cos3, sin3, head_axis, interleaved, backend)
