@@ -217,14 +217,16 @@ def gated_mlp_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def is_causal_lm(m: nn.Module) -> bool:
-    """An HF ``*ForCausalLM`` with a linear ``lm_head`` and no final logit soft-capping (Gemma 2's tanh on the
-    logits cannot be folded into the linear cross-entropy; those models keep HF's loss)."""
+    """An HF ``*ForCausalLM`` of one of ``ROPE_MODULES``' families (whose forward is ``logits = lm_head(h)`` then
+    ``ForCausalLMLoss``: other families scale the logits after the head (Granite, Cohere) or do not shift the labels
+    (Bart-style decoders), so a name rule would give them a wrong loss), with a linear ``lm_head`` and no final
+    logit soft-capping (Gemma 2's tanh on the logits cannot be folded into the linear cross-entropy: HF's loss)."""
     cls = type(m)
     config = getattr(m, "config", None)
     return (
         cls.__name__.endswith("ForCausalLM")
-        and cls.__module__.startswith("transformers.models.")
-        and isinstance(getattr(m, "lm_head", None), nn.Linear)
+        and cls.__module__ in ROPE_MODULES
+        and type(getattr(m, "lm_head", None)) is nn.Linear
         and getattr(config, "final_logit_softcapping", None) is None
     )
 
@@ -249,21 +251,36 @@ def causal_lm_forward(self, *args, **kwargs):
     accumulation); ``logits_to_keep`` selects the positions exactly as HF does (the loss covers the kept ones)."""
     original = self._fastlm_original_class.forward
     bound = inspect.signature(original).bind(self, *args, **kwargs)
-    extra = bound.arguments.get("kwargs", {})
+    extra = dict(bound.arguments.get("kwargs", {}))
     labels = bound.arguments.get("labels")
     if not self.training or labels is None:  # HF computes a loss only when labels are given
         return original(self, *args, **kwargs)
     bound.arguments["labels"] = None
+    # a ModelOutput to set the loss on; a tuple afterwards if one was asked for (return_dict=False / the config's)
+    if "return_dict" in bound.arguments:  # an explicit parameter of this forward
+        return_dict, bound.arguments["return_dict"] = bound.arguments["return_dict"], True
+    else:  # through **kwargs (transformers 5's can_return_tuple)
+        return_dict = extra.pop("return_dict", None)
+        bound.arguments["kwargs"] = {**extra, "return_dict": True}
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     head = self.lm_head
+    if getattr(head, "_fastlm_capture", False) is not None:
+        raise RuntimeError(
+            f"fastlm.patch's fused loss cannot find the LM head it patched: {type(self).__name__}.lm_head is now "
+            f"{type(head).__name__} (replaced or wrapped after fastlm.patch, e.g. by PEFT); patch after wrapping, "
+            "or use fastlm.patch(model, loss=False)"
+        )
     head._fastlm_capture = []
     try:
         out = original(*bound.args, **bound.kwargs)
         (hidden,) = head._fastlm_capture
     finally:
         head._fastlm_capture = None
-    out.loss = causal_lm_loss(hidden, head.weight, head.bias, labels, **extra)
-    out.logits = None
-    return out
+    loss = causal_lm_loss(hidden, head.weight, head.bias, labels, **extra)
+    # a new output: a ModelOutput keeps its keys (what to_tuple() and out["..."] see) from construction
+    out = type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
+    return out if return_dict else out.to_tuple()
 
 
 def causal_lm_loss(

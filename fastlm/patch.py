@@ -98,13 +98,16 @@ class Adapter:
 _derived: dict = {}
 
 
-def _derive(forward: Callable) -> Callable[[type], type]:
-    """A subclass of the module's own class whose forward is ``forward`` (cached per class)."""
+def _derive(forward: Callable, keep_name: bool = False) -> Callable[[type], type]:
+    """A subclass of the module's own class whose forward is ``forward`` (cached per class), named ``Fused<Name>``,
+    or ``<Name>`` with ``keep_name`` (an HF model: ``save_pretrained`` writes the class name into the config's
+    ``architectures``, which loaders such as vLLM read)."""
 
     def make(cls: type) -> type:
         key = (cls, forward)
         if key not in _derived:
-            _derived[key] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+            name = cls.__name__ if keep_name else f"Fused{cls.__name__}"
+            _derived[key] = type(name, (cls,), {"forward": forward, "__module__": __name__})
         return _derived[key]
 
     return make
@@ -157,7 +160,7 @@ ADAPTERS = [
         "HF *ForCausalLM loss (linear cross-entropy)",
         "loss",
         hf.is_causal_lm,
-        _derive(hf.causal_lm_forward),
+        _derive(hf.causal_lm_forward, keep_name=True),
         _prepare_causal_lm,
     ),
 ]

@@ -33,6 +33,9 @@ KIND_KL, KIND_REV_KL, KIND_JSD = tl.constexpr(KL), tl.constexpr(REVERSE_KL), tl.
 # warps compiles without spills for every flag set, dtype and kind on sm_90 under Triton 3.6 and 3.8 (<= 128
 # registers), where 2048 on 8 warps or 4096 on 8 / 16 warps left 8-byte stack spills under 3.6.
 MAX_BLOCK = 2048
+# The JSD's mixture m is clamped at the smallest normal float before its log (as the cpu kernel does): a subnormal
+# p_s times (1 - beta) may round to 0 (or be flushed to zero on the GPU), and log 0 = -inf would give inf / NaN.
+TINY = tl.constexpr(1.17549435e-38)
 
 
 @triton.jit
@@ -103,20 +106,32 @@ def distillation_kernel(
             c = off + cols
             x = tl.load(s_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
             y = tl.load(t_row + c, mask=c < C, other=float("-inf")).to(tl.float32) * inv_temp
+            r_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # the lanes' references before this chunk
+            r_t = tl.where(m_t == float("-inf"), 0.0, m_t)
             m_s, l_s, a_s, e_s = _lane_update(m_s, l_s, a_s, x)
             m_t, l_t, a_t, e_t = _lane_update(m_t, l_t, a_t, y)
+            # The KLs' sums are of log-probability differences against the lanes' maxima, (y - m_t) - (x - m_s),
+            # never of y - x and lse_t - lse_s separately: those are large for large logits and their difference
+            # (the KL, small when the rows agree) would cancel. A new maximum shifts the old terms (l - e of them).
+            dr_s = tl.where(m_s == float("-inf"), 0.0, m_s) - r_s
+            dr_t = tl.where(m_t == float("-inf"), 0.0, m_t) - r_t
+            d = (y - r_t - dr_t) - (x - r_s - dr_s)  # log p_t - log p_s up to the row constants
             if KIND == KIND_KL:
-                a_t += tl.where(e_t > 0.0, e_t * (y - x), 0.0)
+                a_t += (l_t - e_t) * (dr_s - dr_t) + tl.where(e_t > 0.0, e_t * d, 0.0)
             if KIND == KIND_REV_KL:
-                a_s += tl.where(e_s > 0.0, e_s * (x - y), 0.0)
+                a_s += (l_s - e_s) * (dr_t - dr_s) - tl.where(e_s > 0.0, e_s * d, 0.0)
         ms, ls, as_ = _lane_combine(m_s, l_s, a_s)
         mt, lt, at = _lane_combine(m_t, l_t, a_t)
         lse_s = ms + tl.log(ls)
         lse_t = mt + tl.log(lt)
+        # the lanes' sums moved from their own maxima to the row's: (ms - lane's m_s) - (mt - lane's m_t) per term
+        shift = (ms - tl.where(m_s == float("-inf"), 0.0, m_s)) - (mt - tl.where(m_t == float("-inf"), 0.0, m_t))
         if KIND == KIND_KL:
-            loss = at / lt - lse_t + lse_s
+            at += tl.sum(tl.where(l_t > 0.0, l_t * tl.exp(m_t - mt) * shift, 0.0), axis=0)
+            loss = at / lt + tl.log(ls) - tl.log(lt)  # sum p_t (log p_t - log p_s), all against the maxima
         elif KIND == KIND_REV_KL:
-            loss = as_ / ls - lse_s + lse_t
+            as_ -= tl.sum(tl.where(l_s > 0.0, l_s * tl.exp(m_s - ms) * shift, 0.0), axis=0)
+            loss = as_ / ls + tl.log(lt) - tl.log(ls)
         else:
             # pass 2 (JSD): the loss and K = KL(p_s || m), from the normalised probabilities
             acc = tl.zeros([BLOCK_N], tl.float32)
@@ -129,7 +144,7 @@ def distillation_kernel(
                 lp_t = y - lse_t
                 p_s = tl.exp(lp_s)
                 p_t = tl.exp(lp_t)
-                lm = tl.log(beta * p_t + (1.0 - beta) * p_s)
+                lm = tl.log(tl.maximum(beta * p_t + (1.0 - beta) * p_s, TINY))
                 term_s = tl.where(p_s > 0.0, p_s * (lp_s - lm), 0.0)
                 term_t = tl.where(p_t > 0.0, p_t * (lp_t - lm), 0.0)
                 acc += beta * term_t + (1.0 - beta) * term_s
@@ -152,7 +167,7 @@ def distillation_kernel(
                 elif KIND == KIND_REV_KL:
                     g = tl.where(p_s > 0.0, p_s * (lp_s - (y - lse_t) - loss), 0.0)
                 else:
-                    lm = tl.log(beta * tl.exp(y - lse_t) + (1.0 - beta) * p_s)
+                    lm = tl.log(tl.maximum(beta * tl.exp(y - lse_t) + (1.0 - beta) * p_s, TINY))
                     g = tl.where(p_s > 0.0, (1.0 - beta) * p_s * (lp_s - lm - k_sm), 0.0)
                 tl.store(g_row + c, (coef * g).to(G.dtype.element_ty), mask=c < C)
 

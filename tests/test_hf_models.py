@@ -200,3 +200,41 @@ def test_thirty_training_steps_match():
                 losses[key].append(loss.item())
     assert losses["ref"][-1] < losses["ref"][0] - 0.5  # it learns
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["ref"]), atol=1e-3, rtol=1e-4)
+
+
+def test_return_dict_false_save_pretrained_and_autocast(backend, tmp_path):
+    """A tuple when asked for (loss first, no logits); save_pretrained keeps the original architecture name (loaders
+    such as vLLM read it); a training step under autocast with fp32 weights (mixed precision) gives HF's loss."""
+    ref = _build("llama")
+    ours = fastlm.patch(copy.deepcopy(ref))
+    ids, mask, labels = _batch()
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(
+        out[0], ref(input_ids=ids, attention_mask=mask, labels=labels).loss, atol=2e-4, rtol=2e-4
+    )
+    ours.save_pretrained(tmp_path)
+    assert ours.config.architectures == ["LlamaForCausalLM"]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        a = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+        b = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a.float(), atol=3e-2, rtol=3e-2)
+    b.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+
+
+def test_loss_only_for_known_families_and_wrapped_heads_raise():
+    """The loss swap is limited to the families whose head is a plain linear layer followed by ForCausalLMLoss
+    (Granite scales its logits after the head: it keeps HF's loss); a head wrapped after patching (as PEFT does)
+    raises a clear error instead of computing a wrong loss."""
+    from transformers import GraniteConfig
+
+    kw = {k: v for k, v in TINY.items() if k != "head_dim"}
+    granite = transformers.AutoModelForCausalLM.from_config(GraniteConfig(**kw, logits_scaling=4.0))
+    assert "HF *ForCausalLM loss (linear cross-entropy)" not in fastlm.patch_summary(fastlm.patch(granite))
+    model = fastlm.patch(_build("llama"))
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # a wrapper, as PEFT's modules_to_save
+    ids, mask, labels = _batch()
+    with pytest.raises(RuntimeError, match="cannot find the LM head"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -100,6 +100,7 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
         cs_max = xv > cs_max ? xv : cs_max;
         ct_max = yv > ct_max ? yv : ct_max;
       }
+      const float mrs_old = ms == kNegInf ? 0.f : ms, mrt_old = mt == kNegInf ? 0.f : mt;
       if (cs_max > ms) {
         const float f = exp_fast(ms - cs_max);  // ms = -inf (first chunk): 0
         ss *= f;
@@ -114,6 +115,11 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
       }
       // exps against 0 while every logit so far is -inf (they are 0 then): no exp(-inf + inf) = NaN
       const float mrs = ms == kNegInf ? 0.f : ms, mrt = mt == kNegInf ? 0.f : mt;
+      // The KLs' sums hold log-probability differences against the running maxima, (y - mt) - (x - ms), never y - x
+      // and lse_t - lse_s apart: those are large for large logits and the KL (small when the rows agree) would
+      // cancel. New maxima shift the terms summed so far.
+      if constexpr (kKind == kKL) acc += st * ((mrs - mrs_old) - (mrt - mrt_old));
+      if constexpr (kKind == kReverseKL) acc += ss * ((mrt - mrt_old) - (mrs - mrs_old));
       cms[ci] = mrs;
       cmt[ci] = mrt;
       float* esc = es + c0;
@@ -127,8 +133,8 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
         etc[k] = e2;
         cs += e1;
         ct += e2;
-        if constexpr (kKind == kKL) ca += e2 * where_p(e2, yv - xv);
-        if constexpr (kKind == kReverseKL) ca += e1 * where_p(e1, xv - yv);
+        if constexpr (kKind == kKL) ca += e2 * where_p(e2, (yv - mrt) - (xv - mrs));
+        if constexpr (kKind == kReverseKL) ca += e1 * where_p(e1, (xv - mrs) - (yv - mrt));
       }
       ss += cs;
       st += ct;
@@ -136,10 +142,12 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
     }
     const float lse_s = ms + std::log(ss), lse_t = mt + std::log(st);
     float loss = 0.f, K = 0.f;
+    // acc is against the maxima, so the KL is acc / st + log(ss) - log(st): no large term (a row of only -inf
+    // logits has a zero sum of exps: log 0 = -inf, as lse would be)
     if constexpr (kKind == kKL) {
-      loss = acc / st - lse_t + lse_s;
+      loss = acc / st + std::log(ss) - std::log(st);
     } else if constexpr (kKind == kReverseKL) {
-      loss = acc / ss - lse_s + lse_t;
+      loss = acc / ss + std::log(st) - std::log(ss);
     } else {
       // JSD: the loss and K from the normalised probabilities (one log per logit: log m)
       for (int64_t ci = 0; ci < nchunks; ++ci) {

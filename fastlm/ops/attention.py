@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastlm import extension
 from fastlm.dispatch import UnsupportedCaseError, call, host_readable, resolve, tracing
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.ops.registry import autocast_dtype, check_device, check_tensor, register
 
 MAX_HEAD_DIM = 256
 
@@ -316,6 +316,11 @@ def scaled_dot_product_attention(
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
     """
     _check_call(attn_mask, dropout_p)
+    amp = autocast_dtype(query) if isinstance(query, Tensor) else None
+    if amp is not None:  # as torch's SDPA under autocast (on its lower-precision list): q, k, v in the autocast dtype
+        query, key, value = (
+            t.to(amp) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (query, key, value)
+        )
     backend = resolve("attention", query, _features(attn_mask, dropout_p, varlen=False))
     if backend == "torch":
         if return_lse:

@@ -32,6 +32,7 @@ from fastlm.ops.cross_entropy import (
     reduce_losses,
     scale_grad,
 )
+from fastlm.ops.registry import autocast_dtype
 
 
 def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
@@ -208,6 +209,10 @@ def linear_cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         ).reshape(target.shape if reduction == "none" else ())
+    amp = autocast_dtype(input)
+    if amp is not None:  # as F.linear under autocast: the matmuls in the autocast dtype (autograd casts grads back)
+        input, linear_weight = input.to(amp), linear_weight.to(amp)
+        linear_bias = linear_bias.to(amp) if linear_bias is not None else None
     if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
         raise ValueError(
             f"input (*, H) and linear_weight (V, H) must share H: got {list(input.shape)} and "
@@ -233,17 +238,18 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     )
-    loss, *_ = linear_cross_entropy_fwd(
-        x.contiguous(),
-        linear_weight.contiguous(),
-        t,
-        linear_bias,
-        weight.float().contiguous() if weight is not None else None,
-        int(ignore_index),
-        float(label_smoothing),
-        REDUCTIONS[reduction],
-        needs_grad,
-        int(chunk),
-        backend,
-    )
+    with torch.autocast(input.device.type, enabled=False):  # the op's matmuls and gradients in the input's dtype
+        loss, *_ = linear_cross_entropy_fwd(
+            x.contiguous(),
+            linear_weight.contiguous(),
+            t,
+            linear_bias,
+            weight.float().contiguous() if weight is not None else None,
+            int(ignore_index),
+            float(label_smoothing),
+            REDUCTIONS[reduction],
+            needs_grad,
+            int(chunk),
+            backend,
+        )
     return (loss.view(target.shape) if reduction == "none" else loss).to(loss_dtype(input))

@@ -35,7 +35,7 @@ from fastlm.ops.distillation import (
     kernel_kind,
 )
 from fastlm.ops.linear_cross_entropy import ce_rows, chunk_size_for
-from fastlm.ops.registry import check_tensor
+from fastlm.ops.registry import autocast_dtype, check_tensor
 
 CPU_CHUNK_BYTES = 32 << 20  # fp32 logits per chunk on the cpu backend
 
@@ -98,6 +98,9 @@ def linear_distillation_fwd(
         if compute_grad:
             torch.mm(g, student_weight, out=gx[s:e])
             gw.addmm_(g.T, student_hidden[s:e])
+        del logits, g  # before the next chunk's logits: at most one chunk's buffers alive at a time
+        if hard:
+            del g_ce
     loss = (1.0 - hard_weight) * loss_d.sum() / count[0] + hard_weight * loss_ce.sum() / count[0]
     return loss, gx, gw
 
@@ -168,6 +171,9 @@ def linear_distillation_loss(
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     check_no_teacher_grad((teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"))
+    amp = autocast_dtype(student_hidden)
+    if amp is not None:  # as F.linear under autocast: the matmuls in the autocast dtype (autograd casts grads back)
+        tensors = tuple(t.to(amp) for t in tensors)
     sh, sw, th, tw = tensors
     if sh.dim() < 1 or sw.dim() != 2 or sh.shape[-1] != sw.shape[1]:
         raise ValueError(
@@ -218,19 +224,20 @@ def linear_distillation_loss(
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (sh.requires_grad or sw.requires_grad)
-    loss, *_ = linear_distillation_fwd(
-        x.contiguous(),
-        sw.contiguous(),
-        xt.contiguous(),
-        tw.contiguous(),
-        tgt,
-        kernel_kind(kind, beta),
-        float(beta),
-        float(temperature),
-        float(hard_weight),
-        int(ignore_index),
-        needs_grad,
-        int(chunk),
-        backend,
-    )
+    with torch.autocast(sh.device.type, enabled=False):  # the op's matmuls and gradients in the inputs' dtype
+        loss, *_ = linear_distillation_fwd(
+            x.contiguous(),
+            sw.contiguous(),
+            xt.contiguous(),
+            tw.contiguous(),
+            tgt,
+            kernel_kind(kind, beta),
+            float(beta),
+            float(temperature),
+            float(hard_weight),
+            int(ignore_index),
+            needs_grad,
+            int(chunk),
+            backend,
+        )
     return loss.to(loss_dtype(sh))

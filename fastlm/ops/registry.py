@@ -74,3 +74,12 @@ def check_device(t: Tensor | None, name: str, ref: Tensor, ref_name: str) -> Non
     """``t`` (when given) is on ``ref``'s device."""
     if t is not None and t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``t``'s device type (None outside autocast). Ops whose implementation runs
+    matmuls (the LM-head losses) take their floating inputs cast to it, as ``F.linear`` would, and run with autocast
+    off inside: autocast does not reach into a custom op consistently (its matmuls would be cast, its fp32 outputs
+    not)."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
