@@ -463,3 +463,19 @@ def test_fp16_gradient_under_a_grad_scaler_scale(backend, op, reduction):
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float16 and torch.isfinite(g).all(), "inf/NaN gradient under the scale"
         torch.testing.assert_close(g.double(), r, atol=2e-3 * r.abs().max().item(), rtol=1e-2)
+
+
+def test_trainable_class_weights_raise(backend):
+    """The fused kernels give the class weights no gradient: a weight that requires grad raises instead of losing
+    its gradient silently (index and probability targets, and the linear cross-entropy)."""
+    x = torch.randn(4, 7, device=DEVICE, requires_grad=True)
+    w = torch.rand(7, device=DEVICE, requires_grad=True)
+    for target in (torch.randint(0, 7, (4,), device=DEVICE), torch.rand(4, 7, device=DEVICE).softmax(-1)):
+        with pytest.raises(ValueError, match="no gradient"):
+            F.cross_entropy(x, target, weight=w)
+    with pytest.raises(ValueError, match="no gradient"):
+        F.linear_cross_entropy(
+            x, torch.randn(5, 7, device=DEVICE), torch.randint(0, 5, (4,), device=DEVICE), weight=w[:5]
+        )
+    with torch.no_grad():
+        F.cross_entropy(x, torch.randint(0, 7, (4,), device=DEVICE), weight=w)  # no gradient asked for: fine

@@ -224,6 +224,11 @@ def check_inputs(
         check_device(weight, "weight", input, "input")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "weight requires grad, but the fused cross-entropy gives the class weights no gradient (it would be "
+                "silently dropped); detach it, or use fastlm.backend('torch') for trainable class weights"
+            )
 
 
 def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
