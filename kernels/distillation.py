@@ -35,7 +35,7 @@ KIND_KL, KIND_REV_KL, KIND_JSD = tl.constexpr(KL), tl.constexpr(REVERSE_KL), tl.
 MAX_BLOCK = 2048
 # The JSD's mixture m is clamped at the smallest normal float before its log (as the cpu kernel does): a subnormal
 # p_s times (1 - beta) may round to 0 (or be flushed to zero on the GPU), and log 0 = -inf would give inf / NaN.
-TINY = tl.constexpr(1.17549435e-38)
+TINY = tl.constexpr(2.0**-126)  # exactly representable: an fp32 constant (1.17549435e-38 was typed fp64)
 
 
 @triton.jit
