@@ -321,3 +321,21 @@ def test_linear_losses_under_autocast(ld_backend):
         assert gx.dtype == gw.dtype == torch.float32
         torch.testing.assert_close(gx, wx, atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(gw, ww, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU peak-memory measurement (on a GPU the allocator's peak is read)")
+def test_cpu_peak_memory_child_from_the_source_tree(monkeypatch):
+    """`make bench` runs from the repository root: the peak-memory child must import the installed fastlm, not the
+    source tree its cwd would put first on sys.path; and the fused linear loss peaks below the unfused path."""
+    import os
+
+    from fastlm.bench import core
+    from fastlm.bench import distillation as family
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+    case = core.Case(
+        "linear_distillation_loss", "256x8000x64x64", torch.float32, "fwd+bwd", 1.0, "TFLOP/s", (256, 8000, 64, 64)
+    )
+    fused = core.subprocess_peak_rss_mb(family.__name__, case, "fastlm-cpu")
+    unfused = core.subprocess_peak_rss_mb(family.__name__, case, "torch-eager")
+    assert 0 < fused < 0.5 * unfused, (fused, unfused)

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -257,6 +258,7 @@ def subprocess_peak_rss_mb(module: str, case: Case, provider: str, timeout_s: fl
     out = subprocess.run(
         [sys.executable, "-c", _PEAK_CHILD, json.dumps(payload)],
         env=env,
+        cwd=tempfile.gettempdir(),  # `python -c` puts its cwd first on sys.path: not the source tree (make bench)
         capture_output=True,
         text=True,
         timeout=timeout_s,
