@@ -65,5 +65,6 @@ def test_cpu_opcheck_full():
         torch.library.opcheck(torch.ops.fastlm.distillation_fwd_cpu, (s, t, tgt, kind, 0.3, 1.5, -100, red, True))
     x, w = torch.randn(7, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
     xt, wt = torch.randn(7, 6), torch.randn(40, 6)
-    args = (x, w, xt, wt, _targets(7, 40), 2, 0.5, 2.0, 0.3, -100, True, 3, "cpu")
-    torch.library.opcheck(torch.ops.fastlm.linear_distillation_fwd, args)
+    for weight_grad in (True, False):  # False: a frozen student head, no (V, H) gradient
+        args = (x, w, xt, wt, _targets(7, 40), 2, 0.5, 2.0, 0.3, -100, True, weight_grad, 3, "cpu")
+        torch.library.opcheck(torch.ops.fastlm.linear_distillation_fwd, args)

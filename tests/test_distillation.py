@@ -339,3 +339,15 @@ def test_cpu_peak_memory_child_from_the_source_tree(monkeypatch):
     fused = core.subprocess_peak_rss_mb(family.__name__, case, "fastlm-cpu")
     unfused = core.subprocess_peak_rss_mb(family.__name__, case, "torch-eager")
     assert 0 < fused < 0.5 * unfused, (fused, unfused)
+
+
+@pytest.mark.parametrize("ld_backend", LD_BACKENDS)
+def test_linear_distillation_frozen_student_head(ld_backend):
+    """A frozen student head (LoRA, frozen tied embeddings): the hidden states' gradient only, as the unfused path."""
+    x, w, xt, wt, tgt = _linear_inputs(torch.float32, B=1, S=10, V=40)
+    x.requires_grad_()
+    with fastlm.backend(ld_backend):
+        (gx,) = torch.autograd.grad(F.linear_distillation_loss(x, w, xt, wt, target=tgt, hard_weight=0.5), (x,))
+    (want,) = torch.autograd.grad(R.linear_distillation_loss(x, w, xt, wt, target=tgt, hard_weight=0.5), (x,))
+    torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-4)
+    assert w.grad is None

@@ -3,7 +3,8 @@
 model's (tokens, vocab) logits.
 
     fastlm::linear_distillation_fwd(student_hidden, student_weight, teacher_hidden, teacher_weight, target?, kind,
-                                    beta, temperature, hard_weight, ignore_index, compute_grad, chunk_size, backend)
+                                    beta, temperature, hard_weight, ignore_index, compute_grad, weight_grad,
+                                    chunk_size, backend)
         -> (loss, grad_student_hidden, grad_student_weight)
 
 Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py): the chunk's student and
@@ -65,6 +66,7 @@ def linear_distillation_fwd(
     hard_weight: float,
     ignore_index: int,
     compute_grad: bool,
+    weight_grad: bool,
     chunk_size: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,7 +80,8 @@ def linear_distillation_fwd(
     loss_d = torch.zeros(N, dtype=torch.float32, device=dev)
     loss_ce = torch.zeros(N, dtype=torch.float32, device=dev)
     gx = torch.empty_like(student_hidden) if compute_grad else student_hidden.new_empty((0,))
-    gw = torch.zeros_like(student_weight) if compute_grad else student_hidden.new_empty((0,))
+    # a frozen student head (LoRA, tied and frozen embeddings): no (V, H) gradient buffer, no per-chunk addmm
+    gw = torch.zeros_like(student_weight) if compute_grad and weight_grad else student_hidden.new_empty((0,))
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         logits = student_hidden[s:e] @ student_weight.T  # (chunk, V)
@@ -97,7 +100,8 @@ def linear_distillation_fwd(
                 g = g_ce if g is None else g.add_(g_ce)
         if compute_grad:
             torch.mm(g, student_weight, out=gx[s:e])
-            gw.addmm_(g.T, student_hidden[s:e])
+            if weight_grad:
+                gw.addmm_(g.T, student_hidden[s:e])
         del logits, g  # before the next chunk's logits: at most one chunk's buffers alive at a time
         if hard:
             del g_ce
@@ -106,21 +110,27 @@ def linear_distillation_fwd(
 
 
 @linear_distillation_fwd.register_fake
-def _fake(sh, sw, th, tw, target, kind, beta, temperature, hard_weight, ignore_index, compute_grad, chunk, backend):
+def _fake(
+    sh, sw, th, tw, target, kind, beta, temp, hard_weight, ignore_index, compute_grad, weight_grad, chunk, backend
+):
     loss = sh.new_empty((), dtype=torch.float32)
-    return loss, sh.new_empty(sh.shape if compute_grad else (0,)), sw.new_empty(sw.shape if compute_grad else (0,))
+    gw_shape = sw.shape if compute_grad and weight_grad else (0,)
+    return loss, sh.new_empty(sh.shape if compute_grad else (0,)), sw.new_empty(gw_shape)
 
 
 def _setup(ctx, inputs, output):
+    ctx.weight_grad = inputs[11]
     ctx.save_for_backward(output[1], output[2])
 
 
 def _backward(ctx, dloss, *_):
     gx, gw = ctx.saved_tensors
+    if not ctx.weight_grad:
+        gw = None
     if host_readable(gx, dloss) and bool(dloss == 1):
         # loss.backward() on CPU: no copy of the gradients (a whole grad_weight more at the peak; see cross_entropy.py)
-        return (gx, gw) + (None,) * 11
-    return (scale_grad(gx, dloss), scale_grad(gw, dloss)) + (None,) * 11
+        return (gx, gw) + (None,) * 12
+    return (scale_grad(gx, dloss), scale_grad(gw, dloss) if gw is not None else None) + (None,) * 12
 
 
 torch.library.register_autograd("fastlm::linear_distillation_fwd", _backward, setup_context=_setup)
@@ -237,6 +247,7 @@ def linear_distillation_loss(
             float(hard_weight),
             int(ignore_index),
             needs_grad,
+            needs_grad and sw.requires_grad,
             int(chunk),
             backend,
         )
