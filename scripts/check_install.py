@@ -54,6 +54,18 @@ def check_cpu_ops() -> None:
     t = torch.randint(0, 300, (7,))
     head = torch.randn(50, 300, requires_grad=True)
     q, k, v = (torch.randn(2, 4, 33, 64, requires_grad=True) for _ in range(3))
+    cos, sin = torch.randn(1, 33, 64), torch.randn(1, 33, 64)  # rotary tables (any values: exact formula)
+    p = torch.randn(7, 300).softmax(-1)  # class probabilities / a teacher's distribution
+    y = torch.randn(7, 300)  # teacher logits
+    xt, head_t = torch.randn(7, 40), torch.randn(50, 40)  # teacher hidden states and LM head
+
+    def rotate(t):  # HF Llama's rotate_half, then x * cos + rotate_half(x) * sin
+        return t * cos[:, None] + torch.cat((-t[..., 32:], t[..., :32]), -1) * sin[:, None]
+
+    def kl(s, t_logits, temp):  # T^2 * KL(teacher || student), batchmean
+        ls, lt = TF.log_softmax(s / temp, -1), TF.log_softmax(t_logits / temp, -1)
+        return (lt.exp() * (lt - ls)).sum(-1).mean() * temp**2
+
     cases = {
         "layer_norm": (lambda: F.layer_norm(x, (300,), w, b), lambda: TF.layer_norm(x, (300,), w, b)),
         "rms_norm": (lambda: F.rms_norm(x, (300,), w, 1e-6), lambda: TF.rms_norm(x, (300,), w, 1e-6)),
@@ -76,6 +88,22 @@ def check_cpu_ops() -> None:
         "scaled_dot_product_attention": (
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             lambda: TF.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ),
+        "apply_rotary_pos_emb": (
+            lambda: torch.cat([t.flatten() for t in F.apply_rotary_pos_emb(q, k, cos, sin)]),
+            lambda: torch.cat([rotate(q).flatten(), rotate(k).flatten()]),
+        ),
+        "swiglu": (lambda: F.swiglu(x[:, :150], x[:, 150:]), lambda: TF.silu(x[:, :150]) * x[:, 150:]),
+        "geglu": (lambda: F.geglu(x), lambda: TF.gelu(x[:, :150], approximate="tanh") * x[:, 150:]),
+        "cross_entropy (probabilities)": (lambda: F.cross_entropy(x, p), lambda: TF.cross_entropy(x, p)),
+        "kl_div": (
+            lambda: F.kl_div(x.log_softmax(-1), p, reduction="batchmean"),
+            lambda: TF.kl_div(x.log_softmax(-1), p, reduction="batchmean"),
+        ),
+        "distillation_loss": (lambda: F.distillation_loss(x, y, temperature=2.0), lambda: kl(x, y, 2.0)),
+        "linear_distillation_loss": (
+            lambda: F.linear_distillation_loss(x, head, xt, head_t, target=t % 50, hard_weight=0.3),
+            lambda: 0.7 * kl(x @ head.T, xt @ head_t.T, 1.0) + 0.3 * TF.cross_entropy(x @ head.T, t % 50),
         ),
     }
     leaves = [x, w, b, scores, head, q, k, v]
