@@ -73,3 +73,17 @@ def compare_with_reference(fn, ref_fn, inputs: dict, dtype: torch.dtype, differe
     for k, g, g64, gt in zip(differentiable, grads, grads64, torch_grads, strict=True):
         assert_close_ref(g, g64, dtype, f"d{k}", gt)
     return out
+
+
+def at_thread_counts(fn, counts) -> list:
+    """``fn()`` run under each of torch's intra-op thread counts in ``counts`` (the CPU kernels' determinism tests),
+    the process's thread count restored afterwards; returns the results in order."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results

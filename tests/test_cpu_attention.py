@@ -127,16 +127,13 @@ def test_cpu_fully_masked_rows_and_tiles():
 
 def test_cpu_thread_count_invariant():
     """Every row is computed by one thread in a fixed order: the result does not depend on the thread count."""
+    from helpers import at_thread_counts
+
     q, k, v = (torch.randn(2, 4, 150, 64) for _ in range(3))
-    outs = []
-    n = torch.get_num_threads()
-    try:
-        for t in (1, max(n, 2)):
-            torch.set_num_threads(t)
-            with fastlm.backend("cpu"):
-                outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    finally:
-        torch.set_num_threads(n)
+    with fastlm.backend("cpu"):
+        outs = at_thread_counts(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (1, max(torch.get_num_threads(), 2))
+        )
     assert torch.equal(outs[0], outs[1])
 
 

@@ -5,7 +5,7 @@ bad input on the raw op."""
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import ON_GPU, compare_with_reference
+from helpers import ON_GPU, at_thread_counts, compare_with_reference
 
 import fastlm
 import fastlm.functional as F
@@ -152,13 +152,7 @@ def test_cpu_soft_cross_entropy_spatial(dtype):
 def test_cpu_soft_deterministic_across_threads():
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(300, 4096, generator=g), torch.rand(300, 4096, generator=g)
-    threads = torch.get_num_threads()
-    try:
-        a = ops.soft_cross_entropy_fwd_cpu(x, t, None, 0.1, 1, True, True)
-        torch.set_num_threads(1)
-        b = ops.soft_cross_entropy_fwd_cpu(x, t, None, 0.1, 1, True, True)
-    finally:
-        torch.set_num_threads(threads)
+    a, b = at_thread_counts(lambda: ops.soft_cross_entropy_fwd_cpu(x, t, None, 0.1, 1, True, True), (2, 1))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
@@ -194,13 +188,7 @@ def _all_outputs():
 
 def test_cpu_deterministic_across_calls_and_threads():
     threads = torch.get_num_threads()
-    try:
-        first = _all_outputs()
-        again = _all_outputs()
-        torch.set_num_threads(1)
-        single = _all_outputs()
-    finally:
-        torch.set_num_threads(threads)
+    first, again, single = at_thread_counts(_all_outputs, (threads, threads, 1))
     for a, b, c in zip(first, again, single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -4,7 +4,7 @@ test_aot_dispatch_dynamic, tests/test_distillation.py)."""
 
 import pytest
 import torch
-from helpers import ON_GPU, compare_with_reference
+from helpers import ON_GPU, at_thread_counts, compare_with_reference
 
 import fastlm
 import fastlm.functional as F
@@ -45,15 +45,12 @@ def test_cpu_distillation_vocab(dtype, kind, beta, V, N):
 
 def test_cpu_distillation_thread_count_independent():
     s, t = torch.randn(64, 5000, requires_grad=True), torch.randn(64, 5000)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            loss = F.distillation_loss(s, t, kind="jsd")
-            outs.append((loss, torch.autograd.grad(loss, s)[0]))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        loss = F.distillation_loss(s, t, kind="jsd")
+        return loss, torch.autograd.grad(loss, s)[0]
+
+    outs = at_thread_counts(run, (1, max(2, torch.get_num_threads())))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 

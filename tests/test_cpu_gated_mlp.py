@@ -4,7 +4,7 @@ input checks. CPU tensors: these run on every machine."""
 
 import pytest
 import torch
-from helpers import compare_with_reference
+from helpers import at_thread_counts, compare_with_reference
 from test_cpu_norms import _poison_heap
 from test_gated_mlp import DTYPES, KINDS
 
@@ -31,16 +31,12 @@ def test_cpu_large(kind, dtype, M, I):
 def test_cpu_same_bits_for_any_thread_count(act, dtype):
     """Every output element is computed by one thread in a fixed way: bitwise equal under 1, 2 or 3 threads."""
     gu, dy = torch.randn(40, 2 * 5000).to(dtype), torch.randn(40, 5000).to(dtype)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            y = torch.ops.fastlm.gated_mlp_fwd_cpu(gu, None, act)
-            dgu, _ = torch.ops.fastlm.gated_mlp_bwd_cpu(dy, gu, None, act)
-            results.append((y, dgu))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        y = torch.ops.fastlm.gated_mlp_fwd_cpu(gu, None, act)
+        return y, torch.ops.fastlm.gated_mlp_bwd_cpu(dy, gu, None, act)[0]
+
+    results = at_thread_counts(run, (1, 2, 3))
     for y, dgu in results[1:]:
         assert torch.equal(y, results[0][0]) and torch.equal(dgu, results[0][1])
 

@@ -3,6 +3,7 @@ determinism across thread counts, and the raw ops' input checks. CPU tensors: th
 
 import pytest
 import torch
+from helpers import at_thread_counts
 from test_norms import DTYPES, KINDS, _call, check_norm
 
 import fastlm
@@ -55,18 +56,8 @@ def test_cpu_deterministic_across_runs_and_thread_counts(kind, dtype, M, N):
     partial sums are over row blocks fixed by (M, N), reduced in block order."""
     x, r, dy = (torch.randn(M, N).to(dtype) for _ in range(3))
     w, b = torch.randn(N).to(dtype), torch.randn(N).to(dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first = _cpu_grads(kind, x, r, w, b, dy)
-        again = _cpu_grads(kind, x, r, w, b, dy)
-        results = {}
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            results[n] = _cpu_grads(kind, x, r, w, b, dy)
-    finally:
-        torch.set_num_threads(threads)
-    for other in (again, results[1], results[3]):
+    first, again, one, three = at_thread_counts(lambda: _cpu_grads(kind, x, r, w, b, dy), (2, 2, 1, 3))
+    for other in (again, one, three):
         for a, c in zip(first, other, strict=True):
             assert torch.equal(a, c)
 

@@ -4,7 +4,7 @@ results independent of the thread count; bad input on the raw ops."""
 
 import pytest
 import torch
-from helpers import ON_GPU, compare_with_reference
+from helpers import ON_GPU, at_thread_counts, compare_with_reference
 from transformers.models.llama import modeling_llama
 
 import fastlm
@@ -45,14 +45,7 @@ def test_cpu_rope_thread_count_invariant():
     q = torch.randn(3, 50, 8, 64).transpose(1, 2)
     k = torch.randn(3, 50, 2, 64).transpose(1, 2)
     cos, sin = torch.randn(3, 50, 64), torch.randn(3, 50, 64)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            outs.append(F.apply_rotary_pos_emb(q, k, cos, sin))
-    finally:
-        torch.set_num_threads(threads)
+    outs = at_thread_counts(lambda: F.apply_rotary_pos_emb(q, k, cos, sin), (1, max(2, torch.get_num_threads())))
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
 
 

@@ -5,7 +5,7 @@ reference; determinism; bad input on the raw ops."""
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import ON_GPU, compare_with_reference
+from helpers import ON_GPU, at_thread_counts, compare_with_reference
 
 import fastlm
 import fastlm.functional as F
@@ -138,13 +138,7 @@ def _all_outputs():
 
 def test_cpu_deterministic_across_calls_and_threads():
     threads = torch.get_num_threads()
-    try:
-        first = _all_outputs()
-        again = _all_outputs()
-        torch.set_num_threads(1)
-        single = _all_outputs()
-    finally:
-        torch.set_num_threads(threads)
+    first, again, single = at_thread_counts(_all_outputs, (threads, threads, 1))
     for a, b, c in zip(first, again, single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import call, host_readable, resolve
-from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_grad
+from fastlm.dispatch import call, resolve
+from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
 from fastlm.ops.registry import check_device, check_tensor, register
 
 KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -105,11 +105,7 @@ def _backward(ctx, dloss, _dgrad):
     if dloss is None:
         return (None, *nones)
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == 0:
-        return (scale_grad(grad, dloss.view(-1, 1)), *nones)
-    if host_readable(grad, dloss) and bool(dloss == 1):
-        return (grad, *nones)  # loss.backward(): no extra pass over the gradient (see cross_entropy.py)
-    return (scale_grad(grad, dloss), *nones)
+    return (scale_saved_grad(grad, dloss, ctx.reduction), *nones)
 
 
 DISTILLATION_FWD = register("distillation_fwd", _fake, lambda backend: _backward, _setup, backends=("triton", "cpu"))

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import host_readable, resolve
-from fastlm.ops.cross_entropy import check_target_range, loss_dtype, scale_grad
+from fastlm.dispatch import resolve
+from fastlm.ops.cross_entropy import check_target_range, loss_dtype, scale_saved_grad
 from fastlm.ops.distillation import (
     check_no_teacher_grad,
     check_options,
@@ -125,12 +125,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dloss, *_):
     gx, gw = ctx.saved_tensors
-    if not ctx.weight_grad:
-        gw = None
-    if host_readable(gx, dloss) and bool(dloss == 1):
-        # loss.backward() on CPU: no copy of the gradients (a whole grad_weight more at the peak; see cross_entropy.py)
-        return (gx, gw) + (None,) * 12
-    return (scale_grad(gx, dloss), scale_grad(gw, dloss) if gw is not None else None) + (None,) * 12
+    # a scalar loss: loss.backward() on CPU hands the gradients on without a copy (a whole grad_weight more at the
+    # peak otherwise; see cross_entropy.scale_saved_grad)
+    gw = scale_saved_grad(gw, dloss, 1) if ctx.weight_grad else None
+    return (scale_saved_grad(gx, dloss, 1), gw) + (None,) * 12
 
 
 torch.library.register_autograd("fastlm::linear_distillation_fwd", _backward, setup_context=_setup)
