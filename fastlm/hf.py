@@ -201,15 +201,20 @@ def is_gated_mlp(m: nn.Module) -> bool:
     return parts is not None and _gated_activation(parts[1]) is not None
 
 
+def prepare_gated_mlp(m: nn.Module) -> None:
+    """Read the MLP's layout and activation once, at patch time (not on every forward)."""
+    projections, act = _mlp_parts(m)
+    m._fastlm_gated = (len(projections) == 2, *_gated_activation(act))
+
+
 def gated_mlp_forward(self, hidden_states: Tensor) -> Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)) with the activation and the product in one fused kernel (the
     backward recomputes the activation instead of saving it)."""
     from fastlm.ops import gated_mlp
 
-    projections, act = _mlp_parts(self)
-    kind, kwargs = _gated_activation(act)
+    separate, kind, kwargs = self._fastlm_gated
     fn = getattr(gated_mlp, kind)
-    if len(projections) == 2:
+    if separate:
         h = fn(self.gate_proj(hidden_states), self.up_proj(hidden_states), **kwargs)
     else:  # Phi-3: one [..., 2 * I] projection, split in the kernel
         h = fn(self.gate_up_proj(hidden_states), **kwargs)

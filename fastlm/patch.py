@@ -155,7 +155,13 @@ ADAPTERS = [
         _derive(hf.rope_attention_forward),
         _prepare_rope,
     ),
-    Adapter("HF gated MLP (swiglu / geglu)", "mlp", hf.is_gated_mlp, _derive(hf.gated_mlp_forward)),
+    Adapter(
+        "HF gated MLP (swiglu / geglu)",
+        "mlp",
+        hf.is_gated_mlp,
+        _derive(hf.gated_mlp_forward),
+        hf.prepare_gated_mlp,
+    ),
     Adapter(
         "HF *ForCausalLM loss (linear cross-entropy)",
         "loss",
