@@ -1,27 +1,31 @@
 """Scaled dot-product attention (dense and varlen): registered ops, fake impls, autograd, public functions.
 
 Ops (for <backend> in {triton, cuda, cpu}):
-    fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng)
-        -> (o, lse)
+    fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng,
+                                    window_left, window_right, softcap, sinks?, alibi?) -> (o, lse)
     fastlm::attention_bwd_<backend>(do, q, k, v, o, lse, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal,
-                                    dropout_p, rng) -> (dq, dk, dv)
+                                    dropout_p, rng, window_left, window_right, softcap, sinks?, alibi?, mask_grad)
+        -> (dq, dk, dv, dmask, dsinks)
 Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) (H a multiple of Hkv), any strides with a unit last stride; mask an
 expanded (B, H, Sq, Sk) view (bool, True = attend, or additive float). Varlen: q (total_q, H, D), k/v
 (total_k, Hkv, D), cu_q/cu_k int32 (n + 1,). ``rng`` is a (1,) int64 tensor holding dropout's Philox seed, on q's
 device when dropout_p > 0: drawn there per call from torch's generator of that device (so torch.manual_seed makes
 dropout reproducible, and a captured CUDA graph draws a fresh seed on every replay) and read by the kernel from
 device memory, never on the host; without dropout it is an unused CPU zero. lse is fp32: (B, H, Sq) or (H, total_q);
-it is not differentiable.
+it is not differentiable. The score modifiers (fastlm/ops/attention_mods.py has their semantics): window sides
+(-1 = unbounded; bottom-right aligned), softcap (0.0 = none), sinks (H,) fp32, alibi (B, H) fp32 slopes. dmask:
+with mask_grad, the gradient of the additive mask summed over its broadcast (stride-0) dims, fp32 of shape
+``mask_grad_shape(mask)``; else (0,). dsinks: (H,) fp32 with sinks, else (0,).
 """
 
 import math
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import extension
 from fastlm.dispatch import UnsupportedCaseError, call, host_readable, resolve, tracing
+from fastlm.ops.attention_mods import modifiers
 from fastlm.ops.registry import autocast_dtype, check_device, check_tensor, register
 
 MAX_HEAD_DIM = 256
@@ -49,12 +53,35 @@ def attention_fwd_triton(
     causal: bool,
     dropout_p: float,
     rng: Tensor,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: Tensor | None,
+    alibi: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.attention import attn_fwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q  # without dropout the kernel never reads it (any device tensor will do)
-    return attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attn_fwd(
+        q,
+        k,
+        v,
+        mask,
+        scale,
+        causal,
+        dropout_p,
+        seed,
+        0,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        window=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
+        alibi=alibi,
+    )
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
@@ -74,28 +101,88 @@ def attention_bwd_triton(
     causal: bool,
     dropout_p: float,
     rng: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: Tensor | None,
+    alibi: Tensor | None,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fastlm.kernels.attention import attn_bwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q
-    return attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attn_bwd(
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        mask,
+        scale,
+        causal,
+        dropout_p,
+        seed,
+        0,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        window=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
+        alibi=alibi,
+        mask_grad=mask_grad,
+    )
 
 
-def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
+def mask_grad_shape(mask: Tensor) -> list[int]:
+    """The shape of the additive mask's gradient as the backward ops return it: the (B, H, Sq, Sk) view's sizes with
+    1 on its broadcast (stride-0) dims, which the gradient is summed over."""
+    return [1 if st == 0 else n for st, n in zip(mask.stride(), mask.shape, strict=True)]
+
+
+def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap, sinks, alibi):
     lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else q.shape[:3]
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-def _bwd_fake(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    mask,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    causal,
+    dropout_p,
+    rng,
+    wl,
+    wr,
+    softcap,
+    sinks,
+    alibi,
+    mask_grad,
+):
+    f32 = torch.float32
+    dmask = q.new_empty(mask_grad_shape(mask), dtype=f32) if mask_grad else q.new_empty((0,), dtype=f32)
+    dsinks = q.new_empty(sinks.shape, dtype=f32) if sinks is not None else q.new_empty((0,), dtype=f32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dsinks
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng = inputs
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap, sinks, alibi = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng)
-    ctx.args = (max_q, max_k, scale, causal, dropout_p)
+    ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng, sinks, alibi)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p, wl, wr, softcap)
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
     ctx.mark_non_differentiable(lse)
 
 
@@ -122,11 +209,18 @@ def _backward(backend: str):
     bwd = ATTENTION_BWD[backend]
 
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
-        max_q, max_k, scale, causal, dropout_p = ctx.args
+        q, k, v, o, lse, mask, cu_q, cu_k, rng, sinks, alibi = ctx.saved_tensors
+        max_q, max_k, scale, causal, dropout_p, wl, wr, softcap = ctx.args
         do = grad_out_layout(do, backend)
-        dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv, dmask, dsinks = bwd(
+            do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap,
+            sinks, alibi, ctx.mask_grad,
+        )  # fmt: skip
+        # the mask's gradient: the reduced buffer seen through the (B, H, Sq, Sk) view's broadcast (no copy); the
+        # autograd of the caller's expand sums it down to the user's mask shape
+        dmask = dmask.to(mask.dtype).expand(mask.shape) if ctx.mask_grad else None
+        dsinks = dsinks if sinks is not None and ctx.needs_input_grad[15] else None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None, None, dsinks, None
 
     return backward
 
@@ -235,9 +329,20 @@ def _check_call(mask, dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _features(mask, dropout_p: float, varlen: bool) -> tuple:
+def _features(mask, dropout_p: float, varlen: bool, window=None, softcap=None, sinks=None, alibi=None) -> tuple:
     """The call's features that some backends lack (``dispatch.LACKS``): the backend choice is dispatch's."""
-    return tuple(f for f, on in (("mask", mask is not None), ("dropout", dropout_p > 0), ("varlen", varlen)) if on)
+    mask_grad = isinstance(mask, Tensor) and mask.dtype != torch.bool and mask.requires_grad and torch.is_grad_enabled()
+    on = (
+        ("mask", mask is not None),
+        ("dropout", dropout_p > 0),
+        ("varlen", varlen),
+        ("window", window is not None),
+        ("softcap", softcap is not None),
+        ("sinks", sinks is not None),
+        ("alibi", alibi is not None),
+        ("mask_grad", mask_grad),
+    )
+    return tuple(f for f, flag in on if flag)
 
 
 _UNUSED_RNG: dict = {}  # device -> a (1,) int64 zero, the ``rng`` input of calls without dropout
@@ -278,6 +383,45 @@ def _unit_last(t: Tensor) -> Tensor:
 # Public functions
 
 
+def _broadcast_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """torch SDPA's broadcasting: the dims before the head dim (-3) broadcast across query, key and value; heads
+    broadcast when one side has 1 (a 1-head query against H kv heads gives H output heads; 1 kv head serves every
+    query head), else H % Hkv == 0 needs ``enable_gqa``. Returns (q, k, v) as (B, heads, S, D) views (no copy where
+    the expanded dims merge), the broadcast leading shape, the query head count, and the output shape."""
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same sequence length, got key {list(key.shape)}, value {list(value.shape)}"
+        )
+    q3, k3, v3 = (t.reshape(1, *t.shape) if t.dim() == 2 else t for t in (query, key, value))
+    try:
+        lead = torch.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dims of query {list(query.shape)}, key {list(key.shape)} and value {list(value.shape)} do not "
+            "broadcast"
+        ) from None
+    Hq, Hk, Hv = q3.shape[-3], k3.shape[-3], v3.shape[-3]
+    if Hk != Hv:
+        if min(Hk, Hv) != 1:
+            raise ValueError(f"key has {Hk} heads and value {Hv}: they must be equal (or one of them 1)")
+        Hk = Hv = max(Hk, Hv)
+    H = Hq
+    if Hq != Hk:
+        if Hq == 1:  # one query head against Hk kv heads: the query broadcasts
+            H = Hk
+        elif not (Hk == 1 or (enable_gqa and Hq % Hk == 0)):
+            raise ValueError(
+                f"query has {Hq} heads and key/value {Hk}: they must be equal, or enable_gqa=True with H a multiple "
+                "of Hkv"
+            )
+    B = math.prod(lead)
+    Sq, Sk, D = q3.shape[-2], k3.shape[-2], q3.shape[-1]
+    q4 = _unit_last(q3).expand(*lead, H, Sq, D).reshape(B, H, Sq, D)
+    k4, v4 = (_unit_last(t).expand(*lead, Hk, Sk, D).reshape(B, Hk, Sk, D) for t in (k3, v3))
+    out_shape = (*lead, H, Sq, D)[-max(query.dim(), key.dim(), value.dim()) :]
+    return q4, k4, v4, tuple(lead), H, out_shape
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -288,17 +432,24 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+    """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``,
+    plus keyword-only score modifiers (fastlm/ops/attention_mods.py has the exact formulas).
 
     Args:
-        query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)`` (Hkv == H, or H % Hkv == 0 with
-            ``enable_gqa``). Any strides with a unit last stride (e.g. HF's transposed views): no copy.
-            float16/bfloat16 (float32 too on the Triton and cpu paths); D <= 256.
-        attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask (no
-            gradient). Read tile by tile; fully masked tiles are skipped. May be combined with ``is_causal``
-            (torch raises there).
+        query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)``. The leading dims broadcast against each other as
+            in torch (a 3-D query with 4-D key/value works; broadcast dims are stride-0 views, not copies); Hkv == H,
+            Hkv == 1, H == 1, or H % Hkv == 0 with ``enable_gqa``. Any strides with a unit last stride (e.g. HF's
+            transposed views): no copy. float16/bfloat16 (float32 too on the Triton and cpu paths); D <= 256.
+        attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask. Read tile by
+            tile; fully masked tiles are skipped. May be combined with ``is_causal`` (torch raises there). An
+            additive mask that requires grad gets its gradient, summed over its broadcast dims as autograd would,
+            accumulated per tile (no dense ``(*, H, Sq, Sk)`` gradient buffer when the mask is broadcast).
         dropout_p: dropout on the attention probabilities, generated in the kernel from torch's default generator
             (``torch.manual_seed`` makes it reproducible) and regenerated in the backward.
         is_causal: top-left aligned causal mask (query i sees keys j <= i), as torch::
@@ -308,12 +459,24 @@ def scaled_dot_product_attention(
                 q1  x x . . .
                 q2  x x x . .
 
+            With a ``window`` the causal edge is the window's right side (0), bottom-right aligned as in
+            FlashAttention (the same as top-left when Sq == Sk).
         scale: defaults to ``1 / sqrt(D)``.
-        return_lse: also return the log-sum-exp of the scores, ``(*, H, Sq)`` fp32 (not differentiable), for
-            merging partial attentions.
+        window: ``(left, right)`` sliding window, each side an int >= 0 or None (unbounded): query i sees keys j with
+            ``i + Sk - Sq - left <= j <= i + Sk - Sq + right`` (bottom-right aligned, FlashAttention's rule; with
+            ``is_causal`` right is 0). Mistral's ``sliding_window=W`` is ``window=(W - 1, 0)``. Key tiles outside
+            the band are skipped: the cost falls with the window.
+        softcap: the scaled scores become ``softcap * tanh(s / softcap)`` (Gemma 2), before ALiBi and the mask.
+        sinks: ``(H,)`` per-head logits joining each row's softmax denominator (gpt-oss's attention sinks; not
+            multiplied by ``scale``), with their gradient.
+        alibi_slopes: ``(H,)`` or ``(B, H)`` (broadcastable to ``(*, H)``): the bias ``-slope * |i + Sk - Sq - j|``
+            is computed in the kernel (no bias tensor). Not trainable.
+        return_lse: also return the log-sum-exp of the scores (sinks included), ``(*, H, Sq)`` fp32 (not
+            differentiable), for merging partial attentions.
 
     Returns:
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
+        Small Sq against long Sk (decoding) takes a split-KV kernel on the Triton backend automatically.
     """
     _check_call(attn_mask, dropout_p)
     amp = autocast_dtype(query) if isinstance(query, Tensor) else None
@@ -321,40 +484,30 @@ def scaled_dot_product_attention(
         query, key, value = (
             t.to(amp) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (query, key, value)
         )
-    backend = resolve("attention", query, _features(attn_mask, dropout_p, varlen=False))
+    feats = _features(attn_mask, dropout_p, False, window, softcap, sinks, alibi_slopes)
+    backend = resolve("attention", query, feats)
     if backend == "torch":
+        from fastlm import reference
+
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
-        return TF.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-        )
+        if any(f in feats for f in ("window", "softcap", "sinks", "alibi")):  # the same checks as the fused paths
+            q4, k4, _, lead, H, _ = _broadcast_qkv(query, key, value, enable_gqa)
+            modifiers(window, softcap, sinks, alibi_slopes, is_causal, q4.shape[2] == k4.shape[2], lead, H, query)
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
+            window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
     _check_qkv(query, key, value, backend, 2)
-    if query.dim() != key.dim() or key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(
-            f"key and value must have the same shape but the head dim, and as many dims as query; got query "
-            f"{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}"
-        )
-    q4 = query if query.dim() >= 3 else query[None]
-    k4 = key if key.dim() >= 3 else key[None]
-    v4 = value if value.dim() >= 3 else value[None]
-    lead = q4.shape[:-3]
-    if k4.shape[:-3] != lead:
-        raise ValueError(f"query and key batch dims differ: {list(q4.shape[:-3])} vs {list(k4.shape[:-3])}")
-    H, Sq, D = q4.shape[-3:]
-    Hkv, Sk = k4.shape[-3], k4.shape[-2]
-    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
-        raise ValueError(
-            f"query has {H} heads and key/value {Hkv}: they must be equal, or enable_gqa=True with H a multiple of Hkv"
-        )
-    B = math.prod(lead)
-    q4, k4, v4 = (_unit_last(t).reshape(B, *t.shape[-3:]) for t in (q4, k4, v4))
+    q4, k4, v4, lead, H, out_shape = _broadcast_qkv(query, key, value, enable_gqa)
+    B, Sq, D = q4.shape[0], q4.shape[2], q4.shape[3]
+    Sk = k4.shape[2]
+    mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, Sq == Sk, lead, H, query)
     mask4 = None
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
             raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
         check_device(attn_mask, "attn_mask", query, "query")
-        if attn_mask.requires_grad:
-            raise ValueError("attn_mask requires grad, but the fused attention gives the mask no gradient")
         full = (*lead, H, Sq, Sk)
         try:
             mask4 = attn_mask.expand(full).reshape(B, H, Sq, Sk)  # stride-0 broadcast dims: no copy
@@ -376,13 +529,18 @@ def scaled_dot_product_attention(
         Sq,
         Sk,
         scale,
-        bool(is_causal),
+        mods.causal,
         float(dropout_p),
         _rng(dropout_p, query.device),
+        mods.window_left,
+        mods.window_right,
+        mods.softcap,
+        mods.sinks,
+        mods.alibi,
     )
-    o = o.reshape(*query.shape[:-1], D)
+    o = o.reshape(out_shape)
     if return_lse:
-        return o, lse.reshape(*query.shape[:-1])
+        return o, lse.reshape(out_shape[:-1])
     return o
 
 
@@ -398,6 +556,10 @@ def varlen_attention(
     is_causal: bool = False,
     scale: float | None = None,
     *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed variable-length sequences (FlashAttention's varlen layout).
@@ -414,19 +576,26 @@ def varlen_attention(
             such rows. Check offsets you did not build yourself on the host.
         max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (ints >= 0; checked against the offsets
             where those are checked).
-        is_causal: top-left aligned within each sequence.
+        is_causal: top-left aligned within each sequence (with a window: the window's bottom-right aligned edge).
+        window, softcap, sinks: as :func:`scaled_dot_product_attention`, each sequence aligned on its own lengths.
+        alibi_slopes: ``(H,)`` or ``(n, H)`` (one row per sequence).
 
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
     _check_call(None, dropout_p)
-    backend = resolve("attention", q, _features(None, dropout_p, varlen=True))
+    backend = resolve("attention", q, _features(None, dropout_p, True, window, softcap, sinks, alibi_slopes))
     if backend == "torch":
         from fastlm import reference
 
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
-        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale)
+        n = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else 0
+        modifiers(window, softcap, sinks, alibi_slopes, is_causal, False, (n,), q.shape[1], q)
+        return reference.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
+            window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
     _check_qkv(q, k, v, backend, 3)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(
@@ -453,6 +622,7 @@ def varlen_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     q, k, v = (_unit_last(t) for t in (q, k, v))
+    mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, False, (cu_seqlens_q.numel() - 1,), H, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = call(
         ATTENTION_FWD[backend],
@@ -464,8 +634,13 @@ def varlen_attention(
         int(max_seqlen_q),
         int(max_seqlen_k),
         scale,
-        bool(is_causal),
+        mods.causal,
         float(dropout_p),
         _rng(dropout_p, q.device),
+        mods.window_left,
+        mods.window_right,
+        mods.softcap,
+        mods.sinks,
+        mods.alibi,
     )
     return (o, lse) if return_lse else o
