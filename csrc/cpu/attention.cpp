@@ -210,6 +210,31 @@ struct Workspace {
   }
 };
 
+// out[c] = q . k[c * ks ..] for C consecutive key rows (C independent accumulators: a single dot product's
+// reduction is a dependency chain, and the row paths are otherwise bound by its latency, not by memory).
+template <int C, typename T>
+FASTLM_INLINE void dots(const float* q, const T* k, int64_t ks, int64_t D, float* out) {
+  float a[C] = {};
+  if constexpr (C == 4) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = q[d];
+      a0 += x * to_float(k[d]);
+      a1 += x * to_float(k[ks + d]);
+      a2 += x * to_float(k[2 * ks + d]);
+      a3 += x * to_float(k[3 * ks + d]);
+    }
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+  } else {
+    float a0 = 0.f;
+#pragma omp simd reduction(+ : a0)
+    for (int64_t d = 0; d < D; ++d) a0 += q[d] * to_float(k[d]);
+    a[0] = a0;
+  }
+  for (int c = 0; c < C; ++c) out[c] = a[c];
+}
+
 // One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
 template <typename T, bool MODS>
 FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, float slope,
@@ -222,13 +247,9 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
   float* s = w.srow;  // s[j - lo]
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = k + (lo + j) * p.k_ss;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
-    s[j] = acc;
-  }
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) dots<4>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
+  for (; j < n; ++j) dots<1>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
   if constexpr (MODS) row_mods(p, slope, i, lo, n, s);
   if (p.mask_kind != kNoMask) {
     const int64_t mrow = mb + i * p.m_sq + lo * p.m_sk;
@@ -282,16 +303,12 @@ FASTLM_INLINE void attend_group(const Params& p, int64_t b, int64_t hk, Workspac
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = p.scale * to_float(q[d]);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = k + (lo + j) * p.k_ss;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) kv[d] = to_float(kr[d]);
-    for (int64_t r = 0; r < R; ++r) {
-      float a = 0.f;
-#pragma omp simd reduction(+ : a)
-      for (int64_t d = 0; d < D; ++d) a += qf[r * D + d] * kv[d];
-      s[r * n + j] = a;
-    }
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // 4 key rows, read from memory once, in cache for the R query rows
+    for (int64_t r = 0; r < R; ++r) dots<4>(qf + r * D, k + (lo + j) * p.k_ss, p.k_ss, D, s + r * n + j);
+  }
+  for (; j < n; ++j) {
+    for (int64_t r = 0; r < R; ++r) dots<1>(qf + r * D, k + (lo + j) * p.k_ss, p.k_ss, D, s + r * n + j);
   }
   float* lsum = w.kbias;  // the rows' sums (R <= kBN: attention_fwd_cpu's condition)
   for (int64_t r = 0; r < R; ++r) {
