@@ -87,10 +87,19 @@ FWD_FP32 = {
 }
 
 
-def ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
+FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags (forward.feature_args)
+# The features that cost registers in the score tile (the tanh and its derivative, the ALiBi distances): the lean
+# configs apply with them, as with a mask or dropout. A window costs only its edge tiles' masks; sinks cost nothing
+# in the loop (the online softmax starts from the sink).
+HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
+
+
+def ws_ok(tma: bool, mask_kind: int, dropout: bool, feats=None) -> bool:
     """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
-    split), no dropout (the Philox numbers push those configs into spills), Triton 3.6."""
-    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout
+    split), no dropout (the Philox numbers push those configs into spills), none of the features (``feats``: a
+    dict holding the FEATURES flags; not compiled warp-specialised), Triton 3.6."""
+    plain = not any((feats or {}).get(f) for f in FEATURES)
+    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout and plain
 
 
 def bucket(D: int) -> int:
@@ -206,7 +215,7 @@ def autotuned(kernel, tables, pairs, prune):
         allowed = prune(kw)
         return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
 
-    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC"]
+    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC", *FEATURES, "MASK_GRAD"]
     return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": early_prune})(kernel)
 
 
@@ -297,14 +306,15 @@ def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = 
     return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
 
 
-def is_lean(mask_kind: int, dropout: bool) -> bool:
-    """A user mask or dropout: the lean tables apply (the one statement of that rule)."""
-    return mask_kind != MASK_NONE or bool(dropout)
+def is_lean(mask_kind: int, dropout: bool, feats=None) -> bool:
+    """A user mask, dropout, or a HEAVY_FEATURES flag set in ``feats``: the lean tables apply (the one statement
+    of that rule)."""
+    return mask_kind != MASK_NONE or bool(dropout) or any((feats or {}).get(f) for f in HEAVY_FEATURES)
 
 
 def lean_case(kw) -> bool:
     """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
-    return is_lean(kw["MASK_KIND"], kw["DROPOUT"])
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw)
 
 
 def fp32_case(kw) -> bool:
