@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, TOL
-
 from fastlm.kernels.attention import attn_bwd, attn_fwd
+from helpers import DEVICE, TOL
 
 B, H, HKV = 2, 4, 2
 DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.float16)]
@@ -91,6 +90,7 @@ def run_case(
     mask_shape=None,
     mask_grad=False,
     kv_nan_rows=None,
+    tma=None,
 ):
     """Forward and backward of one dense case against ``reference``. mask: None, "bool" or "add", of
     ``mask_shape`` (broadcast to (B, H, Sq, Sk) as the op layer passes it); kv_nan_rows: key rows set to NaN in K
@@ -113,9 +113,9 @@ def run_case(
             m = m.masked_fill(torch.rand(shape, device=DEVICE) < 0.2, float("-inf"))
     mk = m.expand(B, H, Sq, Sk) if m is not None else None
     feats = dict(window=window, softcap=softcap, sinks=sink_t, alibi=slopes)
-    o, lse = attn_fwd(q, k, v, mk, scale, causal, 0.0, _seed(), 0, **feats)
+    o, lse = attn_fwd(q, k, v, mk, scale, causal, 0.0, _seed(), 0, tma=tma, **feats)
     dq, dk, dv, dmask, dsinks = attn_bwd(
-        do, q, k, v, o, lse, mk, scale, causal, 0.0, _seed(), 0, **feats, mask_grad=mask_grad
+        do, q, k, v, o, lse, mk, scale, causal, 0.0, _seed(), 0, tma=tma, **feats, mask_grad=mask_grad
     )
 
     clean = lambda t: t.nan_to_num(0.0) if kv_nan_rows is not None else t  # noqa: E731 (never reached rows)
@@ -228,6 +228,27 @@ def test_everything_at_once(dtype, mask, causal, Sq, Sk):
         mask=mask,
         mask_shape=(B, 1, Sq, Sk),
         mask_grad=mask == "add",
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", [None, "add"])
+def test_tma_path(causal, mask):
+    """The TMA loads (fp16, descriptors; the interpreter runs them too) with every feature."""
+    run_case(
+        torch.float16,
+        40,
+        64,
+        D=32,
+        causal=causal,
+        window=(20, 3),
+        softcap=4.0,
+        sinks=True,
+        alibi=True,
+        mask=mask,
+        mask_shape=(1, H, 40, 64),
+        mask_grad=mask is not None,
+        tma=True,
     )
 
 

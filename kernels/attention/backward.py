@@ -445,13 +445,13 @@ dkdv_tuned = autotuned(
     attn_bwd_dkdv_kernel,
     (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
     DKDV_BOXES,
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, "dkdv"), fp32_case(kw)),
 )
 dq_tuned = autotuned(
     attn_bwd_dq_kernel,
     (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in (*DQ_LEAN.values(), *DQ_FP32.values()))),
     DQ_BOXES,
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, "dq"), fp32_case(kw)),
 )
 
 
@@ -552,13 +552,14 @@ def attn_bwd(
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    lean = is_lean(mask_kind, dropout_p > 0.0, feats)
-    tma_kv = dkdv_tma(D, tma, lean)
+    lean_kv = is_lean(mask_kind, dropout_p > 0.0, feats, "dkdv")
+    lean_q = is_lean(mask_kind, dropout_p > 0.0, feats, "dq")
+    tma_kv = dkdv_tma(D, tma, lean_kv)
     tuned = configs is None and autotune_enabled(q)
     fp32 = q.dtype == torch.float32
     cfg_kv, cfg_q = configs or (
-        bwd_dkdv_configs(D, tma_kv, lean=lean, fp32=fp32)[0],
-        bwd_dq_configs(D, tma, lean=lean, fp32=fp32)[0],
+        bwd_dkdv_configs(D, tma_kv, lean=lean_kv, fp32=fp32)[0],
+        bwd_dq_configs(D, tma, lean=lean_q, fp32=fp32)[0],
     )
     dk_args = [
         q,

@@ -88,10 +88,12 @@ FWD_FP32 = {
 
 
 FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags (forward.feature_args)
-# The features that cost registers in the score tile (the tanh and its derivative, the ALiBi distances): the lean
-# configs apply with them, as with a mask or dropout. A window costs only its edge tiles' masks; sinks cost nothing
-# in the loop (the online softmax starts from the sink).
-HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
+# Per kernel, the features whose registers push its default tiles into spills, so that the lean configs apply with
+# them, as with a mask or dropout (static sm_90 compile, bf16, Triton 3.8, 2026-11-29): dK/dV's default TMA tile at
+# D = 128 spills 16 B with a soft cap and ALiBi (the tanh derivative and the distances beside its two accumulators;
+# soft cap alone: 253 registers). The forward and dQ stay spill-free on their default tiles with every feature; a
+# window costs only its edge tiles' masks; sinks nothing in the loop (the online softmax starts from the sink).
+HEAVY_FEATURES = {"fwd": (), "dq": (), "dkdv": ("SOFTCAP", "ALIBI")}
 
 
 def ws_ok(tma: bool, mask_kind: int, dropout: bool, feats=None) -> bool:
@@ -306,15 +308,16 @@ def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = 
     return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
 
 
-def is_lean(mask_kind: int, dropout: bool, feats=None) -> bool:
-    """A user mask, dropout, or a HEAVY_FEATURES flag set in ``feats``: the lean tables apply (the one statement
-    of that rule)."""
-    return mask_kind != MASK_NONE or bool(dropout) or any((feats or {}).get(f) for f in HEAVY_FEATURES)
+def is_lean(mask_kind: int, dropout: bool, feats=None, kernel: str = "fwd") -> bool:
+    """A user mask, dropout, or one of ``kernel``'s HEAVY_FEATURES set in ``feats`` (a dict of the FEATURES flags):
+    the lean tables apply (the one statement of that rule). kernel: "fwd", "dq" or "dkdv"."""
+    heavy = any((feats or {}).get(f) for f in HEAVY_FEATURES[kernel])
+    return mask_kind != MASK_NONE or bool(dropout) or heavy
 
 
-def lean_case(kw) -> bool:
+def lean_case(kw, kernel: str = "fwd") -> bool:
     """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
-    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw)
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kernel)
 
 
 def fp32_case(kw) -> bool:
