@@ -109,16 +109,16 @@ def store_dmask(
     ok_m = offs_m < Sq
     ok_n = offs_n < Sk
     ds = tl.where(ok_m[:, None] & ok_n[None, :], ds, 0.0)
-    if MASK_GRAD & _DMASK_SUM_M:
-        if MASK_GRAD & _DMASK_SUM_N:
+    if _DMASK_SUM_M & MASK_GRAD:
+        if _DMASK_SUM_N & MASK_GRAD:
             tl.atomic_add(DM, tl.sum(tl.sum(ds, 1), 0))
         else:
             tl.atomic_add(DM + offs_n.to(tl.int64) * dm_n, tl.sum(ds, 0), mask=ok_n)
-    elif MASK_GRAD & _DMASK_SUM_N:
+    elif _DMASK_SUM_N & MASK_GRAD:
         tl.atomic_add(DM + offs_m.to(tl.int64) * dm_m, tl.sum(ds, 1), mask=ok_m)
     else:
         ptrs = DM + offs_m[:, None].to(tl.int64) * dm_m + offs_n[None, :].to(tl.int64) * dm_n
-        if MASK_GRAD & _DMASK_ATOMIC:
+        if _DMASK_ATOMIC & MASK_GRAD:
             tl.atomic_add(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
         else:
             tl.store(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
@@ -445,13 +445,13 @@ dkdv_tuned = autotuned(
     attn_bwd_dkdv_kernel,
     (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
     DKDV_BOXES,
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, "dkdv"), fp32_case(kw)),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, dkdv=True), fp32_case(kw)),
 )
 dq_tuned = autotuned(
     attn_bwd_dq_kernel,
     (DQ_TMA, DQ_PTR, *({b: [c] for b, c in t.items()} for t in (*DQ_LEAN.values(), *DQ_FP32.values()))),
     DQ_BOXES,
-    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, "dq"), fp32_case(kw)),
+    lambda kw: bwd_dq_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
 )
 
 
@@ -552,8 +552,8 @@ def attn_bwd(
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    lean_kv = is_lean(mask_kind, dropout_p > 0.0, feats, "dkdv")
-    lean_q = is_lean(mask_kind, dropout_p > 0.0, feats, "dq")
+    lean_kv = is_lean(mask_kind, dropout_p > 0.0, feats, dkdv=True)
+    lean_q = is_lean(mask_kind, dropout_p > 0.0, feats, tma)
     tma_kv = dkdv_tma(D, tma, lean_kv)
     tuned = configs is None and autotune_enabled(q)
     fp32 = q.dtype == torch.float32

@@ -88,12 +88,14 @@ FWD_FP32 = {
 
 
 FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags (forward.feature_args)
-# Per kernel, the features whose registers push its default tiles into spills, so that the lean configs apply with
-# them, as with a mask or dropout (static sm_90 compile, bf16, Triton 3.8, 2026-11-29): dK/dV's default TMA tile at
-# D = 128 spills 16 B with a soft cap and ALiBi (the tanh derivative and the distances beside its two accumulators;
-# soft cap alone: 253 registers). The forward and dQ stay spill-free on their default tiles with every feature; a
-# window costs only its edge tiles' masks; sinks nothing in the loop (the online softmax starts from the sink).
-HEAVY_FEATURES = {"fwd": (), "dq": (), "dkdv": ("SOFTCAP", "ALIBI")}
+# The features whose registers (the tanh and its derivative, the ALiBi distances) push default tiles into spills, so
+# that the lean configs apply with them, as with a mask or dropout: always in dK/dV, and in the forward and dQ on the
+# pointer path (no TMA: sm_80, varlen, fp32). Static sm_90 compile, Triton 3.8, 2026-11-29, soft cap + ALiBi + window
+# (+ sinks): bf16 dK/dV's default TMA tile at D = 128 spills 16 B (soft cap alone: 253 registers); the pointer-load
+# forward at D = 64 spills 104 B; fp32 dQ / dK/dV at D = 128 spill 8 / 32 B; every TMA forward and dQ config stays
+# spill-free (up to 255 registers at D = 256). A window costs only its edge tiles' masks, and sinks nothing in the
+# loop (the online softmax starts from the sink): neither needs the lean configs.
+HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
 
 
 def ws_ok(tma: bool, mask_kind: int, dropout: bool, feats=None) -> bool:
@@ -308,16 +310,16 @@ def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = 
     return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
 
 
-def is_lean(mask_kind: int, dropout: bool, feats=None, kernel: str = "fwd") -> bool:
-    """A user mask, dropout, or one of ``kernel``'s HEAVY_FEATURES set in ``feats`` (a dict of the FEATURES flags):
-    the lean tables apply (the one statement of that rule). kernel: "fwd", "dq" or "dkdv"."""
-    heavy = any((feats or {}).get(f) for f in HEAVY_FEATURES[kernel])
+def is_lean(mask_kind: int, dropout: bool, feats=None, tma: bool = False, dkdv: bool = False) -> bool:
+    """The lean tables apply (the one statement of that rule): a user mask, dropout, or a HEAVY_FEATURES flag set in
+    ``feats`` (a dict of the FEATURES flags) for dK/dV (``dkdv``) or a kernel without TMA loads (``tma``)."""
+    heavy = (dkdv or not tma) and any((feats or {}).get(f) for f in HEAVY_FEATURES)
     return mask_kind != MASK_NONE or bool(dropout) or heavy
 
 
-def lean_case(kw, kernel: str = "fwd") -> bool:
+def lean_case(kw, dkdv: bool = False) -> bool:
     """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
-    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kernel)
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kw["TMA"], dkdv)
 
 
 def fp32_case(kw) -> bool:
