@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import LN2, LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, empty, launch_grid, on_tensor_device
+from fastlm.kernels.attention import decode  # split-KV decode hook in attn_fwd
 from fastlm.kernels.attention.configs import (
     FWD_BOXES,
     FWD_FP32,
@@ -329,11 +330,21 @@ def attn_fwd(
     max_k: int = 0,
     config: dict | None = None,
     tma: bool | None = None,
+    *,
+    window=(-1, -1),
+    softcap: float = 0.0,
+    sinks=None,
+    alibi=None,
 ):
     """o, lse. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask a (B, H, Sq, Sk) view or None.
     Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask.
     seed: dropout's Philox seed, an int64 tensor on q's device (read by the kernel, only with dropout_p > 0).
     config / tma: force a launch config (one of fwd_configs) and the TMA path (tests); None = the defaults."""
+    # >>> split-KV decode hook (kernels/attention/decode.py): few queries, long keys; same (o, lse) as below
+    if cu_q is None and config is None and tma is None and decode.use_split_kv(q, k, dropout_p):
+        kw = dict(window=window, softcap=softcap, sinks=sinks, alibi=alibi)
+        return decode.decode_fwd(q, k, v, mask, scale, causal, **kw)
+    # <<< split-KV decode hook
     varlen = cu_q is not None
     D = q.shape[-1]
     o = empty(q.shape, q.dtype, q.device)
