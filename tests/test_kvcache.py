@@ -112,7 +112,7 @@ def _sdpa(q, k, v, split: bool, monkeypatch, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "Sq,Sk,G",
-    [(1, 5, 1), (1, 200, 4), (2, 37, 2), (4, 130, 1), (7, 64, 2), (16, 90, 1), (16, 33, 4), (3, 16, 4)],
+    [(1, 5, 1), (1, 200, 4), (2, 37, 2), (4, 130, 1), (7, 64, 2), (16, 90, 1), (16, 33, 4), (3, 16, 4), (1, 2000, 2)],
 )
 def test_decode_matches_ordinary_forward(Sq, Sk, G, dtype, monkeypatch):
     q, k, v = _qkv(2, 2 * G, 2, Sq, Sk, 32, dtype, transposed=Sq % 2 == 1)
@@ -228,12 +228,18 @@ def test_decode_head_dims_and_many_splits(D):
         _check_o_lse(o, lse, *_ref_dense(q, k, v, 1 / math.sqrt(D)), torch.float32, f" splits={splits}")
 
 
-def test_decode_row_blocks():
-    """Sq * GROUP beyond one row block (the interpreter's BLOCK_M covers any count: split the tile by forcing a
-    GPU-like config is not possible here, so check the largest packing: Sq 16 x GROUP 8 = 128 rows)."""
-    q, k, v = _qkv(1, 8, 1, 16, 40, 16, torch.float32)
-    o, lse = decode_fwd(q, k, v, None, 0.25, False, window=(5, 0), splits=2)
-    _check_o_lse(o, lse, *_ref_dense(q, k, v, 0.25, window=(5, 0)), torch.float32)
+@pytest.mark.parametrize("kw", [{}, dict(window=(5, 0)), dict(causal=True), dict(window=(3, 1), alibi=True)])
+def test_decode_row_blocks(kw):
+    """Sq * GROUP packed rows over several row blocks (BLOCK_M = 16 forced: 16 x 4 = 64 rows, 4 blocks), each
+    cutting its key range to its own queries' band."""
+    B, H = 2, 4
+    q, k, v = _qkv(B, H, 1, 16, 70, 16, torch.float32)
+    kw = _modifier_tensors(kw, B, H)
+    causal = kw.pop("causal", False)
+    seqlens = torch.tensor([70, 23], dtype=torch.int32, device=DEVICE)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    o, lse = decode_fwd(q, k, v, None, 0.25, causal, seqlens=seqlens, splits=3, config=cfg, **kw)
+    _check_o_lse(o, lse, *_ref_dense(q, k, v, 0.25, seqlens=seqlens, causal=causal, **kw), torch.float32)
 
 
 def test_decode_empty_rows_with_sinks():
@@ -512,15 +518,15 @@ for rows_, label, flags in [
 ]:
     cfg = decode.decode_config(rows_, 128, None)
     cex = dict(MASK_KIND=0, CAUSAL=False, WINDOW=False, SOFTCAP=False, ALIBI=False, SEQLENS=False, PAGED=False,
-               BLOCK_D=128, PREC="tf32", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]) | flags
+               BLOCK_D=128, EVEN_D=True, PREC="tf32", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]) | flags
     s = {n: sig.get(n, "i32") for n in names if n not in cex}
     st = compile_stat(decode.decode_split_kernel, s, cex, cfg["num_warps"], 90, "decode_split", label,
                       cfg["num_stages"])
     rows.append(dict(kernel=st.kernel, config=f"{label} {cfg}", regs=st.registers, spill=st.stack_bytes +
                      st.local_bytes, hmma=st.hmma, hgmma=st.hgmma, ldg128=st.ldg128))
 cn = decode.decode_combine_kernel.arg_names
-cex = dict(SINKS=True, BLOCK_S=32, BLOCK_D=128)
-s = {n: dict(OPart="*fp32", LPart="*fp32", Sinks="*fp32", O="*bf16", Lse="*fp32").get(n, "i32") for n in cn
+cex = dict(SINKS=True, BLOCK_S=32, BLOCK_D=128, EVEN_D=True)
+s = {n: dict(OPart="*fp32", LPart="*fp32", Sinks="*fp32", O="*bf16", Lse="*fp32", D="i32").get(n, "i32") for n in cn
      if n not in cex}
 st = compile_stat(decode.decode_combine_kernel, s, cex, 4, 90, "decode_combine", "sinks", 1)
 rows.append(dict(kernel=st.kernel, config="sinks BLOCK_S=32", regs=st.registers, spill=st.stack_bytes +

@@ -102,6 +102,7 @@ def decode_split_kernel(
     BLOCK_M: tl.constexpr,  # packed rows per program (>= 16)
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
+    EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim mask on the loads (keeps them 128-bit wide)
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
 ):
     pid = tl.program_id(0)
@@ -122,6 +123,7 @@ def decode_split_kernel(
     i_r = offs_r // GROUP
     h_r = hkv * GROUP + offs_r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D) | EVEN_D
     offs_n0 = tl.arange(0, BLOCK_N)
     # the keys some row of this block can see, cut to this split
     i_lo = mblk * BLOCK_M // GROUP
@@ -136,7 +138,7 @@ def decode_split_kernel(
         if window_right >= 0:
             hi = tl.minimum(hi, i_hi + off + window_right + 1)
     q_ptrs = Q + b64 * stride_qb + h_r[:, None].to(tl.int64) * stride_qh + i_r[:, None].to(tl.int64) * stride_qm
-    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_head = K + hkv.to(tl.int64) * stride_kh
     v_head = V + hkv.to(tl.int64) * stride_vh
     mask_rows = Mask + b64 * sm_b + h_r.to(tl.int64) * sm_h + i_r.to(tl.int64) * sm_m  # [BLOCK_M]
@@ -157,7 +159,7 @@ def decode_split_kernel(
         else:
             k_off = b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
             v_off = b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
-        kv_ok = n_ok[:, None] & (offs_d < D)[None, :]
+        kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if SOFTCAP:  # c tanh(scale qk / c), tanh(x) = 1 - 2 / (exp(2x) + 1)
@@ -193,7 +195,7 @@ def decode_split_kernel(
     l_safe = tl.where(empty_row, 1.0, l_i)
     part = ((b64 * H + h_r) * Sq + i_r) * n_splits + split  # [BLOCK_M] scratch row of (b, h, i, split)
     o_ptrs = OPart + part[:, None].to(tl.int64) * D + offs_d[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LPart + part, tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe)), mask=row_ok)
 
 
@@ -214,6 +216,7 @@ def decode_combine_kernel(
     SINKS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # n_splits padded to a power of two
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim mask
 ):
     row = tl.program_id(0)  # (b * H + h) * Sq + i
     i = row % Sq
@@ -222,6 +225,7 @@ def decode_combine_kernel(
     row64 = row.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D) | EVEN_D
     lse_s = tl.load(LPart + row64 * n_splits + offs_s, mask=offs_s < n_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
     sink2 = float("-inf")
@@ -237,12 +241,12 @@ def decode_combine_kernel(
     for s in range(0, n_splits):
         w_s = tl.math.exp2(tl.load(LPart + row64 * n_splits + s) - m_safe)
         if w_s > 0.0:  # an empty split's scratch row holds zeros; skip its read
-            o += w_s * tl.load(OPart + (row64 * n_splits + s) * D + offs_d, mask=offs_d < D, other=0.0)
+            o += w_s * tl.load(OPart + (row64 * n_splits + s) * D + offs_d, mask=d_ok, other=0.0)
     den_safe = tl.where(den == 0.0, 1.0, den)
     o = o / den_safe
     lse = tl.where(den == 0.0, float("-inf"), (m_safe + tl.math.log2(den_safe)) * LN2)
     o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
-    tl.store(o_ptr + offs_d, o.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(o_ptr + offs_d, o.to(O.dtype.element_ty), mask=d_ok)
     tl.store(Lse + row64, lse)
 
 
@@ -313,6 +317,7 @@ def decode_fwd(
     block_table: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    config: dict | None = None,
 ):
     """Split-KV forward: (o, lse), as attn_fwd's dense forward.
 
@@ -328,6 +333,7 @@ def decode_fwd(
         block_table: (B, max_blocks) int32 page indices (paged keys).
         out: where to write o (a (B, H, Sq, D) view, e.g. of a (B, Sq, H, D) tensor); None = a new contiguous one.
         splits: force the number of key splits (tests); None = ``num_splits``.
+        config: force the launch config (a ``decode_config`` dict; tests); None = ``decode_config``.
 
     Returns:
         o (q's shape and dtype) and lse (B, H, Sq) fp32, natural log.
@@ -351,7 +357,7 @@ def decode_fwd(
     if o.numel() == 0 or Sq == 0:
         return o, lse
     group = H // Hkv
-    cfg = decode_config(Sq * group, D, q.dtype)
+    cfg = config or decode_config(Sq * group, D, q.dtype)
     n_mblocks = triton.cdiv(Sq * group, cfg["BLOCK_M"])
     n_split = splits if splits is not None else num_splits(B * Hkv * n_mblocks, Sk_cap, cfg["BLOCK_N"], q.device)
     n_split = max(1, min(n_split, triton.cdiv(max(Sk_cap, 1), cfg["BLOCK_N"])))
@@ -401,6 +407,7 @@ def decode_fwd(
         SEQLENS=seqlens is not None,
         PAGED=paged,
         BLOCK_D=block_d(D),
+        EVEN_D=D == block_d(D),
         PREC=precision(q.dtype),
         **cfg,
     )
@@ -420,6 +427,7 @@ def decode_fwd(
         SINKS=sinks is not None,
         BLOCK_S=max(2, triton.next_power_of_2(n_split)),
         BLOCK_D=block_d(D),
+        EVEN_D=D == block_d(D),
         num_warps=1 if INTERPRET else 4,
     )
     return o, lse
