@@ -48,7 +48,16 @@ AUTO = {
 LACKS = {
     ("softmax", "cuda"): {"soft_target": "class-probability (soft) targets"},
     ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
-    ("attention", "cuda"): {"varlen": "varlen (packed) sequences", "mask": "an attn_mask", "dropout": "dropout"},
+    ("attention", "cuda"): {
+        "varlen": "varlen (packed) sequences",
+        "mask": "an attn_mask",
+        "dropout": "dropout",
+        "window": "a sliding window",
+        "softcap": "logit soft-capping",
+        "sinks": "attention sinks",
+        "alibi": "ALiBi slopes",
+        "mask_grad": "the gradient of an additive attn_mask",
+    },
 }
 
 ALTERNATIVE = {"cpu": "torch", "cuda": "triton"}

@@ -3,6 +3,7 @@
 Called with float64 tensors they are the tests' high-precision reference.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,8 +53,88 @@ def scaled_masked_softmax(
     return p.masked_fill(empty, 0.0).to(input.dtype)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_causal=False, scale=None) -> Tensor:
-    """Packed-sequence attention as a loop of torch SDPA calls, one per sequence: q (total_q, H, D)."""
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window=None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+) -> Tensor:
+    """torch's SDPA, plus fastlm's score modifiers computed explicitly (fastlm/ops/attention_args.py has the
+    semantics): scores, soft-cap, ALiBi bias, mask, causal/window band, softmax with the sink column, in the inputs'
+    dtype (as torch's math SDPA; the tests' oracle with float64 inputs). With a modifier, queries that see no key
+    (and have no sink) get zeros; without one this is ``torch.nn.functional.scaled_dot_product_attention`` itself
+    (NaN there)."""
+    if window is None and softcap is None and sinks is None and alibi_slopes is None:
+        return TF.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    from fastlm.ops.attention_mods import check_softcap, window_sides
+
+    cdt = query.dtype
+    q, k, v = query, key, value
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    cap = check_softcap(softcap)
+    if cap > 0.0:
+        s = cap * torch.tanh(s / cap)
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Sk, device=q.device)[None, :]
+    dist = (i + (Sk - Sq) - j).abs().to(cdt)  # bottom-right aligned
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.to(cdt)[..., None, None] * dist
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(cdt)
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if window is not None:
+        left, right = window_sides(window, is_causal)
+        if left >= 0:
+            allowed &= j >= i + (Sk - Sq) - left
+        if right >= 0:
+            allowed &= j <= i + (Sk - Sq) + right
+    elif is_causal:
+        allowed &= j <= i
+    s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        H = s.shape[-3]
+        sink = sinks.to(cdt).view(H, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        p = TF.dropout(p, dropout_p)
+    return torch.matmul(p, v).to(query.dtype)
+
+
+def varlen_attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    *,
+    window=None,
+    softcap=None,
+    sinks=None,
+    alibi_slopes=None,
+) -> Tensor:
+    """Packed-sequence attention as a loop of SDPA calls (the one above), one per sequence: q (total_q, H, D);
+    ``alibi_slopes`` (H,) or (n_seq, H)."""
     outs = []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     gqa = q.shape[1] != k.shape[1]
@@ -61,8 +142,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, is_caus
         qi = q[cq[i] : cq[i + 1]].transpose(0, 1)  # (H, Sq, D)
         ki = k[ck[i] : ck[i + 1]].transpose(0, 1)
         vi = v[ck[i] : ck[i + 1]].transpose(0, 1)
-        oi = TF.scaled_dot_product_attention(
-            qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
+        oi = scaled_dot_product_attention(
+            qi,
+            ki,
+            vi,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=gqa,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
+            alibi_slopes=slopes,
         )
         outs.append(oi.transpose(0, 1))
     return torch.cat(outs, 0)

@@ -261,7 +261,8 @@ def test_opcheck(backend):
     q, k, v = (torch.randn(1, 2, 20, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     mask = (torch.rand(1, 1, 20, 20, device=DEVICE) > 0.2).expand(1, 2, 20, 20)
     rng = torch.zeros(1, dtype=torch.int64)
-    torch.library.opcheck(op, (q, k, v, mask, None, None, 20, 20, 0.2, True, 0.0, rng), test_utils=OPCHECK_TESTS)
+    args = (q, k, v, mask, None, None, 20, 20, 0.2, True, 0.0, rng, -1, -1, 0.0, None, None)
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
 
 
 def test_compile_fullgraph(backend):
@@ -302,9 +303,9 @@ def _cu(*vals):
             r"head dim must be in \[1, 256\]",
         ),
         (
-            lambda: F.scaled_dot_product_attention(_t(1, 2, 4, 32), _t(2, 2, 4, 32), _t(2, 2, 4, 32)),
+            lambda: F.scaled_dot_product_attention(_t(2, 2, 4, 32), _t(3, 2, 4, 32), _t(3, 2, 4, 32)),
             ValueError,
-            "batch dims",
+            "do not broadcast",
         ),
         (
             lambda: F.scaled_dot_product_attention(

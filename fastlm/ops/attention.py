@@ -1,30 +1,43 @@
 """Scaled dot-product attention (dense and varlen): registered ops, fake impls, autograd, public functions.
 
 Ops (for <backend> in {triton, cuda, cpu}):
-    fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng)
-        -> (o, lse)
+    fastlm::attention_fwd_<backend>(q, k, v, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal, dropout_p, rng,
+                                    window_left, window_right, softcap, sinks?, alibi?) -> (o, lse)
     fastlm::attention_bwd_<backend>(do, q, k, v, o, lse, mask?, cu_q?, cu_k?, max_q, max_k, scale, causal,
-                                    dropout_p, rng) -> (dq, dk, dv)
+                                    dropout_p, rng, window_left, window_right, softcap, sinks?, alibi?, mask_grad)
+        -> (dq, dk, dv, dmask, dsinks)
 Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) (H a multiple of Hkv), any strides with a unit last stride; mask an
 expanded (B, H, Sq, Sk) view (bool, True = attend, or additive float). Varlen: q (total_q, H, D), k/v
 (total_k, Hkv, D), cu_q/cu_k int32 (n + 1,). ``rng`` is a (1,) int64 tensor holding dropout's Philox seed, on q's
 device when dropout_p > 0: drawn there per call from torch's generator of that device (so torch.manual_seed makes
 dropout reproducible, and a captured CUDA graph draws a fresh seed on every replay) and read by the kernel from
 device memory, never on the host; without dropout it is an unused CPU zero. lse is fp32: (B, H, Sq) or (H, total_q);
-it is not differentiable.
+it is not differentiable. The score modifiers (fastlm/ops/attention_mods.py has their semantics): window sides
+(-1 = unbounded; bottom-right aligned), softcap (0.0 = none), sinks (H,) fp32, alibi (B, H) fp32 slopes. dmask:
+with mask_grad, the gradient of the additive mask summed over its broadcast (stride-0) dims, fp32 of shape
+``mask_grad_shape(mask)``; else (0,). dsinks: (H,) fp32 with sinks, else (0,).
 """
 
 import math
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import extension
-from fastlm.dispatch import UnsupportedCaseError, call, host_readable, resolve, tracing
-from fastlm.ops.registry import autocast_dtype, check_device, check_tensor, register
-
-MAX_HEAD_DIM = 256
+from fastlm.dispatch import call, resolve
+from fastlm.ops.attention_args import (
+    broadcast_qkv,
+    call_features,
+    check_call,
+    check_cuda_case,
+    check_qkv,
+    checked_offsets,
+    modifiers,
+    rng_input,
+    rows_16b_aligned,
+    unit_last,
+)
+from fastlm.ops.registry import autocast_dtype, check_device, register
 
 
 def _check_rng(rng: Tensor, q: Tensor, dropout_p: float) -> None:
@@ -49,12 +62,35 @@ def attention_fwd_triton(
     causal: bool,
     dropout_p: float,
     rng: Tensor,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: Tensor | None,
+    alibi: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.attention import attn_fwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q  # without dropout the kernel never reads it (any device tensor will do)
-    return attn_fwd(q, k, v, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attn_fwd(
+        q,
+        k,
+        v,
+        mask,
+        scale,
+        causal,
+        dropout_p,
+        seed,
+        0,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        window=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
+        alibi=alibi,
+    )
 
 
 @torch.library.custom_op("fastlm::attention_bwd_triton", mutates_args=())
@@ -74,40 +110,89 @@ def attention_bwd_triton(
     causal: bool,
     dropout_p: float,
     rng: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: Tensor | None,
+    alibi: Tensor | None,
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fastlm.kernels.attention import attn_bwd
 
     _check_rng(rng, q, dropout_p)
     seed = rng if dropout_p > 0 else q
-    return attn_bwd(do, q, k, v, o, lse, mask, scale, causal, dropout_p, seed, 0, cu_q, cu_k, max_q, max_k)
+    return attn_bwd(
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        mask,
+        scale,
+        causal,
+        dropout_p,
+        seed,
+        0,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        window=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
+        alibi=alibi,
+        mask_grad=mask_grad,
+    )
 
 
-def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
+def mask_grad_shape(mask: Tensor) -> list[int]:
+    """The shape of the additive mask's gradient as the backward ops return it: the (B, H, Sq, Sk) view's sizes with
+    1 on its broadcast (stride-0) dims, which the gradient is summed over."""
+    return [1 if st == 0 else n for st, n in zip(mask.stride(), mask.shape, strict=True)]
+
+
+def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap, sinks, alibi):
     lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else q.shape[:3]
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-def _bwd_fake(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    mask,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    causal,
+    dropout_p,
+    rng,
+    wl,
+    wr,
+    softcap,
+    sinks,
+    alibi,
+    mask_grad,
+):
+    f32 = torch.float32
+    dmask = q.new_empty(mask_grad_shape(mask), dtype=f32) if mask_grad else q.new_empty((0,), dtype=f32)
+    dsinks = q.new_empty(sinks.shape, dtype=f32) if sinks is not None else q.new_empty((0,), dtype=f32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dsinks
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng = inputs
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap, sinks, alibi = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng)
-    ctx.args = (max_q, max_k, scale, causal, dropout_p)
+    ctx.save_for_backward(q, k, v, o, lse, mask, cu_q, cu_k, rng, sinks, alibi)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p, wl, wr, softcap)
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
     ctx.mark_non_differentiable(lse)
-
-
-def rows_16b_aligned(t: Tensor) -> bool:
-    """Every row of ``t`` (its last dim, unit stride) starts on a 16-byte boundary: the stride of every other dim of
-    size > 1 is a multiple of 16 bytes, and so is the base address (what the CUDA C++ attention kernels read). While
-    torch.compile traces, the address is unknown (fake tensors) and only the strides are checked; the C++ ops check
-    the address again and raise a clear error."""
-    strides_ok = all(
-        (st * t.element_size()) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1
-    )
-    return strides_ok and (tracing() or t.data_ptr() % 16 == 0)
 
 
 def grad_out_layout(do: Tensor, backend: str) -> Tensor:
@@ -122,11 +207,18 @@ def _backward(backend: str):
     bwd = ATTENTION_BWD[backend]
 
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, mask, cu_q, cu_k, rng = ctx.saved_tensors
-        max_q, max_k, scale, causal, dropout_p = ctx.args
+        q, k, v, o, lse, mask, cu_q, cu_k, rng, sinks, alibi = ctx.saved_tensors
+        max_q, max_k, scale, causal, dropout_p, wl, wr, softcap = ctx.args
         do = grad_out_layout(do, backend)
-        dq, dk, dv = bwd(do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv, dmask, dsinks = bwd(
+            do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap,
+            sinks, alibi, ctx.mask_grad,
+        )  # fmt: skip
+        # the mask's gradient: the reduced buffer seen through the (B, H, Sq, Sk) view's broadcast (no copy); the
+        # autograd of the caller's expand sums it down to the user's mask shape
+        dmask = dmask.to(mask.dtype).expand(mask.shape) if ctx.mask_grad else None
+        dsinks = dsinks if sinks is not None and ctx.needs_input_grad[15] else None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None, None, dsinks, None
 
     return backward
 
@@ -184,97 +276,6 @@ ATTENTION_FWD = register("attention_fwd", _fwd_fake, _backward, _setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> None:
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        check_tensor(t, name, backend)
-        if t.dim() < min_dim:
-            raise ValueError(f"{name} must have at least {min_dim} dims, got shape {list(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
-    D = q.shape[-1]
-    if k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(
-            f"query, key and value must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
-        )
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-
-
-CUDA_HEAD_DIMS = (64, 128)
-
-
-def check_cuda_case(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """The CUDA C++ kernels cover dense fp16/bf16 attention with head dims 64 and 128, causal or not, GQA, rows
-    aligned to 16 bytes (varlen, masks and dropout: ``dispatch.LACKS``); other inputs raise, naming the case (use
-    the triton backend or auto for them)."""
-    case = None
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        case = f"dtype {q.dtype}"
-    elif q.shape[-1] not in CUDA_HEAD_DIMS:
-        case = f"head dim {q.shape[-1]} (has {CUDA_HEAD_DIMS})"
-    else:
-        for name, t in (("query", q), ("key", k), ("value", v)):
-            if not rows_16b_aligned(t):
-                case = f"{name} rows not 16-byte aligned (strides {t.stride()})"
-    if case is not None:
-        raise UnsupportedCaseError(
-            f"the cuda backend's attention does not support {case}; use fastlm.backend('triton') or 'auto'"
-        )
-
-
-def _check_call(mask, dropout_p: float) -> None:
-    """The arguments the backend choice reads, checked before it (a bad one is a bad argument on every backend)."""
-    if mask is not None and not isinstance(mask, Tensor):
-        raise TypeError(f"attn_mask must be a Tensor or None, got {type(mask).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _features(mask, dropout_p: float, varlen: bool) -> tuple:
-    """The call's features that some backends lack (``dispatch.LACKS``): the backend choice is dispatch's."""
-    return tuple(f for f, on in (("mask", mask is not None), ("dropout", dropout_p > 0), ("varlen", varlen)) if on)
-
-
-_UNUSED_RNG: dict = {}  # device -> a (1,) int64 zero, the ``rng`` input of calls without dropout
-
-
-def _rng(dropout_p: float, device: torch.device) -> Tensor:
-    """The ``rng`` input of the ops, on ``device``: dropout's seed drawn there from its default generator (no host
-    value, so CUDA graphs and torch.compile keep it fresh per call); without dropout an unused zero, made once per
-    device in eager mode (no allocation per call, and no CPU tensor in a compiled CUDA graph)."""
-    if dropout_p > 0.0:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    if tracing():
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    unused = _UNUSED_RNG.get(device)
-    if unused is None:
-        unused = _UNUSED_RNG[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return unused
-
-
-def _checked_offsets(cu: Tensor, name: str, total: int, max_len: int) -> Tensor:
-    """``cu`` (varlen offsets) checked on the host where that costs no sync (CPU, eager: ValueError naming what is
-    wrong), else made memory-safe on the device: clamped into [0, total] and non-decreasing (unchanged when valid)."""
-    if host_readable(cu):
-        d = cu[1:] - cu[:-1]
-        if cu[0] != 0 or cu[-1] != total or bool((d < 0).any()):
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}; got {cu.tolist()[:8]}")
-        if int(d.max()) > max_len:
-            raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {max_len}")
-        return cu
-    return torch.cummax(cu.clamp(0, total), 0).values
-
-
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()  # a non-unit last stride: one copy
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Public functions
 
 
@@ -288,17 +289,24 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+    """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``,
+    plus keyword-only score modifiers (fastlm/ops/attention_mods.py has the exact formulas).
 
     Args:
-        query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)`` (Hkv == H, or H % Hkv == 0 with
-            ``enable_gqa``). Any strides with a unit last stride (e.g. HF's transposed views): no copy.
-            float16/bfloat16 (float32 too on the Triton and cpu paths); D <= 256.
-        attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask (no
-            gradient). Read tile by tile; fully masked tiles are skipped. May be combined with ``is_causal``
-            (torch raises there).
+        query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)``. The leading dims broadcast against each other as
+            in torch (a 3-D query with 4-D key/value works; broadcast dims are stride-0 views, not copies); Hkv == H,
+            Hkv == 1, H == 1, or H % Hkv == 0 with ``enable_gqa``. Any strides with a unit last stride (e.g. HF's
+            transposed views): no copy. float16/bfloat16 (float32 too on the Triton and cpu paths); D <= 256.
+        attn_mask: broadcastable to ``(*, H, Sq, Sk)``: bool (True = attend) or an additive float mask. Read tile by
+            tile; fully masked tiles are skipped. May be combined with ``is_causal`` (torch raises there). An
+            additive mask that requires grad gets its gradient, summed over its broadcast dims as autograd would,
+            accumulated per tile (no dense ``(*, H, Sq, Sk)`` gradient buffer when the mask is broadcast).
         dropout_p: dropout on the attention probabilities, generated in the kernel from torch's default generator
             (``torch.manual_seed`` makes it reproducible) and regenerated in the backward.
         is_causal: top-left aligned causal mask (query i sees keys j <= i), as torch::
@@ -308,53 +316,55 @@ def scaled_dot_product_attention(
                 q1  x x . . .
                 q2  x x x . .
 
+            With a ``window`` the causal edge is the window's right side (0), bottom-right aligned as in
+            FlashAttention (the same as top-left when Sq == Sk).
         scale: defaults to ``1 / sqrt(D)``.
-        return_lse: also return the log-sum-exp of the scores, ``(*, H, Sq)`` fp32 (not differentiable), for
-            merging partial attentions.
+        window: ``(left, right)`` sliding window, each side an int >= 0 or None (unbounded): query i sees keys j with
+            ``i + Sk - Sq - left <= j <= i + Sk - Sq + right`` (bottom-right aligned, FlashAttention's rule; with
+            ``is_causal`` right is 0). Mistral's ``sliding_window=W`` is ``window=(W - 1, 0)``. Key tiles outside
+            the band are skipped: the cost falls with the window.
+        softcap: the scaled scores become ``softcap * tanh(s / softcap)`` (Gemma 2), before ALiBi and the mask.
+        sinks: ``(H,)`` per-head logits joining each row's softmax denominator (gpt-oss's attention sinks; not
+            multiplied by ``scale``), with their gradient.
+        alibi_slopes: ``(H,)`` or ``(B, H)`` (broadcastable to ``(*, H)``): the bias ``-slope * |i + Sk - Sq - j|``
+            is computed in the kernel (no bias tensor). Not trainable.
+        return_lse: also return the log-sum-exp of the scores (sinks included), ``(*, H, Sq)`` fp32 (not
+            differentiable), for merging partial attentions.
 
     Returns:
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
+        Small Sq against long Sk (decoding) takes a split-KV kernel on the Triton backend automatically.
     """
-    _check_call(attn_mask, dropout_p)
+    check_call(attn_mask, dropout_p)
     amp = autocast_dtype(query) if isinstance(query, Tensor) else None
     if amp is not None:  # as torch's SDPA under autocast (on its lower-precision list): q, k, v in the autocast dtype
         query, key, value = (
             t.to(amp) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (query, key, value)
         )
-    backend = resolve("attention", query, _features(attn_mask, dropout_p, varlen=False))
+    feats = call_features(attn_mask, dropout_p, False, window, softcap, sinks, alibi_slopes)
+    backend = resolve("attention", query, feats)
     if backend == "torch":
+        from fastlm import reference
+
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
-        return TF.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-    _check_qkv(query, key, value, backend, 2)
-    if query.dim() != key.dim() or key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(
-            f"key and value must have the same shape but the head dim, and as many dims as query; got query "
-            f"{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}"
-        )
-    q4 = query if query.dim() >= 3 else query[None]
-    k4 = key if key.dim() >= 3 else key[None]
-    v4 = value if value.dim() >= 3 else value[None]
-    lead = q4.shape[:-3]
-    if k4.shape[:-3] != lead:
-        raise ValueError(f"query and key batch dims differ: {list(q4.shape[:-3])} vs {list(k4.shape[:-3])}")
-    H, Sq, D = q4.shape[-3:]
-    Hkv, Sk = k4.shape[-3], k4.shape[-2]
-    if Hkv != H and not (enable_gqa and Hkv > 0 and H % Hkv == 0):
-        raise ValueError(
-            f"query has {H} heads and key/value {Hkv}: they must be equal, or enable_gqa=True with H a multiple of Hkv"
-        )
-    B = math.prod(lead)
-    q4, k4, v4 = (_unit_last(t).reshape(B, *t.shape[-3:]) for t in (q4, k4, v4))
+        if any(f in feats for f in ("window", "softcap", "sinks", "alibi")):  # the same checks as the fused paths
+            q4, k4, _, lead, H, _ = broadcast_qkv(query, key, value, enable_gqa)
+            modifiers(window, softcap, sinks, alibi_slopes, is_causal, q4.shape[2] == k4.shape[2], lead, H, query)
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
+            window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
+    check_qkv(query, key, value, backend, 2)
+    q4, k4, v4, lead, H, out_shape = broadcast_qkv(query, key, value, enable_gqa)
+    B, Sq, D = q4.shape[0], q4.shape[2], q4.shape[3]
+    Sk = k4.shape[2]
+    mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, Sq == Sk, lead, H, query)
     mask4 = None
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
             raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
         check_device(attn_mask, "attn_mask", query, "query")
-        if attn_mask.requires_grad:
-            raise ValueError("attn_mask requires grad, but the fused attention gives the mask no gradient")
         full = (*lead, H, Sq, Sk)
         try:
             mask4 = attn_mask.expand(full).reshape(B, H, Sq, Sk)  # stride-0 broadcast dims: no copy
@@ -376,13 +386,18 @@ def scaled_dot_product_attention(
         Sq,
         Sk,
         scale,
-        bool(is_causal),
+        mods.causal,
         float(dropout_p),
-        _rng(dropout_p, query.device),
+        rng_input(dropout_p, query.device),
+        mods.window_left,
+        mods.window_right,
+        mods.softcap,
+        mods.sinks,
+        mods.alibi,
     )
-    o = o.reshape(*query.shape[:-1], D)
+    o = o.reshape(out_shape)
     if return_lse:
-        return o, lse.reshape(*query.shape[:-1])
+        return o, lse.reshape(out_shape[:-1])
     return o
 
 
@@ -398,6 +413,10 @@ def varlen_attention(
     is_causal: bool = False,
     scale: float | None = None,
     *,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed variable-length sequences (FlashAttention's varlen layout).
@@ -414,20 +433,27 @@ def varlen_attention(
             such rows. Check offsets you did not build yourself on the host.
         max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (ints >= 0; checked against the offsets
             where those are checked).
-        is_causal: top-left aligned within each sequence.
+        is_causal: top-left aligned within each sequence (with a window: the window's bottom-right aligned edge).
+        window, softcap, sinks: as :func:`scaled_dot_product_attention`, each sequence aligned on its own lengths.
+        alibi_slopes: ``(H,)`` or ``(n, H)`` (one row per sequence).
 
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
-    _check_call(None, dropout_p)
-    backend = resolve("attention", q, _features(None, dropout_p, varlen=True))
+    check_call(None, dropout_p)
+    backend = resolve("attention", q, call_features(None, dropout_p, True, window, softcap, sinks, alibi_slopes))
     if backend == "torch":
         from fastlm import reference
 
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
-        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale)
-    _check_qkv(q, k, v, backend, 3)
+        n = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else 0
+        modifiers(window, softcap, sinks, alibi_slopes, is_causal, False, (n,), q.shape[1], q)
+        return reference.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
+            window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
+    check_qkv(q, k, v, backend, 3)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(
             f"varlen q must be (total_q, H, D) and k, v (total_k, Hkv, D); got {list(q.shape)}, "
@@ -449,10 +475,11 @@ def varlen_attention(
                 f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}"
             )
         check_device(cu, name, q, "q")
-        offsets.append(_checked_offsets(cu, name, total, mx))
+        offsets.append(checked_offsets(cu, name, total, mx))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (unit_last(t) for t in (q, k, v))
+    mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, False, (cu_seqlens_q.numel() - 1,), H, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = call(
         ATTENTION_FWD[backend],
@@ -464,8 +491,13 @@ def varlen_attention(
         int(max_seqlen_q),
         int(max_seqlen_k),
         scale,
-        bool(is_causal),
+        mods.causal,
         float(dropout_p),
-        _rng(dropout_p, q.device),
+        rng_input(dropout_p, q.device),
+        mods.window_left,
+        mods.window_right,
+        mods.softcap,
+        mods.sinks,
+        mods.alibi,
     )
     return (o, lse) if return_lse else o
