@@ -164,6 +164,58 @@ def test_backward_after_split_forward(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+PUBLIC_MODIFIERS = {
+    "causal": dict(is_causal=True),  # no window: top-left, torch's rule (the op's causal flag)
+    "window": dict(window=(8, None)),
+    "window_causal": dict(window=(20, 0), is_causal=True),
+    "softcap": dict(softcap=1.5),
+    "sinks": dict(sinks=True),
+    "alibi_h": dict(alibi_slopes="h"),
+    "alibi_bh": dict(alibi_slopes="bh"),
+    "all": dict(window=(40, None), is_causal=True, softcap=3.0, sinks=True, alibi_slopes="h"),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_MODIFIERS))
+def test_public_sdpa_modifiers_on_the_split_path(name, monkeypatch):
+    """The hook passes the modifiers through: F.scaled_dot_product_attention with the split path forced gives the
+    reference's (o, lse), and the ordinary backward after it the same gradients as after the ordinary forward."""
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 3, 100, 32
+    q, k, v = _qkv(B, H, Hkv, Sq, Sk, D, torch.float32)
+    kw = dict(PUBLIC_MODIFIERS[name])
+    if kw.get("sinks"):
+        kw["sinks"] = torch.randn(H, device=DEVICE)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(H if kw["alibi_slopes"] == "h" else (B, H), device=DEVICE) * 0.2
+    o, lse = _sdpa(q, k, v, True, monkeypatch, **kw)
+    w = kw.get("window")
+    causal = bool(kw.get("is_causal")) and w is None  # with a window, is_causal is its right side 0 (bottom-right)
+    window = (
+        (-1, -1) if w is None else tuple(-1 if x is None else x for x in (w[0], 0 if kw.get("is_causal") else w[1]))
+    )
+    alibi = kw.get("alibi_slopes")
+    ref_o, ref_lse = _ref_dense(
+        q,
+        k,
+        v,
+        1 / math.sqrt(D),
+        causal=causal,
+        window=window,
+        softcap=kw.get("softcap", 0.0),
+        sinks=kw.get("sinks"),
+        alibi=None if alibi is None else alibi.expand(B, H),
+    )
+    _check_o_lse(o, lse, ref_o, ref_lse, torch.float32)
+    grads = []
+    for split in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o, _ = _sdpa(*leaves, split, monkeypatch, **kw)
+        torch.autograd.backward(o, torch.ones_like(o))
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_use_split_kv_rule(monkeypatch):
     from fastlm.kernels.attention.decode import SPLIT_KV_MIN_KEYS, use_split_kv
 
@@ -296,6 +348,7 @@ def test_kvcache_contiguous_and_paged_vs_reference(Sq, S_new, name, dtype):
     kw = {}
     if "window" in mod:
         kw["window"] = tuple(None if w < 0 else w for w in mod["window"])
+        kw["is_causal"] = not kw["window"][1]  # (7, 2): a right side, not causal
     if "softcap" in mod:
         kw["softcap"] = mod["softcap"]
     if mod.get("sinks"):
@@ -322,7 +375,7 @@ def test_kvcache_contiguous_and_paged_vs_reference(Sq, S_new, name, dtype):
         None,
         1 / math.sqrt(D),
         -1 if w[0] is None else w[0],
-        0,
+        0 if kw.get("is_causal", True) else w[1],
         kw.get("softcap", 0.0),
         kw.get("sinks"),
         None if "alibi_slopes" not in kw else kw["alibi_slopes"].expand(B, H),
@@ -440,8 +493,9 @@ def test_kvcache_bad_inputs():
     B, H, Hkv, D = 2, 4, 2, 16
     _bad("window left size must be an int >= 0", window=(-2, None))
     _bad("window right size", window=(4, -1))
-    _bad("window must be a", window=5)
-    _bad(r"sinks must be a float tensor of shape \[H\]", sinks=torch.zeros(3, device=DEVICE))
+    _bad("window must be None or a", window=5)
+    _bad("the right size must be 0 or None", window=(4, 2))  # is_causal (the default) with a right side
+    _bad(r"sinks must have shape \(4,\)", sinks=torch.zeros(3, device=DEVICE))
     _bad("alibi_slopes must be", alibi_slopes=torch.zeros(B, H + 1, device=DEVICE))
     _bad("softcap must be", softcap=-1.0)
     _bad("cache_seqlens must be a 1-D int32", TypeError, cache_seqlens=torch.tensor([0, 5], device=DEVICE))

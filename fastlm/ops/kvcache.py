@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastlm.dispatch import FUSED_DTYPES, UnsupportedCaseError, current_backend, host_readable, resolve, tracing
+from fastlm.ops.attention_args import check_alibi, check_sinks, check_softcap, window_sides
 from fastlm.ops.registry import check_device, check_tensor
 
 MAX_HEAD_DIM = 256
@@ -226,24 +227,6 @@ def _check_int32(t, name: str, dims: int, ref: Tensor) -> None:
     check_device(t, name, ref, "q")
 
 
-def _window(window, is_causal: bool) -> tuple[int, int]:
-    """(left, right) for the kernels, -1 = unbounded; causal forces right = 0."""
-    left = right = -1
-    if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ValueError(f"window must be a (left, right) pair (None for unbounded), got {window!r}")
-        sizes = []
-        for name, w in zip(("left", "right"), window, strict=True):
-            if w is None:
-                sizes.append(-1)
-            elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
-                raise ValueError(f"window {name} size must be an int >= 0 or None (unbounded), got {w!r}")
-            else:
-                sizes.append(int(w))
-        left, right = sizes
-    return left, (0 if is_causal else right)
-
-
 def _append(cache: Tensor, new: Tensor, pos: Tensor, block_table: Tensor | None) -> None:
     """cache[b, pos[b, t]] = new[b, t] in place (paged: row pos % bs of page block_table[b, pos // bs]); no host
     sync. Positions and pages are clamped into the cache (valid inputs are unchanged; see the docstring of
@@ -368,21 +351,6 @@ def attention_with_kvcache(
                     f"{list(v.shape)}"
                 )
         S_new = k.shape[1]
-    left, right = _window(window, bool(is_causal))
-    if softcap is not None and (isinstance(softcap, bool) or not softcap > 0):
-        raise ValueError(f"softcap must be a number > 0 or None, got {softcap!r}")
-    softcap = float(softcap) if softcap else 0.0
-    if sinks is not None:
-        if not isinstance(sinks, Tensor) or sinks.shape != (H,) or not sinks.is_floating_point():
-            raise ValueError(f"sinks must be a float tensor of shape [H] = [{H}], got {getattr(sinks, 'shape', sinks)}")
-        check_device(sinks, "sinks", q, "q")
-        sinks = sinks.float().contiguous()
-    if alibi_slopes is not None:
-        shp = getattr(alibi_slopes, "shape", None)
-        if not isinstance(alibi_slopes, Tensor) or shp not in ((H,), (B, H)) or not alibi_slopes.is_floating_point():
-            raise ValueError(f"alibi_slopes must be a float tensor of shape [H] or [B, H] = [{B}, {H}], got {shp}")
-        check_device(alibi_slopes, "alibi_slopes", q, "q")
-        alibi_slopes = alibi_slopes.float().expand(B, H).contiguous()
     if torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache, k, v, sinks, alibi_slopes)
     ):
@@ -390,6 +358,11 @@ def attention_with_kvcache(
             "attention_with_kvcache is inference only (no backward): an input requires grad; call it under "
             "torch.no_grad() / torch.inference_mode() or detach the inputs"
         )
+    left, right = (-1, 0 if is_causal else -1) if window is None else window_sides(window, bool(is_causal))
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, H, q)
+    sinks = None if sinks is None else sinks.contiguous()
+    alibi_slopes = check_alibi(alibi_slopes, (B,), H, q)  # (B, H) fp32
     if host_readable(cache_seqlens) and B:
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi + S_new > capacity:

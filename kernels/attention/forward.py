@@ -331,7 +331,7 @@ def attn_fwd(
     config: dict | None = None,
     tma: bool | None = None,
     *,
-    window=(-1, -1),
+    window: tuple = (-1, -1),
     softcap: float = 0.0,
     sinks=None,
     alibi=None,
