@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastlm.dispatch import FUSED_DTYPES, UnsupportedCaseError, current_backend, host_readable, resolve, tracing
+from fastlm.dispatch import FUSED_DTYPES, UnsupportedCaseError, current_backend, host_readable, resolve
 from fastlm.ops.attention_args import check_alibi, check_sinks, check_softcap, window_sides
 from fastlm.ops.registry import check_device, check_tensor
 
@@ -305,7 +305,7 @@ def attention_with_kvcache(
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {list(t.shape)}")
         check_device(t, name, q, "q")
-        if t.stride(-1) != 1:
+        if name != "q" and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride (the cache is written in place), got {t.stride()}")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
@@ -381,10 +381,13 @@ def attention_with_kvcache(
                     f"{k_cache.shape[0]} blocks"
                 )
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if backend == "cuda":
-        backend = "triton"  # the split-KV kernel is Triton's; the CUDA C++ attention has no decode kernel
+    if backend == "cuda":  # (auto picks triton on CUDA)
+        raise UnsupportedCaseError(
+            "the cuda backend has no attention_with_kvcache (the split-KV kernel is Triton's); use "
+            "fastlm.backend('triton') or 'auto'"
+        )
     modifiers = (left, right, softcap, sinks, alibi_slopes)
-    lacks = _cpu_lacks({k: w for k, w in _cpu_modifiers(*modifiers).items() if (k, w) != ("window", (None, 0))})
+    lacks = _cpu_lacks({n: w for n, w in _cpu_modifiers(*modifiers).items() if (n, w) != ("window", (None, 0))})
     if backend == "cpu" and current_backend() == "auto" and lacks:
         backend = "torch"  # auto: the cpu attention of this build lacks a modifier (a backend asked for raises)
     if S_new:
@@ -396,13 +399,7 @@ def attention_with_kvcache(
         return torch.empty_like(q)
     args = (q, k_cache, v_cache, seqlens_k, block_table, scale, *modifiers)
     if backend == "triton":
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        return attention_decode_triton(q, *args[1:])[0]
-    if tracing():
-        raise UnsupportedCaseError(
-            f"attention_with_kvcache's {backend} backend reads lengths on the host: not traceable"
-        )
-    if backend == "cpu":
+        return attention_decode_triton(q if q.stride(-1) == 1 else q.contiguous(), *args[1:])[0]
+    if backend == "cpu":  # both loop over the batch reading the lengths on the host
         return cpu_attention_with_kvcache(*args)
     return reference_attention_with_kvcache(*args)
