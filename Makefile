@@ -73,6 +73,7 @@ dist/.built-cu12: $(SOURCES) scripts/cuda_wheels.sh
 	CUDA_HOME=$(CUDA12_HOME) FASTLM_BUILD_CUDA=1 FASTLM_EXT_CACHE=$(EXT_CACHE) TORCH_CUDA_ARCH_LIST="$(ARCHS)" \
 		$(abspath $(FLOOR_VENV))/bin/python -m pip wheel -q --no-build-isolation --no-deps -w $(CURDIR)/dist . && \
 	echo "+cu12 wheel built in $$(( $$(date +%s) - start )) s: $$(ls $(CURDIR)/dist/fastlm-*+cu12-*.whl)"
+	@[ -z "$(EXT_CACHE)" ] || tail -1 $(EXT_CACHE)/log
 	@PYTHON=$(PYTHON) bash scripts/cuda_wheels.sh verify12
 	@touch $@
 

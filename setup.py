@@ -119,8 +119,18 @@ class _BuildExtension(cpp_extension.BuildExtension):
         ]:
             tools.append(subprocess.run([cmd, "--version"], capture_output=True, text=True).stdout)
         flags = [ext.sources, ext.include_dirs, ext.extra_compile_args, ext.extra_link_args, ext.libraries]
-        h.update(json.dumps([tools, flags, os.environ.get("TORCH_CUDA_ARCH_LIST", "")], default=str).encode())
+        flags = json.dumps([tools, flags, os.environ.get("TORCH_CUDA_ARCH_LIST", "")], default=str)
+        # the same key from any clone or copy, and from any venv of the same torch
+        flags = flags.replace(ROOT, "<source tree>").replace(os.path.dirname(torch.__file__), "<torch>")
+        h.update(flags.encode())
         return h.hexdigest()[:24]
+
+    @staticmethod
+    def _log(cache: str, line: str) -> None:
+        """Print ``line`` and append it to ``cache``/log (pip -q hides a build's output; the Makefile shows it)."""
+        print(line, flush=True)
+        with open(os.path.join(cache, "log"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def build_extension(self, ext) -> None:
         cache = os.environ.get("FASTLM_EXT_CACHE")
@@ -130,10 +140,11 @@ class _BuildExtension(cpp_extension.BuildExtension):
         entry = os.path.join(cache, self._cache_key(ext))
         cached = os.path.join(entry, os.path.basename(target))
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(cache, exist_ok=True)
         if os.path.isfile(cached):
             shutil.copy2(cached, target)
             os.utime(entry)
-            print(f"fastlm._C: unchanged inputs, reused from the build cache {entry}", flush=True)
+            self._log(cache, f"fastlm._C: unchanged inputs, reused from the build cache {entry}")
             return None
         start = time.time()
         super().build_extension(ext)
@@ -141,8 +152,9 @@ class _BuildExtension(cpp_extension.BuildExtension):
         shutil.copy2(target, os.path.join(entry + ".tmp", os.path.basename(target)))
         shutil.rmtree(entry, ignore_errors=True)
         os.rename(entry + ".tmp", entry)
-        print(f"fastlm._C: compiled in {time.time() - start:.0f} s, stored in the build cache {entry}", flush=True)
-        old = sorted(glob.glob(os.path.join(cache, "*")), key=os.path.getmtime)[:-4]  # keep the newest four
+        self._log(cache, f"fastlm._C: compiled in {time.time() - start:.0f} s, stored in the build cache {entry}")
+        entries = [p for p in glob.glob(os.path.join(cache, "*")) if os.path.isdir(p)]
+        old = sorted(entries, key=os.path.getmtime)[:-4]  # keep the newest four
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
         return None
