@@ -84,7 +84,7 @@ install: dist/.built  # the default (+cu13) wheel into .venv
 # the development torch (.venv), each: fastlm info without a CUDA-major mismatch, every cpu op against torch.
 cuda-wheels: install
 	$(MAKE) --no-print-directory wheel CUDA_MAJOR=12
-	PYTHON=$(PYTHON) bash scripts/cuda_wheels.sh check
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/cuda_wheels.sh check
 
 dev: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -7,7 +7,7 @@
 #   scripts/cuda_wheels.sh verify12           the dist/ +cu12 wheel: _build_info.json says CUDA 12 (nvcc and torch),
 #                                             cuobjdump --list-elf finds sm_80 and sm_90 cubins in its fastlm._C
 #   scripts/cuda_wheels.sh check              item 2 of the wheels issue: each wheel in dist/ beside a torch of its
-#                                             CUDA major (+cu12: the floor venv; +cu13: .venv) passes
+#                                             CUDA major (+cu12: the floor venv; +cu13: $VENV, default .venv) passes
 #                                             scripts/check_install.py --expect-cuda-match
 #
 # The CUDA 12 toolkit. The package index's CUDA 12 compiler wheels (nvidia-cuda-nvcc-cu12, every 12.x release) hold
@@ -15,10 +15,10 @@
 # Debian's nvidia-cuda-toolkit (non-free, trixie: CUDA 12.4.131; the newest CUDA 12 there), fetched with
 # `apt-get download` through a private apt configuration (the machine's sources are not touched, nothing is installed
 # system-wide) and unpacked with dpkg-deb; the headers and libcudart come from the index's wheels of the same CUDA
-# release (nvidia-cuda-nvcc-cu12 12.4.131, nvidia-cuda-runtime-cu12 12.4.127, nvidia-cuda-cccl-cu12 12.4.127.post1). Result, in
-# $CUDA12_HOME (default ~/.cache/fastlm/cuda-12.4, ~250 MB, kept between runs): bin/{nvcc,cudafe++,fatbinary,ptxas,
-# nvlink,cuobjdump}, nvvm/bin/cicc, nvvm/libdevice, include/, lib64/libcudart.so. Host compiler: nvcc 12.4 accepts
-# gcc <= 13 (this machine: gcc 12), no -allow-unsupported-compiler. A machine with its own CUDA 12 toolkit (a
+# release (nvidia-cuda-nvcc-cu12 12.4.131, nvidia-cuda-runtime-cu12 12.4.127, nvidia-cuda-cccl-cu12 12.4.127.post1).
+# Result, in $CUDA12_HOME (default ~/.cache/fastlm/cuda-12.4, 150 MB, kept between runs; ~15 s to make):
+# bin/{nvcc,cudafe++,fatbinary,ptxas,nvlink,cuobjdump}, nvvm/bin/cicc, nvvm/libdevice, include/, lib64/libcudart.so.
+# Host compiler: nvcc 12.4 accepts gcc <= 13 (this machine: gcc 12), no -allow-unsupported-compiler. A machine with its own CUDA 12 toolkit (a
 # cluster's `module load cuda/12.x`) skips all this: CUDA12_HOME=$CUDA_HOME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ CCCL12=12.4.127.post1  # nvidia-cuda-cccl-cu12 (12.4.127 itself is yanked: "brok
 quiet() { grep -v "is ignored" || true; }  # drop pip's warnings about the machine's absent file:// indexes
 
 toolkit12() {
-  if [ -f "$CUDA12_HOME/.fastlm-toolkit" ] || { [ -x "$CUDA12_HOME/bin/nvcc" ] && [ ! -e "$CUDA12_HOME/.fastlm-partial" ]; }; then
+  if [ -x "$CUDA12_HOME/bin/nvcc" ]; then  # ours (moved in only when complete) or the site's toolkit
     echo "CUDA 12 toolkit: $CUDA12_HOME ($("$CUDA12_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
     return
   fi
@@ -56,7 +56,6 @@ toolkit12() {
   local x=$tmp/deb/x/usr nv=$tmp/whl/x/nvidia
   rm -rf "$dest"
   mkdir -p "$dest"/bin/crt "$dest"/nvvm/bin "$dest"/nvvm/libdevice "$dest"/include "$dest"/lib64
-  touch "$dest/.fastlm-partial"
   cp "$x"/lib/nvidia-cuda-toolkit/bin/nvcc "$x"/bin/{cudafe++,fatbinary,ptxas,nvlink,bin2c,cuobjdump} "$dest/bin/"
   cp "$x"/lib/nvidia-cuda-toolkit/bin/crt/*.stub "$dest/bin/crt/"
   cp "$x"/lib/nvidia-cuda-toolkit/bin/cicc "$dest/nvvm/bin/"
@@ -82,9 +81,9 @@ EOF
   printf 'int main() { return 0; }\n__global__ void k(float* x) { x[threadIdx.x] = 1.f; }\n' > "$tmp/t.cu"
   "$dest/bin/nvcc" -arch=sm_90 -c "$tmp/t.cu" -o "$tmp/t.o" \
     || { echo "FAILED: the assembled CUDA 12 nvcc cannot compile a kernel"; exit 1; }
-  rm "$dest/.fastlm-partial"
   echo "nvcc $version; Debian $(dpkg-deb -f "$tmp"/deb/nvidia-cuda-toolkit_*.deb Version); index wheels" \
-    "nvidia-cuda-nvcc-cu12 $NVCC12, nvidia-cuda-runtime-cu12 $RUNTIME12, nvidia-cuda-cccl-cu12 $CCCL12" > "$dest/.fastlm-toolkit"
+    "nvidia-cuda-nvcc-cu12 $NVCC12, nvidia-cuda-runtime-cu12 $RUNTIME12, nvidia-cuda-cccl-cu12 $CCCL12" \
+    > "$dest/.fastlm-toolkit"
   rm -rf "$CUDA12_HOME"
   mkdir -p "$(dirname "$CUDA12_HOME")"
   mv "$dest" "$CUDA12_HOME"
@@ -109,7 +108,8 @@ floor_venv() {  # torch at the floor of the stable-ABI range; on the index it is
 wheel_of() {  # wheel_of 12|13: the one dist/ wheel of that CUDA major
   local w
   w=$(ls "$REPO"/dist/fastlm-*+cu"$1"-cp310-abi3-*.whl 2> /dev/null || true)
-  [ "$(echo "$w" | grep -c .)" = 1 ] || { echo "expected one dist/fastlm-*+cu$1-*.whl, found: '${w:-none}'" >&2; exit 2; }
+  [ "$(echo "$w" | grep -c .)" = 1 ] \
+    || { echo "expected one dist/fastlm-*+cu$1-*.whl, found: '${w:-none}'" >&2; exit 2; }
   echo "$w"
 }
 
@@ -129,10 +129,14 @@ check_one() {  # check_one MAJOR PYTHON: that wheel installed into that venv, ch
 check() {
   floor_venv
   check_one 12 "$FLOOR_VENV/bin/python"
-  [ -x "$REPO/.venv/bin/python" ] || { echo "no .venv: run make test (or make install) first"; exit 2; }
-  check_one 13 "$REPO/.venv/bin/python"
+  local venv
+  venv=$(realpath -m "${VENV:-$REPO/.venv}")
+  [ -x "$venv/bin/python" ] || { echo "no $venv: run make test (or make install) first"; exit 2; }
+  check_one 13 "$venv/bin/python"
   echo "both wheels checked: +cu12 beside torch 2.10.0+cu128, +cu13 beside the development torch"
 }
+
+count_archs() { grep -o 'sm_[0-9a-z]*' | sort | uniq -c | tr -s ' \n' ' '; }  # " 5 sm_80 5 sm_90"
 
 verify12() {  # the +cu12 wheel made by a CUDA 12 nvcc against a CUDA 12 torch, with sm_80 and sm_90 cubins
   local wheel tmp elf
@@ -148,11 +152,11 @@ assert info["nvcc_version"].startswith("12."), f"not built by a CUDA 12 nvcc: {i
 assert info["cuda_version"].startswith("12."), f"not built against a CUDA 12 torch: {info['cuda_version']!r}"
 EOF
   elf=$("$CUDA12_HOME/bin/cuobjdump" --list-elf "$tmp"/fastlm/_C*.so)
-  echo "cuobjdump --list-elf: $(echo "$elf" | grep -c .) cubins, archs: $(echo "$elf" | grep -o 'sm_[0-9a-z]*' | sort | uniq -c | tr -s ' \n' ' ')"
+  echo "cuobjdump --list-elf: $(echo "$elf" | grep -c .) cubins:$(echo "$elf" | count_archs)"
   for arch in sm_80 sm_90; do
     echo "$elf" | grep -q "\.$arch\." || { echo "FAILED: no $arch cubin in $(basename "$wheel")"; exit 1; }
   done
-  echo "cuobjdump --list-ptx: $("$CUDA12_HOME/bin/cuobjdump" --list-ptx "$tmp"/fastlm/_C*.so | grep -o 'sm_[0-9a-z]*' | sort | uniq -c | tr -s ' \n' ' ')"
+  echo "cuobjdump --list-ptx:$("$CUDA12_HOME/bin/cuobjdump" --list-ptx "$tmp"/fastlm/_C*.so | count_archs)"
   rm -rf "$tmp"
 }
 
