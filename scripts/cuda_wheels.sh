@@ -18,8 +18,8 @@
 # release (nvidia-cuda-nvcc-cu12 12.4.131, nvidia-cuda-runtime-cu12 12.4.127, nvidia-cuda-cccl-cu12 12.4.127.post1).
 # Result, in $CUDA12_HOME (default ~/.cache/fastlm/cuda-12.4, 150 MB, kept between runs; ~15 s to make):
 # bin/{nvcc,cudafe++,fatbinary,ptxas,nvlink,cuobjdump}, nvvm/bin/cicc, nvvm/libdevice, include/, lib64/libcudart.so.
-# Host compiler: nvcc 12.4 accepts gcc <= 13 (this machine: gcc 12), no -allow-unsupported-compiler. A machine with its own CUDA 12 toolkit (a
-# cluster's `module load cuda/12.x`) skips all this: CUDA12_HOME=$CUDA_HOME.
+# Host compiler: nvcc 12.4 accepts gcc <= 13 (this machine: gcc 12), no -allow-unsupported-compiler.
+# A machine with its own CUDA 12 toolkit (a cluster's `module load cuda/12.x`) skips all this: CUDA12_HOME=$CUDA_HOME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
