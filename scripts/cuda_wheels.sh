@@ -42,6 +42,7 @@ toolkit12() {
   s=$(date +%s)
   tmp=$(mktemp -d)
   dest="$CUDA12_HOME.partial.$$"
+  trap 'rm -rf "$tmp" "$dest"' EXIT  # nothing half-made is left behind when a step fails
   echo "== bootstrapping a CUDA 12 toolkit into $CUDA12_HOME (Debian $DEBIAN_SUITE nvidia-cuda-toolkit + index wheels)"
   mkdir -p "$tmp"/apt/lists/partial "$tmp"/apt/cache/archives/partial "$tmp/deb" "$tmp/whl"
   echo "deb http://deb.debian.org/debian $DEBIAN_SUITE non-free" > "$tmp/apt/sources.list"
