@@ -42,7 +42,7 @@ toolkit12() {
   s=$(date +%s)
   tmp=$(mktemp -d)
   dest="$CUDA12_HOME.partial.$$"
-  trap 'rm -rf "$tmp" "$dest"' EXIT  # nothing half-made is left behind when a step fails
+  trap "rm -rf '$tmp' '$dest'" EXIT  # nothing half-made is left behind when a step fails
   echo "== bootstrapping a CUDA 12 toolkit into $CUDA12_HOME (Debian $DEBIAN_SUITE nvidia-cuda-toolkit + index wheels)"
   mkdir -p "$tmp"/apt/lists/partial "$tmp"/apt/cache/archives/partial "$tmp/deb" "$tmp/whl"
   echo "deb http://deb.debian.org/debian $DEBIAN_SUITE non-free" > "$tmp/apt/sources.list"
@@ -89,6 +89,7 @@ EOF
   mkdir -p "$(dirname "$CUDA12_HOME")"
   mv "$dest" "$CUDA12_HOME"
   rm -rf "$tmp"
+  trap - EXIT
   echo "CUDA 12 toolkit ($version) in $CUDA12_HOME in $(( $(date +%s) - s )) s, $(du -sh "$CUDA12_HOME" | cut -f1)"
 }
 
