@@ -7,14 +7,26 @@ Environment switches:
   FASTLM_BUILD_CUDA=0|1   skip / force the CUDA sources (default: when torch is a CUDA build and nvcc is found)
   TORCH_CUDA_ARCH_LIST    archs to compile (default "8.0;9.0+PTX" when no GPU is visible)
   MAX_JOBS                parallel compile jobs (read by torch.utils.cpp_extension / ninja)
+  FASTLM_EXT_CACHE=DIR    reuse a fastlm._C compiled earlier from the same inputs (CI's +cu12 build): the key hashes
+                          every file under csrc/, this file, the compile flags and archs, the torch version, nvcc's
+                          and the host compiler's ``--version``; a miss compiles and stores the result in DIR/<key>/
+
+The wheel's version carries the CUDA major of the torch it was built against (``0.1.0+cu12``, ``0.1.0+cu13``);
+cpp_extension refuses an nvcc of another major. ``fastlm/_build_info.json`` records torch's CUDA, nvcc's release,
+the archs and the torch build (``fastlm info`` prints them).
 
 Build with ``pip install --no-build-isolation -e .`` (torch must already be installed: we compile against it).
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 
 import torch
 from setuptools import setup
@@ -77,6 +89,77 @@ def _extension():
     )
 
 
+def _nvcc_version() -> str:
+    """nvcc's release and build (``12.4.131``) from ``CUDA_HOME/bin/nvcc --version``; "" when there is none."""
+    if cpp_extension.CUDA_HOME is None:
+        return ""
+    try:
+        out = subprocess.run(
+            [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True
+        ).stdout
+    except OSError:
+        return ""
+    m = re.search(r"V(\d+\.\d+\.\d+)", out) or re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else ""
+
+
+class _BuildExtension(cpp_extension.BuildExtension):
+    """cpp_extension's build, plus the whole-extension cache of ``FASTLM_EXT_CACHE`` (see the module docstring)."""
+
+    def _cache_key(self, ext) -> str:
+        h = hashlib.sha256()
+        for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)) + [__file__]:
+            if os.path.isfile(path):
+                h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read())
+        tools = [torch.__version__, str(torch.version.cuda), sys.version.split()[0]]
+        for cmd in ([os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")] if WITH_CUDA else []) + [
+            os.environ.get("CXX", "c++")
+        ]:
+            tools.append(subprocess.run([cmd, "--version"], capture_output=True, text=True).stdout)
+        flags = [ext.sources, ext.include_dirs, ext.extra_compile_args, ext.extra_link_args, ext.libraries]
+        flags = json.dumps([tools, flags, os.environ.get("TORCH_CUDA_ARCH_LIST", "")], default=str)
+        # the same key from any clone or copy, and from any venv of the same torch
+        flags = flags.replace(ROOT, "<source tree>").replace(os.path.dirname(torch.__file__), "<torch>")
+        h.update(flags.encode())
+        return h.hexdigest()[:24]
+
+    @staticmethod
+    def _log(cache: str, line: str) -> None:
+        """Print ``line`` and append it to ``cache``/log (pip -q hides a build's output; the Makefile shows it)."""
+        print(line, flush=True)
+        with open(os.path.join(cache, "log"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def build_extension(self, ext) -> None:
+        cache = os.environ.get("FASTLM_EXT_CACHE")
+        if not cache:
+            return super().build_extension(ext)
+        target = self.get_ext_fullpath(ext.name)
+        entry = os.path.join(cache, self._cache_key(ext))
+        cached = os.path.join(entry, os.path.basename(target))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(cache, exist_ok=True)
+        if os.path.isfile(cached):
+            shutil.copy2(cached, target)
+            os.utime(entry)
+            self._log(cache, f"fastlm._C: unchanged inputs, reused from the build cache {entry}")
+            return None
+        start = time.time()
+        super().build_extension(ext)
+        os.makedirs(entry + ".tmp", exist_ok=True)
+        shutil.copy2(target, os.path.join(entry + ".tmp", os.path.basename(target)))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.rename(entry + ".tmp", entry)
+        self._log(cache, f"fastlm._C: compiled in {time.time() - start:.0f} s, stored in the build cache {entry}")
+        entries = [p for p in glob.glob(os.path.join(cache, "*")) if os.path.isdir(p)]
+        old = sorted(entries, key=os.path.getmtime)[:-4]  # keep the newest four
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
 def _version(with_cuda: bool) -> str:
     with open(os.path.join(ROOT, "fastlm", "__init__.py")) as f:
         base = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
@@ -92,8 +175,10 @@ with open(os.path.join(ROOT, "fastlm", "_build_info.json"), "w") as f:
         {
             "with_cuda": WITH_CUDA,
             "cuda_version": torch.version.cuda if WITH_CUDA else "",
+            "nvcc_version": _nvcc_version() if WITH_CUDA else "",
             "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else "",
             "torch_build_version": torch.__version__.split("+")[0],
+            "torch_build": torch.__version__,
             "min_torch": "2.10",
         },
         f,
@@ -113,6 +198,6 @@ setup(
     ],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=[EXTENSION],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -30,9 +30,10 @@ def _info() -> int:
     print(f"GPU: {gpu}")
     info = extension.build_info()
     if info:
+        nvcc = f", nvcc {info['nvcc_version']}" if info["nvcc_version"] else ""
         print(
-            f"fastlm._C: built against torch {info['torch_build_version']}, CUDA kernels: {info['with_cuda']}"
-            + (f" (CUDA {info['cuda_version']}, archs {info['cuda_archs']})" if info["with_cuda"] else "")
+            f"fastlm._C: built against torch {info['torch_build']}, CUDA kernels: {info['with_cuda']}"
+            + (f" (CUDA {info['cuda_version']}{nvcc}, archs {info['cuda_archs']})" if info["with_cuda"] else "")
         )
     else:
         print(f"fastlm._C: {extension.LOAD_ERROR}")

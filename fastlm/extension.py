@@ -78,7 +78,10 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def build_info() -> dict:
-    """What the extension was built with (empty when it is not loaded)."""
+    """What the extension was built with (empty when it is not loaded): torch's CUDA (``cuda_version``, whose
+    major names the wheel: ``+cu12`` / ``+cu13``), the archs, the torch release; from ``_build_info.json`` also the
+    nvcc release that compiled the kernels (``nvcc_version``, "" when unknown) and the full torch build
+    (``torch_build``, e.g. ``2.10.0+cu128``)."""
     if lib is None:
         return {}
     return {
@@ -86,4 +89,6 @@ def build_info() -> dict:
         "cuda_version": lib.cuda_version,
         "cuda_archs": lib.cuda_archs,
         "torch_build_version": lib.torch_build_version,
+        "nvcc_version": BUILT.get("nvcc_version", "") if lib.with_cuda else "",
+        "torch_build": BUILT.get("torch_build", lib.torch_build_version),
     }

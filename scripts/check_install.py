@@ -7,6 +7,10 @@ supports, 2.10, and the newest on the package index; see scripts/torch_range.sh)
    missing GPU;
 3. every cpu-backend op, forward and backward, matches torch's own ops in float32.
 
+``--expect-cuda-match`` (scripts/cuda_wheels.sh check: each CUDA wheel beside a torch of its CUDA major) also
+requires that fastlm._C has CUDA kernels of this torch's CUDA major and that ``fastlm info`` reports them as matching:
+no CUDA-major mismatch line, and the CUDA backend either available or unavailable only for want of a GPU.
+
 Exits non-zero on the first failed check, printing what was expected and what came.
 """
 
@@ -21,13 +25,22 @@ import fastlm.functional as F
 from fastlm import extension
 
 
-def check_info() -> None:
+def check_info(expect_cuda_match: bool) -> None:
     out = subprocess.run([sys.executable, "-m", "fastlm", "info"], capture_output=True, text=True, check=True).stdout
     print(out)
     assert f"torch {torch.__version__}" in out, "fastlm info does not name this torch"
     assert "backend cpu    on cpu: available" in out, "the cpu backend is not available"
     cuda_line = next(line for line in out.splitlines() if line.startswith("backend cuda"))
     built = extension.build_info()
+    if expect_cuda_match:
+        assert built["with_cuda"], "fastlm._C has no CUDA kernels"
+        assert torch.version.cuda, f"torch {torch.__version__} is a CPU build"
+        majors = (built["cuda_version"].split(".")[0], torch.version.cuda.split(".")[0])
+        assert majors[0] == majors[1], f"fastlm._C is for CUDA {built['cuda_version']}, torch {torch.version.cuda}"
+        assert "built for CUDA" not in out, f"fastlm info reports a CUDA mismatch: {cuda_line}"
+        want = "available" if torch.cuda.is_available() else "unavailable: no CUDA device is visible"
+        assert cuda_line.endswith(want), f"expected the CUDA backend {want!r}, got: {cuda_line}"
+        print(f"ok  CUDA {built['cuda_version']} kernels match torch's CUDA {torch.version.cuda}: {cuda_line}")
     if (
         built["with_cuda"]
         and torch.version.cuda
@@ -122,9 +135,10 @@ def check_cpu_ops() -> None:
 
 
 def main() -> int:
+    expect_cuda_match = "--expect-cuda-match" in sys.argv[1:]
     print(f"fastlm {fastlm.__version__} under torch {torch.__version__} (CUDA {torch.version.cuda})")
     assert extension.lib is not None, f"fastlm._C did not load: {extension.LOAD_ERROR}"
-    check_info()
+    check_info(expect_cuda_match)
     check_cpu_ops()
     return 0
 

@@ -9,30 +9,36 @@
 #
 #   scripts/torch_range.sh            (make torch-range; CI runs it after make test)
 #
-# Venvs: .venv-torch-floor, .venv-torch-newest (re-created each run). PYTHON picks the interpreter (default python3).
+# Venvs: .venv-torch-floor (made once by scripts/cuda_wheels.sh floor-venv and kept: the +cu12 build and check use it
+# too, make cuda-wheels), .venv-torch-newest (re-created each run). PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
-WHEEL=$(ls "$REPO"/dist/fastlm-*.whl 2> /dev/null | head -1)
+WHEEL=$(ls "$REPO"/dist/fastlm-*.whl 2> /dev/null | grep -v +cu12- | head -1)  # the default build (+cu13)
 [ -n "$WHEEL" ] || { echo "no dist/fastlm-*.whl: run make wheel first"; exit 2; }
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
 
 quiet() { grep -v "is ignored" || true; }  # drop pip's warnings about the machine's absent file:// indexes
 
-venv() {  # venv NAME PIP_ARGS...: a fresh venv with those packages and the wheel; prints its python
-  local dir="$REPO/.venv-torch-$1"; shift
-  rm -rf "$dir"
-  $PYTHON -m venv "$dir"
-  "$dir/bin/python" -m pip install -q "$@" numpy setuptools wheel ninja 2>&1 | quiet >&2
+venv() {  # venv NAME PIP_ARGS...: a fresh venv with those packages (floor: the kept one), and the wheel; prints its python
+  local name=$1 dir="$REPO/.venv-torch-$1"; shift
+  if [ "$name" = floor ]; then
+    dir=$(realpath -m "${FLOOR_VENV:-$dir}")
+    FLOOR_VENV=$dir PYTHON=$PYTHON bash "$REPO/scripts/cuda_wheels.sh" floor-venv >&2
+  else
+    rm -rf "$dir"
+    $PYTHON -m venv "$dir"
+    "$dir/bin/python" -m pip install -q "$@" numpy setuptools wheel ninja 2>&1 | quiet >&2
+  fi
   "$dir/bin/python" -m pip install -q --no-deps --force-reinstall "$WHEEL" 2>&1 | quiet >&2
   echo "$dir/bin/python"
 }
 
 echo "== floor: torch 2.10.0 with $(basename "$WHEEL")"
 s=$(date +%s)
-FLOOR=$(venv floor torch==2.10.0)
+FLOOR=$(venv floor)
 (cd /tmp && "$FLOOR" "$REPO/scripts/check_install.py")
 echo "== floor: the C++ sources built against torch 2.10's headers (FASTLM_BUILD_CUDA=0)"
 SRC=$(mktemp -d)
@@ -53,5 +59,5 @@ NEWEST=$(PIP_CONFIG_FILE=/dev/null venv newest torch)
 echo "newest: $("$NEWEST" -c 'import torch; print(torch.__version__)')"
 (cd /tmp && "$NEWEST" "$REPO/scripts/check_install.py")
 echo "== newest checks took $(( $(date +%s) - s )) s"
-rm -rf "$REPO/.venv-torch-floor" "$REPO/.venv-torch-newest"
+rm -rf "$REPO/.venv-torch-newest"
 echo "torch range checked in $(( $(date +%s) - t0 )) s"
