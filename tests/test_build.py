@@ -29,6 +29,9 @@ def test_extension_loads():
 def test_cuda_kernels_compiled():
     info = extension.build_info()
     assert info["with_cuda"], "nvcc and a CUDA torch were available, but fastlm._C has no CUDA kernels"
+    # the wheel's CUDA major is nvcc's and torch's alike (issue 20: +cu12 / +cu13 builds)
+    nvcc_major, torch_major = info["nvcc_version"].split(".")[0], info["cuda_version"].split(".")[0]
+    assert nvcc_major == torch_major, f"built by nvcc {info['nvcc_version']} for torch's CUDA {info['cuda_version']}"
     archs = info["cuda_archs"]
     so = extension.lib.__file__
     from fastlm.bench.static import _tool
