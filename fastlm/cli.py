@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite on this machine", **fmt)
     b.add_argument(
         "--ops",
-        default="norms,softmax,ce,attention,rope,gated_mlp,kl_div,distill,model",
+        default="norms,softmax,ce,attention,decode,rope,gated_mlp,kl_div,distill,model",
         help="comma-separated op families, run in this order: norms, softmax, ce, attention, rope, gated_mlp, kl_div, "
         "distill, model",
     )

@@ -68,18 +68,19 @@ def scaled_dot_product_attention(
     sinks: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
 ) -> Tensor:
-    """torch's SDPA, plus fastlm's score modifiers computed explicitly (fastlm/ops/attention_mods.py has the
-    semantics): scores, soft-cap, ALiBi bias, mask, causal/window band, softmax with the sink column, in float32
-    (float64 for float64 inputs). With a modifier, queries that see no key (and have no sink) get zeros; without
-    one this is ``torch.nn.functional.scaled_dot_product_attention`` itself (NaN there)."""
+    """torch's SDPA, plus fastlm's score modifiers computed explicitly (fastlm/ops/attention_args.py has the
+    semantics): scores, soft-cap, ALiBi bias, mask, causal/window band, softmax with the sink column, in the inputs'
+    dtype (as torch's math SDPA; the tests' oracle with float64 inputs). With a modifier, queries that see no key
+    (and have no sink) get zeros; without one this is ``torch.nn.functional.scaled_dot_product_attention`` itself
+    (NaN there)."""
     if window is None and softcap is None and sinks is None and alibi_slopes is None:
         return TF.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     from fastlm.ops.attention_mods import check_softcap, window_sides
 
-    cdt = torch.promote_types(query.dtype, torch.float32)
-    q, k, v = (t.to(cdt) for t in (query, key, value))
+    cdt = query.dtype
+    q, k, v = query, key, value
     if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
         k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
     Sq, Sk = q.shape[-2], k.shape[-2]

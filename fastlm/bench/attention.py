@@ -8,6 +8,12 @@ padded to 3/4 of S), and GQA (8 query heads per key/value head).
 Providers: fastlm-triton and fastlm-cuda; torch SDPA with each backend it has (flash, efficient, cudnn, and math
 at small sizes); FlexAttention under torch.compile. On CPU: fastlm-cpu against torch's CPU SDPA (its own flash
 kernel), at the shapes of ``CPU_CASES``.
+
+Variants (kernel "sdpa_mod", causal, fwd and fwd+bwd): a sliding window ``window=(W - 1, 0)`` (Mistral's W keys per
+query) at several W beside full causal at the same S, whose time must fall with W (FLOPs: the pairs in the band,
+4 * B * H * D * (W (W + 1) / 2 + (S - W) W)); soft-capping (Gemma 2's 50), ALiBi slopes and attention sinks at full
+causal FLOPs. Baselines: FlexAttention (mask_mod / score_mod; no sinks) and torch SDPA with the window as a bool
+mask or ALiBi as a materialised bias.
 """
 
 import contextlib
@@ -35,6 +41,34 @@ CPU_CASES = (
 )
 
 
+# Variants: (B, H, S, D, variant, modes); variant "w<W>" = window (W - 1, 0), "full" = causal without a window.
+MOD_CPU = tuple(((1, 8, 2048, 64, v), ("fwd",)) for v in ("w128", "w512", "full"))
+MOD_GPU = (
+    *(((1, 16, 32768, 128, v), ("fwd", "fwd+bwd")) for v in ("w1024", "w4096", "full")),
+    *(((2, 16, 4096, 128, v), ("fwd+bwd",)) for v in ("softcap", "alibi", "sinks")),
+)
+MOD_GPU_QUICK = (((1, 16, 32768, 128, "w4096"), ("fwd",)), ((1, 16, 32768, 128, "full"), ("fwd",)))
+SOFTCAP = 50.0
+
+
+def _band_pairs(S: int, variant: str) -> int:
+    """(query, key) pairs a causal call with this variant computes."""
+    if not variant.startswith("w"):
+        return S * (S + 1) // 2
+    W = min(int(variant[1:]), S)
+    return W * (W + 1) // 2 + (S - W) * W
+
+
+def _mod_cases(grid, dtype) -> list[Case]:
+    out = []
+    for (B, H, S, D, variant), modes in grid:
+        for mode in modes:
+            flops = 4 * B * H * D * _band_pairs(S, variant) * {"fwd": 1, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+            label = f"B{B} H{H} S{S} D{D} causal {variant}"
+            out.append(Case("sdpa_mod", label, dtype, mode, flops, "TFLOP/s", (B, H, H, S, D, True, variant)))
+    return out
+
+
 def _label(B, H, Hkv, S, D, causal, variant) -> str:
     heads = f"H{H}" if Hkv == H else f"H{H}/{Hkv}"
     return f"B{B} {heads} S{S} D{D}{' causal' if causal else ''}{'' if variant == 'none' else ' ' + variant}"
@@ -47,7 +81,7 @@ def attn_flops(B, H, Sq, Sk, D, causal, mode) -> float:
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     if device.type != "cuda":
-        return [
+        return _mod_cases(MOD_CPU, dtype) + [
             Case(
                 "sdpa",
                 _label(B, H, Hkv, S, D, causal, variant),
@@ -90,7 +124,7 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
                             (B, H, hkv, S, D, False, variant),
                         )
                     )
-    return out
+    return out + _mod_cases(MOD_GPU_QUICK if quick else MOD_GPU, dtype)
 
 
 def providers(device: torch.device) -> dict[str, object]:
@@ -116,9 +150,36 @@ def _padding_mask(B, S, device):
     return (torch.arange(S, device=device)[None, :] < lens[:, None]).view(B, 1, 1, S)
 
 
+def _modifier(variant: str, H: int, S: int, device, dtype):
+    """(fastlm keywords, FlexAttention (score_mod, mask_mod) or None, torch SDPA attn_mask or None) of a variant;
+    None entries mean that baseline cannot express it."""
+    causal_mod = lambda b, h, qi, ki: qi >= ki  # noqa: E731
+    if variant.startswith("w"):
+        W = int(variant[1:])
+        pos = torch.arange(S, device=device)
+        band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - W)
+        return dict(window=(W - 1, 0)), (None, lambda b, h, qi, ki: (qi >= ki) & (ki > qi - W)), band
+    if variant == "softcap":
+        return dict(softcap=SOFTCAP), (lambda s, b, h, qi, ki: SOFTCAP * torch.tanh(s / SOFTCAP), causal_mod), None
+    if variant == "alibi":
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device=device) / H)
+        pos = torch.arange(S, device=device)
+        dist = (pos[:, None] - pos[None, :]).abs()
+        bias = (-slopes[:, None, None] * dist).masked_fill(pos[None, :] > pos[:, None], float("-inf")).to(dtype)
+        return (
+            dict(alibi_slopes=slopes),
+            (lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki).abs(), causal_mod),
+            bias[None],
+        )
+    if variant == "sinks":
+        return dict(sinks=torch.randn(H, device=device)), None, None
+    return {}, (None, causal_mod), None  # "full": causal without a modifier
+
+
 def runner(case: Case, provider: str, device: torch.device):
     B, H, Hkv, S, D, causal, variant = case.params
     backend = providers(device)[provider]
+    modded = case.kernel == "sdpa_mod"
 
     def setup():
         req = case.mode != "fwd"
@@ -126,33 +187,45 @@ def runner(case: Case, provider: str, device: torch.device):
         q, k, v = mk(H), mk(Hkv), mk(Hkv)
         mask = _padding_mask(B, S, device) if variant == "padding" else None
         gqa = Hkv != H
+        kw, flex_mods, dense = _modifier(variant, H, S, device, case.dtype) if modded else ({}, None, None)
+        sdpa_causal = causal and dense is None
         if provider == "flex-attention":
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             flex = torch.compile(flex_attention)
             lens = mask.view(B, S).sum(-1) if mask is not None else None
+            if modded and flex_mods is None:
+                raise SkipCase(f"FlexAttention cannot express {variant}")
+            score_mod, mod = flex_mods if modded else (None, None)
+            if mod is None:
 
-            def mod(b, h, qi, ki):
-                ok = qi >= ki if causal else qi >= 0
-                return ok & (ki < lens[b]) if lens is not None else ok
+                def mod(b, h, qi, ki):
+                    ok = qi >= ki if causal else qi >= 0
+                    return ok & (ki < lens[b]) if lens is not None else ok
 
             block = create_block_mask(mod, B if lens is not None else None, None, S, S, device=device)
-            fn = lambda q, k, v: flex(q, k, v, block_mask=block, enable_gqa=gqa)  # noqa: E731
+            fn = lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block, enable_gqa=gqa)  # noqa: E731
         elif isinstance(backend, str):
             fn = with_backend(
                 lambda q, k, v: F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+                    q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa, **kw
                 ),
                 backend,
             )
         else:
             if backend is not None and "math" in provider and S > MATH_MAX_SEQ:
                 raise SkipCase(f"the math backend materialises (B, H, S, S) at S = {S}")
+            if modded and variant not in ("full",) and dense is None:
+                raise SkipCase(f"torch SDPA cannot express {variant}")
             from torch.nn.attention import sdpa_kernel
+
+            attn_mask = dense if dense is not None else mask
 
             def fn(q, k, v):
                 with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-                    return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                    return TF.scaled_dot_product_attention(
+                        q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, enable_gqa=gqa
+                    )
 
         return timed_call(fn, [q, k, v], case.mode)
 

@@ -17,6 +17,7 @@ import torch
 from fastlm.bench import attention as attention_cases
 from fastlm.bench import core
 from fastlm.bench import cross_entropy as ce_cases
+from fastlm.bench import decode as decode_cases
 from fastlm.bench import distillation as distill_cases
 from fastlm.bench import gated_mlp as gated_mlp_cases
 from fastlm.bench import kl_div as kl_div_cases
@@ -33,6 +34,7 @@ FAMILIES = {
     "kl_div": kl_div_cases,
     "distill": distill_cases,
     "attention": attention_cases,
+    "decode": decode_cases,
     "gated_mlp": gated_mlp_cases,
     "rope": rope_cases,
     "model": model_cases,

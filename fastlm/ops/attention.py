@@ -24,11 +24,20 @@ import torch
 from torch import Tensor
 
 from fastlm import extension
-from fastlm.dispatch import UnsupportedCaseError, call, host_readable, resolve, tracing
-from fastlm.ops.attention_mods import modifiers
-from fastlm.ops.registry import autocast_dtype, check_device, check_tensor, register
-
-MAX_HEAD_DIM = 256
+from fastlm.dispatch import call, resolve
+from fastlm.ops.attention_args import (
+    broadcast_qkv,
+    call_features,
+    check_call,
+    check_cuda_case,
+    check_qkv,
+    checked_offsets,
+    modifiers,
+    rng_input,
+    rows_16b_aligned,
+    unit_last,
+)
+from fastlm.ops.registry import autocast_dtype, check_device, register
 
 
 def _check_rng(rng: Tensor, q: Tensor, dropout_p: float) -> None:
@@ -186,17 +195,6 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def rows_16b_aligned(t: Tensor) -> bool:
-    """Every row of ``t`` (its last dim, unit stride) starts on a 16-byte boundary: the stride of every other dim of
-    size > 1 is a multiple of 16 bytes, and so is the base address (what the CUDA C++ attention kernels read). While
-    torch.compile traces, the address is unknown (fake tensors) and only the strides are checked; the C++ ops check
-    the address again and raise a clear error."""
-    strides_ok = all(
-        (st * t.element_size()) % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1
-    )
-    return strides_ok and (tracing() or t.data_ptr() % 16 == 0)
-
-
 def grad_out_layout(do: Tensor, backend: str) -> Tensor:
     """The incoming gradient as the backward kernels read it: a unit last stride (every backend), and 16-byte
     aligned rows for the CUDA C++ kernels; a copy only when the layout lacks either."""
@@ -278,148 +276,7 @@ ATTENTION_FWD = register("attention_fwd", _fwd_fake, _backward, _setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, backend: str, min_dim: int) -> None:
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        check_tensor(t, name, backend)
-        if t.dim() < min_dim:
-            raise ValueError(f"{name} must have at least {min_dim} dims, got shape {list(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
-    D = q.shape[-1]
-    if k.shape[-1] != D or v.shape[-1] != D:
-        raise ValueError(
-            f"query, key and value must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
-        )
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-
-
-CUDA_HEAD_DIMS = (64, 128)
-
-
-def check_cuda_case(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """The CUDA C++ kernels cover dense fp16/bf16 attention with head dims 64 and 128, causal or not, GQA, rows
-    aligned to 16 bytes (varlen, masks and dropout: ``dispatch.LACKS``); other inputs raise, naming the case (use
-    the triton backend or auto for them)."""
-    case = None
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        case = f"dtype {q.dtype}"
-    elif q.shape[-1] not in CUDA_HEAD_DIMS:
-        case = f"head dim {q.shape[-1]} (has {CUDA_HEAD_DIMS})"
-    else:
-        for name, t in (("query", q), ("key", k), ("value", v)):
-            if not rows_16b_aligned(t):
-                case = f"{name} rows not 16-byte aligned (strides {t.stride()})"
-    if case is not None:
-        raise UnsupportedCaseError(
-            f"the cuda backend's attention does not support {case}; use fastlm.backend('triton') or 'auto'"
-        )
-
-
-def _check_call(mask, dropout_p: float) -> None:
-    """The arguments the backend choice reads, checked before it (a bad one is a bad argument on every backend)."""
-    if mask is not None and not isinstance(mask, Tensor):
-        raise TypeError(f"attn_mask must be a Tensor or None, got {type(mask).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _features(mask, dropout_p: float, varlen: bool, window=None, softcap=None, sinks=None, alibi=None) -> tuple:
-    """The call's features that some backends lack (``dispatch.LACKS``): the backend choice is dispatch's."""
-    mask_grad = isinstance(mask, Tensor) and mask.dtype != torch.bool and mask.requires_grad and torch.is_grad_enabled()
-    on = (
-        ("mask", mask is not None),
-        ("dropout", dropout_p > 0),
-        ("varlen", varlen),
-        ("window", window is not None),
-        ("softcap", softcap is not None),
-        ("sinks", sinks is not None),
-        ("alibi", alibi is not None),
-        ("mask_grad", mask_grad),
-    )
-    return tuple(f for f, flag in on if flag)
-
-
-_UNUSED_RNG: dict = {}  # device -> a (1,) int64 zero, the ``rng`` input of calls without dropout
-
-
-def _rng(dropout_p: float, device: torch.device) -> Tensor:
-    """The ``rng`` input of the ops, on ``device``: dropout's seed drawn there from its default generator (no host
-    value, so CUDA graphs and torch.compile keep it fresh per call); without dropout an unused zero, made once per
-    device in eager mode (no allocation per call, and no CPU tensor in a compiled CUDA graph)."""
-    if dropout_p > 0.0:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    if tracing():
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    unused = _UNUSED_RNG.get(device)
-    if unused is None:
-        unused = _UNUSED_RNG[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return unused
-
-
-def _checked_offsets(cu: Tensor, name: str, total: int, max_len: int) -> Tensor:
-    """``cu`` (varlen offsets) checked on the host where that costs no sync (CPU, eager: ValueError naming what is
-    wrong), else made memory-safe on the device: clamped into [0, total] and non-decreasing (unchanged when valid)."""
-    if host_readable(cu):
-        d = cu[1:] - cu[:-1]
-        if cu[0] != 0 or cu[-1] != total or bool((d < 0).any()):
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}; got {cu.tolist()[:8]}")
-        if int(d.max()) > max_len:
-            raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {max_len}")
-        return cu
-    return torch.cummax(cu.clamp(0, total), 0).values
-
-
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()  # a non-unit last stride: one copy
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Public functions
-
-
-def _broadcast_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
-    """torch SDPA's broadcasting: the dims before the head dim (-3) broadcast across query, key and value; heads
-    broadcast when one side has 1 (a 1-head query against H kv heads gives H output heads; 1 kv head serves every
-    query head), else H % Hkv == 0 needs ``enable_gqa``. Returns (q, k, v) as (B, heads, S, D) views (no copy where
-    the expanded dims merge), the broadcast leading shape, the query head count, and the output shape."""
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(
-            f"key and value must have the same sequence length, got key {list(key.shape)}, value {list(value.shape)}"
-        )
-    q3, k3, v3 = (t.reshape(1, *t.shape) if t.dim() == 2 else t for t in (query, key, value))
-    try:
-        lead = torch.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3])
-    except RuntimeError:
-        raise ValueError(
-            f"the batch dims of query {list(query.shape)}, key {list(key.shape)} and value {list(value.shape)} do not "
-            "broadcast"
-        ) from None
-    Hq, Hk, Hv = q3.shape[-3], k3.shape[-3], v3.shape[-3]
-    if Hk != Hv:
-        if min(Hk, Hv) != 1:
-            raise ValueError(f"key has {Hk} heads and value {Hv}: they must be equal (or one of them 1)")
-        Hk = Hv = max(Hk, Hv)
-    H = Hq
-    if Hq != Hk:
-        if Hq == 1:  # one query head against Hk kv heads: the query broadcasts
-            H = Hk
-        elif not (Hk == 1 or (enable_gqa and Hq % Hk == 0)):
-            raise ValueError(
-                f"query has {Hq} heads and key/value {Hk}: they must be equal, or enable_gqa=True with H a multiple "
-                "of Hkv"
-            )
-    B = math.prod(lead)
-    Sq, Sk, D = q3.shape[-2], k3.shape[-2], q3.shape[-1]
-    q4 = _unit_last(q3).expand(*lead, H, Sq, D).reshape(B, H, Sq, D)
-    k4, v4 = (_unit_last(t).expand(*lead, Hk, Sk, D).reshape(B, Hk, Sk, D) for t in (k3, v3))
-    out_shape = (*lead, H, Sq, D)[-max(query.dim(), key.dim(), value.dim()) :]
-    return q4, k4, v4, tuple(lead), H, out_shape
 
 
 def scaled_dot_product_attention(
@@ -478,13 +335,13 @@ def scaled_dot_product_attention(
         ``(*, H, Sq, D)`` in the query's dtype. Queries whose every key is masked get zeros (torch gives NaN).
         Small Sq against long Sk (decoding) takes a split-KV kernel on the Triton backend automatically.
     """
-    _check_call(attn_mask, dropout_p)
+    check_call(attn_mask, dropout_p)
     amp = autocast_dtype(query) if isinstance(query, Tensor) else None
     if amp is not None:  # as torch's SDPA under autocast (on its lower-precision list): q, k, v in the autocast dtype
         query, key, value = (
             t.to(amp) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (query, key, value)
         )
-    feats = _features(attn_mask, dropout_p, False, window, softcap, sinks, alibi_slopes)
+    feats = call_features(attn_mask, dropout_p, False, window, softcap, sinks, alibi_slopes)
     backend = resolve("attention", query, feats)
     if backend == "torch":
         from fastlm import reference
@@ -492,14 +349,14 @@ def scaled_dot_product_attention(
         if return_lse:
             raise ValueError("return_lse needs a fused backend (triton, cuda or cpu)")
         if any(f in feats for f in ("window", "softcap", "sinks", "alibi")):  # the same checks as the fused paths
-            q4, k4, _, lead, H, _ = _broadcast_qkv(query, key, value, enable_gqa)
+            q4, k4, _, lead, H, _ = broadcast_qkv(query, key, value, enable_gqa)
             modifiers(window, softcap, sinks, alibi_slopes, is_causal, q4.shape[2] == k4.shape[2], lead, H, query)
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
             window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
         )  # fmt: skip
-    _check_qkv(query, key, value, backend, 2)
-    q4, k4, v4, lead, H, out_shape = _broadcast_qkv(query, key, value, enable_gqa)
+    check_qkv(query, key, value, backend, 2)
+    q4, k4, v4, lead, H, out_shape = broadcast_qkv(query, key, value, enable_gqa)
     B, Sq, D = q4.shape[0], q4.shape[2], q4.shape[3]
     Sk = k4.shape[2]
     mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, Sq == Sk, lead, H, query)
@@ -531,7 +388,7 @@ def scaled_dot_product_attention(
         scale,
         mods.causal,
         float(dropout_p),
-        _rng(dropout_p, query.device),
+        rng_input(dropout_p, query.device),
         mods.window_left,
         mods.window_right,
         mods.softcap,
@@ -583,8 +440,8 @@ def varlen_attention(
     Returns:
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
-    _check_call(None, dropout_p)
-    backend = resolve("attention", q, _features(None, dropout_p, True, window, softcap, sinks, alibi_slopes))
+    check_call(None, dropout_p)
+    backend = resolve("attention", q, call_features(None, dropout_p, True, window, softcap, sinks, alibi_slopes))
     if backend == "torch":
         from fastlm import reference
 
@@ -596,7 +453,7 @@ def varlen_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, is_causal, scale,
             window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
         )  # fmt: skip
-    _check_qkv(q, k, v, backend, 3)
+    check_qkv(q, k, v, backend, 3)
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(
             f"varlen q must be (total_q, H, D) and k, v (total_k, Hkv, D); got {list(q.shape)}, "
@@ -618,10 +475,10 @@ def varlen_attention(
                 f"{getattr(cu, 'dtype', type(cu))} {list(getattr(cu, 'shape', []))}"
             )
         check_device(cu, name, q, "q")
-        offsets.append(_checked_offsets(cu, name, total, mx))
+        offsets.append(checked_offsets(cu, name, total, mx))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (unit_last(t) for t in (q, k, v))
     mods = modifiers(window, softcap, sinks, alibi_slopes, is_causal, False, (cu_seqlens_q.numel() - 1,), H, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = call(
@@ -636,7 +493,7 @@ def varlen_attention(
         scale,
         mods.causal,
         float(dropout_p),
-        _rng(dropout_p, q.device),
+        rng_input(dropout_p, q.device),
         mods.window_left,
         mods.window_right,
         mods.softcap,
