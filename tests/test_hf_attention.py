@@ -172,9 +172,17 @@ GENERATE = [(name, "dynamic") for name in FAMILIES] + [("gemma2", "static"), ("g
 
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "leftpad"])
 @pytest.mark.parametrize("name, cache", GENERATE)
-def test_generate_parity(backend, calls, name, cache, padding):
+def test_generate_parity(backend, calls, monkeypatch, name, cache, padding):
     """Greedy generate() of 8 tokens: the same tokens as eager (the prompt longer than the window; decode steps of
-    one query against the cache)."""
+    one query against the cache). On the Triton backend every call (Sq <= 16) takes the split-KV decode kernel, as
+    decoding against a long cache does on a GPU."""
+    split_kv = []
+    if backend == "triton":
+        from fastlm.kernels.attention import decode
+
+        monkeypatch.setenv("FASTLM_SPLIT_KV", "1")
+        original = decode.decode_fwd
+        monkeypatch.setattr(decode, "decode_fwd", lambda *a, **kw: split_kv.append(1) or original(*a, **kw))
     ref, ours = _models(name)
     ref.eval(), ours.eval()
     ids, mask = _batch(padding, length=9)
@@ -186,6 +194,7 @@ def test_generate_parity(backend, calls, name, cache, padding):
         b = ours.generate(ids, **kw)
     assert a.shape == (2, 17)
     assert torch.equal(b, a), f"fastlm {b[:, 9:].tolist()} != eager {a[:, 9:].tolist()}"
+    assert len(split_kv) == (len(calls) if backend == "triton" else 0)
     assert any(c["sq"] == 1 for c in calls) and any(c["sq"] == 9 for c in calls)
     for layer, cs in enumerate(_check_modifiers(name, ours, calls)):
         with_mask = [c["mask"] is not None for c in cs]
