@@ -42,10 +42,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     The score modifiers come from the call (see ``_modifiers``): ``sliding_window=W`` (Mistral, Gemma 2/3, gpt-oss:
     key j visible from query i iff ``i - W < j <= i``) becomes ``window=(W - 1, 0)``; ``softcap`` (Gemma 2's
     ``attn_logit_softcapping``) and the sinks (gpt-oss's ``s_aux`` / ``module.sinks``, (H,), trained) pass through,
-    as do ``scaling`` and ``dropout``. With a mask, HF's mask already holds the causal edge and the window (and
-    alignments a static cache needs), so only the softcap and the sinks are added; without one (see
-    :func:`mask_interface`) the causal edge and the window are the kernel's, bottom-right aligned (decoding: one
-    query against the whole cache)."""
+    as do ``scaling`` and ``dropout``. With a mask, HF's mask already holds the causal edge and the window (placed
+    by absolute positions, which a static cache's unfilled slots need), so only the softcap and the sinks are added;
+    without one (see :func:`mask_interface`) the causal edge and the window are the kernel's, bottom-right aligned
+    (decoding: one query against the whole cache)."""
     from fastlm.ops.attention import scaled_dot_product_attention
 
     if kwargs.get("position_bias") is not None:
