@@ -180,7 +180,7 @@ def test_every_fp32_config(D, lean):
     )
     assert cfg == C.FWD_FP32[lean][D] and cfgs == (C.DKDV_FP32[lean][D], C.DQ_FP32[lean][D])
     o, lse = A.attn_fwd(q, k, v, mask, scale, lean, 0.0, _seed(0), 0, config=cfg, tma=False)
-    dq, dk, dv = AB.attn_bwd(do, q, k, v, o, lse, mask, scale, lean, 0.0, _seed(0), 0, configs=cfgs, tma=False)
+    dq, dk, dv, _, _ = AB.attn_bwd(do, q, k, v, o, lse, mask, scale, lean, 0.0, _seed(0), 0, configs=cfgs, tma=False)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = TF.scaled_dot_product_attention(
         *leaves, attn_mask=None if mask is None else mask & torch.ones(Sq, Sk, dtype=torch.bool).tril(), enable_gqa=True
@@ -237,10 +237,10 @@ def test_every_backward_config(D, tma, cfgs, p):
     for causal in (False, True):
         o, lse = A.attn_fwd(q, k, v, mask, scale, causal, p, _seed(5), 0)
         args = (do, q, k, v, o, lse, mask, scale, causal, p, _seed(5), 0)
-        grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)
+        grads = AB.attn_bwd(*args, configs=cfgs, tma=tma)[:3]
         if p:
             small = C.bwd_entry(16, 16, 4, 1) if A.INTERPRET else C.bwd_entry(32, 64, 4, 2)
-            refs = AB.attn_bwd(*args, configs=(small, small), tma=False)
+            refs = AB.attn_bwd(*args, configs=(small, small), tma=False)[:3]
             for name, a, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
                 torch.testing.assert_close(a, r, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"{n}: {m}")
             continue

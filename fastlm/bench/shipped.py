@@ -202,7 +202,7 @@ def attention_configs():
     from fastlm.kernels import MASK_ADD, MASK_NONE
     from fastlm.kernels.attention import backward, configs, forward
 
-    floats = ("qk_scale", "sm_scale", "dropout_p")
+    floats = ("qk_scale", "sm_scale", "dropout_p", "softcap")
     kernels = (
         (
             "attn_fwd",
@@ -233,6 +233,7 @@ def attention_configs():
             for dt, tma, lean in cases:
                 ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask", "O", "DO", "DK", "DV", "DQ")}
                 ptrs |= {"Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Seed": "*i64"}
+                ptrs |= {"Sinks": "*fp32", "Alibi": "*fp32", "DMask": "*fp32"}
                 for i, config in enumerate(table(D, tma, lean, dt == "fp32")):
                     for causal in (False, True) if i == 0 else (False,):
                         cfg = dict(config)
@@ -241,6 +242,9 @@ def attention_configs():
                         consts = dict(MASK_KIND=MASK_ADD if lean else MASK_NONE, CAUSAL=causal, DROPOUT=lean)
                         consts |= dict(VARLEN=False, BLOCK_D=BD, PREC="ieee" if dt == "fp32" else "tf32")
                         consts |= dict(TMA=tma, **cfg)
+                        # the variants' flags (window, soft cap, sinks, ALiBi, mask gradient) off
+                        feats = dict(SOFTCAP=False, SINKS=False, ALIBI=False, WINDOW=False, MASK_GRAD=0)
+                        consts |= {f: x for f, x in feats.items() if f in kernel.arg_names}
                         descs = {n: (f"tensordesc<{dt}[1,1,{cfg[b]},{BD}]>" if tma else f"*{dt}") for n, b in boxes}
                         sig = signature(kernel, consts, ptrs | descs, floats, ("rng_offset",))
                         label = f"D={D} causal={causal} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages}"

@@ -35,7 +35,7 @@ from fastlm.kernels.attention.configs import (
     precision,
     use_tma,
 )
-from fastlm.kernels.attention.forward import mask_kind_of
+from fastlm.kernels.attention.forward import feature_args, mask_kind_of
 from fastlm.kernels.attention.tiles import (
     dense_strides,
     dropout_seed,
@@ -46,7 +46,14 @@ from fastlm.kernels.attention.tiles import (
     tile_allowed,
     tile_ids,
     varlen_strides,
+    window_keys,
+    window_queries,
 )
+
+# MASK_GRAD bits of the dK/dV kernel: dS into the mask's gradient; atomically (some dim broadcast); summed over the
+# tile's queries (the mask broadcast over queries); summed over its keys (broadcast over keys)
+DMASK_ON, DMASK_ATOMIC, DMASK_SUM_M, DMASK_SUM_N = 1, 2, 4, 8
+_DMASK_ATOMIC, _DMASK_SUM_M, _DMASK_SUM_N = (tl.constexpr(x) for x in (DMASK_ATOMIC, DMASK_SUM_M, DMASK_SUM_N))
 
 DKDV_BOXES = (("QDesc", "BLOCK_M"), ("DODesc", "BLOCK_M"))  # descriptor argument -> its box rows
 DQ_BOXES = (("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N"))
@@ -86,6 +93,38 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def store_dmask(
+    DM,  # this (batch, head)'s dmask: element (m, n) at m * dm_m + n * dm_n
+    ds,  # [BLOCK_M, BLOCK_N] dL/ds of the tile, natural units
+    offs_m,  # [BLOCK_M] query positions
+    offs_n,  # [BLOCK_N] key positions
+    Sq,
+    Sk,
+    dm_m,  # dmask strides (0 on broadcast dims)
+    dm_n,
+    MASK_GRAD: tl.constexpr,  # DMASK_* bits
+):
+    """dS of a tile into the mask's gradient: plain stores (no broadcast dim: each element written once), else
+    summed over the tile's broadcast axes and atomically added (other programs add into the same elements)."""
+    ok_m = offs_m < Sq
+    ok_n = offs_n < Sk
+    ds = tl.where(ok_m[:, None] & ok_n[None, :], ds, 0.0)
+    if _DMASK_SUM_M & MASK_GRAD:
+        if _DMASK_SUM_N & MASK_GRAD:
+            tl.atomic_add(DM, tl.sum(tl.sum(ds, 1), 0))
+        else:
+            tl.atomic_add(DM + offs_n.to(tl.int64) * dm_n, tl.sum(ds, 0), mask=ok_n)
+    elif _DMASK_SUM_N & MASK_GRAD:
+        tl.atomic_add(DM + offs_m.to(tl.int64) * dm_m, tl.sum(ds, 1), mask=ok_m)
+    else:
+        ptrs = DM + offs_m[:, None].to(tl.int64) * dm_m + offs_n[None, :].to(tl.int64) * dm_n
+        if _DMASK_ATOMIC & MASK_GRAD:
+            tl.atomic_add(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
+        else:
+            tl.store(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
+
+
+@triton.jit
 def attn_bwd_dkdv_kernel(
     Q,  # queries: dense (B, H, Sq, D) or varlen (total_q, H, D); unit last stride
     K,  # keys: (B, Hkv, Sk, D) or (total_k, Hkv, D)
@@ -100,6 +139,8 @@ def attn_bwd_dkdv_kernel(
     DV,  # output dV, V's shape and its own strides
     CuQ,  # (n + 1,) int32 query offsets (VARLEN); else unused
     CuK,  # (n + 1,) int32 key offsets (VARLEN); else unused
+    Alibi,  # (B, H) or (n, H) fp32 contiguous ALiBi slopes (ALIBI); else unused
+    DMask,  # fp32 dL/dmask summed over the mask's broadcast dims (MASK_GRAD); else unused
     stride_qb,  # Q strides: batch (0 for varlen), head, row
     stride_qh,
     stride_qm,
@@ -122,6 +163,10 @@ def attn_bwd_dkdv_kernel(
     sm_h,
     sm_m,
     sm_n,
+    dm_b,  # DMask strides: batch, head, query, key (0 on the mask's broadcast dims)
+    dm_h,
+    dm_m,
+    dm_n,
     lse_sb,  # Lse / Delta strides: batch, head (rows contiguous)
     lse_sh,
     H,  # query heads
@@ -134,6 +179,9 @@ def attn_bwd_dkdv_kernel(
     dropout_p,  # dropout probability (DROPOUT)
     Seed,  # (1,) int64 Philox seed on the device (DROPOUT); else unused
     rng_offset,  # Philox offset of row 0, key 0 (as in the forward)
+    softcap,  # soft cap c > 0 (SOFTCAP)
+    win_left,  # window extents, -1 mapped to Sq_max + Sk_max (WINDOW)
+    win_right,
     MASK_KIND: tl.constexpr,  # none / bool / additive (fastlm.kernels.MASK_*)
     CAUSAL: tl.constexpr,  # top-left aligned causal mask
     DROPOUT: tl.constexpr,
@@ -143,6 +191,10 @@ def attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
     TMA: tl.constexpr,  # Q and dO through the descriptors
+    SOFTCAP: tl.constexpr,  # soft-capped scores: dS times the cap's derivative 1 - tanh^2
+    ALIBI: tl.constexpr,  # ALiBi bias on the scores
+    WINDOW: tl.constexpr,  # sliding window: only the queries whose band reaches the key block are streamed
+    MASK_GRAD: tl.constexpr,  # 0, or DMASK_ON | DMASK_ATOMIC | DMASK_SUM_M | DMASK_SUM_N (dS into DMask)
 ):
     pid_n, bh = tile_ids(Sk_max, BLOCK_N)
     b = bh // Hkv
@@ -171,6 +223,10 @@ def attn_bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         qk_scale = sm_scale * LOG2E
         lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: queries before the block see none of it
+        hi = Sq
+        if WINDOW:  # only the queries whose band reaches the block
+            w_lo, hi = window_queries(start_n, tl.minimum(start_n + BLOCK_N, Sk), Sq, Sk, win_left, win_right, BLOCK_M)
+            lo = tl.maximum(lo, w_lo)
         for g in range(0, GROUP):
             h32 = h_kv * GROUP + g
             h64 = hk64 * GROUP + g
@@ -178,7 +234,12 @@ def attn_bwd_dkdv_kernel(
             do_rows = DO + b64 * stride_dob + h64 * stride_doh + q0.to(tl.int64) * stride_dom
             mask_rows = Mask + b64 * sm_b + h64 * sm_h
             lse_base = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64)
-            for start_m in range(lo, Sq, BLOCK_M):
+            slope2 = 0.0
+            if ALIBI:
+                slope2 = tl.load(Alibi + b64 * H + h64) * LOG2E
+            if MASK_GRAD != 0:
+                dm_rows = DMask + b64 * dm_b + h64 * dm_h
+            for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 if tile_allowed(mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
                     q = load_tile(
@@ -190,8 +251,28 @@ def attn_bwd_dkdv_kernel(
                     lse = tl.load(Lse + lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
                     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
                     delta = tl.load(Delta + lse_base + offs_m, mask=offs_m < Sq, other=0.0)
-                    s = scores(
-                        q, k, mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC
+                    s, cap_t = scores(
+                        q,
+                        k,
+                        mask_rows,
+                        offs_m,
+                        offs_n,
+                        Sq,
+                        Sk,
+                        sm_m,
+                        sm_n,
+                        qk_scale,
+                        softcap,
+                        slope2,
+                        win_left,
+                        win_right,
+                        MASK_KIND,
+                        CAUSAL,
+                        True,
+                        PREC,
+                        SOFTCAP,
+                        ALIBI,
+                        WINDOW,
                     )
                     p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
                     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -203,6 +284,10 @@ def attn_bwd_dkdv_kernel(
                     else:
                         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                         ds = p * (dp - delta[:, None])
+                    if MASK_GRAD != 0:
+                        store_dmask(dm_rows, ds, offs_m, offs_n, Sq, Sk, dm_m, dm_n, MASK_GRAD)
+                    if SOFTCAP:
+                        ds = ds * (1.0 - cap_t * cap_t)
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         dk *= sm_scale
         dk_rows = DK + b64 * stride_dkb + hk64 * stride_dkh + (k0.to(tl.int64) + kv_rows) * stride_dkn
@@ -225,6 +310,7 @@ def attn_bwd_dq_kernel(
     DQ,  # output dQ, Q's shape and its own strides
     CuQ,  # (n + 1,) int32 query offsets (VARLEN); else unused
     CuK,  # (n + 1,) int32 key offsets (VARLEN); else unused
+    Alibi,  # (B, H) or (n, H) fp32 contiguous ALiBi slopes (ALIBI); else unused
     stride_qb,  # Q strides: batch (0 for varlen), head, row
     stride_qh,
     stride_qm,
@@ -255,6 +341,9 @@ def attn_bwd_dq_kernel(
     dropout_p,  # dropout probability (DROPOUT)
     Seed,  # (1,) int64 Philox seed on the device (DROPOUT); else unused
     rng_offset,  # Philox offset of row 0, key 0 (as in the forward)
+    softcap,  # soft cap c > 0 (SOFTCAP)
+    win_left,  # window extents, -1 mapped to Sq_max + Sk_max (WINDOW)
+    win_right,
     MASK_KIND: tl.constexpr,  # none / bool / additive (fastlm.kernels.MASK_*)
     CAUSAL: tl.constexpr,  # top-left aligned causal mask
     DROPOUT: tl.constexpr,
@@ -264,6 +353,9 @@ def attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
     TMA: tl.constexpr,  # K and V through the descriptors
+    SOFTCAP: tl.constexpr,  # soft-capped scores: dS times the cap's derivative 1 - tanh^2
+    ALIBI: tl.constexpr,  # ALiBi bias on the scores
+    WINDOW: tl.constexpr,  # sliding window: only the band's key tiles are visited
 ):
     pid_m, bh = tile_ids(Sq_max, BLOCK_M)
     b = bh // H
@@ -292,14 +384,45 @@ def attn_bwd_dq_kernel(
         rng_rows = rng_offset + lse_idx * Sk_max
         qk_scale = sm_scale * LOG2E
         hi = tl.minimum(Sk, start_m + BLOCK_M) if CAUSAL else Sk
+        lo = 0
+        if WINDOW:  # only the band's key tiles
+            lo, w_hi, _, _ = window_keys(
+                start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, win_left, win_right, BLOCK_N
+            )
+            hi = tl.minimum(hi, w_hi)
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(Alibi + b64 * H + h64) * LOG2E
         hkv = h // GROUP
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, hi, BLOCK_N):
+        for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             if tile_allowed(mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
                 k = load_tile(k_rows, KDesc, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_kn, TMA, BLOCK_N, BLOCK_D)
                 v = load_tile(v_rows, VDesc, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_vn, TMA, BLOCK_N, BLOCK_D)
-                s = scores(q, k, mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, True, PREC)
+                s, cap_t = scores(
+                    q,
+                    k,
+                    mask_rows,
+                    offs_m,
+                    offs_n,
+                    Sq,
+                    Sk,
+                    sm_m,
+                    sm_n,
+                    qk_scale,
+                    softcap,
+                    slope2,
+                    win_left,
+                    win_right,
+                    MASK_KIND,
+                    CAUSAL,
+                    True,
+                    PREC,
+                    SOFTCAP,
+                    ALIBI,
+                    WINDOW,
+                )
                 p = tl.math.exp2(s - lse[:, None] * LOG2E)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 if DROPOUT:
@@ -307,6 +430,8 @@ def attn_bwd_dq_kernel(
                     ds = p * (z * dp - delta[:, None])
                 else:
                     ds = p * (dp - delta[:, None])
+                if SOFTCAP:
+                    ds = ds * (1.0 - cap_t * cap_t)
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dq *= sm_scale
         tl.store(
@@ -320,7 +445,7 @@ dkdv_tuned = autotuned(
     attn_bwd_dkdv_kernel,
     (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
     DKDV_BOXES,
-    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw), fp32_case(kw)),
+    lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, dkdv=True), fp32_case(kw)),
 )
 dq_tuned = autotuned(
     attn_bwd_dq_kernel,
@@ -350,12 +475,27 @@ def attn_bwd(
     max_k: int = 0,
     configs: tuple | None = None,
     tma: bool | None = None,
+    *,
+    window: tuple = (-1, -1),
+    softcap: float = 0.0,
+    sinks=None,
+    alibi=None,
+    mask_grad: bool = False,
 ):
-    """dq, dk, dv (in q/k/v's layouts, contiguous), deterministic for a given config.
-    configs / tma: force (dK/dV config, dQ config) and the TMA path (tests); None = the defaults."""
+    """dq, dk, dv (in q/k/v's layouts, contiguous), dmask, dsinks; deterministic for a given config (dmask with a
+    broadcast mask dim is summed with atomics, so not bitwise).
+    configs / tma: force (dK/dV config, dQ config) and the TMA path (tests); None = the defaults.
+    window, softcap, sinks, alibi: as the forward's (attn_fwd). mask_grad (an additive float mask only): dmask is
+    dL/dmask, float32 of shape [1 if mask.stride(d) == 0 else mask.size(d)], summed over the broadcast dims; else
+    empty (0,). dsinks: (H,) float32 dL/dsinks = -sum_{b,i} exp(sink - lse) * delta with sinks, else empty (0,)."""
     varlen = cu_q is not None
     D = q.shape[-1]
     dq, dk, dv = (empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+    if mask_grad and (mask is None or mask.dtype == torch.bool):
+        raise ValueError("mask_grad: needs an additive float mask (a bool mask has no gradient)")
+    dm_shape = [1 if mask.stride(d) == 0 else mask.size(d) for d in range(4)] if mask_grad else [0]
+    dmask = torch.zeros(dm_shape, dtype=torch.float32, device=q.device)  # unvisited tiles have zero gradient
+    dsinks = torch.zeros(sinks.shape if sinks is not None else (0,), dtype=torch.float32, device=q.device)
     if varlen:
         n_seq, H, Hkv, Sq, Sk = cu_q.shape[0] - 1, q.shape[1], k.shape[1], max_q, max_k
         st = varlen_strides
@@ -366,10 +506,11 @@ def attn_bwd(
         st = dense_strides
         lse_sb, lse_sh = H * Sq, Sq
         pre_grid_rows, pre_b = Sq, n_seq
+    feats, (softcap_arg, wl, wr) = feature_args(q, n_seq, H, Sq, Sk, window, softcap, sinks, alibi)
     if dq.numel() == 0 and dk.numel() == 0:
-        return dq, dk, dv
+        return dq, dk, dv, dmask, dsinks
     if q.numel() == 0 or Sq == 0:  # no queries: no gradient reaches k and v
-        return dq, dk.zero_(), dv.zero_()
+        return dq, dk.zero_(), dv.zero_(), dmask, dsinks
     delta = torch.empty_like(lse)
     BD = block_d(D)
     attn_bwd_preprocess_kernel[launch_grid(triton.cdiv(pre_grid_rows, 64) * pre_b * H)](
@@ -386,21 +527,39 @@ def attn_bwd(
         BLOCK_M=64,
         BLOCK_D=BD,
     )
+    if sinks is not None:  # dsinks = -sum_{b,i} exp(sink - lse) delta: O(B H Sq), in torch
+        sink_b = sinks[:, None] if varlen else sinks[None, :, None]
+        dsinks = (torch.exp(sink_b - lse) * delta).sum((1,) if varlen else (0, 2)).neg()
     mask_kind = mask_kind_of(mask)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(
-        MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0.0, VARLEN=varlen, BLOCK_D=BD, PREC=precision(q.dtype)
+        MASK_KIND=mask_kind,
+        CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen,
+        BLOCK_D=BD,
+        PREC=precision(q.dtype),
+        SOFTCAP=feats["SOFTCAP"],
+        ALIBI=feats["ALIBI"],
+        WINDOW=feats["WINDOW"],
     )
+    dm_mode, dm_strides = 0, (0, 0, 0, 0)
+    if mask_grad:
+        bcast = [mask.stride(d) == 0 and mask.size(d) > 1 for d in range(4)]
+        dm_mode = DMASK_ON | (DMASK_ATOMIC if any(bcast) else 0)
+        dm_mode |= (DMASK_SUM_M if bcast[2] else 0) | (DMASK_SUM_N if bcast[3] else 0)
+        dm_strides = dmask.expand(mask.shape).stride()
     m_arg = mask if mask is not None else q
     cq, ck = (cu_q, cu_k) if varlen else (lse, lse)
     tma = (not varlen and use_tma(q, k, v, do)) if tma is None else tma
-    lean = is_lean(mask_kind, dropout_p > 0.0)
-    tma_kv = dkdv_tma(D, tma, lean)
+    lean_kv = is_lean(mask_kind, dropout_p > 0.0, feats, dkdv=True)
+    lean_q = is_lean(mask_kind, dropout_p > 0.0, feats, tma)
+    tma_kv = dkdv_tma(D, tma, lean_kv)
     tuned = configs is None and autotune_enabled(q)
     fp32 = q.dtype == torch.float32
     cfg_kv, cfg_q = configs or (
-        bwd_dkdv_configs(D, tma_kv, lean=lean, fp32=fp32)[0],
-        bwd_dq_configs(D, tma, lean=lean, fp32=fp32)[0],
+        bwd_dkdv_configs(D, tma_kv, lean=lean_kv, fp32=fp32)[0],
+        bwd_dq_configs(D, tma, lean=lean_q, fp32=fp32)[0],
     )
     dk_args = [
         q,
@@ -416,6 +575,8 @@ def attn_bwd(
         dv,
         cq,
         ck,
+        alibi if alibi is not None else lse,
+        dmask if mask_grad else lse,
         *st(q),
         *st(k),
         *st(v),
@@ -423,6 +584,7 @@ def attn_bwd(
         *st(dk),
         *st(dv),
         *sm,
+        *dm_strides,
         lse_sb,
         lse_sh,
         H,
@@ -435,6 +597,9 @@ def attn_bwd(
         dropout_p,
         seed,
         offset,
+        softcap_arg,
+        wl,
+        wr,
     ]
     dq_args = [
         q,
@@ -449,6 +614,7 @@ def attn_bwd(
         dq,
         cq,
         ck,
+        alibi if alibi is not None else lse,
         *st(q),
         *st(k),
         *st(v),
@@ -466,6 +632,9 @@ def attn_bwd(
         dropout_p,
         seed,
         offset,
+        softcap_arg,
+        wl,
+        wr,
     ]
     # boxes: [1, 1, rows, BLOCK_D]; the autotune pre-hook resets them per config
     if tma_kv:
@@ -475,9 +644,9 @@ def attn_bwd(
     grid_kv = lambda meta: launch_grid(triton.cdiv(Sk, meta["BLOCK_N"]) * n_seq * Hkv)  # noqa: E731
     grid_q = lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)  # noqa: E731
     if tuned:
-        dkdv_tuned[grid_kv](*dk_args, **common, TMA=tma_kv)
+        dkdv_tuned[grid_kv](*dk_args, **common, TMA=tma_kv, MASK_GRAD=dm_mode)
         dq_tuned[grid_q](*dq_args, **common, TMA=tma)
     else:
-        attn_bwd_dkdv_kernel[grid_kv](*dk_args, **common, TMA=tma_kv, **cfg_kv)
+        attn_bwd_dkdv_kernel[grid_kv](*dk_args, **common, TMA=tma_kv, MASK_GRAD=dm_mode, **cfg_kv)
         attn_bwd_dq_kernel[grid_q](*dq_args, **common, TMA=tma, **cfg_q)
-    return dq, dk, dv
+    return dq, dk, dv, dmask, dsinks

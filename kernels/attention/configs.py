@@ -87,10 +87,23 @@ FWD_FP32 = {
 }
 
 
-def ws_ok(tma: bool, mask_kind: int, dropout: bool) -> bool:
+FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags (forward.feature_args)
+# The features whose registers (the tanh and its derivative, the ALiBi distances) push default tiles into spills, so
+# that the lean configs apply with them, as with a mask or dropout: always in dK/dV, and in the forward and dQ on the
+# pointer path (no TMA: sm_80, varlen, fp32). Static sm_90 compile, Triton 3.8, 2026-11-29, soft cap + ALiBi + window
+# (+ sinks): bf16 dK/dV's default TMA tile at D = 128 spills 16 B (soft cap alone: 253 registers); the pointer-load
+# forward at D = 64 spills 104 B; fp32 dQ / dK/dV at D = 128 spill 8 / 32 B; every TMA forward and dQ config stays
+# spill-free (up to 255 registers at D = 256). A window costs only its edge tiles' masks, and sinks nothing in the
+# loop (the online softmax starts from the sink): neither needs the lean configs.
+HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
+
+
+def ws_ok(tma: bool, mask_kind: int, dropout: bool, feats=None) -> bool:
     """Warp-specialised forward configs apply: TMA, no user mask (its tile skipping is a branch the pass cannot
-    split), no dropout (the Philox numbers push those configs into spills), Triton 3.6."""
-    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout
+    split), no dropout (the Philox numbers push those configs into spills), none of the features (``feats``: a
+    dict holding the FEATURES flags; not compiled warp-specialised), Triton 3.6."""
+    plain = not any((feats or {}).get(f) for f in FEATURES)
+    return tma and WS_TRITON and mask_kind == MASK_NONE and not dropout and plain
 
 
 def bucket(D: int) -> int:
@@ -206,7 +219,7 @@ def autotuned(kernel, tables, pairs, prune):
         allowed = prune(kw)
         return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
 
-    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC"]
+    keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC", *FEATURES, "MASK_GRAD"]
     return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": early_prune})(kernel)
 
 
@@ -297,14 +310,16 @@ def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = 
     return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
 
 
-def is_lean(mask_kind: int, dropout: bool) -> bool:
-    """A user mask or dropout: the lean tables apply (the one statement of that rule)."""
-    return mask_kind != MASK_NONE or bool(dropout)
+def is_lean(mask_kind: int, dropout: bool, feats=None, tma: bool = False, dkdv: bool = False) -> bool:
+    """The lean tables apply (the one statement of that rule): a user mask, dropout, or a HEAVY_FEATURES flag set in
+    ``feats`` (a dict of the FEATURES flags) for dK/dV (``dkdv``) or a kernel without TMA loads (``tma``)."""
+    heavy = (dkdv or not tma) and any((feats or {}).get(f) for f in HEAVY_FEATURES)
+    return mask_kind != MASK_NONE or bool(dropout) or heavy
 
 
-def lean_case(kw) -> bool:
+def lean_case(kw, dkdv: bool = False) -> bool:
     """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
-    return is_lean(kw["MASK_KIND"], kw["DROPOUT"])
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kw["TMA"], dkdv)
 
 
 def fp32_case(kw) -> bool:

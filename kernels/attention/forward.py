@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import LN2, LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, empty, launch_grid, on_tensor_device
+from fastlm.kernels.attention import decode  # split-KV decode hook in attn_fwd
 from fastlm.kernels.attention.configs import (
     FWD_BOXES,
     FWD_FP32,
@@ -59,6 +60,7 @@ from fastlm.kernels.attention.tiles import (
     tile_allowed,
     tile_ids,
     varlen_strides,
+    window_keys,
 )
 
 
@@ -90,6 +92,10 @@ def fwd_block(
     dropout_p,  # dropout probability
     seed,  # dropout's Philox seed
     rng_rows,  # [BLOCK_M] Philox offset of each query row's first key
+    softcap,  # soft cap c (SOFTCAP)
+    slope2,  # ALiBi slope * log2(e) (ALIBI)
+    win_left,  # window extents, -1 mapped to Sq_max + Sk_max (WINDOW)
+    win_right,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,  # the causal mask on this tile (on-band)
     CHECK: tl.constexpr,  # the key-bounds mask on this tile (on-band)
@@ -98,12 +104,37 @@ def fwd_block(
     TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr,  # the window mask on this tile (a tile straddling the band's edge)
 ):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
     if tile_allowed(mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, MASK_KIND):
         k = load_tile(k_rows, KDesc, b, hkv, start_n, offs_n, offs_d, Sk, D, stride_kn, TMA, BLOCK_N, BLOCK_D)
-        s = scores(q, k, mask_rows, offs_m, offs_n, Sq, Sk, sm_m, sm_n, qk_scale, MASK_KIND, CAUSAL, CHECK, PREC)
+        s, _ = scores(
+            q,
+            k,
+            mask_rows,
+            offs_m,
+            offs_n,
+            Sq,
+            Sk,
+            sm_m,
+            sm_n,
+            qk_scale,
+            softcap,
+            slope2,
+            win_left,
+            win_right,
+            MASK_KIND,
+            CAUSAL,
+            CHECK,
+            PREC,
+            SOFTCAP,
+            ALIBI,
+            WINDOW,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -131,6 +162,8 @@ def attn_fwd_kernel(
     Lse,  # (B, H, Sq) or (H, total_q) fp32 log-sum-exp of the scores
     CuQ,  # (n + 1,) int32 query offsets (VARLEN); else unused
     CuK,  # (n + 1,) int32 key offsets (VARLEN); else unused
+    Sinks,  # (H,) fp32 per-head sink logits, natural units (SINKS); else unused
+    Alibi,  # (B, H) or (n, H) fp32 contiguous ALiBi slopes (ALIBI); else unused
     stride_qb,  # Q strides: batch (0 for varlen), head, row
     stride_qh,
     stride_qm,
@@ -158,6 +191,9 @@ def attn_fwd_kernel(
     dropout_p,  # dropout probability (DROPOUT)
     Seed,  # (1,) int64 Philox seed on the device (DROPOUT); else unused
     rng_offset,  # Philox offset of row 0, key 0
+    softcap,  # soft cap c > 0 (SOFTCAP)
+    win_left,  # window: keys j < i + off - win_left masked; -1 (unbounded) mapped to Sq_max + Sk_max (WINDOW)
+    win_right,  # window: keys j > i + off + win_right masked; likewise
     MASK_KIND: tl.constexpr,  # none / bool / additive (fastlm.kernels.MASK_*)
     CAUSAL: tl.constexpr,  # top-left aligned causal mask
     DROPOUT: tl.constexpr,
@@ -168,6 +204,10 @@ def attn_fwd_kernel(
     PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32)
     TMA: tl.constexpr,  # Q, K, V through the descriptors
     WS: tl.constexpr,  # warp-specialised: one loop over every key tile (Triton 3.6, TMA, no mask, no dropout)
+    SOFTCAP: tl.constexpr,  # s = c * tanh(s / c) on the scaled scores
+    SINKS: tl.constexpr,  # a per-head sink logit in every row's denominator
+    ALIBI: tl.constexpr,  # s -= slope * |i + off - j|
+    WINDOW: tl.constexpr,  # sliding window (bottom-right aligned): key tiles outside the band are never visited
 ):
     pid_m, bh = tile_ids(Sq_max, BLOCK_M)
     b = bh // H
@@ -192,8 +232,15 @@ def attn_fwd_kernel(
     lse_row = b64 * lse_sb + h64 * lse_sh + q0.to(tl.int64) + offs_m  # also the dropout row index
     rng_rows = rng_offset + lse_row * Sk_max
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:  # the sink: a key of logit sinks[h] and no value, which the online softmax starts from
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(Sinks + h) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Alibi + b64 * H + h64) * LOG2E
     if CAUSAL:
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         full_hi = tl.minimum(start_m + 1, Sk) // BLOCK_N * BLOCK_N  # every key <= every query of the block
@@ -202,8 +249,61 @@ def attn_fwd_kernel(
         full_hi = Sk // BLOCK_N * BLOCK_N
     # WS: Triton's Hopper warp specialisation takes a single plain loop, so the masked loop covers every tile
     lo = 0
+    if WINDOW:  # only the band's tiles [lo, hi): masked [lo, mid), unmasked [mid, full_hi), masked [full_hi, hi)
+        lo, w_hi, w_full_lo, w_full_hi = window_keys(
+            start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, win_left, win_right, BLOCK_N
+        )
+        hi = tl.maximum(tl.minimum(hi, w_hi), lo)
+        mid = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(w_full_lo, 0), BLOCK_N) * BLOCK_N), hi)
+        full_hi = tl.maximum(mid, tl.minimum(full_hi, tl.maximum(w_full_hi, 0) // BLOCK_N * BLOCK_N))
     if not WS:
-        for start_n in range(0, full_hi, BLOCK_N):  # off-band: no causal or bounds masks
+        if WINDOW:
+            for start_n in range(lo, mid, BLOCK_N):  # the band's leading edge: masked
+                acc, m_i, l_i = fwd_block(
+                    acc,
+                    m_i,
+                    l_i,
+                    q,
+                    k_rows,
+                    v_rows,
+                    KDesc,
+                    VDesc,
+                    b,
+                    hkv,
+                    mask_rows,
+                    start_n,
+                    offs_m,
+                    offs_n0,
+                    offs_d,
+                    Sq,
+                    Sk,
+                    D,
+                    stride_kn,
+                    stride_vn,
+                    sm_m,
+                    sm_n,
+                    qk_scale,
+                    dropout_p,
+                    seed,
+                    rng_rows,
+                    softcap,
+                    slope2,
+                    win_left,
+                    win_right,
+                    MASK_KIND,
+                    CAUSAL,
+                    True,
+                    DROPOUT,
+                    PREC,
+                    TMA,
+                    BLOCK_N,
+                    BLOCK_D,
+                    SOFTCAP,
+                    ALIBI,
+                    True,
+                )
+            lo = mid
+        for start_n in range(lo, full_hi, BLOCK_N):  # off-band: no causal, bounds or window masks
             acc, m_i, l_i = fwd_block(
                 acc,
                 m_i,
@@ -231,6 +331,10 @@ def attn_fwd_kernel(
                 dropout_p,
                 seed,
                 rng_rows,
+                softcap,
+                slope2,
+                win_left,
+                win_right,
                 MASK_KIND,
                 False,
                 False,
@@ -239,6 +343,9 @@ def attn_fwd_kernel(
                 TMA,
                 BLOCK_N,
                 BLOCK_D,
+                SOFTCAP,
+                ALIBI,
+                False,
             )
         lo = full_hi
     # on-band: the diagonal and the ragged last block (with WS: every tile)
@@ -270,6 +377,10 @@ def attn_fwd_kernel(
             dropout_p,
             seed,
             rng_rows,
+            softcap,
+            slope2,
+            win_left,
+            win_right,
             MASK_KIND,
             CAUSAL,
             True,
@@ -278,8 +389,11 @@ def attn_fwd_kernel(
             TMA,
             BLOCK_N,
             BLOCK_D,
+            SOFTCAP,
+            ALIBI,
+            WINDOW,
         )
-    empty_row = l_i == 0.0
+    empty_row = l_i == 0.0  # never with a sink (l starts at 1; lse = the sink)
     l_safe = tl.where(empty_row, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
@@ -295,7 +409,7 @@ attn_fwd_tuned = autotuned(
     lambda kw: fwd_configs(
         kw["BLOCK_D"],
         kw["TMA"],
-        ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"]),
+        ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"], kw),
         False,
         lean_case(kw),
         fp32_case(kw),
@@ -310,6 +424,37 @@ attn_fwd_tuned = autotuned(
 def mask_kind_of(mask) -> int:
     """MASK_NONE / MASK_BOOL / MASK_ADD for a user mask tensor (or None)."""
     return MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
+
+
+def feature_args(q, n_seq: int, H: int, Sq: int, Sk: int, window, softcap: float, sinks, alibi):
+    """The kernels' feature flags (SOFTCAP, SINKS, ALIBI, WINDOW) and scalar arguments (softcap, win_left,
+    win_right) after checking the feature tensors (n_seq sequences, H query heads, Sq / Sk the (max) lengths).
+    A window side of -1 (unbounded) becomes Sq + Sk, which no query's band reaches past; window (-1, -1) is off."""
+    left, right = (int(w) for w in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window: sides must be >= 0, or -1 for unbounded; got {tuple(window)}")
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap: expected a finite c >= 0 (0 = off), got {softcap}")
+    if sinks is not None and (
+        sinks.shape != (H,) or sinks.dtype != torch.float32 or sinks.device != q.device or not sinks.is_contiguous()
+    ):
+        raise ValueError(
+            f"sinks: expected a contiguous ({H},) float32 tensor on {q.device}, got {tuple(sinks.shape)} {sinks.dtype}"
+        )
+    if alibi is not None and (
+        alibi.shape != (n_seq, H)
+        or alibi.dtype != torch.float32
+        or alibi.device != q.device
+        or not alibi.is_contiguous()
+    ):
+        raise ValueError(
+            f"alibi: expected ({n_seq}, {H}) contiguous float32 slopes on {q.device}, got {tuple(alibi.shape)} "
+            f"{alibi.dtype}"
+        )
+    win = (left, right) != (-1, -1)
+    flags = dict(SOFTCAP=softcap > 0.0, SINKS=sinks is not None, ALIBI=alibi is not None, WINDOW=win)
+    unbounded = Sq + Sk
+    return flags, (float(softcap), left if left >= 0 else unbounded, right if right >= 0 else unbounded)
 
 
 @on_tensor_device
@@ -329,11 +474,24 @@ def attn_fwd(
     max_k: int = 0,
     config: dict | None = None,
     tma: bool | None = None,
+    *,
+    window: tuple = (-1, -1),
+    softcap: float = 0.0,
+    sinks=None,
+    alibi=None,
 ):
     """o, lse. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask a (B, H, Sq, Sk) view or None.
     Varlen: q (total_q, H, D), k/v (total_k, Hkv, D), cu_q/cu_k (n + 1,) int32; no mask.
     seed: dropout's Philox seed, an int64 tensor on q's device (read by the kernel, only with dropout_p > 0).
-    config / tma: force a launch config (one of fwd_configs) and the TMA path (tests); None = the defaults."""
+    config / tma: force a launch config (one of fwd_configs) and the TMA path (tests); None = the defaults.
+    window: (left, right) keys around the bottom-right aligned diagonal i + Sk - Sq, -1 = unbounded on that side;
+    softcap: c > 0 caps the scaled scores to c * tanh(s / c), 0 = off; sinks: (H,) fp32 per-head sink logits (in
+    lse too); alibi: (B, H) fp32 slopes ((n, H) varlen), s -= slope * |i + Sk - Sq - j|. See feature_args."""
+    # >>> split-KV decode hook (kernels/attention/decode.py): few queries, long keys; same (o, lse) as below
+    if cu_q is None and config is None and tma is None and decode.use_split_kv(q, k, dropout_p):
+        kw = dict(window=window, softcap=softcap, sinks=sinks, alibi=alibi)
+        return decode.decode_fwd(q, k, v, mask, scale, causal, **kw)
+    # <<< split-KV decode hook
     varlen = cu_q is not None
     D = q.shape[-1]
     o = empty(q.shape, q.dtype, q.device)
@@ -349,10 +507,14 @@ def attn_fwd(
         strides = dense_strides
         lse = empty((n_seq, H, Sq), torch.float32, q.device)
         lse_sb, lse_sh = H * Sq, Sq
+    feats, (softcap_arg, wl, wr) = feature_args(q, n_seq, H, Sq, Sk, window, softcap, sinks, alibi)
     if o.numel() == 0 or Sq == 0:
         return o, lse
-    if Sk == 0:  # no keys: every row is empty (zero output, lse = -inf)
-        return o.zero_(), lse.fill_(float("-inf"))
+    if Sk == 0:  # no keys: every row is empty (zero output, lse = -inf, or the sink)
+        lse.fill_(float("-inf"))
+        if sinks is not None:
+            lse.copy_(sinks[:, None].expand(H, lse.shape[1]) if varlen else sinks[None, :, None].expand(lse.shape))
+        return o.zero_(), lse
     mask_kind = mask_kind_of(mask)
     tma = (not varlen and use_tma(q, k, v)) if tma is None else tma
     args = [
@@ -367,6 +529,8 @@ def attn_fwd(
         lse,
         cu_q if varlen else lse,
         cu_k if varlen else lse,
+        sinks if sinks is not None else lse,
+        alibi if alibi is not None else lse,
         *strides(q),
         *strides(k),
         *strides(v),
@@ -383,6 +547,9 @@ def attn_fwd(
         dropout_p,
         seed,
         offset,
+        softcap_arg,
+        wl,
+        wr,
     ]
     flags = dict(
         MASK_KIND=mask_kind,
@@ -392,14 +559,15 @@ def attn_fwd(
         BLOCK_D=block_d(D),
         PREC=precision(q.dtype),
         TMA=tma,
+        **feats,
     )
     if config is None and autotune_enabled(q):
         if tma:  # boxes are set per config by the pre-hook
             args[3:6] = [descriptor(t, 16) for t in (q, k, v)]
         attn_fwd_tuned[lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)](*args, **flags)
         return o, lse
-    ws = ws_ok(tma, mask_kind, dropout_p > 0.0)
-    lean, fp32 = is_lean(mask_kind, dropout_p > 0.0), q.dtype == torch.float32
+    ws = ws_ok(tma, mask_kind, dropout_p > 0.0, feats)
+    lean, fp32 = is_lean(mask_kind, dropout_p > 0.0, feats, tma), q.dtype == torch.float32
     cfg = dict(config or fwd_configs(D, tma, ws, lean=lean, fp32=fp32)[0])
     if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
         raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")

@@ -44,6 +44,19 @@ def dropout_seed(Seed, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def tanh(x):
+    """tanh in fp32 from exp2 (Triton 3.6 and 3.8, compiled and interpreted alike): (1 - e) / (1 + e) with
+    e = exp(-2|x|) (no overflow), an odd Taylor polynomial below |x| = 1/8 (no cancellation in 1 - e)."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def scores(
     q,  # [BLOCK_M, BLOCK_D] queries
     k,  # [BLOCK_N, BLOCK_D] keys
@@ -55,13 +68,29 @@ def scores(
     sm_m,  # mask stride over queries (0 when broadcast)
     sm_n,  # mask stride over keys
     qk_scale,  # softmax scale * log2(e)
+    softcap,  # the soft cap c > 0 in natural units (SOFTCAP)
+    slope2,  # this (sequence, head)'s ALiBi slope * log2(e) (ALIBI)
+    win_left,  # window: keys before query + off - win_left masked (WINDOW; never negative: the host maps -1 to Sq + Sk)
+    win_right,  # window: keys after query + off + win_right masked
     MASK_KIND: tl.constexpr,  # KIND_NONE, KIND_BOOL (True = attend) or KIND_ADD (added to the scores)
     CAUSAL: tl.constexpr,  # keys after the query masked (top-left aligned)
     CHECK: tl.constexpr,  # keys at or past Sk masked (a ragged last tile)
     PREC: tl.constexpr,  # tl.dot's input precision ("ieee" for fp32 inputs)
+    SOFTCAP: tl.constexpr,  # s = c * tanh(s / c) on the scaled scores
+    ALIBI: tl.constexpr,  # s -= slope * |query + off - key| (off = Sk - Sq: bottom-right aligned)
+    WINDOW: tl.constexpr,  # the sliding-window mask on this tile (bottom-right aligned)
 ):
-    """Base-2 scores q k^T * scale * log2(e) of a [BLOCK_M, BLOCK_N] tile, -inf where masked."""
+    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile, -inf where masked: q k^T * scale (soft-capped), + ALiBi bias,
+    + additive mask, all times log2(e). Returns (scores, t) with t = tanh(q k^T * scale / c) under SOFTCAP (its
+    derivative 1 - t^2 is the backward's), else the scores again (unused)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    t = s
+    if SOFTCAP:  # in natural units: c * tanh(s / c), then back to base 2
+        t = tanh(s * (1.0 / (softcap * LOG2E)))
+        s = t * (softcap * LOG2E)
+    if ALIBI:
+        dist = offs_m[:, None] + (Sk - Sq) - offs_n[None, :]
+        s = s - slope2 * tl.abs(dist).to(tl.float32)
     if MASK_KIND != KIND_NONE:
         ok = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
         mv = tl.load(Mask + offs_m[:, None].to(tl.int64) * sm_m + offs_n[None, :].to(tl.int64) * sm_n, mask=ok, other=0)
@@ -73,7 +102,32 @@ def scores(
         s = tl.where((offs_n < Sk)[None, :], s, float("-inf"))
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    return s
+    if WINDOW:
+        diag = offs_m[:, None] + (Sk - Sq)  # the bottom-right aligned diagonal key of each query
+        inside = (offs_n[None, :] >= diag - win_left) & (offs_n[None, :] <= diag + win_right)
+        s = tl.where(inside, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def window_keys(start_m, end_m, Sq, Sk, win_left, win_right, BLOCK_N: tl.constexpr):
+    """Key range [lo, hi) that queries [start_m, end_m) can see through the window (lo a multiple of BLOCK_N), and
+    [full_lo, full_hi): the keys every one of those queries sees (no window mask needed there; may be empty)."""
+    off = Sk - Sq
+    lo = tl.maximum(start_m + off - win_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(end_m - 1 + off + win_right + 1, Sk)
+    full_lo = end_m - 1 + off - win_left
+    full_hi = start_m + off + win_right + 1
+    return lo, tl.maximum(hi, lo), full_lo, full_hi
+
+
+@triton.jit
+def window_queries(start_n, end_n, Sq, Sk, win_left, win_right, BLOCK_M: tl.constexpr):
+    """Query range [lo, hi) (lo a multiple of BLOCK_M) whose windows reach any of keys [start_n, end_n)."""
+    off = Sk - Sq
+    lo = tl.maximum(start_n - off - win_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(end_n - 1 - off + win_left + 1, Sq)
+    return lo, tl.maximum(hi, lo)
 
 
 @triton.jit
