@@ -1,11 +1,15 @@
 """Hugging Face integration: ``attn_implementation="fastlm"``, and the forwards that ``fastlm.patch`` gives
 Llama-family modules (rotary application, gated MLP, the causal-LM loss).
 
-Registers fastlm's attention with transformers' ``AttentionInterface`` and the SDPA-style boolean mask builder with
-its ``AttentionMaskInterface`` (so the causal/padding mask reaches the kernel as a (B, 1, Sq, Sk) bool mask, or as
-``None`` plus ``is_causal`` when it is purely causal). Registration happens when fastlm is imported after
-transformers, or, if transformers is imported later, right after its import (an import hook): importing fastlm
-never imports transformers itself. transformers is optional (``pip install fastlm[hf]``).
+Registers fastlm's attention with transformers' ``AttentionInterface`` and a mask builder with its
+``AttentionMaskInterface``. The mask builder returns ``None`` whenever the kernel can produce the mask itself from
+``is_causal`` and the layer's sliding window (causal or sliding-causal attention, no padding, no packed sequences,
+keys ending at the last query: the kernel then skips the tiles outside the causal band / the window instead of
+reading a dense mask), and otherwise HF's SDPA-style boolean (B, 1, Sq, Sk) mask (padding, packing, a static cache's
+unfilled slots, Gemma 3's bidirectional image blocks: it holds the causal edge and the window too). Registration
+happens when fastlm is imported after transformers, or, if transformers is imported later, right after its import
+(an import hook): importing fastlm never imports transformers itself. transformers is optional
+(``pip install fastlm[hf]``).
 """
 
 import importlib.abc
@@ -19,24 +23,48 @@ NAME = "fastlm"
 _registered = False
 
 
+def _modifiers(module, kwargs: dict):
+    """(sliding window W or None, softcap or None, sinks (H,) or None) of an attention call: transformers passes
+    them as keywords (``sliding_window``, ``softcap``, ``s_aux``; the module's ``sliding_window`` / ``sinks`` when a
+    model does not pass them). ``softcap`` is read from the keywords only, as HF's own attention functions do (Gemma
+    3 keeps ``attn_logit_softcapping`` on its modules but never applies it)."""
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is None and isinstance(getattr(module, "sinks", None), Tensor):
+        sinks = module.sinks  # gpt-oss: its eager attention reads module.sinks
+    return window, kwargs.get("softcap"), sinks
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) (GQA without
-    ``repeat_kv``), attention_mask a bool (B, 1, Sq, Sk) mask (True = attend; sliding windows and padding are
-    already in it) or None. Returns (B, Sq, H, D)."""
+    ``repeat_kv``), attention_mask a bool (B, 1, Sq, Sk) mask (True = attend) or None. Returns ((B, Sq, H, D), None).
+
+    The score modifiers come from the call (see ``_modifiers``): ``sliding_window=W`` (Mistral, Gemma 2/3, gpt-oss:
+    key j visible from query i iff ``i - W < j <= i``) becomes ``window=(W - 1, 0)``; ``softcap`` (Gemma 2's
+    ``attn_logit_softcapping``) and the sinks (gpt-oss's ``s_aux`` / ``module.sinks``, (H,), trained) pass through,
+    as do ``scaling`` and ``dropout``. With a mask, HF's mask already holds the causal edge and the window (placed
+    by absolute positions, which a static cache's unfilled slots need), so only the softcap and the sinks are added;
+    without one (see :func:`mask_interface`) the causal edge and the window are the kernel's, bottom-right aligned
+    (decoding: one query against the whole cache)."""
     from fastlm.ops.attention import scaled_dot_product_attention
 
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='fastlm' does not support logit softcapping (Gemma-2 style)")
     if kwargs.get("position_bias") is not None:
         raise ValueError("attn_implementation='fastlm' does not support position_bias (T5-style relative bias)")
+    sliding_window, softcap, sinks = _modifiers(module, kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # as transformers' sdpa path: the causal flag only without a mask and outside decoding
-    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if is_causal and kv_len > q_len:  # prefill into an empty static cache: keys past the queries are unused
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != key.shape[2]:
-        attention_mask = attention_mask[..., : key.shape[2]]
+    window = None
+    if attention_mask is not None:
+        is_causal = False  # the mask has the causal edge (or Gemma 3's bidirectional blocks), and the window
+        if attention_mask.dim() == 4 and attention_mask.shape[-1] != kv_len:
+            attention_mask = attention_mask[..., :kv_len]
+    elif is_causal:
+        if sliding_window is not None and sliding_window < kv_len:  # else the window hides nothing causal shows
+            window = (sliding_window - 1, 0)
+        elif q_len == 1:
+            is_causal = False  # one query (decoding): it sees the whole cache
+        elif q_len != kv_len:
+            window = (None, 0)  # a bottom-right causal edge (queries after a cache's keys); torch's is top-left
     out = scaled_dot_product_attention(
         query,
         key,
@@ -46,8 +74,73 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         is_causal=is_causal,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _kernel_can_mask(q_length, kv_length, q_offset, kv_offset, attention_mask, local_size, config) -> bool:
+    """True when a causal (or, with ``local_size``, sliding-causal) mask is exactly what :func:`attention_forward`
+    computes from ``is_causal`` and the sliding window without a mask: no padding among the keys, the keys ending at
+    the last query (absolute positions: a static cache's unfilled slots, or an offset a cache class reports, need the
+    mask), and the local size being the config's sliding window (a chunked-attention mask, Llama 4's, also comes
+    with ``local_size``: its chunks are not a window)."""
+    if isinstance(q_offset, Tensor) or isinstance(kv_offset, Tensor):
+        return False  # static caches: reading the offset would sync / break a compiled graph
+    if q_offset + q_length != kv_offset + kv_length:
+        return False
+    if local_size is None:
+        if q_length not in (1, kv_length):  # queries after cached keys: keep the mask (a window-free call)
+            return False
+    elif config is None or local_size != getattr(config, "sliding_window", None):
+        return False
+    elif local_size == getattr(config, "attention_chunk_size", None):
+        return False
+    if attention_mask is None:
+        return True
+    from fastlm.dispatch import tracing
+
+    if attention_mask.dim() != 2 or tracing():
+        return False  # no value reads while compiling (HF does the same)
+    end = kv_offset + kv_length
+    return attention_mask.shape[-1] >= end and bool(attention_mask[:, kv_offset:end].all())
+
+
+def mask_interface(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    attention_mask=None,
+    local_size=None,
+    allow_is_causal_skip: bool = True,
+    **kwargs,
+):
+    """transformers' ``AttentionMaskInterface`` signature (``sdpa_mask``'s): ``None`` when the kernel computes the
+    mask itself (see ``_kernel_can_mask``; causal and sliding-causal masks that transformers allows to skip: no
+    custom or/and mask functions, no packing), else HF's boolean (B, 1, q_length, kv_length) mask, never skipped for
+    ``is_causal`` (torch's top-left rule, which HF relies on for a static cache's prefill, is not what the kernel
+    does with Sq != Sk). A bidirectional mask without padding is ``None`` as with sdpa."""
+    from transformers.masking_utils import sdpa_mask
+
+    if allow_is_causal_skip and _kernel_can_mask(
+        q_length, kv_length, q_offset, kv_offset, attention_mask, local_size, kwargs.get("config")
+    ):
+        return None
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        allow_is_causal_skip=False,
+        **kwargs,
+    )
 
 
 def register() -> bool:
@@ -58,10 +151,10 @@ def register() -> bool:
     if importlib.util.find_spec("transformers") is None:
         return False
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mask_interface)
     _registered = True
     return True
 
