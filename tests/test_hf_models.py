@@ -28,8 +28,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "
 
 
 def _config(name: str, **overrides):
-    """A tiny config of each family; Gemma 2/3's attention soft-capping off (issue 18 brings it) and, unless given,
-    their final-logit soft-capping off; Phi-3 with partial rotary (half the head dim rotates)."""
+    """A tiny config of each family; Gemma 2/3 with attention soft-capping (fastlm's attention applies it) and,
+    unless given, their final-logit soft-capping off; Phi-3 with partial rotary (half the head dim rotates)."""
     import transformers as t
 
     kw = dict(TINY, **overrides)
@@ -45,10 +45,10 @@ def _config(name: str, **overrides):
         return t.GemmaConfig(**kw)
     if name == "gemma2":
         kw.setdefault("final_logit_softcapping", None)
-        return t.Gemma2Config(**kw, attn_logit_softcapping=None, sliding_window=8, query_pre_attn_scalar=16)
+        return t.Gemma2Config(**kw, attn_logit_softcapping=20.0, sliding_window=8, query_pre_attn_scalar=16)
     if name == "gemma3":
         kw.setdefault("final_logit_softcapping", None)
-        return t.Gemma3TextConfig(**kw, attn_logit_softcapping=None, sliding_window=8, query_pre_attn_scalar=16)
+        return t.Gemma3TextConfig(**kw, attn_logit_softcapping=20.0, sliding_window=8, query_pre_attn_scalar=16)
     if name == "phi3":
         kw.pop("head_dim")
         return t.Phi3Config(**kw, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
