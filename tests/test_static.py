@@ -75,6 +75,7 @@ def test_every_op_family_is_in_the_report(stats):
     kernels = {s.kernel for s in stats}
     want = {"norm_fwd_kernel", "norm_bwd_kernel", "softmax_fwd", "softmax_bwd", "log_softmax_bwd", "softmax_stats"}
     want |= {"softmax_bwd_stats", "cross_entropy", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+    want |= {"attn_decode_split", "attn_decode_combine"}
     assert want <= kernels, want - kernels
 
 

@@ -268,9 +268,11 @@ def decode_config(rows: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=16, num_warps=4, num_stages=1)
     bd = block_d(D)
     fp32 = dtype == torch.float32
-    block_m = min(max(16, triton.next_power_of_2(rows)), 32 if fp32 or bd > 128 else 64)
+    # static sm_90 compiles with every flag on (fastlm/bench/shipped.py): fp32 at D = 256 spills 6 KB at 32 rows
+    # (16: none); bf16 at D = 128 takes 255 registers with 4 warps at 16 rows (8 warps: 154)
+    block_m = min(max(16, triton.next_power_of_2(rows)), 16 if fp32 and bd > 128 else 32 if fp32 or bd > 128 else 64)
     block_n = 32 if fp32 or bd > 128 else 64
-    warps = 8 if block_m * bd >= 64 * 128 or fp32 else 4
+    warps = 8 if bd >= 128 or fp32 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2 if fp32 else 3)
 
 
