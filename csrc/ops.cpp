@@ -73,19 +73,27 @@ void define_native_schemas(torch::stable::detail::StableLibrary& m, const char* 
       "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
   // Flash-attention forward (csrc/cuda/attention_fwd.cu, csrc/cpu/attention.cpp), the op contract of
   // attention_fwd_triton: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) with H % Hkv == 0, unit last stride; causal is
-  // top-left (query i sees keys j <= i). Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32
-  // (natural log of the scaled scores' sum-exp; -inf for a row with no visible key). The CUDA kernels take dense
-  // fp16/bf16 with D in {64, 128} only (mask, cu_q/cu_k and dropout_p > 0 raise "unsupported case"); the CPU
-  // kernel takes masks but neither varlen nor dropout. rng is ignored by both.
+  // top-left (query i sees keys j <= i). Score modifiers, in this order, with off = Sk - Sq: softcap > 0 gives
+  // s = softcap * tanh(s / softcap) (0 = none); alibi (B, H) float32 slopes add -slope * |i + off - j|; mask
+  // adds; causal; window_left / window_right >= 0 hide keys j < i + off - left / j > i + off + right (bottom-right
+  // aligned; -1 = unbounded); sinks (H,) float32 join each row's softmax denominator as exp(sink) (unscaled, no
+  // value). Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (natural log of the scores'
+  // sum-exp, sink included; -inf for a row with no visible key and no sink). The CUDA kernels take dense fp16/bf16
+  // with D in {64, 128} only (mask, cu_q/cu_k, dropout_p > 0 and every modifier raise "unsupported case"); the CPU
+  // kernel takes masks and the modifiers but neither varlen nor dropout. rng is ignored by both.
   def(m,
       "attention_fwd_", B, "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_q, Tensor? cu_k, int max_q, "
-      "int max_k, float scale, bool causal, float dropout_p, Tensor rng) -> (Tensor o, Tensor lse)");
+      "int max_k, float scale, bool causal, float dropout_p, Tensor rng, int window_left, int window_right, "
+      "float softcap, Tensor? sinks, Tensor? alibi) -> (Tensor o, Tensor lse)");
   // Gradients of attention_fwd (csrc/cuda/attention_bwd.cu), FlashAttention-2 scheme without atomics
   // (deterministic): dq, dk, dv contiguous in q's, k's and v's shapes and dtype. Same scope as the forward.
+  // mask_grad (an additive float mask only): dmask float32 of shape [1 if mask.stride(d) == 0 else mask.size(d)],
+  // dL/dmask summed over the mask's stride-0 dims; else empty (0,). dsinks: (H,) float32 with sinks, else (0,).
   def(m,
       "attention_bwd_", B, "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? mask, "
-      "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, bool causal, float dropout_p, Tensor rng) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, bool causal, float dropout_p, Tensor rng, "
+      "int window_left, int window_right, float softcap, Tensor? sinks, Tensor? alibi, bool mask_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, Tensor dsinks)");
 }
 
 // Op families with Triton and CPU kernels only (the CUDA C++ backend raises UnsupportedCaseError for them, in

@@ -8,6 +8,7 @@ from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.distillation import distillation_loss
 from fastlm.ops.gated_mlp import geglu, swiglu
 from fastlm.ops.kl_div import kl_div
+from fastlm.ops.kvcache import attention_with_kvcache
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.linear_distillation import linear_distillation_loss
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -18,6 +19,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "apply_rotary_pos_emb",
+    "attention_with_kvcache",
     "cross_entropy",
     "distillation_loss",
     "geglu",

@@ -152,12 +152,26 @@ def test_cpu_unsupported_cases_raise(case):
             F.varlen_attention(*(torch.randn(8, 2, 16) for _ in range(3)), cu, cu, 5, 5)
 
 
-def _raw(q=None, k=None, v=None, mask=None, cu=None, dropout_p=0.0, dtype=torch.float32):
+def _raw(
+    q=None,
+    k=None,
+    v=None,
+    mask=None,
+    cu=None,
+    dropout_p=0.0,
+    dtype=torch.float32,
+    window=(-1, -1),
+    softcap=0.0,
+    sinks=None,
+    alibi=None,
+):
     q = torch.randn(1, 2, 8, 16, dtype=dtype) if q is None else q
     k = torch.randn(1, 2, 8, 16, dtype=dtype) if k is None else k
     v = torch.randn(1, 2, 8, 16, dtype=dtype) if v is None else v
     rng = torch.zeros(1, dtype=torch.int64)
-    return torch.ops.fastlm.attention_fwd_cpu(q, k, v, mask, cu, cu, 8, 8, 0.25, False, dropout_p, rng)
+    return torch.ops.fastlm.attention_fwd_cpu(
+        q, k, v, mask, cu, cu, 8, 8, 0.25, False, dropout_p, rng, *window, softcap, sinks, alibi
+    )
 
 
 @pytest.mark.parametrize(
@@ -174,6 +188,17 @@ def _raw(q=None, k=None, v=None, mask=None, cu=None, dropout_p=0.0, dtype=torch.
         (dict(v=torch.randn(1, 2, 9, 16)), "same shape"),
         (dict(mask=torch.ones(1, 2, 8, 9, dtype=torch.bool)), r"mask must be a \(B, H, Sq, Sk\)"),
         (dict(mask=torch.ones(1, 2, 8, 8, dtype=torch.int32)), "mask must be bool"),
+        (dict(window=(-2, 0)), "window sizes must be >= 0"),
+        (dict(window=(3, -5)), "window sizes must be >= 0"),
+        (dict(softcap=-1.0), "softcap must be finite and >= 0"),
+        (dict(softcap=float("inf")), "softcap must be finite and >= 0"),
+        (dict(sinks=torch.zeros(3)), r"sinks must have shape \(H,\)"),
+        (dict(sinks=torch.zeros(1, 2)), r"sinks must have shape \(H,\)"),
+        (dict(sinks=torch.zeros(2, dtype=torch.float16)), "sinks must be float32"),
+        (dict(sinks=torch.zeros(4)[::2]), "sinks must be contiguous"),
+        (dict(alibi=torch.zeros(2)), r"alibi must have shape \(B, H\)"),
+        (dict(alibi=torch.zeros(1, 3)), r"alibi must have shape \(B, H\)"),
+        (dict(alibi=torch.zeros(1, 2, dtype=torch.float64)), "alibi must be float32"),
         # expanded (stride-0) keys of any claimed length: a size check, not a wrapped-around scratch allocation
         (
             dict(
@@ -192,3 +217,271 @@ def test_cpu_raw_op_bad_input(kw, match):
 def test_cpu_raw_op_no_keys():
     o, lse = _raw(k=torch.randn(1, 2, 0, 16), v=torch.randn(1, 2, 0, 16))
     assert torch.equal(o, torch.zeros(1, 2, 8, 16)) and bool((lse == float("-inf")).all())
+
+
+def test_cpu_raw_op_no_keys_with_sinks():
+    """No key at all: o = 0 and, with sinks, lse = sink[h] (the sink is the row's only term)."""
+    sinks = torch.tensor([0.5, -2.0])
+    o, lse = _raw(k=torch.randn(1, 2, 0, 16), v=torch.randn(1, 2, 0, 16), sinks=sinks)
+    assert torch.equal(o, torch.zeros(1, 2, 8, 16)) and torch.equal(lse, sinks[None, :, None].expand(1, 2, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score modifiers (issue 18): window, softcap, sinks, ALiBi, and the backward's mask / sink gradients, through the
+# ops directly against an explicit float64 reference.
+
+
+def _ref_attention(q, k, v, mask, scale, causal, window, softcap, sinks, alibi):
+    """Explicit attention in q's dtype (float64 for the oracle): o (B, H, Sq, D) and lse (B, H, Sq), differentiable
+    in q, k, v, a float mask (any broadcastable shape) and sinks (H,). Rows with no visible key (and no sink): o = 0,
+    lse = -inf."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    k, v = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i, j, off = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :], Sk - Sq
+    if alibi is not None:
+        s = s - alibi.to(s.dtype)[:, :, None, None] * (i + off - j).abs()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    hidden = torch.zeros(Sq, Sk, dtype=torch.bool)
+    if causal:
+        hidden |= j > i
+    if window[0] >= 0:
+        hidden |= j < i + off - window[0]
+    if window[1] >= 0:
+        hidden |= j > i + off + window[1]
+    s = s.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(B, H, Sq, 1)], -1)
+    lse = torch.logsumexp(s.detach(), -1)
+    empty = torch.isinf(lse)[..., None]  # no visible key, no sink: p = 0 (no NaN in the softmax or its gradient)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)[..., :Sk]
+    return p @ v, lse
+
+
+def _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sinks, alibi):
+    rng = torch.zeros(1, dtype=torch.int64)
+    Sq, Sk = q.shape[2], k.shape[2]
+    return torch.ops.fastlm.attention_fwd_cpu(
+        q, k, v, mask4, None, None, Sq, Sk, scale, causal, 0.0, rng, *window, softcap, sinks, alibi
+    )
+
+
+def _bwd_op(do, q, k, v, o, lse, mask4, scale, causal, window, softcap, sinks, alibi, mask_grad):
+    rng = torch.zeros(1, dtype=torch.int64)
+    Sq, Sk = q.shape[2], k.shape[2]
+    return torch.ops.fastlm.attention_bwd_cpu(
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        mask4,
+        None,
+        None,
+        Sq,
+        Sk,
+        scale,
+        causal,
+        0.0,
+        rng,
+        *window,
+        softcap,
+        sinks,
+        alibi,
+        mask_grad,
+    )
+
+
+def _modifier_check(
+    B,
+    H,
+    Hkv,
+    Sq,
+    Sk,
+    D,
+    dtype,
+    causal=False,
+    window=(-1, -1),
+    softcap=0.0,
+    sinks=False,
+    alibi=False,
+    mask=None,
+    backward=True,
+):
+    """The cpu forward (o, lse) and backward (dq, dk, dv, dmask, dsinks) against float64 autograd of the explicit
+    reference: the dtype's tolerance and FlashAttention's 2x rule (torch's error: the same reference in dtype)."""
+    from helpers import assert_close_ref
+
+    q = torch.randn(B, H, Sq, D).to(dtype)
+    k, v = (torch.randn(B, Hkv, Sk, D).to(dtype) for _ in range(2))
+    sk = torch.randn(H) * 2 if sinks else None
+    al = torch.rand(B, H) * 0.5 if alibi else None
+    scale = D**-0.5
+    mask_leaf = None
+    if mask is not None:
+        mask_leaf = mask(B, H, Sq, Sk)
+        if mask_leaf.dtype != torch.bool:
+            mask_leaf = mask_leaf.to(dtype)
+    mask4 = None if mask_leaf is None else mask_leaf.expand(B, H, Sq, Sk)
+    float_mask = mask_leaf is not None and mask_leaf.dtype != torch.bool
+    o, lse = _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sk, al)
+    mods = (scale, causal, window, softcap)
+
+    def ref(cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        m = None
+        if mask_leaf is not None:
+            m = mask_leaf if not float_mask else cast(mask_leaf).detach().requires_grad_()
+        s_ = None if sk is None else cast(sk).detach().requires_grad_()
+        ro, rl = _ref_attention(*leaves, m, *mods, s_, al)
+        return ro, rl, leaves + [m if float_mask else None, s_]
+
+    ro64, rl64, leaves64 = ref(lambda t: t.double())
+    ro16, _, leaves16 = ref(lambda t: t) if dtype != torch.float32 else (None, None, None)
+    assert_close_ref(o, ro64, dtype, "out", ro16)
+    # lse: -inf exactly where the reference's is (rows with no visible key and no sink)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl64)), "lse: -inf rows differ"
+    lse_tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(
+        lse.double().nan_to_num(0, 0, 0), rl64.detach().nan_to_num(0, 0, 0), atol=lse_tol, rtol=lse_tol
+    )
+    if not backward:
+        return o, lse
+    do = torch.randn(B, H, Sq, D).to(dtype)
+    dq, dk, dv, dmask, dsinks = _bwd_op(do, q, k, v, o, lse, mask4, *mods, sk, al, float_mask)
+    names = ["dq", "dk", "dv", "dmask", "dsinks"]
+    ours = [dq, dk, dv, dmask, dsinks]
+    wanted = [i for i, t in enumerate(leaves64) if t is not None]
+    g64 = torch.autograd.grad(ro64, [leaves64[i] for i in wanted], do.double(), allow_unused=True)
+    g16 = [None] * len(wanted)
+    if ro16 is not None:
+        g16 = torch.autograd.grad(ro16, [leaves16[i] for i in wanted], do, allow_unused=True)
+    for idx, want, low in zip(wanted, g64, g16, strict=True):
+        name, got = names[idx], ours[idx]
+        want = torch.zeros_like(leaves64[idx]) if want is None else want
+        if name == "dmask":  # the op keeps the 4-D reduced shape: [1 if broadcast else size]
+            assert got.dtype == torch.float32
+            assert list(got.shape) == [1 if mask4.stride(d) == 0 else mask4.size(d) for d in range(4)]
+            want = want.reshape(got.shape)
+            low = None if low is None else low.reshape(got.shape)
+            # dmask is fp32 math on the 16-bit inputs: within the dtype's tolerance, 2x rule against torch's own
+        if name == "dsinks":
+            assert got.dtype == torch.float32 and got.shape == (H,)
+        assert_close_ref(got, want, dtype, name, low)
+    if not float_mask:
+        assert dmask.shape == (0,) and dmask.dtype == torch.float32
+    if sk is None:
+        assert dsinks.shape == (0,) and dsinks.dtype == torch.float32
+    return o, lse
+
+
+MODIFIERS = {
+    "window_left": dict(window=(9, -1)),
+    "window_right": dict(window=(-1, 6)),
+    "window_both": dict(window=(5, 11)),
+    "window_causal": dict(window=(20, 0)),  # Mistral: bottom-right causal band
+    "window_0": dict(window=(0, 0)),  # each query sees its own (aligned) key only
+    "window_1": dict(window=(1, 1)),
+    "window_ge_sk": dict(window=(400, 400)),  # wider than the keys: no window
+    "window_and_causal_flag": dict(causal=True, window=(12, -1)),
+    "softcap": dict(softcap=2.0),
+    "sinks": dict(sinks=True),
+    "alibi": dict(alibi=True),
+    "softcap_alibi_sinks": dict(softcap=5.0, alibi=True, sinks=True),
+    "all_float_mask": dict(
+        window=(30, 0), softcap=3.0, alibi=True, sinks=True, mask=lambda B, H, Sq, Sk: torch.randn(1, H, 1, Sk)
+    ),
+    "all_bool_mask": dict(
+        window=(25, 4), softcap=3.0, alibi=True, sinks=True, mask=lambda B, H, Sq, Sk: torch.rand(B, 1, Sq, Sk) > 0.3
+    ),
+}
+
+# (Sq, Sk): the row path (Sq < 4: decoding and a few queries), the block path (Sq >= 4, ragged tiles), Sq > Sk
+MODIFIER_SHAPES = [(1, 150), (3, 70), (70, 150), (90, 40)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Sq,Sk", MODIFIER_SHAPES)
+@pytest.mark.parametrize("case", list(MODIFIERS))
+def test_cpu_modifiers(case, Sq, Sk, dtype):
+    _modifier_check(2, 4, 2, Sq, Sk, 32, dtype, **MODIFIERS[case])
+
+
+# Additive float masks that require grad, broadcast in every way torch allows: dmask summed over the broadcast dims.
+GRAD_MASKS = {
+    "full": lambda B, H, Sq, Sk: torch.randn(B, H, Sq, Sk),
+    "per_batch": lambda B, H, Sq, Sk: torch.randn(B, 1, Sq, Sk),
+    "2d": lambda B, H, Sq, Sk: torch.randn(Sq, Sk),
+    "per_head_key": lambda B, H, Sq, Sk: torch.randn(H, 1, Sk),
+    "with_inf": lambda B, H, Sq, Sk: torch.randn(1, H, Sq, Sk).masked_fill(torch.rand(1, H, Sq, Sk) < 0.3, -math.inf),
+}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Sq,Sk", [(2, 90), (40, 70)])
+@pytest.mark.parametrize("kind", list(GRAD_MASKS))
+def test_cpu_mask_grad(kind, Sq, Sk, dtype):
+    _modifier_check(2, 4, 4, Sq, Sk, 32, dtype, causal=Sq == Sk, mask=GRAD_MASKS[kind])
+
+
+@pytest.mark.parametrize("Sq", [1, 2, 3, 5, 32, 33])
+def test_cpu_row_and_block_paths_agree_on_modifiers(Sq):
+    """Every query count up to the block size, with all modifiers on and GQA over 4 query heads per kv head."""
+    _modifier_check(1, 8, 2, Sq, 300, 64, torch.float32, window=(100, 0), softcap=4.0, sinks=True, alibi=True)
+
+
+@pytest.mark.parametrize("Sq", [1, 2, 32, 64])
+def test_cpu_window_skips_keys_outside_the_band(Sq):
+    """Keys (and values) outside every query's band are never read: NaN there leaves the result finite and right
+    (a masked-but-visited tile would turn the NaN values into NaN outputs through 0 * NaN)."""
+    Sk, left = 512, 40
+    q, k, v = torch.randn(1, 2, Sq, 64), torch.randn(1, 2, Sk, 64), torch.randn(1, 2, Sk, 64)
+    first = Sk - Sq - left  # the first key the first query sees
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :first] = float("nan")
+    v2[:, :, :first] = float("nan")
+    o, lse = _fwd_op(q, k2, v2, None, 0.125, False, (left, 0), 0.0, None, None)
+    ro, rl = _ref_attention(q.double(), k.double(), v.double(), None, 0.125, False, (left, 0), 0.0, None, None)
+    torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), rl, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_unbounded_window_is_the_default_path():
+    """A window wider than the keys (either side) is no window: bitwise the default path's result."""
+    q, k, v = torch.randn(2, 4, 40, 32), torch.randn(2, 2, 60, 32), torch.randn(2, 2, 60, 32)
+    base = _fwd_op(q, k, v, None, 0.2, True, (-1, -1), 0.0, None, None)
+    for window in [(60, -1), (-1, 40), (1000, 1000)]:
+        got = _fwd_op(q, k, v, None, 0.2, True, window, 0.0, None, None)
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]), window
+
+
+def test_cpu_sinks_of_minus_inf_are_no_sinks():
+    q, k, v = torch.randn(1, 3, 37, 32), torch.randn(1, 3, 50, 32), torch.randn(1, 3, 50, 32)
+    base = _fwd_op(q, k, v, None, 0.2, False, (-1, -1), 0.0, None, None)
+    got = _fwd_op(q, k, v, None, 0.2, False, (-1, -1), 0.0, torch.full((3,), -math.inf), None)
+    torch.testing.assert_close(got[0], base[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], base[1], atol=1e-6, rtol=1e-6)
+
+
+def test_cpu_modifiers_thread_count_invariant():
+    from helpers import at_thread_counts
+
+    q, k, v = torch.randn(2, 4, 150, 64), torch.randn(2, 2, 400, 64), torch.randn(2, 2, 400, 64)
+    sinks, alibi = torch.randn(4), torch.rand(2, 4)
+    outs = at_thread_counts(
+        lambda: _fwd_op(q, k, v, None, 0.125, False, (64, 0), 3.0, sinks, alibi)[0],
+        (1, max(torch.get_num_threads(), 2)),
+    )
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cpu_bwd_mask_grad_needs_a_float_mask():
+    q = torch.randn(1, 2, 8, 16)
+    o, lse = _fwd_op(q, q, q, None, 0.25, False, (-1, -1), 0.0, None, None)
+    with pytest.raises(RuntimeError, match="mask_grad needs an additive float mask"):
+        _bwd_op(q, q, q, q, o, lse, None, 0.25, False, (-1, -1), 0.0, None, None, True)

@@ -16,15 +16,22 @@
 // copy would be too big). The vectors are GCC vector types of the ISA's native width, picked at run time together
 // with the tile shape (AVX-512: 16 lanes, 32 queries x 8; AVX2: 8 lanes, 16 x 6; SSE: 4 lanes, 8 x 6), in the ISA
 // clone (FASTLM_CPU_CLONES) of the same level: a 16-lane vector lowered to ymm pairs spills badly with GCC.
-// Key tiles entirely above the causal diagonal are never visited; tiles whose
-// mask hides every key are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding,
-// Sq = 1, or a ragged last block) take a row-at-a-time path instead (dot products over D), since a 32-query
-// block would waste most of its lanes there.
+// Key tiles entirely above the causal diagonal or outside the sliding window's band are never visited (each query
+// block loops over the keys its band reaches, so the cost falls with the window); tiles whose mask hides every key
+// are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding, Sq = 1, or a ragged
+// last block) take a row-at-a-time path instead (dot products over D), since a 32-query block would waste most of
+// its lanes there.
+//
+// Score modifiers (semantics in csrc/ops.cpp), with off = Sk - Sq: softcap (queries pre-scaled by scale / c, then
+// s = c * tanh(s), vectorised tanh_fast) and ALiBi (s -= slope * |i + off - j|) are one template flag, MODS, so
+// the default path is unchanged; the window only moves loop bounds and masks the tiles on the band's edges; sinks
+// start each row's online softmax at m = sink, l = 1 (exp(sink - m)), which a finished row divides by.
 #include "checks.h"
 #include "cpu/common.h"
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -58,10 +65,37 @@ struct Params {
   int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // strides in elements
   int64_t m_sb, m_sh, m_sq, m_sk;
   int64_t H, group, Sq, Sk, D, n_qblocks;
+  int64_t off;     // Sk - Sq: the bottom-right alignment of the window and of ALiBi's distances
+  int64_t wl, wr;  // window left / right, -1 = unbounded (a bound that hides no key is stored as -1)
+  const float* sinks;  // (H,) or null
+  const float* alibi;  // (B, H) slopes or null
   int mask_kind;
-  float scale;
+  float scale;    // the queries' factor: the softmax scale, divided by softcap when there is one
+  float softcap;  // 0 = none
   bool causal;
 };
+
+// The keys [lo, hi) that queries [i0, i1) may see under the causal mask and the window (hi <= lo: none).
+FASTLM_INLINE void key_range(const Params& p, int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) {
+  lo = p.wl >= 0 ? std::max<int64_t>(0, i0 + p.off - p.wl) : 0;
+  hi = p.causal ? std::min(p.Sk, i1) : p.Sk;
+  if (p.wr >= 0) hi = std::min(hi, i1 + p.off + p.wr);
+}
+
+// softcap and ALiBi on n scores s[0..n) of query i against keys j0.. (MODS only): s = c * tanh(s) (the queries
+// carry 1 / c), then s -= slope * |i + off - j|.
+FASTLM_INLINE void row_mods(const Params& p, float slope, int64_t i, int64_t j0, int64_t n, float* s) {
+  if (p.softcap > 0.f) {
+    const float c = p.softcap;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = c * tanh_fast(s[j]);
+  }
+  if (p.alibi != nullptr) {
+    const float base = static_cast<float>(i + p.off - j0);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] -= slope * std::fabs(base - static_cast<float>(j));
+  }
+}
 
 // The additive bias of mask element off: bool False -> -inf, True -> 0; float masks as they are.
 FASTLM_INLINE float mask_bias(int kind, const void* m, int64_t off) {
@@ -174,28 +208,35 @@ struct Workspace {
 };
 
 // One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
-template <typename T>
-FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, T* o,
-                              float* lse, Workspace& w) {
+template <typename T, bool MODS>
+FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, float slope,
+                              float sink, T* o, float* lse, Workspace& w) {
   const int64_t D = p.D;
-  const int64_t n = p.causal ? std::min(p.Sk, i + 1) : p.Sk;
+  int64_t lo, hi;
+  key_range(p, i, i + 1, lo, hi);
+  const int64_t n = std::max<int64_t>(hi - lo, 0);
   float* qf = w.qrow;
-  float* s = w.srow;
+  float* s = w.srow;  // s[j - lo]
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
-  float mx = kNegInf;
   for (int64_t j = 0; j < n; ++j) {
-    const T* kr = k + j * p.k_ss;
+    const T* kr = k + (lo + j) * p.k_ss;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
-    if (p.mask_kind != kNoMask) acc += mask_bias(p.mask_kind, p.mask, mb + i * p.m_sq + j * p.m_sk);
     s[j] = acc;
-    mx = std::max(mx, acc);
   }
+  if constexpr (MODS) row_mods(p, slope, i, lo, n, s);
+  if (p.mask_kind != kNoMask) {
+    const int64_t mrow = mb + i * p.m_sq + lo * p.m_sk;
+    for (int64_t j = 0; j < n; ++j) s[j] += mask_bias(p.mask_kind, p.mask, mrow + j * p.m_sk);
+  }
+  float mx = sink;  // -inf without sinks
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
   float* acc = w.orow;
   for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-  if (mx == kNegInf) {  // no visible key (or none at all)
+  if (mx == kNegInf) {  // no visible key (or none at all) and no sink
     for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(0.f);
     *lse = kNegInf;
     return;
@@ -206,10 +247,11 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
     s[j] = exp_fast(s[j] - mx);
     l += s[j];
   }
+  if (sink != kNegInf) l += exp_fast(sink - mx);
   for (int64_t j = 0; j < n; ++j) {
     const float pj = s[j];
     if (pj == 0.f) continue;
-    const T* vr = v + j * p.v_ss;
+    const T* vr = v + (lo + j) * p.v_ss;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] += pj * to_float(vr[d]);
   }
@@ -220,7 +262,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
 }
 
 // Queries [i0, i0 + rows) of one (b, h), rows <= BM: the flash loop over key tiles described at the top.
-template <typename T, int L, int BM, int kR>
+template <typename T, int L, int BM, int kR, bool MODS>
 FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Workspace& w) {
   const int64_t D = p.D;
   const int64_t hk = h / p.group;
@@ -230,8 +272,11 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   T* o = static_cast<T*>(p.o) + ((b * p.H + h) * p.Sq + i0) * D;
   float* lse = p.lse + (b * p.H + h) * p.Sq + i0;
   const int64_t mb = b * p.m_sb + h * p.m_sh;
+  const float slope = p.alibi != nullptr ? p.alibi[b * p.H + h] : 0.f;
+  const float sink = p.sinks != nullptr ? p.sinks[h] : kNegInf;
   if (rows < kRowPath) {
-    for (int64_t r = 0; r < rows; ++r) attend_row<T>(p, q + r * p.q_ss, k, v, mb, i0 + r, o + r * D, lse + r, w);
+    for (int64_t r = 0; r < rows; ++r)
+      attend_row<T, MODS>(p, q + r * p.q_ss, k, v, mb, i0 + r, slope, sink, o + r * D, lse + r, w);
     return;
   }
   float *qt = w.qt, *ot = w.ot, *st = w.st, *bt = w.bt;
@@ -239,7 +284,8 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = p.scale * to_float(q[r * p.q_ss + d]);
   float m[BM], l[BM], mt[BM], mu[BM], alpha[BM];
-  for (int i = 0; i < BM; ++i) m[i] = kNegInf, l[i] = 0.f;
+  // A sink is a key of score `sink` and no value: the running max starts at it, with a sum of exp(sink - sink).
+  for (int i = 0; i < BM; ++i) m[i] = sink, l[i] = sink == kNegInf ? 0.f : 1.f;
 
   constexpr bool widen = !std::is_same_v<T, float>;
   if (widen && w.whole_head && w.cached != b * (p.H / p.group) + hk) {
@@ -249,8 +295,9 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   }
   const bool key_mask = p.mask_kind != kNoMask && p.m_sq == 0;  // padding-style: one bias per key
   const bool full_mask = p.mask_kind != kNoMask && !key_mask;
-  const int64_t jend = p.causal ? std::min(p.Sk, i0 + rows) : p.Sk;
-  for (int64_t j0 = 0; j0 < jend; j0 += kBN) {
+  int64_t jbeg, jend;
+  key_range(p, i0, i0 + rows, jbeg, jend);
+  for (int64_t j0 = jbeg; j0 < jend; j0 += kBN) {
     const int64_t nj = std::min<int64_t>(kBN, jend - j0);
     // Masks first: a tile that hides every key costs no arithmetic.
     if (key_mask) {
@@ -295,6 +342,20 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
     for (; j + kR <= nj; j += kR) qk_tile<L, BM, kR>(qt, kf + j * ks, ks, D, st + j * BM);
     tail<kR>(nj - j, [&](auto R) { qk_tile<L, BM, decltype(R)::value>(qt, kf + j * ks, ks, D, st + j * BM); });
 
+    if constexpr (MODS) {
+      if (p.softcap > 0.f) {
+        const float c = p.softcap;
+#pragma omp simd
+        for (int64_t x = 0; x < nj * BM; ++x) st[x] = c * tanh_fast(st[x]);
+      }
+      if (p.alibi != nullptr) {
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const float base = static_cast<float>(i0 + p.off - j0 - jj);  // query i0 + i is |base + i| from key j0 + jj
+#pragma omp simd
+          for (int i = 0; i < BM; ++i) st[jj * BM + i] -= slope * std::fabs(base + static_cast<float>(i));
+        }
+      }
+    }
     if (key_mask) {
       for (int64_t jj = 0; jj < nj; ++jj) {
         const float bias = w.kbias[jj];
@@ -305,11 +366,21 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 #pragma omp simd
       for (int64_t x = 0; x < nj * BM; ++x) st[x] += bt[x];
     }
-    if (p.causal && j0 + nj - 1 > i0) {  // the tile crosses the diagonal: key j0 + jj > query i0 + i is hidden
+    // Tiles crossing the causal diagonal or an edge of the window's band: key j = j0 + jj is visible to the
+    // queries i0 + i with first <= i <= last.
+    const int64_t jlast = j0 + nj - 1;
+    const bool edge = (p.causal && jlast > i0) || (p.wr >= 0 && jlast > i0 + p.off + p.wr) ||
+                      (p.wl >= 0 && j0 < i0 + rows - 1 + p.off - p.wl);
+    if (edge) {
       for (int64_t jj = 0; jj < nj; ++jj) {
-        const int64_t lim = j0 + jj - i0;  // hidden where i < lim
+        const int64_t j = j0 + jj - i0;
+        int64_t first = p.causal ? j : 0, last = BM;
+        if (p.wr >= 0) first = std::max(first, j - p.off - p.wr);
+        if (p.wl >= 0) last = std::min(last, j - p.off + p.wl);
+        const int f = static_cast<int>(std::clamp<int64_t>(first, -1, BM + 1));
+        const int t = static_cast<int>(std::clamp<int64_t>(last, -1, BM + 1));
 #pragma omp simd
-        for (int i = 0; i < BM; ++i) st[jj * BM + i] = i < lim ? kNegInf : st[jj * BM + i];
+        for (int i = 0; i < BM; ++i) st[jj * BM + i] = (i < f || i > t) ? kNegInf : st[jj * BM + i];
       }
     }
 
@@ -360,14 +431,14 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 
 // Work items [begin, end) of (b, h, query block), in that order: consecutive items share K/V (same head, or
 // the heads of one GQA group), so the widened copy is made once per kv head per thread.
-template <typename T, int L, int BM, int R>
+template <typename T, int L, int BM, int R, bool MODS>
 FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
   Workspace w(p, !std::is_same_v<T, float>);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % p.n_qblocks;
     const int64_t bh = item / p.n_qblocks;
     const int64_t i0 = qb * BM;
-    attend_block<T, L, BM, R>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(BM, p.Sq - i0), w);
+    attend_block<T, L, BM, R, MODS>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(BM, p.Sq - i0), w);
   }
 }
 
@@ -383,7 +454,9 @@ void check_bhsd(const Tensor& t, const char* name, ScalarType dt) {
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
                                              const std::optional<Tensor>& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
-                                             double scale, bool causal, double dropout_p, const Tensor& /*rng*/) {
+                                             double scale, bool causal, double dropout_p, const Tensor& /*rng*/,
+                                             int64_t window_left, int64_t window_right, double softcap,
+                                             const std::optional<Tensor>& sinks, const std::optional<Tensor>& alibi) {
   STD_TORCH_CHECK(!cu_q.has_value() && !cu_k.has_value(),
                   "fastlm: unsupported case: varlen (cu_q / cu_k) attention in the CPU backend");
   STD_TORCH_CHECK(dropout_p == 0.0, "fastlm: unsupported case: dropout (dropout_p = ", dropout_p,
@@ -419,8 +492,31 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     p.mask = m.data_ptr();
     p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sq = m.stride(2), p.m_sk = m.stride(3);
   }
+  STD_TORCH_CHECK(window_left >= -1 && window_right >= -1, "fastlm: window sizes must be >= 0 (or -1: unbounded), got (",
+                  window_left, ", ", window_right, ")");
+  STD_TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fastlm: softcap must be finite and >= 0 (0: none), got ",
+                  softcap);
+  const auto check_f32 = [](const std::optional<Tensor>& t, const char* name, int64_t n0, int64_t n1, int dims) {
+    if (!t.has_value()) return static_cast<const float*>(nullptr);
+    check_cpu(*t, name);
+    const bool shape_ok = t->dim() == dims && t->size(0) == n0 && (dims == 1 || t->size(1) == n1);
+    STD_TORCH_CHECK(shape_ok, "fastlm: ", name, " must have shape ", dims == 1 ? "(H,) = (" : "(B, H) = (", n0,
+                    dims == 1 ? "" : ", ", dims == 1 ? "" : std::to_string(n1), ")");
+    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float, "fastlm: ", name, " must be float32, got ",
+                    dtype_name(t->scalar_type()));
+    STD_TORCH_CHECK(t->is_contiguous(), "fastlm: ", name, " must be contiguous");
+    return static_cast<const float*>(t->data_ptr());
+  };
+  p.sinks = check_f32(sinks, "sinks", H, 0, 1);
+  p.alibi = check_f32(alibi, "alibi", B, H, 2);
   const attn::FwdOut out = attn::fwd_outputs(q, d);
-  if (out.done) return {out.o, out.lse};
+  if (out.done) {
+    if (p.sinks != nullptr && Sk == 0) {  // no key: every row's sum-exp is the sink's
+      float* lse = static_cast<float*>(out.lse.data_ptr());
+      for (int64_t x = 0; x < B * H * Sq; ++x) lse[x] = p.sinks[(x / Sq) % H];
+    }
+    return {out.o, out.lse};
+  }
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = out.o.data_ptr();
   p.lse = static_cast<float*>(out.lse.data_ptr());
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
@@ -437,18 +533,32 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 #endif
   const int64_t bm = isa == 2 ? 32 : isa == 1 ? 16 : 8;
   p.n_qblocks = (Sq + bm - 1) / bm;
-  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.scale = static_cast<float>(softcap > 0.0 ? scale / softcap : scale);
   p.causal = causal;
+  p.off = Sk - Sq;
+  // Bounds that hide no key become -1 (unbounded): i + off - j lies in [1 - Sq, Sk - 1]. Huge sizes cannot overflow.
+  p.wl = window_left >= Sk ? -1 : window_left;
+  p.wr = window_right >= Sq ? -1 : window_right;
+  const bool mods = p.softcap > 0.f || p.alibi != nullptr;
   dispatch_float<half, bf16>(dt, [&](auto tag) {
     using T = decltype(tag);
     // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
     parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) {
-      if (isa == 2) {
-        attention_items<T, 16, 32, 8>(p, begin, end);
-      } else if (isa == 1) {
-        attention_items<T, 8, 16, 6>(p, begin, end);
+      const auto run = [&](auto with_mods) {
+        constexpr bool M = decltype(with_mods)::value;
+        if (isa == 2) {
+          attention_items<T, 16, 32, 8, M>(p, begin, end);
+        } else if (isa == 1) {
+          attention_items<T, 8, 16, 6, M>(p, begin, end);
+        } else {
+          attention_items<T, 4, 8, 6, M>(p, begin, end);
+        }
+      };
+      if (mods) {
+        run(std::true_type{});
       } else {
-        attention_items<T, 4, 8, 6>(p, begin, end);
+        run(std::false_type{});
       }
     });
   });

@@ -135,6 +135,29 @@ FASTLM_INLINE float exp_fast(float x) {
   return x != x ? x : out;
 }
 
+// tanh(x) in fp32, branch-free so that loops over it vectorise: the odd rational minimax approximation Eigen and
+// XLA use (x * P(x^2) / Q(x^2), degrees 13 / 6) on |x| clamped to 7.9053 (where tanh rounds to +-1), x itself for
+// |x| < 4e-4. Max relative error 4e-7 (about 7 ulp) against float64 tanh over [-10, 10]; NaN gives NaN.
+FASTLM_INLINE float tanh_fast(float x) {
+  constexpr float c = 7.90531110763549805f;
+  const float xc = x < -c ? -c : (x > c ? c : x);
+  const float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = __builtin_fmaf(p, x2, 2.00018790482477e-13f);
+  p = __builtin_fmaf(p, x2, -8.60467152213735e-11f);
+  p = __builtin_fmaf(p, x2, 5.12229709037114e-08f);
+  p = __builtin_fmaf(p, x2, 1.48572235717979e-05f);
+  p = __builtin_fmaf(p, x2, 6.37261928875436e-04f);
+  p = __builtin_fmaf(p, x2, 4.89352455891786e-03f);
+  float q = 1.19825839466702e-06f;
+  q = __builtin_fmaf(q, x2, 1.18534705686654e-04f);
+  q = __builtin_fmaf(q, x2, 2.26843463243900e-03f);
+  q = __builtin_fmaf(q, x2, 4.89352518554385e-03f);
+  const float t = xc * p / q;
+  const float out = (x < 4e-4f && x > -4e-4f) ? x : t;
+  return x != x ? x : out;
+}
+
 // log(x) in fp32, branch-free so that loops over it vectorise (musl's range reduction, Cephes' logf polynomial):
 // x = 2^k * m with m in [sqrt(1/2), sqrt(2)) found with integer ops only, log(x) = k ln2 + log(1 + f), f = m - 1,
 // by a degree-9 polynomial (ln2 split in two). Max relative error ~2 ulp; subnormals are scaled by 2^25 first.

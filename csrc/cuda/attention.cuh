@@ -197,6 +197,19 @@ inline void check_scope(const std::optional<Tensor>& mask, const std::optional<T
                   ") in the CUDA attention backend");
 }
 
+// The score modifiers of issue 18 (window, softcap, sinks, ALiBi, the mask's gradient): the CUDA C++ kernels have
+// none; only their defaults pass (fastlm.dispatch.LACKS keeps such calls away from this backend under auto).
+inline void check_no_modifiers(int64_t window_left, int64_t window_right, double softcap,
+                               const std::optional<Tensor>& sinks, const std::optional<Tensor>& alibi,
+                               bool mask_grad = false) {
+  STD_TORCH_CHECK(window_left == -1 && window_right == -1, "fastlm: unsupported case: a sliding window (",
+                  window_left, ", ", window_right, ") in the CUDA attention backend");
+  STD_TORCH_CHECK(softcap == 0.0, "fastlm: unsupported case: softcap (", softcap, ") in the CUDA attention backend");
+  STD_TORCH_CHECK(!sinks.has_value(), "fastlm: unsupported case: attention sinks in the CUDA attention backend");
+  STD_TORCH_CHECK(!alibi.has_value(), "fastlm: unsupported case: ALiBi slopes in the CUDA attention backend");
+  STD_TORCH_CHECK(!mask_grad, "fastlm: unsupported case: the mask's gradient in the CUDA attention backend");
+}
+
 // A 4-D (B, heads, S, D) tensor of dtype dt on device dev, unit last stride, 16-byte aligned rows (cp.async).
 inline void check_bhsd(const Tensor& t, const char* name, ScalarType dt, int32_t dev) {
   CudaDevice{dev, "q", kSameDevice}(t, name);

@@ -54,13 +54,13 @@ void launch_bwd(const BwdParams& p, int64_t B, cudaStream_t stream) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& o, const Tensor& lse,
-                                                      const std::optional<Tensor>& mask,
-                                                      const std::optional<Tensor>& cu_q,
-                                                      const std::optional<Tensor>& cu_k, int64_t /*max_q*/,
-                                                      int64_t /*max_k*/, double scale, bool causal, double dropout_p,
-                                                      const Tensor& /*rng*/) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+    const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k,
+    int64_t /*max_q*/, int64_t /*max_k*/, double scale, bool causal, double dropout_p, const Tensor& /*rng*/,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<Tensor>& sinks,
+    const std::optional<Tensor>& alibi, bool mask_grad) {
+  check_no_modifiers(window_left, window_right, softcap, sinks, alibi, mask_grad);
   const Dims d = check_inputs(q, k, v, mask, cu_q, cu_k, dropout_p);
   const int32_t dev = q.get_device_index();
   const ScalarType dt = q.scalar_type();
@@ -79,12 +79,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& dout, const 
   Tensor dq = torch::stable::new_empty(q, {d.B, d.H, d.Sq, d.D});
   Tensor dk = torch::stable::new_empty(k, {d.B, d.Hkv, d.Sk, d.D});
   Tensor dv = torch::stable::new_empty(v, {d.B, d.Hkv, d.Sk, d.D});
-  if (d.B == 0 || d.H == 0) return {dq, dk, dv};
+  // No mask gradient and no sinks here (check_no_modifiers): both are empty (0,) float32, as the schema says.
+  Tensor dmask = torch::stable::new_empty(q, {0}, ScalarType::Float);
+  Tensor dsinks = torch::stable::new_empty(q, {0}, ScalarType::Float);
+  if (d.B == 0 || d.H == 0) return {dq, dk, dv, dmask, dsinks};
   if (d.Sq == 0 || d.Sk == 0) {  // no (query, key) pair: every gradient is zero
     torch::stable::zero_(dq);
     torch::stable::zero_(dk);
     torch::stable::zero_(dv);
-    return {dq, dk, dv};
+    return {dq, dk, dv, dmask, dsinks};
   }
   Tensor delta = torch::stable::new_empty(q, {d.B, d.H, d.Sq}, ScalarType::Float);
 
@@ -102,7 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& dout, const 
 
   const cudaStream_t stream = current_stream(dev);
   dispatch_kernels(dt, d.D, [&](auto t, auto dd) { launch_bwd<decltype(t), decltype(dd)::value>(p, d.B, stream); });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dmask, dsinks};
 }
 
 }  // namespace

@@ -248,7 +248,11 @@ void launch_fwd(const FwdParams& p, dim3 grid, cudaStream_t stream) {
 std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
                                               const std::optional<Tensor>& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
-                                              double scale, bool causal, double dropout_p, const Tensor& /*rng*/) {
+                                              double scale, bool causal, double dropout_p, const Tensor& /*rng*/,
+                                              int64_t window_left, int64_t window_right, double softcap,
+                                              const std::optional<Tensor>& sinks,
+                                              const std::optional<Tensor>& alibi) {
+  check_no_modifiers(window_left, window_right, softcap, sinks, alibi);
   const Dims d = check_inputs(q, k, v, mask, cu_q, cu_k, dropout_p);
   const int32_t dev = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(dev);

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels import LN2, LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, empty, launch_grid, on_tensor_device
+from fastlm.kernels.attention import decode  # split-KV decode hook in attn_fwd
 from fastlm.kernels.attention.configs import (
     FWD_BOXES,
     FWD_FP32,
@@ -492,6 +493,11 @@ def attn_fwd(
     window: (left, right) keys around the bottom-right aligned diagonal i + Sk - Sq, -1 = unbounded on that side;
     softcap: c > 0 caps the scaled scores to c * tanh(s / c), 0 = off; sinks: (H,) fp32 per-head sink logits (in
     lse too); alibi: (B, H) fp32 slopes ((n, H) varlen), s -= slope * |i + Sk - Sq - j|. See feature_args."""
+    # >>> split-KV decode hook (kernels/attention/decode.py): few queries, long keys; same (o, lse) as below
+    if cu_q is None and config is None and tma is None and decode.use_split_kv(q, k, dropout_p):
+        kw = dict(window=window, softcap=softcap, sinks=sinks, alibi=alibi)
+        return decode.decode_fwd(q, k, v, mask, scale, causal, **kw)
+    # <<< split-KV decode hook
     varlen = cu_q is not None
     D = q.shape[-1]
     o = empty(q.shape, q.dtype, q.device)
