@@ -18,6 +18,14 @@ import fastlm
 import fastlm.functional as F
 
 B, H, HKV = 2, 4, 2
+
+
+@pytest.fixture(autouse=True)
+def _no_split_kv(monkeypatch):
+    """These tests are of the forward kernel (forward.py): keep attn_fwd off its split-KV decode route."""
+    monkeypatch.setenv("FASTLM_SPLIT_KV", "0")
+
+
 DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.float16)]
 
 
