@@ -71,13 +71,14 @@ def scaled_dot_product_attention(
     """torch's SDPA, plus fastlm's score modifiers computed explicitly (fastlm/ops/attention_args.py has the
     semantics): scores, soft-cap, ALiBi bias, mask, causal/window band, softmax with the sink column, in the inputs'
     dtype (as torch's math SDPA; the tests' oracle with float64 inputs). With a modifier, queries that see no key
-    (and have no sink) get zeros; without one this is ``torch.nn.functional.scaled_dot_product_attention`` itself
-    (NaN there)."""
-    if window is None and softcap is None and sinks is None and alibi_slopes is None:
+    (and have no sink) get zeros; without one (and without a mask together with ``is_causal``, which torch refuses)
+    this is ``torch.nn.functional.scaled_dot_product_attention`` itself (NaN there)."""
+    plain = window is None and softcap is None and sinks is None and alibi_slopes is None
+    if plain and (attn_mask is None or not is_causal):  # (torch refuses a mask together with is_causal)
         return TF.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    from fastlm.ops.attention_mods import check_softcap, window_sides
+    from fastlm.ops.attention_args import check_softcap, window_sides
 
     cdt = query.dtype
     q, k, v = query, key, value

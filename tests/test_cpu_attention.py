@@ -485,3 +485,25 @@ def test_cpu_bwd_mask_grad_needs_a_float_mask():
     o, lse = _fwd_op(q, q, q, None, 0.25, False, (-1, -1), 0.0, None, None)
     with pytest.raises(RuntimeError, match="mask_grad needs an additive float mask"):
         _bwd_op(q, q, q, q, o, lse, None, 0.25, False, (-1, -1), 0.0, None, None, True)
+
+
+@pytest.mark.parametrize("Sq", [1, 2, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_decode_gqa_grouped_and_per_head_agree(Sq, masked):
+    """Decoding with GQA takes one work item per (batch, kv head) when there are at least as many as threads (each
+    K/V row read once for the group's query heads), else one per query head: both against float64, and each other."""
+    from helpers import at_thread_counts
+
+    B, H, Hkv, Sk, D = 1, 8, 2, 333, 64
+    mask = (lambda B, H, Sq, Sk: torch.randn(B, H, Sq, Sk)) if masked else None
+    kw = dict(window=(200, 0), softcap=4.0, sinks=True, alibi=True, mask=mask, backward=False)
+    outs = at_thread_counts(lambda: _modifier_check(B, H, Hkv, Sq, Sk, D, torch.float32, **kw), (1, 8))
+    q = torch.randn(B, H, Sq, D)
+    k, v = torch.randn(B, Hkv, Sk, D), torch.randn(B, Hkv, Sk, D)
+    sinks, alibi = torch.randn(H), torch.rand(B, H)
+    grouped, per_head = at_thread_counts(
+        lambda: _fwd_op(q, k, v, None, 0.125, True, (100, 0), 3.0, sinks, alibi), (1, 8)
+    )
+    assert len(outs) == 2
+    torch.testing.assert_close(grouped[0], per_head[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grouped[1], per_head[1], atol=1e-6, rtol=1e-6)

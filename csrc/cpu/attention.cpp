@@ -65,6 +65,7 @@ struct Params {
   int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // strides in elements
   int64_t m_sb, m_sh, m_sq, m_sk;
   int64_t H, group, Sq, Sk, D, n_qblocks;
+  int64_t grouped;  // > 0: decoding with GQA, one work item per (b, kv head) of `grouped` = group * Sq rows
   int64_t off;     // Sk - Sq: the bottom-right alignment of the window and of ALiBi's distances
   int64_t wl, wr;  // window left / right, -1 = unbounded (a bound that hides no key is stored as -1)
   const float* sinks;  // (H,) or null
@@ -181,8 +182,8 @@ FASTLM_INLINE void widen_rows(const T* src, int64_t stride, int64_t rows, int64_
 
 // Per-thread scratch (common.h's aligned Scratch), allocated once per parallel chunk; every array 64-byte aligned.
 struct Workspace {
-  static constexpr int kSlots = 10;
-  float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow;
+  static constexpr int kSlots = 11;
+  float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow, *kvrow;
   int64_t cached = -1;  // b * Hkv + hk whose K/V the whole-head copies kc/vc hold
   bool whole_head;
   int64_t size[kSlots];  // floats per array, rounded up to 16
@@ -192,13 +193,15 @@ struct Workspace {
   static int64_t sizes(const Params& p, bool widen, int64_t* out) {
     const int64_t D = p.D;
     const int64_t kv_rows = !widen ? 0 : (whole(p, widen) ? p.Sk : kBN);
-    const int64_t n[kSlots] = {D * kBM, D * kBM, kBN * kBM, kBN * kBM, kBN, kv_rows * D, kv_rows * D, p.Sk, D, D};
+    const int64_t R = std::max<int64_t>(p.grouped, 1);  // rows of the row path at once
+    const int64_t n[kSlots] = {D * kBM,     D * kBM,     kBN * kBM, kBN * kBM, kBN, kv_rows * D,
+                               kv_rows * D, R * p.Sk, R * D,     R * D,     D};
     int64_t total = 0;
     for (int i = 0; i < kSlots; ++i) total += out[i] = (n[i] + 15) / 16 * 16;
     return total;
   }
   Workspace(const Params& p, bool widen) : whole_head(whole(p, widen)), buf(sizes(p, widen, size)) {
-    float** slots[kSlots] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow};
+    float** slots[kSlots] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow, &kvrow};
     float* at = buf.get();
     for (int i = 0; i < kSlots; ++i) {
       *slots[i] = at;
@@ -206,6 +209,31 @@ struct Workspace {
     }
   }
 };
+
+// out[c] = q . k[c * ks ..] for C consecutive key rows (C independent accumulators: a single dot product's
+// reduction is a dependency chain, and the row paths are otherwise bound by its latency, not by memory).
+template <int C, typename T>
+FASTLM_INLINE void dots(const float* q, const T* k, int64_t ks, int64_t D, float* out) {
+  float a[C] = {};
+  if constexpr (C == 4) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = q[d];
+      a0 += x * to_float(k[d]);
+      a1 += x * to_float(k[ks + d]);
+      a2 += x * to_float(k[2 * ks + d]);
+      a3 += x * to_float(k[3 * ks + d]);
+    }
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+  } else {
+    float a0 = 0.f;
+#pragma omp simd reduction(+ : a0)
+    for (int64_t d = 0; d < D; ++d) a0 += q[d] * to_float(k[d]);
+    a[0] = a0;
+  }
+  for (int c = 0; c < C; ++c) out[c] = a[c];
+}
 
 // One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
 template <typename T, bool MODS>
@@ -219,13 +247,9 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
   float* s = w.srow;  // s[j - lo]
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kr = k + (lo + j) * p.k_ss;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += qf[d] * to_float(kr[d]);
-    s[j] = acc;
-  }
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) dots<4>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
+  for (; j < n; ++j) dots<1>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
   if constexpr (MODS) row_mods(p, slope, i, lo, n, s);
   if (p.mask_kind != kNoMask) {
     const int64_t mrow = mb + i * p.m_sq + lo * p.m_sk;
@@ -259,6 +283,82 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[d] * inv);
   *lse = mx + std::log(l);
+}
+
+// Decoding with GQA: the R = group * Sq query rows of one (b, kv head) at once, so that each K and V row is read
+// from memory once for all of them (the per-row path would stream the kv head once per query head). Row r is query
+// i = r % Sq of head h = hk * group + r / Sq; the rows share the key range [lo, hi) of all Sq queries, each row
+// hiding the keys outside its own range. Scores s[r][j - lo], then per row the row path's softmax, then o.
+template <typename T, bool MODS>
+FASTLM_INLINE void attend_group(const Params& p, int64_t b, int64_t hk, Workspace& w) {
+  const int64_t D = p.D, R = p.grouped, h0 = hk * p.group;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  int64_t lo, hi;
+  key_range(p, 0, p.Sq, lo, hi);
+  const int64_t n = std::max<int64_t>(hi - lo, 0);
+  float *qf = w.qrow, *s = w.srow, *acc = w.orow, *kv = w.kvrow;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + (h0 + r / p.Sq) * p.q_sh + (r % p.Sq) * p.q_ss;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = p.scale * to_float(q[d]);
+  }
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // 4 key rows, read from memory once, in cache for the R query rows
+    for (int64_t r = 0; r < R; ++r) dots<4>(qf + r * D, k + (lo + j) * p.k_ss, p.k_ss, D, s + r * n + j);
+  }
+  for (; j < n; ++j) {
+    for (int64_t r = 0; r < R; ++r) dots<1>(qf + r * D, k + (lo + j) * p.k_ss, p.k_ss, D, s + r * n + j);
+  }
+  float* lsum = w.kbias;  // the rows' sums (R <= kBN: attention_fwd_cpu's condition)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = h0 + r / p.Sq, i = r % p.Sq;
+    float* sr = s + r * n;
+    if constexpr (MODS) row_mods(p, p.alibi != nullptr ? p.alibi[b * p.H + h] : 0.f, i, lo, n, sr);
+    if (p.mask_kind != kNoMask) {
+      const int64_t mrow = b * p.m_sb + h * p.m_sh + i * p.m_sq + lo * p.m_sk;
+      for (int64_t j = 0; j < n; ++j) sr[j] += mask_bias(p.mask_kind, p.mask, mrow + j * p.m_sk);
+    }
+    int64_t rlo, rhi;  // this row's own keys
+    key_range(p, i, i + 1, rlo, rhi);
+    rlo = std::clamp<int64_t>(rlo - lo, 0, n);
+    rhi = std::clamp<int64_t>(rhi - lo, rlo, n);
+    for (int64_t j = 0; j < rlo; ++j) sr[j] = kNegInf;
+    for (int64_t j = rhi; j < n; ++j) sr[j] = kNegInf;
+    const float sink = p.sinks != nullptr ? p.sinks[h] : kNegInf;
+    float mx = sink;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+    const float mu = mx == kNegInf ? 0.f : mx;  // nothing visible: every p = 0, the row's o = 0, lse = -inf
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t j = 0; j < n; ++j) {
+      sr[j] = exp_fast(sr[j] - mu);
+      l += sr[j];
+    }
+    if (sink != kNegInf) l += exp_fast(sink - mu);
+    lsum[r] = l;
+    p.lse[(b * p.H + h) * p.Sq + i] = l > 0.f ? mu + std::log(l) : kNegInf;
+  }
+  for (int64_t x = 0; x < R * D; ++x) acc[x] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = v + (lo + j) * p.v_ss;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) kv[d] = to_float(vr[d]);
+    for (int64_t r = 0; r < R; ++r) {
+      const float pj = s[r * n + j];
+      if (pj == 0.f) continue;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[r * D + d] += pj * kv[d];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = h0 + r / p.Sq, i = r % p.Sq;
+    const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
+    T* o = static_cast<T*>(p.o) + ((b * p.H + h) * p.Sq + i) * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[r * D + d] * inv);
+  }
 }
 
 // Queries [i0, i0 + rows) of one (b, h), rows <= BM: the flash loop over key tiles described at the top.
@@ -433,7 +533,12 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 // the heads of one GQA group), so the widened copy is made once per kv head per thread.
 template <typename T, int L, int BM, int R, bool MODS>
 FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
-  Workspace w(p, !std::is_same_v<T, float>);
+  Workspace w(p, !std::is_same_v<T, float> && p.grouped == 0);
+  if (p.grouped > 0) {
+    const int64_t Hkv = p.H / p.group;
+    for (int64_t item = begin; item < end; ++item) attend_group<T, MODS>(p, item / Hkv, item % Hkv, w);
+    return;
+  }
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % p.n_qblocks;
     const int64_t bh = item / p.n_qblocks;
@@ -492,8 +597,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     p.mask = m.data_ptr();
     p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sq = m.stride(2), p.m_sk = m.stride(3);
   }
-  STD_TORCH_CHECK(window_left >= -1 && window_right >= -1, "fastlm: window sizes must be >= 0 (or -1: unbounded), got (",
-                  window_left, ", ", window_right, ")");
+  STD_TORCH_CHECK(window_left >= -1 && window_right >= -1,
+                  "fastlm: window sizes must be >= 0 (or -1: unbounded), got (", window_left, ", ", window_right, ")");
   STD_TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fastlm: softcap must be finite and >= 0 (0: none), got ",
                   softcap);
   const auto check_f32 = [](const std::optional<Tensor>& t, const char* name, int64_t n0, int64_t n1, int dims) {
@@ -541,10 +646,16 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   p.wl = window_left >= Sk ? -1 : window_left;
   p.wr = window_right >= Sq ? -1 : window_right;
   const bool mods = p.softcap > 0.f || p.alibi != nullptr;
+  // Decoding with GQA: one item per (b, kv head), so each K/V row is read once for its query heads (attend_group),
+  // while that leaves every thread an item and the group's scores fit the scratch (group * Sq * Sk floats).
+  const int64_t rows = p.group * Sq;
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  p.grouped = Sq < kRowPath && p.group > 1 && B * Hkv >= threads && rows <= kBN && rows * Sk <= kMaxHeadCopy ? rows : 0;
+  const int64_t items = p.grouped > 0 ? B * Hkv : B * H * p.n_qblocks;
   dispatch_float<half, bf16>(dt, [&](auto tag) {
     using T = decltype(tag);
     // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
-    parallel_rows(B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_rows(items, 1, [&](int64_t begin, int64_t end) {
       const auto run = [&](auto with_mods) {
         constexpr bool M = decltype(with_mods)::value;
         if (isa == 2) {

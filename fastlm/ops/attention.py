@@ -12,7 +12,7 @@ expanded (B, H, Sq, Sk) view (bool, True = attend, or additive float). Varlen: q
 device when dropout_p > 0: drawn there per call from torch's generator of that device (so torch.manual_seed makes
 dropout reproducible, and a captured CUDA graph draws a fresh seed on every replay) and read by the kernel from
 device memory, never on the host; without dropout it is an unused CPU zero. lse is fp32: (B, H, Sq) or (H, total_q);
-it is not differentiable. The score modifiers (fastlm/ops/attention_mods.py has their semantics): window sides
+it is not differentiable. The score modifiers (fastlm/ops/attention_args.py has their semantics): window sides
 (-1 = unbounded; bottom-right aligned), softcap (0.0 = none), sinks (H,) fp32, alibi (B, H) fp32 slopes. dmask:
 with mask_grad, the gradient of the additive mask summed over its broadcast (stride-0) dims, fp32 of shape
 ``mask_grad_shape(mask)``; else (0,). dsinks: (H,) fp32 with sinks, else (0,).
@@ -214,9 +214,14 @@ def _backward(backend: str):
             do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap,
             sinks, alibi, ctx.mask_grad,
         )  # fmt: skip
-        # the mask's gradient: the reduced buffer seen through the (B, H, Sq, Sk) view's broadcast (no copy); the
-        # autograd of the caller's expand sums it down to the user's mask shape
-        dmask = dmask.to(mask.dtype).expand(mask.shape) if ctx.mask_grad else None
+        # the mask's gradient: the kernels sum dS over the (B, H, Sq, Sk) view's broadcast (stride-0) dims; the
+        # autograd of the caller's expand sums over them again, so each of the n broadcast copies gets 1/n of the
+        # sum (a stride-0 view: no copy). The caller makes sure that only its own expand's dims have stride 0.
+        if ctx.mask_grad:
+            n = math.prod(size for size, st in zip(mask.shape, mask.stride(), strict=True) if st == 0 and size > 1)
+            dmask = (dmask / n if n > 1 else dmask).to(mask.dtype).expand(mask.shape)
+        else:
+            dmask = None
         dsinks = dsinks if sinks is not None and ctx.needs_input_grad[15] else None
         return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None, None, dsinks, None
 
@@ -334,7 +339,7 @@ def scaled_dot_product_attention(
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Flash attention with the signature and semantics of ``torch.nn.functional.scaled_dot_product_attention``,
-    plus keyword-only score modifiers (fastlm/ops/attention_mods.py has the exact formulas).
+    plus keyword-only score modifiers (fastlm/ops/attention_args.py has the exact formulas).
 
     Args:
         query: ``(*, H, Sq, D)``; key, value: ``(*, Hkv, Sk, D)``. The leading dims broadcast against each other as
@@ -404,6 +409,9 @@ def scaled_dot_product_attention(
             raise TypeError(f"attn_mask must be bool or a float mask of the query's dtype, got {attn_mask.dtype}")
         check_device(attn_mask, "attn_mask", query, "query")
         full = (*lead, H, Sq, Sk)
+        stride0 = any(st == 0 and n > 1 for st, n in zip(attn_mask.stride(), attn_mask.shape, strict=True))
+        if attn_mask.requires_grad and stride0:  # a stride-0 mask needing its own per-element gradient (see backward)
+            attn_mask = attn_mask.contiguous()
         try:
             mask4 = attn_mask.expand(full).reshape(B, H, Sq, Sk)  # stride-0 broadcast dims: no copy
         except RuntimeError:
