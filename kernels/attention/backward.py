@@ -2,9 +2,15 @@
 
 delta = rowsum(dO * O) (preprocess kernel); one program per key block computes dK, dV by streaming the queries of
 every query head that shares its key/value head (GQA without atomics); one program per query block computes dQ by
-streaming keys. No atomics anywhere: the backward is bitwise deterministic for a given launch config.
+streaming keys. No atomics for dQ, dK, dV: bitwise deterministic for a given launch config (only the gradient of
+a broadcast mask is summed with atomics).
     p = exp(s - lse); z = dropout keep / (1 - p_drop); dV += (p z)^T dO; dP = dO V^T; dS = p (z dP - delta)
     dK += dS^T q * scale;  dQ += dS k * scale
+The score modifiers as in the forward (the dK/dV programs stream only the queries whose window reaches their keys,
+dQ only the band's key tiles); a soft cap multiplies dS by 1 - tanh^2. With MASK_GRAD the dK/dV kernel, which visits
+each (b, h, i, j) once, writes dS (w.r.t. the capped, biased score) into the mask's gradient: plain stores, or summed
+over the tile's broadcast axes and added atomically when the mask broadcasts. dsinks is computed in torch from lse and
+delta (O(B H Sq)).
 On sm_90 the streamed operands (Q and dO for dK/dV, K and V for dQ) come through TMA descriptors when the layout
 allows, as in the forward. FLOPs: 2.5x the forward's.
 """

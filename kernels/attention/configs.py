@@ -93,8 +93,10 @@ FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags
 # pointer path (no TMA: sm_80, varlen, fp32). Static sm_90 compile, Triton 3.8, 2026-11-29, soft cap + ALiBi + window
 # (+ sinks): bf16 dK/dV's default TMA tile at D = 128 spills 16 B (soft cap alone: 253 registers); the pointer-load
 # forward at D = 64 spills 104 B; fp32 dQ / dK/dV at D = 128 spill 8 / 32 B; every TMA forward and dQ config stays
-# spill-free (up to 255 registers at D = 256). A window costs only its edge tiles' masks, and sinks nothing in the
-# loop (the online softmax starts from the sink): neither needs the lean configs.
+# spill-free (up to 255 registers at D = 256), and so is every bf16 lean config with the features and a mask and
+# dropout on top. float32 (FMA tiles at their limit) keeps 8-32 B of spill in a few lean tiles with soft cap / ALiBi
+# (fwd D = 64, dQ D = 128, dK/dV D = 256): fp32 attention is for checking. A window costs only its edge tiles'
+# masks, and sinks nothing in the loop (the online softmax starts from the sink): neither needs the lean configs.
 HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
 
 

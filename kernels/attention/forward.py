@@ -11,6 +11,12 @@ whose mask allows nothing is skipped before its matmuls. A query whose keys are 
 gradients and lse = -inf. Dropout: Philox numbers from (seed, offset + row * Sk_max + key), regenerated in the
 backward (backward.py), so no mask is stored; the normaliser l uses the undropped probabilities, as torch.
 
+Score modifiers (constexpr flags, off by default, when they compile to exactly the plain kernel): a sliding window
+(WINDOW: keys i + off - left .. i + off + right, off = Sk - Sq per sequence, bottom-right aligned; the loop visits
+only the band's key tiles, masked on the band's edge tiles and unmasked inside), a soft cap (SOFTCAP: c * tanh(s / c)
+on the scaled scores, in natural units), ALiBi (ALIBI: s -= slope * |i + off - j|) and sinks (SINKS: the online
+softmax starts from m = sink, l = 1, a key with no value; lse includes it). Order: cap, ALiBi, mask, causal/window.
+
 Hopper (sm_90): when the layout allows (fp16/bf16, 16-byte aligned base and strides) Q, K and V come through host
 TMA descriptors (out-of-bounds rows and head-dim columns are zero-filled by the copy engine, so no masks on those
 loads). On Triton 3.6 the autotune space also holds warp-specialised configs (WS: one TMA producer warp group, two
