@@ -217,14 +217,14 @@ def test_triton_kernels_run_on_the_inputs_gpu():
 def test_varlen_offsets_unread_on_the_host_are_made_memory_safe(monkeypatch):
     """Where the offsets cannot be read on the host (CUDA tensors, tracing), they are clamped into [0, total] and made
     non-decreasing on the device: valid offsets pass unchanged, invalid ones cannot address rows outside q / k."""
-    from fastlm.ops import attention as ops
+    from fastlm.ops import attention_args as ops
 
     monkeypatch.setattr(ops, "host_readable", lambda *t: False)
     valid = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
-    assert torch.equal(ops._checked_offsets(valid, "cu_seqlens_q", 10, 7), valid)
+    assert torch.equal(ops.checked_offsets(valid, "cu_seqlens_q", 10, 7), valid)
     bad = torch.tensor([-4, 12, 5, 99], dtype=torch.int32)
-    safe = ops._checked_offsets(bad, "cu_seqlens_q", 10, 7)
+    safe = ops.checked_offsets(bad, "cu_seqlens_q", 10, 7)
     assert safe.dtype == torch.int32 and safe.tolist() == [0, 10, 10, 10]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="non-decreasing"):
-        ops._checked_offsets(bad, "cu_seqlens_q", 10, 7)
+        ops.checked_offsets(bad, "cu_seqlens_q", 10, 7)
