@@ -15,7 +15,7 @@ os.environ.setdefault("FASTLM_POISON", "1")  # NaN-fill kernel outputs so unwrit
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
-from helpers import ON_GPU  # noqa: E402
+from helpers import BACKENDS, ON_GPU  # noqa: E402
 
 
 def _patch_triton36_interpreter() -> None:
@@ -45,14 +45,6 @@ if os.environ.get("FASTLM_COMPILE_CENSUS") and os.environ.get("TRITON_INTERPRET"
     install(os.environ["FASTLM_COMPILE_CENSUS"])
 
 import fastlm  # noqa: E402
-
-# Fused backends under test: Triton everywhere (interpreted on CPU), CUDA C++ only on a GPU, the CPU C++ kernels
-# only where the tests' tensors live on the CPU (on a GPU machine they are tested by the CPU-only CI).
-BACKENDS = [
-    pytest.param("triton", id="triton"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu]),
-    pytest.param("cpu", id="cpu", marks=[pytest.mark.skipif(ON_GPU, reason="tests' tensors are on the GPU")]),
-]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,19 @@
 """Shared test helpers: per-dtype tolerances and comparison against a float64 reference."""
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+
+# Fused backends under test (conftest's ``backend`` fixture): Triton everywhere (interpreted on CPU), CUDA C++ only on
+# a GPU, the CPU C++ kernels only where the tests' tensors live on the CPU (on a GPU machine they are tested by the
+# CPU-only CI).
+BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu]),
+    pytest.param("cpu", id="cpu", marks=[pytest.mark.skipif(ON_GPU, reason="tests' tensors are on the GPU")]),
+]
 
 # torch.library.opcheck's tests for a Triton op: all four on a GPU; in the interpreter not test_aot_dispatch_dynamic,
 # which fails there for trivially correct ops (an interpreter artefact). (test_utils=None is not "all": opcheck

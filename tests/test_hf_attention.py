@@ -9,8 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKENDS
-from helpers import DEVICE, ON_GPU
+from helpers import BACKENDS, DEVICE, ON_GPU
 from test_patch import _compare_models
 
 import fastlm

@@ -579,7 +579,7 @@ for rows_, label, flags in [
     rows.append(dict(kernel=st.kernel, config=f"{label} {cfg}", regs=st.registers, spill=st.stack_bytes +
                      st.local_bytes, hmma=st.hmma, hgmma=st.hgmma, ldg128=st.ldg128))
 cn = decode.decode_combine_kernel.arg_names
-cex = dict(SINKS=True, BLOCK_S=32, BLOCK_D=128, EVEN_D=True)
+cex = dict(SINKS=True, BLOCK_S=32, SPLIT_TILE=16, BLOCK_D=128, EVEN_D=True)
 s = {n: dict(OPart="*fp32", LPart="*fp32", Sinks="*fp32", O="*bf16", Lse="*fp32", D="i32").get(n, "i32") for n in cn
      if n not in cex}
 st = compile_stat(decode.decode_combine_kernel, s, cex, 4, 90, "decode_combine", "sinks", 1)

@@ -262,11 +262,12 @@ def attention_configs():
 def decode_configs():
     """The split-KV decode kernel's configs (``kernels/attention/decode.decode_config``) at head dims 64 / 128 / 256
     for one query of a 4-head group (16 packed rows) and 16 queries of an 8-head group (128 rows: the largest tile),
-    bf16 and float32, compiled with every flag on (additive mask, causal, window, soft cap, ALiBi, per-batch lengths,
-    paged keys); and its combine kernel at the most splits (128) with sinks."""
+    bf16 and float32: the dense entry with every flag on (additive mask, causal, window, soft cap, ALiBi), and paged
+    keys with per-batch lengths (attention_with_kvcache) without and with the modifiers; and the combine kernel at
+    the most splits (128) with sinks."""
     import torch
 
-    from fastlm.kernels import MASK_ADD
+    from fastlm.kernels import MASK_ADD, MASK_NONE
     from fastlm.kernels.attention import configs, decode
 
     for D in (64, 128, 256):
@@ -275,15 +276,24 @@ def decode_configs():
             for rows in (4, 128):
                 cfg = dict(decode.decode_config(rows, D, tdt))
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                consts = dict(MASK_KIND=MASK_ADD, CAUSAL=True, WINDOW=True, SOFTCAP=True, ALIBI=True, SEQLENS=True)
-                consts |= dict(PAGED=True, EVEN_D=D == BD, BLOCK_D=BD, PREC="ieee" if dt == "fp32" else "tf32", **cfg)
-                ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask")}
-                ptrs |= {"Seqlens": "*i32", "BlockTable": "*i32", "Alibi": "*fp32", "OPart": "*fp32", "LPart": "*fp32"}
-                sig = signature(decode.decode_split_kernel, consts, ptrs, ("scale", "softcap"))
-                label = f"D={D} rows={rows} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages} all flags"
-                label += " fp32" if dt == "fp32" else ""
-                yield Shipped(decode.decode_split_kernel, sig, consts, warps, stages, "attn_decode_split", label)
-        consts = dict(SINKS=True, BLOCK_S=decode.MAX_SPLITS, BLOCK_D=BD, EVEN_D=D == BD)
+                # the dense entry with every flag, and attention_with_kvcache's paged keys without a mask (another
+                # code shape: it spilled where the masked one did not), plain and with every modifier
+                for kind, flags in (
+                    ("dense all flags", dict(MASK_KIND=MASK_ADD, CAUSAL=True, WINDOW=True, SOFTCAP=True, ALIBI=True)),
+                    ("paged", dict(MASK_KIND=MASK_NONE, CAUSAL=False, WINDOW=False, SOFTCAP=False, ALIBI=False)),
+                    ("paged modifiers", dict(MASK_KIND=MASK_NONE, CAUSAL=False, WINDOW=True, SOFTCAP=True, ALIBI=True)),
+                ):
+                    paged = kind.startswith("paged")
+                    consts = dict(flags, SEQLENS=paged, PAGED=paged, EVEN_D=D == BD, BLOCK_D=BD, **cfg)
+                    consts["PREC"] = "ieee" if dt == "fp32" else "tf32"
+                    ptrs = {n: f"*{dt}" for n in ("Q", "K", "V", "Mask")}
+                    ptrs |= {"Seqlens": "*i32", "BlockTable": "*i32", "Alibi": "*fp32"}
+                    ptrs |= {"OPart": "*fp32", "LPart": "*fp32"}
+                    sig = signature(decode.decode_split_kernel, consts, ptrs, ("scale", "softcap"))
+                    label = f"D={D} rows={rows} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} w={warps} s={stages} {kind}"
+                    label += " fp32" if dt == "fp32" else ""
+                    yield Shipped(decode.decode_split_kernel, sig, consts, warps, stages, "attn_decode_split", label)
+        consts = dict(SINKS=True, BLOCK_S=decode.MAX_SPLITS, SPLIT_TILE=16, BLOCK_D=BD, EVEN_D=D == BD)
         ptrs = {"OPart": "*fp32", "LPart": "*fp32", "Sinks": "*fp32", "O": "*bf16", "Lse": "*fp32"}
         sig = signature(decode.decode_combine_kernel, consts, ptrs)
         yield Shipped(decode.decode_combine_kernel, sig, consts, 4, 1, "attn_decode_combine", f"D={D} sinks")

@@ -178,9 +178,17 @@ def cpu_attention_with_kvcache(
     alibi: Tensor | None,
 ) -> Tensor:
     """The cpu backend: per batch element, the fused cpu attention (fastlm's scaled_dot_product_attention under
-    ``fastlm.backend("cpu")``) on the gathered keys k_cache[b, :L_b] / the pages of block_table[b]."""
+    ``fastlm.backend("cpu")``) on the gathered keys k_cache[b, :L_b] / the pages of block_table[b]. A loop on the
+    host over the lengths' values: not traceable by torch.compile (raises there; the triton backend compiles)."""
     import fastlm
+    from fastlm.dispatch import tracing
     from fastlm.ops.attention import scaled_dot_product_attention
+
+    if tracing():
+        raise UnsupportedCaseError(
+            "the cpu backend's attention_with_kvcache under torch.compile (it loops over the cached lengths on the "
+            "host); call it outside the compiled region, or use the triton backend"
+        )
 
     B, Sq, H, D = q.shape
     kw = _cpu_modifiers(window_left, window_right, softcap, sinks, alibi)

@@ -6,10 +6,12 @@ head. Here the keys are split across programs and the query heads of a GQA group
 
 - ``decode_split_kernel``: grid (batch, kv head, split, row block). A program packs the Sq * GROUP queries of its
   kv head's GROUP query heads (row r = query r // GROUP of head hkv * GROUP + r % GROUP; padded to >= 16 rows for
-  tl.dot) and runs the online softmax (base 2, as forward.py) over its key range [split * chunk, (split+1) * chunk)
-  cut to the keys any of its queries can see (a window or top-left causal band; a split outside it writes an empty
-  partial without reading keys). It writes the partial o_s = acc / l (fp32) and lse2_s = m + log2(l) (-inf when
-  no key of the split is visible) to scratch (B * H * Sq, splits, D) and (B * H * Sq, splits).
+  tl.dot) and runs the online softmax (base 2, as forward.py) over every n_splits-th key tile (split s: tiles s,
+  s + n_splits, ...) of the keys any of its queries can see (the batch's length, cut to a window or top-left causal
+  band): dealt in turn, so that every split has work even where the lengths (read on the device only) are far below
+  the cache's capacity, from which the split count is chosen; a split with no tile writes an empty partial. It
+  writes the partial o_s = acc / l (fp32) and lse2_s = m + log2(l) (-inf when no key of the split is visible) to
+  scratch (B * H * Sq, splits, D) and (B * H * Sq, splits).
 - ``decode_combine_kernel``: one program per (batch, head, query) merges the splits with their log-sum-exp, and the
   sink when given: M = max(lse2_s, sink2), w_s = exp2(lse2_s - M), den = sum_s w_s + exp2(sink2 - M),
   o = sum_s w_s o_s / den, lse = (M + log2(den)) ln 2. No visible key and no sink: o = 0, lse = -inf.
@@ -85,7 +87,6 @@ def decode_split_kernel(
     D,  # head dim
     n_splits,  # splits of the key range
     n_mblocks,  # row blocks: cdiv(Sq * GROUP, BLOCK_M)
-    chunk,  # keys per split, a multiple of BLOCK_N
     block_size,  # rows per page (PAGED)
     num_blocks,  # pages in the cache (PAGED: block indices are clamped into [0, num_blocks))
     scale,  # softmax scale (natural units)
@@ -128,13 +129,13 @@ def decode_split_kernel(
     # the keys some row of this block can see, cut to this split
     i_lo = mblk * BLOCK_M // GROUP
     i_hi = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // GROUP, Sq - 1)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, L)
+    lo = b * 0
+    hi = L
     if CAUSAL:
         hi = tl.minimum(hi, i_hi + 1)
     if WINDOW:
         if window_left >= 0:
-            lo = tl.maximum(lo, (tl.maximum(i_lo + off - window_left, 0) // BLOCK_N) * BLOCK_N)
+            lo = tl.maximum(lo, tl.maximum(i_lo + off - window_left, 0))
         if window_right >= 0:
             hi = tl.minimum(hi, i_hi + off + window_right + 1)
     q_ptrs = Q + b64 * stride_qb + h_r[:, None].to(tl.int64) * stride_qh + i_r[:, None].to(tl.int64) * stride_qm
@@ -148,7 +149,12 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    # the key tiles of [lo, hi) are dealt to the splits in turn (split s takes tiles s, s + n_splits, ...), so that
+    # every split has work whatever the keys' actual count: a cache allocated far beyond its sequences (lengths
+    # only known on the device) still spreads over all the programs
+    t0 = lo // BLOCK_N
+    first = t0 + (split - t0 % n_splits + n_splits) % n_splits
+    for start_n in range(first * BLOCK_N, hi, n_splits * BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < hi
         if PAGED:
@@ -215,6 +221,7 @@ def decode_combine_kernel(
     n_splits,
     SINKS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # n_splits padded to a power of two
+    SPLIT_TILE: tl.constexpr,  # partial rows merged per step
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim mask
 ):
@@ -238,10 +245,13 @@ def decode_combine_kernel(
     if SINKS:
         den += tl.math.exp2(sink2 - m_safe)
     o = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, n_splits):
-        w_s = tl.math.exp2(tl.load(LPart + row64 * n_splits + s) - m_safe)
-        if w_s > 0.0:  # an empty split's scratch row holds zeros; skip its read
-            o += w_s * tl.load(OPart + (row64 * n_splits + s) * D + offs_d, mask=d_ok, other=0.0)
+    for s0 in range(0, n_splits, SPLIT_TILE):  # SPLIT_TILE partial rows per load (independent, issued together)
+        offs_t = s0 + tl.arange(0, SPLIT_TILE)
+        t_ok = offs_t < n_splits
+        w_t = tl.math.exp2(tl.load(LPart + row64 * n_splits + offs_t, mask=t_ok, other=float("-inf")) - m_safe)
+        ok = (t_ok & (w_t > 0.0))[:, None] & d_ok[None, :]  # an empty split's row is not read
+        part = tl.load(OPart + (row64 * n_splits + offs_t)[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+        o += tl.sum(w_t[:, None] * part, 0)
     den_safe = tl.where(den == 0.0, 1.0, den)
     o = o / den_safe
     lse = tl.where(den == 0.0, float("-inf"), (m_safe + tl.math.log2(den_safe)) * LN2)
@@ -268,10 +278,11 @@ def decode_config(rows: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=16, num_warps=4, num_stages=1)
     bd = block_d(D)
     fp32 = dtype == torch.float32
-    # static sm_90 compiles with every flag on (fastlm/bench/shipped.py): fp32 at D = 256 spills 6 KB at 32 rows
-    # (16: none); bf16 at D = 128 takes 255 registers with 4 warps at 16 rows (8 warps: 154)
-    block_m = min(max(16, triton.next_power_of_2(rows)), 16 if fp32 and bd > 128 else 32 if fp32 or bd > 128 else 64)
-    block_n = 32 if fp32 or bd > 128 else 64
+    # static sm_90 compiles (fastlm/bench/shipped.py): fp32 spills at 32 rows (D = 256 with a mask: 6 KB; D = 128
+    # paged without a mask: 152-392 B), none at 16; bf16 at D = 128 takes 255 registers with 4 warps at 16 rows
+    # (8 warps: 154)
+    block_m = min(max(16, triton.next_power_of_2(rows)), 16 if fp32 else 32 if bd > 128 else 64)
+    block_n = 16 if fp32 else 32 if bd > 128 else 64  # fp32: 32 keys spill a few bytes at D = 64 and 256
     warps = 8 if bd >= 128 or fp32 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2 if fp32 else 3)
 
@@ -286,8 +297,9 @@ def num_splits(programs: int, Sk: int, block_n: int, device: torch.device) -> in
 
 def use_split_kv(q: torch.Tensor, k: torch.Tensor, dropout_p: float, varlen: bool = False) -> bool:
     """Whether attn_fwd runs this dense call on the split-KV path: no dropout, Sq <= MAX_DECODE_Q, Sk >=
-    SPLIT_KV_MIN_KEYS, and the ordinary grid (one program per 64 queries of each (batch, head)) would not fill
-    two waves of the GPU. FASTLM_SPLIT_KV=0 / 1 forces it off / on (for dense calls without dropout with Sq <=
+    SPLIT_KV_MIN_KEYS, and either GQA (a group's query heads share one tile here: the keys are read once per kv
+    head, not once per query head) or an ordinary grid (one program per 64 queries of each (batch, head)) that would
+    not fill two waves of the GPU. FASTLM_SPLIT_KV=0 / 1 forces it off / on (for dense calls without dropout with Sq <=
     MAX_DECODE_Q; tests)."""
     if varlen or dropout_p > 0 or q.dim() != 4 or q.shape[2] > MAX_DECODE_Q:
         return False
@@ -295,7 +307,8 @@ def use_split_kv(q: torch.Tensor, k: torch.Tensor, dropout_p: float, varlen: boo
     if forced is not None and forced != "":
         return forced == "1"
     B, H, Sq = q.shape[:3]
-    return k.shape[2] >= SPLIT_KV_MIN_KEYS and B * H * triton.cdiv(Sq, 64) < 2 * sm_count(q.device)
+    gqa = k.shape[1] < H  # the ordinary grid reads a kv head once per query head; here once per group
+    return k.shape[2] >= SPLIT_KV_MIN_KEYS and (gqa or B * H * triton.cdiv(Sq, 64) < 2 * sm_count(q.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +376,6 @@ def decode_fwd(
     n_mblocks = triton.cdiv(Sq * group, cfg["BLOCK_M"])
     n_split = splits if splits is not None else num_splits(B * Hkv * n_mblocks, Sk_cap, cfg["BLOCK_N"], q.device)
     n_split = max(1, min(n_split, triton.cdiv(max(Sk_cap, 1), cfg["BLOCK_N"])))
-    chunk = triton.cdiv(triton.cdiv(max(Sk_cap, 1), n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     o_part = torch.empty((B * H * Sq, n_split, D), dtype=torch.float32, device=q.device)
     l_part = torch.empty((B * H * Sq, n_split), dtype=torch.float32, device=q.device)
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_ADD)
@@ -394,7 +406,6 @@ def decode_fwd(
         D,
         n_split,
         n_mblocks,
-        chunk,
         bs,
         k.shape[0] if paged else 1,
         float(scale),
@@ -428,6 +439,7 @@ def decode_fwd(
         n_split,
         SINKS=sinks is not None,
         BLOCK_S=max(2, triton.next_power_of_2(n_split)),
+        SPLIT_TILE=min(16, max(2, triton.next_power_of_2(n_split))),
         BLOCK_D=block_d(D),
         EVEN_D=D == block_d(D),
         num_warps=1 if INTERPRET else 4,

@@ -495,6 +495,7 @@ def attn_fwd(
     lse too); alibi: (B, H) fp32 slopes ((n, H) varlen), s -= slope * |i + Sk - Sq - j|. See feature_args."""
     # >>> split-KV decode hook (kernels/attention/decode.py): few queries, long keys; same (o, lse) as below
     if cu_q is None and config is None and tma is None and decode.use_split_kv(q, k, dropout_p):
+        feature_args(q, q.shape[0], q.shape[1], q.shape[2], k.shape[2], window, softcap, sinks, alibi)  # checks
         kw = dict(window=window, softcap=softcap, sinks=sinks, alibi=alibi)
         return decode.decode_fwd(q, k, v, mask, scale, causal, **kw)
     # <<< split-KV decode hook
