@@ -282,7 +282,9 @@ def attention_with_kvcache(
             caller does that, as with FlashAttention).
         cache_seqlens: ``(B,)`` int32, the tokens already cached per sequence.
         block_table: ``(B, max_blocks)`` int32 page indices: position p of sequence b is row ``p % block_size``
-            of page ``block_table[b, p // block_size]``.
+            of page ``block_table[b, p // block_size]``. Pages may be shared for reading (a common prefix), but a
+            page that an append writes into must belong to one sequence (as in FlashAttention: two sequences
+            appending into one page overwrite each other).
         is_causal: query i sees keys j <= i + L_b - Sq, bottom-right aligned, with L_b = cache_seqlens[b] + S_new
             the keys of sequence b (the last query sees every key)::
 
@@ -334,6 +336,8 @@ def attention_with_kvcache(
             raise ValueError(
                 f"a paged cache's block_size must be a multiple of {PAGE_MULTIPLE}, got {k_cache.shape[1]}"
             )
+        if k_cache.shape[0] == 0:
+            raise ValueError("a paged cache must have at least one block (k_cache.shape[0] == 0)")
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         if k_cache.shape[0] != B:
