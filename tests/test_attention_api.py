@@ -292,3 +292,14 @@ def test_compile_fullgraph_with_modifiers_and_mask_gradient(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_sink_gradient_is_finite_with_an_infinite_sink_and_empty_rows(backend):
+    """A sink of -inf (a head without a sink) and rows that see no key (lse = -inf there): exp(sink - lse) is
+    -inf - -inf, so the sink's gradient must treat those rows as contributing nothing, not NaN."""
+    _skip(backend, torch.float32)
+    q, k, v = _rand(1, 2, 12, D), _rand(1, 2, 8, D), _rand(1, 2, 8, D)
+    sinks = torch.tensor([float("-inf"), 0.5], device=DEVICE, requires_grad=True)
+    o = F.scaled_dot_product_attention(q, k, v, window=(None, 0), sinks=sinks)
+    (ds,) = torch.autograd.grad(o, sinks, torch.randn_like(o))
+    assert ds.isfinite().all() and ds[0] == 0, ds

@@ -117,15 +117,15 @@ def store_dmask(
     ds = tl.where(ok_m[:, None] & ok_n[None, :], ds, 0.0)
     if _DMASK_SUM_M & MASK_GRAD:
         if _DMASK_SUM_N & MASK_GRAD:
-            tl.atomic_add(DM, tl.sum(tl.sum(ds, 1), 0))
+            tl.atomic_add(DM, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
         else:
-            tl.atomic_add(DM + offs_n.to(tl.int64) * dm_n, tl.sum(ds, 0), mask=ok_n)
+            tl.atomic_add(DM + offs_n.to(tl.int64) * dm_n, tl.sum(ds, 0), mask=ok_n, sem="relaxed")
     elif _DMASK_SUM_N & MASK_GRAD:
-        tl.atomic_add(DM + offs_m.to(tl.int64) * dm_m, tl.sum(ds, 1), mask=ok_m)
+        tl.atomic_add(DM + offs_m.to(tl.int64) * dm_m, tl.sum(ds, 1), mask=ok_m, sem="relaxed")
     else:
         ptrs = DM + offs_m[:, None].to(tl.int64) * dm_m + offs_n[None, :].to(tl.int64) * dm_n
         if _DMASK_ATOMIC & MASK_GRAD:
-            tl.atomic_add(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
+            tl.atomic_add(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :], sem="relaxed")
         else:
             tl.store(ptrs, ds, mask=ok_m[:, None] & ok_n[None, :])
 
@@ -452,6 +452,7 @@ dkdv_tuned = autotuned(
     (DKDV_TMA, DKDV_PTR, *({b: [c] for b, c in t.items()} for t in (DKDV_LEAN, *DKDV_FP32.values()))),
     DKDV_BOXES,
     lambda kw: bwd_dkdv_configs(kw["BLOCK_D"], kw["TMA"], False, lean_case(kw, dkdv=True), fp32_case(kw)),
+    reset_to_zero=["DMask"],  # the mask gradient is accumulated (atomics): each timed run would add into it
 )
 dq_tuned = autotuned(
     attn_bwd_dq_kernel,
@@ -535,7 +536,8 @@ def attn_bwd(
     )
     if sinks is not None:  # dsinks = -sum_{b,i} exp(sink - lse) delta: O(B H Sq), in torch
         sink_b = sinks[:, None] if varlen else sinks[None, :, None]
-        dsinks = (torch.exp(sink_b - lse) * delta).sum((1,) if varlen else (0, 2)).neg()
+        p_sink = torch.where(lse == float("-inf"), 0.0, torch.exp(sink_b - lse))  # -inf sink, empty row: 0, not NaN
+        dsinks = (p_sink * delta).sum((1,) if varlen else (0, 2)).neg()
     mask_kind = mask_kind_of(mask)
     sm = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(
@@ -553,6 +555,8 @@ def attn_bwd(
     if mask_grad:
         bcast = [mask.stride(d) == 0 and mask.size(d) > 1 for d in range(4)]
         dm_mode = DMASK_ON | (DMASK_ATOMIC if any(bcast) else 0)
+        if any(bcast):  # raises under torch.use_deterministic_algorithms(True) (warns with warn_only=True)
+            torch._C._alert_not_deterministic("fastlm attention backward: the gradient of a broadcast additive mask")
         dm_mode |= (DMASK_SUM_M if bcast[2] else 0) | (DMASK_SUM_N if bcast[3] else 0)
         dm_strides = dmask.expand(mask.shape).stride()
     m_arg = mask if mask is not None else q
@@ -582,7 +586,7 @@ def attn_bwd(
         cq,
         ck,
         alibi if alibi is not None else lse,
-        dmask if mask_grad else lse,
+        dmask,  # (0,) without mask_grad: never read, and what the autotuner zeroes (reset_to_zero)
         *st(q),
         *st(k),
         *st(v),

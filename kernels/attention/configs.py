@@ -96,7 +96,8 @@ FEATURES = ("SOFTCAP", "SINKS", "ALIBI", "WINDOW")  # the kernels' feature flags
 # spill-free (up to 255 registers at D = 256), and so is every bf16 lean config with the features and a mask and
 # dropout on top. float32 (FMA tiles at their limit) keeps 8-32 B of spill in a few lean tiles with soft cap / ALiBi
 # (fwd D = 64, dQ D = 128, dK/dV D = 256): fp32 attention is for checking. A window costs only its edge tiles'
-# masks, and sinks nothing in the loop (the online softmax starts from the sink): neither needs the lean configs.
+# masks, and sinks nothing in the loop (the online softmax starts from the sink): neither needs the lean configs,
+# but for the pointer-load forward with a window (``is_lean``'s ``fwd``; the review's Triton 3.6 compile).
 HEAVY_FEATURES = ("SOFTCAP", "ALIBI")
 
 
@@ -197,9 +198,10 @@ def set_boxes(nargs, pairs):
 FWD_BOXES = (("QDesc", "BLOCK_M"), ("KDesc", "BLOCK_N"), ("VDesc", "BLOCK_N"))  # descriptor argument -> its box rows
 
 
-def autotuned(kernel, tables, pairs, prune):
+def autotuned(kernel, tables, pairs, prune, reset_to_zero=None):
     """``kernel`` under Triton's autotuner over every config of ``tables`` (deduplicated), pruned per call to the
-    ones ``prune(kwargs)`` allows, each config's pre-hook re-boxing the TMA descriptors named in ``pairs``."""
+    ones ``prune(kwargs)`` allows, each config's pre-hook re-boxing the TMA descriptors named in ``pairs``;
+    ``reset_to_zero``: the arguments a kernel accumulates into (zeroed before each timed run and the final one)."""
     seen, configs = set(), []
     for table in tables:
         for cfgs in table.values():
@@ -222,7 +224,8 @@ def autotuned(kernel, tables, pairs, prune):
         return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
 
     keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC", *FEATURES, "MASK_GRAD"]
-    return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": early_prune})(kernel)
+    prune_by = {"early_config_prune": early_prune}
+    return triton.autotune(configs, key=keys, prune_configs_by=prune_by, reset_to_zero=reset_to_zero)(kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,16 +315,22 @@ def bwd_dq_configs(D: int, tma: bool, interpret: bool = INTERPRET, lean: bool = 
     return (DQ_TMA if tma else DQ_PTR)[bucket(D)]
 
 
-def is_lean(mask_kind: int, dropout: bool, feats=None, tma: bool = False, dkdv: bool = False) -> bool:
+def is_lean(
+    mask_kind: int, dropout: bool, feats=None, tma: bool = False, dkdv: bool = False, fwd: bool = False
+) -> bool:
     """The lean tables apply (the one statement of that rule): a user mask, dropout, or a HEAVY_FEATURES flag set in
-    ``feats`` (a dict of the FEATURES flags) for dK/dV (``dkdv``) or a kernel without TMA loads (``tma``)."""
-    heavy = (dkdv or not tma) and any((feats or {}).get(f) for f in HEAVY_FEATURES)
+    ``feats`` (a dict of the FEATURES flags) for dK/dV (``dkdv``) or a kernel without TMA loads (``tma``); and a
+    window in the forward (``fwd``) without TMA loads (its three inlined tile loops: the D = 64 default tile, at 251
+    registers without features, spills 16-24 B with a window, Triton 3.6 and 3.8)."""
+    feats = feats or {}
+    heavy = (dkdv or not tma) and any(feats.get(f) for f in HEAVY_FEATURES)
+    heavy = heavy or (fwd and not tma and bool(feats.get("WINDOW")))
     return mask_kind != MASK_NONE or bool(dropout) or heavy
 
 
-def lean_case(kw, dkdv: bool = False) -> bool:
+def lean_case(kw, dkdv: bool = False, fwd: bool = False) -> bool:
     """``is_lean`` of a launch's constexpr kwargs (the autotuner's prune)."""
-    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kw["TMA"], dkdv)
+    return is_lean(kw["MASK_KIND"], kw["DROPOUT"], kw, kw["TMA"], dkdv, fwd)
 
 
 def fp32_case(kw) -> bool:

@@ -417,7 +417,7 @@ attn_fwd_tuned = autotuned(
         kw["TMA"],
         ws_ok(kw["TMA"], kw["MASK_KIND"], kw["DROPOUT"], kw),
         False,
-        lean_case(kw),
+        lean_case(kw, fwd=True),
         fp32_case(kw),
     ),
 )
@@ -574,7 +574,7 @@ def attn_fwd(
         attn_fwd_tuned[lambda meta: launch_grid(triton.cdiv(Sq, meta["BLOCK_M"]) * n_seq * H)](*args, **flags)
         return o, lse
     ws = ws_ok(tma, mask_kind, dropout_p > 0.0, feats)
-    lean, fp32 = is_lean(mask_kind, dropout_p > 0.0, feats, tma), q.dtype == torch.float32
+    lean, fp32 = is_lean(mask_kind, dropout_p > 0.0, feats, tma, fwd=True), q.dtype == torch.float32
     cfg = dict(config or fwd_configs(D, tma, ws, lean=lean, fp32=fp32)[0])
     if cfg["WS"] and not (INTERPRET or (WS_TRITON and tma)):
         raise ValueError(f"warp-specialised configs need TMA and Triton 3.6 (this is {triton.__version__}): {cfg}")
