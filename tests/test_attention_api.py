@@ -303,3 +303,20 @@ def test_sink_gradient_is_finite_with_an_infinite_sink_and_empty_rows(backend):
     o = F.scaled_dot_product_attention(q, k, v, window=(None, 0), sinks=sinks)
     (ds,) = torch.autograd.grad(o, sinks, torch.randn_like(o))
     assert ds.isfinite().all() and ds[0] == 0, ds
+
+
+def test_broadcast_mask_gradient_is_refused_in_deterministic_mode():
+    """The Triton backward sums a broadcast mask's gradient with atomic adds: torch.use_deterministic_algorithms(True)
+    gets an error, as from torch's own nondeterministic ops (a full mask's gradient is plain stores: allowed)."""
+    q, k, v = _rand(1, 2, 8, D), _rand(1, 2, 8, D), _rand(1, 2, 8, D)
+    shared, full = _rand(8, 8).requires_grad_(), _rand(1, 2, 8, 8).requires_grad_()
+    with fastlm.backend("triton"):
+        try:
+            torch.use_deterministic_algorithms(True)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+            torch.autograd.grad(o.sum(), full)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=shared)
+            with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+                torch.autograd.grad(o.sum(), shared)
+        finally:
+            torch.use_deterministic_algorithms(False)

@@ -15,6 +15,8 @@ On sm_90 the streamed operands (Q and dO for dK/dV, K and V for dQ) come through
 allows, as in the forward. FLOPs: 2.5x the forward's.
 """
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -555,8 +557,11 @@ def attn_bwd(
     if mask_grad:
         bcast = [mask.stride(d) == 0 and mask.size(d) > 1 for d in range(4)]
         dm_mode = DMASK_ON | (DMASK_ATOMIC if any(bcast) else 0)
-        if any(bcast):  # raises under torch.use_deterministic_algorithms(True) (warns with warn_only=True)
-            torch._C._alert_not_deterministic("fastlm attention backward: the gradient of a broadcast additive mask")
+        if any(bcast) and torch.are_deterministic_algorithms_enabled():  # as torch's nondeterministic ops do
+            msg = "fastlm attention backward: the gradient of a broadcast additive mask uses atomic adds"
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(f"{msg}, which torch.use_deterministic_algorithms(True) forbids")
+            warnings.warn(f"{msg}: it is not deterministic", stacklevel=2)
         dm_mode |= (DMASK_SUM_M if bcast[2] else 0) | (DMASK_SUM_N if bcast[3] else 0)
         dm_strides = dmask.expand(mask.shape).stride()
     m_arg = mask if mask is not None else q
