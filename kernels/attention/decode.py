@@ -278,12 +278,13 @@ def decode_config(rows: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=16, num_warps=4, num_stages=1)
     bd = block_d(D)
     fp32 = dtype == torch.float32
-    # static sm_90 compiles (fastlm/bench/shipped.py): fp32 spills at 32 rows (D = 256 with a mask: 6 KB; D = 128
-    # paged without a mask: 152-392 B), none at 16; bf16 at D = 128 takes 255 registers with 4 warps at 16 rows
-    # (8 warps: 154)
+    # static sm_90 compiles (fastlm/bench/shipped.py, Triton 3.6 and 3.8): fp32 spills at 32 rows (D = 256 with a
+    # mask: 6 KB; D = 128 paged without a mask: 152-392 B), none at 16; bf16 at D = 128 takes 255 registers with 4
+    # warps at 16 rows (8 warps: 154)
     block_m = min(max(16, triton.next_power_of_2(rows)), 16 if fp32 else 32 if bd > 128 else 64)
     block_n = 16 if fp32 else 32 if bd > 128 else 64  # fp32: 32 keys spill a few bytes at D = 64 and 256
-    warps = 8 if bd >= 128 or fp32 else 4
+    # fp32 16 x 16 tiles: 4 warps (8 warps left 8 B of stack at D = 128 with a mask, Triton 3.6 and 3.8)
+    warps = 8 if bd >= 128 and not fp32 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2 if fp32 else 3)
 
 
