@@ -51,7 +51,6 @@ TARGETS = {
     ("cpu", "softmax", "fwd"): {"torch-eager": 1.0},
     ("cpu", "sdpa", "fwd"): {"torch-sdpa": 1.0},
     ("cpu", "decode", "fwd"): {"torch-sdpa": 1.5},  # issue 18: Sq = 1 at Sk 4096
-    ("cpu", "kvcache", "fwd"): {"torch-sdpa": 1.5},
     # issue 18 on the H200: every variant >= 1.1x the best torch baseline that can run it (FlexAttention for the
     # modifiers); decode at >= 70% of the copy bandwidth is read from the report's fraction of the ceiling
     ("cuda", "sdpa_mod", "fwd"): {"flex-attention": 1.1},
