@@ -224,6 +224,7 @@ def autotuned(kernel, tables, pairs, prune, reset_to_zero=None):
         return [c for c in configs if {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} in allowed]
 
     keys = ["BLOCK_D", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "TMA", "PREC", *FEATURES, "MASK_GRAD"]
+    keys = [k for k in keys if k in kernel.arg_names]  # newer Tritons refuse a key that is not an argument
     prune_by = {"early_config_prune": early_prune}
     return triton.autotune(configs, key=keys, prune_configs_by=prune_by, reset_to_zero=reset_to_zero)(kernel)
 
