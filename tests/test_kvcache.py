@@ -19,7 +19,7 @@ from helpers import DEVICE, ON_GPU, OPCHECK_TESTS, TOL, assert_close_ref
 import fastlm
 import fastlm.functional as F
 from fastlm import extension
-from fastlm.dispatch import BackendUnavailableError, UnsupportedCaseError
+from fastlm.dispatch import BackendUnavailableError
 from fastlm.ops.kvcache import reference_attention_with_kvcache
 
 pytest.importorskip("triton")
@@ -423,12 +423,10 @@ def test_kvcache_other_backends(impl):
 
 
 def test_kvcache_cpu_backend_modifiers():
-    """The cpu backend passes window/softcap/sinks/alibi to the fused cpu attention where this build has them, and
-    raises UnsupportedCaseError naming them where it does not."""
+    """The cpu backend passes window/softcap/sinks/alibi to the fused cpu attention: equal to the reference, under
+    the cpu backend and under auto."""
     if extension.lib is None:
         pytest.skip("needs fastlm._C")
-    from fastlm.ops.kvcache import _sdpa_keywords
-
     B, H, Hkv, D, Sq = 2, 2, 1, 16, 1
     kc, vc, cs, *_ = _cache_case(B, Hkv, D, 48, torch.float32, [10, 47], None)
     kc, vc, cs = kc.cpu(), vc.cpu(), cs.cpu()
@@ -437,12 +435,8 @@ def test_kvcache_cpu_backend_modifiers():
     with fastlm.backend("torch"):
         want = F.attention_with_kvcache(q, kc, vc, cache_seqlens=cs, **kw)
     with fastlm.backend("cpu"):
-        if _sdpa_keywords() >= {"window", "softcap", "sinks", "alibi_slopes"}:
-            torch.testing.assert_close(F.attention_with_kvcache(q, kc, vc, cache_seqlens=cs, **kw), want)
-        else:
-            with pytest.raises(UnsupportedCaseError, match="cpu backend's attention_with_kvcache needs"):
-                F.attention_with_kvcache(q, kc, vc, cache_seqlens=cs, **kw)
-    with fastlm.backend("auto"):  # auto never raises for it: the reference where the cpu attention lacks a keyword
+        torch.testing.assert_close(F.attention_with_kvcache(q, kc, vc, cache_seqlens=cs, **kw), want)
+    with fastlm.backend("auto"):
         torch.testing.assert_close(F.attention_with_kvcache(q, kc, vc, cache_seqlens=cs, **kw), want)
 
 

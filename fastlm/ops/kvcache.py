@@ -9,13 +9,12 @@ The cpu backend loops over the batch calling the fused cpu attention on each seq
 backend is ``reference_attention_with_kvcache`` (float64, explicit bias).
 """
 
-import inspect
 import math
 
 import torch
 from torch import Tensor
 
-from fastlm.dispatch import FUSED_DTYPES, UnsupportedCaseError, current_backend, host_readable, resolve
+from fastlm.dispatch import FUSED_DTYPES, UnsupportedCaseError, host_readable, resolve
 from fastlm.ops.attention_args import check_alibi, check_sinks, check_softcap, window_sides
 from fastlm.ops.registry import check_device, check_tensor
 
@@ -104,45 +103,24 @@ def reference_attention_with_kvcache(
     Python loop over the batch (reads seqlens_k on the host): q (B, Sq, H, D), keys k_cache[b, :seqlens_k[b]]
     (or its pages), window bottom-right (-1 unbounded), softcap 0 = none, sinks (H,), alibi (B, H). Returns
     (B, Sq, H, D) in q's dtype; rows with no visible key are zero."""
+    from fastlm import reference
+
     B, Sq, H, D = q.shape
+    kw = _cpu_modifiers(window_left, window_right, softcap, sinks, alibi)
+    kw["sinks"] = sinks.double() if sinks is not None else None
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     for b in range(B):
         L = int(seqlens_k[b])
         if L == 0:
             continue  # no key: zeros
-        k = _keys_of(k_cache, b, L, block_table).double()  # (L, Hkv, D)
-        v = _keys_of(v_cache, b, L, block_table).double()
-        G = H // k.shape[1]
-        k, v = (t.repeat_interleave(G, dim=1).transpose(0, 1) for t in (k, v))  # (H, L, D)
-        s = torch.matmul(q[b].double().transpose(0, 1), k.transpose(-1, -2)) * scale  # (H, Sq, L)
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        i = torch.arange(Sq, device=q.device)[:, None] + (L - Sq)  # bottom-right aligned query positions
-        j = torch.arange(L, device=q.device)[None, :]
+        k, v = (_keys_of(c, b, L, block_table).double().transpose(0, 1) for c in (k_cache, v_cache))  # (Hkv, L, D)
         if alibi is not None:
-            s = s - alibi[b].double()[:, None, None] * (i - j).abs()
-        ok = torch.ones(Sq, L, dtype=torch.bool, device=q.device)
-        if window_left >= 0:
-            ok &= j >= i - window_left
-        if window_right >= 0:
-            ok &= j <= i + window_right
-        s = s.masked_fill(~ok, float("-inf"))
-        if sinks is not None:
-            s = torch.cat([s, sinks.double()[:, None, None].expand(H, Sq, 1)], dim=-1)
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))
-        p = p / torch.where(p.sum(-1, keepdim=True) == 0, 1.0, p.sum(-1, keepdim=True))
-        out[b] = torch.matmul(p[..., :L], v).transpose(0, 1)
+            kw["alibi_slopes"] = alibi[b].double()
+        o = reference.scaled_dot_product_attention(
+            q[b].double().transpose(0, 1), k, v, scale=scale, enable_gqa=k.shape[0] != H, **kw
+        )  # (H, Sq, D), windows and ALiBi bottom-right aligned on L
+        out[b] = o.transpose(0, 1)
     return out.to(q.dtype)
-
-
-def _sdpa_keywords() -> set:
-    """The score-modifier keywords fastlm's scaled_dot_product_attention has in this build."""
-    from fastlm.ops.attention import scaled_dot_product_attention
-
-    return {"window", "softcap", "sinks", "alibi_slopes"} & set(
-        inspect.signature(scaled_dot_product_attention).parameters
-    )
 
 
 def _cpu_modifiers(window_left, window_right, softcap, sinks, alibi) -> dict:
@@ -157,11 +135,6 @@ def _cpu_modifiers(window_left, window_right, softcap, sinks, alibi) -> dict:
     if alibi is not None:
         kw["alibi_slopes"] = alibi
     return kw
-
-
-def _cpu_lacks(kw: dict) -> list:
-    """The keywords of ``kw`` that this build's scaled_dot_product_attention lacks."""
-    return sorted(set(kw) - _sdpa_keywords())
 
 
 def cpu_attention_with_kvcache(
@@ -192,16 +165,6 @@ def cpu_attention_with_kvcache(
 
     B, Sq, H, D = q.shape
     kw = _cpu_modifiers(window_left, window_right, softcap, sinks, alibi)
-    causal_mask = False
-    if kw.get("window") == (None, 0) and "window" not in _sdpa_keywords():
-        del kw["window"]  # bottom-right causal alone: a bool mask (Sq > 1) where the attention has no window keyword
-        causal_mask = Sq > 1
-    lacking = _cpu_lacks(kw)
-    if lacking:
-        raise UnsupportedCaseError(
-            f"the cpu backend's attention_with_kvcache needs {', '.join(lacking)} in the cpu attention, which this "
-            "build lacks; use fastlm.backend('torch') or 'auto'"
-        )
     out = torch.empty(q.shape, dtype=q.dtype)
     with fastlm.backend("cpu"):
         for b in range(B):
@@ -211,8 +174,6 @@ def cpu_attention_with_kvcache(
                 continue
             k, v = (_keys_of(c, b, L, block_table).transpose(0, 1)[None] for c in (k_cache, v_cache))  # (1,Hkv,L,D)
             bkw = dict(kw)
-            if causal_mask:  # query i sees keys j <= i + L - Sq
-                bkw["attn_mask"] = torch.ones(Sq, L, dtype=torch.bool).tril(L - Sq)
             if "alibi_slopes" in bkw:
                 bkw["alibi_slopes"] = alibi[b : b + 1]
             o = scaled_dot_product_attention(
@@ -398,10 +359,6 @@ def attention_with_kvcache(
             "the cuda backend has no attention_with_kvcache (the split-KV kernel is Triton's); use "
             "fastlm.backend('triton') or 'auto'"
         )
-    modifiers = (left, right, softcap, sinks, alibi_slopes)
-    lacks = _cpu_lacks({n: w for n, w in _cpu_modifiers(*modifiers).items() if (n, w) != ("window", (None, 0))})
-    if backend == "cpu" and current_backend() == "auto" and lacks:
-        backend = "torch"  # auto: the cpu attention of this build lacks a modifier (a backend asked for raises)
     if S_new:
         pos = cache_seqlens[:, None].long() + torch.arange(S_new, device=q.device)  # (B, S_new)
         _append(k_cache, k, pos, block_table)
@@ -409,6 +366,7 @@ def attention_with_kvcache(
     seqlens_k = cache_seqlens + S_new if S_new else cache_seqlens
     if q.numel() == 0:
         return torch.empty_like(q)
+    modifiers = (left, right, softcap, sinks, alibi_slopes)
     args = (q, k_cache, v_cache, seqlens_k, block_table, scale, *modifiers)
     if backend == "triton":
         return attention_decode_triton(q if q.stride(-1) == 1 else q.contiguous(), *args[1:])[0]
