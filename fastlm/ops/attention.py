@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastlm import extension
-from fastlm.dispatch import call, resolve
+from fastlm.dispatch import resolve
 from fastlm.ops.attention_args import (
     broadcast_qkv,
     call_features,
@@ -37,7 +37,7 @@ from fastlm.ops.attention_args import (
     rows_16b_aligned,
     unit_last,
 )
-from fastlm.ops.registry import autocast_dtype, check_device, register
+from fastlm.ops.registry import autocast_dtype, call, check_device, register
 
 
 def _check_rng(rng: Tensor, q: Tensor, dropout_p: float) -> None:
@@ -210,7 +210,8 @@ def _backward(backend: str):
         q, k, v, o, lse, mask, cu_q, cu_k, rng, sinks, alibi = ctx.saved_tensors
         max_q, max_k, scale, causal, dropout_p, wl, wr, softcap = ctx.args
         do = grad_out_layout(do, backend)
-        dq, dk, dv, dmask, dsinks = bwd(
+        dq, dk, dv, dmask, dsinks = call(
+            bwd,
             do, q, k, v, o, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, dropout_p, rng, wl, wr, softcap,
             sinks, alibi, ctx.mask_grad,
         )  # fmt: skip
@@ -441,7 +442,8 @@ def scaled_dot_product_attention(
         mods.sinks,
         mods.alibi,
     )
-    o = o.reshape(out_shape)
+    if o.shape != out_shape:
+        o = o.reshape(out_shape)
     if return_lse:
         return o, lse.reshape(out_shape[:-1])
     return o

@@ -239,6 +239,19 @@ def broadcast_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
     broadcast when one side has 1 (a 1-head query against H kv heads gives H output heads; 1 kv head serves every
     query head), else H % Hkv == 0 needs ``enable_gqa``. Returns (q, k, v) as (B, heads, S, D) views (no copy where
     the expanded dims merge), the broadcast leading shape, the query head count, and the output shape."""
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if (  # the common case, (B, H, S, D) with equal batch, as the kernels take it: no broadcasting work at all
+        len(qs) == 4
+        and len(ks) == 4
+        and ks == vs
+        and qs[0] == ks[0]
+        and qs[3] == ks[3]
+        and (qs[1] == ks[1] or (enable_gqa and qs[1] % ks[1] == 0))
+        and query.stride(-1) == 1
+        and key.stride(-1) == 1
+        and value.stride(-1) == 1
+    ):
+        return query, key, value, (qs[0],), qs[1], qs
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(
             f"key and value must have the same sequence length, got key {list(key.shape)}, value {list(value.shape)}"

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm.dispatch import call, host_readable, resolve
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.dispatch import host_readable, resolve
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -233,7 +233,8 @@ def check_inputs(
 
 def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
     """On CPU the range check costs no device sync, so bad targets raise; on GPU, and inside torch.compile (where
-    the check would be a data-dependent branch), they give NaN (documented)."""
+    the check would be a data-dependent branch), they give NaN (documented). The cpu backend's kernel checks the
+    range itself while it reads the targets (``target_range_error`` turns its error into this one)."""
     if target.numel() and host_readable(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
@@ -241,6 +242,17 @@ def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
                 f"target has class indices outside [0, {C}) that are not ignore_index={ignore_index}: "
                 f"{target[bad][:5].tolist()}"
             )
+
+
+def target_range_error(exc: RuntimeError, C: int, ignore_index: int) -> Exception:
+    """The cpu kernel's out-of-range target error (a RuntimeError from C++) as check_target_range's ValueError; any
+    other error as it is."""
+    if "is out of range" not in str(exc):
+        return exc
+    return ValueError(
+        f"target has class indices outside [0, {C}) that are not ignore_index={ignore_index}: "
+        f"{str(exc).splitlines()[0]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +310,8 @@ def cross_entropy(
             f"got {list(target.shape)}"
         )
     C = input.shape[1]
-    check_target_range(target, C, ignore_index)
+    if backend != "cpu":  # the cpu kernel checks the range as it reads the targets
+        check_target_range(target, C, ignore_index)
     if input.dim() == 2:
         x = input if input.stride(1) == 1 else input.contiguous()
     else:
@@ -306,16 +319,19 @@ def cross_entropy(
     t = target.reshape(-1).to(torch.int64)
     w = weight.float().contiguous() if weight is not None else None
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _ = call(
-        CROSS_ENTROPY_FWD[backend],
-        x,
-        t,
-        w,
-        int(ignore_index),
-        float(label_smoothing),
-        REDUCTIONS[reduction],
-        compute_grad,
-    )
+    try:
+        loss, _ = call(
+            CROSS_ENTROPY_FWD[backend],
+            x,
+            t,
+            w,
+            int(ignore_index),
+            float(label_smoothing),
+            REDUCTIONS[reduction],
+            compute_grad,
+        )
+    except RuntimeError as exc:
+        raise target_range_error(exc, C, ignore_index) from None
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss.to(loss_dtype(input))

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import call, resolve
+from fastlm.dispatch import resolve
 from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = {"none": 0, "batchmean": 1, "sum": 2}

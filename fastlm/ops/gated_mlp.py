@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import call, resolve
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.dispatch import resolve
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 ACT_SILU, ACT_GELU_TANH, ACT_GELU_ERF = 0, 1, 2  # the ops' `act` (kernels/gated_mlp.py's ACT constexpr)
 GELU_ACT = {"tanh": ACT_GELU_TANH, "none": ACT_GELU_ERF}  # geglu's `approximate` -> act
@@ -67,7 +67,7 @@ def _backward(backend: str):
         gate, up = ctx.saved_tensors
         if dy.stride(-1) != 1 and dy.shape[-1] > 1:  # e.g. the expanded gradient of a .sum(): one copy
             dy = dy.contiguous()
-        dgate, dup = bwd_op(dy, gate, up, ctx.act)
+        dgate, dup = call(bwd_op, dy, gate, up, ctx.act)
         return dgate, (dup if up is not None else None), None
 
     return backward

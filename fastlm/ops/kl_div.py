@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm.dispatch import call, resolve
+from fastlm.dispatch import resolve
 from fastlm.ops.cross_entropy import loss_dtype, scale_saved_grad
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
 MEAN_WARNING = (

@@ -17,8 +17,8 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import call, resolve
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.dispatch import resolve
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 MAX_N = 65536  # widest normalised row of the fused kernels (both backends)
 
@@ -96,14 +96,14 @@ def _backward(backend: str):
             dy = dy.contiguous()
         if ctx.has_residual and dh.stride(-1) != 1:
             dh = dh.contiguous()
-        dx, dw, db = bwd_op(dy, x, weight, mean, rstd, dh if ctx.has_residual else None, ctx.rms, ctx.has_bias)
+        dx, dw, db = call(bwd_op, dy, x, weight, mean, rstd, dh if ctx.has_residual else None, ctx.rms, ctx.has_bias)
         # With a residual, input and residual receive the same gradient (autograd clones before accumulating it
         # into two leaves, so the two .grad tensors never alias).
         return (
             dx,
             dx if ctx.has_residual else None,
             dw if weight is not None else None,
-            db.to(ctx.bias_dtype) if ctx.has_bias else None,
+            (db if db.dtype == ctx.bias_dtype else db.to(ctx.bias_dtype)) if ctx.has_bias else None,
             None,
             None,
         )
@@ -124,7 +124,7 @@ def _validate(
 ) -> tuple[int, ...]:
     shape = tuple(normalized_shape) if isinstance(normalized_shape, Sequence) else (int(normalized_shape),)
     check_tensor(input, "input", backend)
-    if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
+    if len(shape) == 0 or input.dim() < len(shape) or input.shape[-len(shape) :] != shape:
         raise ValueError(
             f"normalized_shape {list(shape)} must match the trailing dims of input, whose shape is {list(input.shape)}"
         )
@@ -151,12 +151,14 @@ def _validate(
 def _rows(t: Tensor, n: int) -> Tensor:
     """(..., *normalized_shape) -> (M, n) with unit column stride. A view whenever the trailing dims merge (row-
     strided inputs included); otherwise, and for a non-unit last stride, one visible copy."""
-    t2 = t.reshape(-1, n)
+    t2 = t if t.dim() == 2 and t.shape[1] == n else t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.reshape(-1).contiguous()
+    if t is None or (t.dim() == 1 and t.stride(0) == 1):
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def _fused(input, residual, normalized_shape, weight, bias, eps, rms, backend):
@@ -171,8 +173,10 @@ def _fused(input, residual, normalized_shape, weight, bias, eps, rms, backend):
         float(eps),
         rms,
     )
-    y = y.view(input.shape)
-    return (y, h.view(input.shape)) if residual is not None else y
+    if input.dim() != 2:
+        y = y.view(input.shape)
+        h = h.view(input.shape) if residual is not None else h
+    return (y, h) if residual is not None else y
 
 
 def _rms_eps(eps: float | None, dtype: torch.dtype) -> float:

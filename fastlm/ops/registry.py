@@ -8,6 +8,18 @@ lives in ``fastlm.kernels``), ``fastlm::<op>_cuda`` and ``fastlm::<op>_cpu`` are
 autograd formula, and returns the op's table ``{backend: OpOverload}``; a family names it after the op in
 capitals (``NORM_FWD``, ``SOFTMAX_FWD``, ``CROSS_ENTROPY_FWD``, ``ATTENTION_FWD``, ...). Which backend runs a call
 is ``fastlm.dispatch.resolve``'s decision, never the family's.
+
+Two ways into an op, one result. ``call(op, *args)`` is how every family runs its op:
+- while torch.compile (or any dispatch mode: FakeTensor, opcheck, make_fx) traces, it calls the registered op, whose
+  ``register_autograd`` formula and fake impl are what the graph records;
+- in eager mode it takes the lean path: with nothing requiring grad, the op below autograd; otherwise the op's
+  lean ``torch.autograd.Function`` (``LEAN``), built here from the same ``setup_context`` and backward formula,
+  whose forward runs the op below autograd (a Triton op's Python implementation directly). The registered
+  autograd layer is a generated Python Function behind the dispatcher that fills defaults and redispatches on every
+  call: measured on the 2-core development machine (torch 2.14.1, 4 x 64 fp32 softmax), the cpu op costs 3.2 us
+  below autograd and 6.6 us through that layer with nothing requiring grad, and a LayerNorm fwd+bwd 197 us through
+  it against torch's 55 us. vLLM and FlashAttention moved their autograd out of ``register_autograd`` for the same
+  reason.
 """
 
 from collections.abc import Callable
@@ -16,7 +28,12 @@ import torch
 from torch import Tensor
 
 from fastlm import extension
-from fastlm.dispatch import FUSED_DTYPES
+from fastlm.dispatch import FUSED_DTYPES, tracing
+
+# op (OpOverload) -> its lean autograd Function, for the ops registered with a backward formula
+LEAN: dict = {}
+# op (OpOverload) -> the Python function behind it, for the custom_ops (the Triton backend's)
+PY_IMPL: dict = {}
 
 
 def op_backends() -> tuple[str, ...]:
@@ -47,10 +64,67 @@ def register(
     for backend in (b for b in op_backends() if b in backends):
         name = f"fastlm::{op}_{backend}"
         torch.library.register_fake(name)(fake)
+        overload = getattr(torch.ops.fastlm, f"{op}_{backend}").default
+        impl = python_impl(overload)
+        if impl is not None:
+            PY_IMPL[overload] = impl
         if backward is not None:
-            torch.library.register_autograd(name, backward(backend), setup_context=setup_context)
-        table[backend] = getattr(torch.ops.fastlm, f"{op}_{backend}").default
+            formula = backward(backend)
+            torch.library.register_autograd(name, formula, setup_context=setup_context)
+            LEAN[overload] = lean_function(overload, setup_context, formula)
+        table[backend] = overload
     return table
+
+
+def python_impl(overload) -> Callable | None:
+    """The Python function behind a ``torch.library.custom_op`` (the Triton ops), None for a C++ op."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(overload._schema.name)
+    return opdef._init_fn if opdef is not None else None
+
+
+def lean_function(overload, setup_context: Callable, formula: Callable) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` with the registered op's autograd formula whose forward runs the op below the
+    autograd dispatch key (the eager path of ``call``).
+
+    It is written in the classic ``forward(ctx, *args)`` style, calling ``setup_context`` itself: a Function that
+    defines ``setup_context`` (the style ``register_autograd`` generates) takes functorch's path, which inspects the
+    signature on every backward (measured: a trivial Function's fwd+bwd 121 us with ``setup_context``, 44 us
+    without; torch's own ``x * 2`` 34 us)."""
+    impl = python_impl(overload)
+
+    def forward(ctx, *args):
+        if impl is not None:  # a custom_op: its implementation without the dispatcher's round trip
+            output = impl(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                output = overload(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    name = overload._schema.name.split("::")[-1]
+    return type(
+        f"{name}_lean",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(formula)},
+    )
+
+
+def call(op, *args):
+    """``op(*args)`` for a registered fastlm op (``op`` from a family's table), on the lean eager path when not
+    tracing (see the module docstring). Outputs and gradients are those of the registered op. The backward formulas
+    call their backward ops through it too (below autograd there, unless a double backward records a graph)."""
+    if tracing():
+        return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        lean = LEAN.get(op)
+        return lean.apply(*args) if lean is not None else op(*args)
+    impl = PY_IMPL.get(op)
+    if impl is not None:
+        return impl(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------

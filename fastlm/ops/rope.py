@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from fastlm import reference
-from fastlm.dispatch import FUSED_DTYPES, call, resolve, tracing
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.dispatch import FUSED_DTYPES, resolve, tracing
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output allocation: one rule for the fake impl, the Triton op and (mirrored) csrc/cpu/rope.cpp

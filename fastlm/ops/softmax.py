@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm.dispatch import call, resolve
-from fastlm.ops.registry import check_device, check_tensor, register
+from fastlm.dispatch import resolve
+from fastlm.ops.registry import call, check_device, check_tensor, register
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton ops
@@ -85,7 +85,7 @@ def _backward(backend: str):
 
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return bwd(_dy_like(dy, ctx.dim), y, ctx.dim, ctx.log, 1.0), None, None
+        return call(bwd, _dy_like(dy, ctx.dim), y, ctx.dim, ctx.log, 1.0), None, None
 
     return backward
 
@@ -101,7 +101,7 @@ def _masked_backward(backend: str):
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         B, H, Sq, Sk = y.shape
-        dx = bwd(_dy_like(dy.reshape(-1, Sk), 1), y.view(-1, Sk), 1, False, ctx.scale)
+        dx = call(bwd, _dy_like(dy.reshape(-1, Sk), 1), y.view(-1, Sk), 1, False, ctx.scale)
         return dx.view(B, H, Sq, Sk), None, None, None
 
     return backward
@@ -130,7 +130,9 @@ def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
     if not -nd <= dim < nd:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-nd}, {nd - 1}], but got {dim})")
     d = dim % nd
-    if d == input.dim() - 1:
+    if nd == 2 and d == 1 and input.stride(1) == 1:  # rows as they are: no reshape, no view
+        return call(SOFTMAX_FWD[backend], input, 1, log)
+    if d == nd - 1:
         R = input.shape[-1]
         x2 = input.reshape(-1, R)  # a view for row-strided inputs
         if x2.stride(-1) != 1:
