@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite on this machine", **fmt)
     b.add_argument(
         "--ops",
-        default="norms,softmax,ce,attention,decode,rope,gated_mlp,kl_div,distill,model",
-        help="comma-separated op families, run in this order: norms, softmax, ce, attention, rope, gated_mlp, kl_div, "
-        "distill, model",
+        default="model,norms,softmax,ce,attention,decode,rope,gated_mlp,kl_div,distill",
+        help="comma-separated op families, run in this order: model (whole models: the headline table), norms, "
+        "softmax, ce, attention, decode, rope, gated_mlp, kl_div, distill",
     )
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="None: bf16 on GPU, fp32 on CPU")

@@ -26,9 +26,9 @@
 #   setup 80     the source build for sm_90 (MAX_JOBS = cores; the slowest .cu file takes ~25 s); a wheel: seconds
 #   tests 180    ~1020 compiles, ~820 compile-seconds (norms/softmax ~0.6 s, attention ~1.5 s each) over 16 xdist
 #                workers ~50-80 s, plus each worker's start (~15 s) and the tests themselves
-#   bench 150    the quick grid, families in order (norms, softmax, ce, attention, rope, gated_mlp, kl_div, distill,
-#                model): each written when done, so an interrupt keeps the finished ones (the newest families last);
-#                torch.compile baselines dominate
+#   bench 150    the quick grid, families in order (model, norms, softmax, ce, attention, decode, rope, gated_mlp, kl_div,
+#                distill): each written when done, so an interrupt keeps the finished ones (the model-level table
+#                first: it is the headline); torch.compile baselines dominate
 #   configs 60   ~180 compiles (~1.5 s each: every attention launch config) over 16 workers ~17 s, plus start-up
 #   sanitizer 70 memcheck 42 s, racecheck 28 s over the small workload of scripts/sanitize_cuda.py
 # A step that runs out of time is interrupted with SIGINT (pytest then prints its summary and the bench writes what

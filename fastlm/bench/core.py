@@ -56,12 +56,20 @@ TARGETS = {
     ("cuda", "sdpa_mod", "fwd"): {"flex-attention": 1.1},
     ("cuda", "sdpa_mod", "fwd+bwd"): {"flex-attention": 1.1},
     ("cuda", "decode", "fwd"): {"flex-attention": 1.1, "torch-sdpa-flash": 1.1},
-    ("cpu", "bert-base_infer", "fwd"): {"torch-eager": 1.0},
+    # issue 25, the model level (the headline): a patched model against the one it replaces, on the 2-core CPU and
+    # on an H100/H200 (Llama-3-8B's layer shape)
+    ("cpu", "llama_train_step", "fwd+bwd"): {"torch-eager": 1.15, "torch-compile": 1.0},
+    ("cpu", "llama_decode", "fwd"): {"torch-eager": 1.2},
+    ("cpu", "bert-base_infer", "fwd"): {"torch-eager": 1.15},
+    ("cpu", "gpt-tiny_train_step", "fwd+bwd"): {"torch-eager": 1.0},
+    ("cuda", "llama_train_step", "fwd+bwd"): {"torch-eager": 1.2, "liger": 1.0},
 }
 
 
 # Peak-memory targets (issue 17): fastlm's peak / the baseline's peak at most this, for the memory-saving losses.
 MEMORY_TARGETS = {(device, "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 0.25} for device in ("cpu", "cuda")}
+MEMORY_TARGETS[("cpu", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.75}  # issue 25
+MEMORY_TARGETS[("cuda", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.5}
 
 
 class SkipCase(Exception):
@@ -197,19 +205,22 @@ def quantiles_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 1
     return statistics.median(times), q[1], q[7]
 
 
-def interleaved_quantiles_ms(fns: dict[str, Callable[[], object]], rep_ms: int = 400) -> dict[str, tuple]:
+def interleaved_quantiles_ms(
+    fns: dict[str, Callable[[], object]], rep_ms: int = 400, min_rounds: int = 15, warmup: int = 2
+) -> dict[str, tuple]:
     """CPU timing of several providers of one case: (median, p20, p80) ms per provider, from calls interleaved
     round by round (the order rotating each round), so that the machine's drift (other processes, frequency, the
-    allocator returning pages to the OS) hits every provider alike and the ratios stay meaningful. At least 15
-    rounds, then until ``rep_ms`` per provider has passed or 300 rounds."""
+    allocator returning pages to the OS) hits every provider alike and the ratios stay meaningful. ``warmup`` calls
+    each first, then at least ``min_rounds`` rounds, then until ``rep_ms`` per provider has passed or 300 rounds (a
+    family whose calls take seconds, the whole models, sets fewer: its ``TIMING``)."""
     names = list(fns)
     for name in names:  # warm-up (and first-call compilation)
-        fns[name]()
-        fns[name]()
+        for _ in range(warmup):
+            fns[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     spent = 0.0
     rounds = 0
-    while rounds < 15 or (spent < rep_ms * len(names) and rounds < 300):
+    while rounds < min_rounds or (spent < rep_ms * len(names) and rounds < 300):
         order = names[rounds % len(names) :] + names[: rounds % len(names)] if names else []
         for name in order:
             t0 = time.perf_counter()
@@ -220,7 +231,7 @@ def interleaved_quantiles_ms(fns: dict[str, Callable[[], object]], rep_ms: int =
         rounds += 1
     out = {}
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else ts * 9
         out[name] = (statistics.median(ts), q[1], q[7])
     return out
 
@@ -256,9 +267,10 @@ def subprocess_peak_rss_mb(module: str, case: Case, provider: str, timeout_s: fl
     the call, after one warm-up call. glibc's malloc is told to serve every block above 64 KiB by mmap
     (MALLOC_MMAP_THRESHOLD_, which also stops its adaptive threshold), so the warm-up's freed buffers go back to the
     OS instead of being reused unseen by the measured call."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fastlm.__file__)))
+    # The child imports fastlm as this process did (the installed package, or PYTHONPATH, which it inherits). Never
+    # put a source checkout's root on its path: its top-level kernels/ would shadow the Hugging Face "kernels"
+    # package that transformers probes for.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     payload = {"module": module, "provider": provider, "case": dataclasses.asdict(case)}
     payload["case"]["dtype"] = str(case.dtype)
     out = subprocess.run(

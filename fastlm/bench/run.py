@@ -6,6 +6,7 @@ against torch eager and torch.compile at CPU sizes, with the speed-ups and issue
 sm_90 kernel report, and shows the latest committed GPU results from ``benchmarks/results/``, marked as such.
 """
 
+import gc
 import glob
 import importlib.util
 import os
@@ -98,11 +99,15 @@ def run(ops: list[str], quick: bool, dtype: str | None, out_dir: str, static: bo
                         skipped.append(note)
                     else:
                         errors.append(note)
+                if on_gpu:  # a whole model's parameters and optimizer state must go before the next provider's
+                    gc.collect()
+                    torch.cuda.empty_cache()
             if on_gpu:
                 timings = {p: (q, mem / 2**20) for p, (q, mem) in fns.items()}
             else:  # the providers' calls interleaved, so that the machine's drift hits them alike
                 timings = {
-                    p: (q, core.cpu_peak_mb(family, case, p)) for p, q in core.interleaved_quantiles_ms(fns).items()
+                    p: (q, core.cpu_peak_mb(family, case, p))
+                    for p, q in core.interleaved_quantiles_ms(fns, **getattr(family, "TIMING", {})).items()
                 }
             ceiling = {"GB/s": ceilings["copy_GB/s"], "TFLOP/s": ceilings["matmul_TFLOP/s"]}.get(case.unit)
             for provider, ((p50, p20, p80), peak) in timings.items():
