@@ -24,11 +24,14 @@ from fastlm.bench import gated_mlp as gated_mlp_cases
 from fastlm.bench import kl_div as kl_div_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
+from fastlm.bench import overhead as overhead_cases
 from fastlm.bench import rope as rope_cases
 from fastlm.bench import softmax as softmax_cases
 from fastlm.dispatch import UnsupportedCaseError
 
 FAMILIES = {
+    "model": model_cases,
+    "overhead": overhead_cases,
     "norms": norm_cases,
     "softmax": softmax_cases,
     "ce": ce_cases,
@@ -38,7 +41,6 @@ FAMILIES = {
     "decode": decode_cases,
     "gated_mlp": gated_mlp_cases,
     "rope": rope_cases,
-    "model": model_cases,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
