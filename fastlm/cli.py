@@ -42,6 +42,8 @@ def _info() -> int:
         reason = dispatch.unavailable_reason(name, "norms", dev)
         print(f"backend {name:<6} on {dev.type}: {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"backend in force: {fastlm.current_backend()}")
+    print(f"auto on {dev.type} (op, size class, mode -> backend; fastlm/auto_table.py, from a committed bench run):")
+    print("\n".join(dispatch.auto_table_lines(dev.type)))
     print(_attention_info(torch))
     return 0
 

@@ -1,5 +1,6 @@
 """Backend selection: context manager, environment variable, auto table, and clear errors (no silent fallback)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 import fastlm
+from fastlm import auto_table
 from fastlm import dispatch as B
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_context_nests_and_restores():
@@ -110,3 +114,102 @@ def test_bad_arguments_are_checked_before_the_backend_choice():
                 fastlm.functional.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
             with pytest.raises(TypeError, match="attn_mask must be a Tensor"):
                 fastlm.functional.scaled_dot_product_attention(q, q, q, attn_mask=[[True]], dropout_p=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auto's measured table (fastlm/auto_table.py, written by scripts/auto_table.py from fastlm bench reports)
+
+SIZES = {"small": (4, 64), "large": (512, 256)}
+
+
+def test_auto_table_names_only_backends_that_exist_for_the_op():
+    assert auto_table.MEASURED, "the committed auto table is empty"
+    for (op, device, size, mode), (backend, note) in auto_table.MEASURED.items():
+        assert op in B.OP_FAMILY, f"{op}: not an op resolve knows"
+        family = B.OP_FAMILY[op]
+        assert device in ("cpu", "cuda") and size in ("small", "large", "decode") and mode in ("fwd", "fwd+bwd")
+        assert backend == "torch" or family in B.IMPLEMENTED[backend], f"{op}: the {backend} backend has no {family}"
+        assert backend in ("torch", "cpu") if device == "cpu" else backend in ("torch", "triton", "cuda")
+        assert note, f"{op}: an entry without what was measured"
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_auto_follows_the_measured_table(size, mode):
+    """resolve under auto gives the table's backend for each op it lists on CPU (the mode of the call: training when
+    the input requires grad under grad mode), and the family default for what it does not list."""
+    x = torch.randn(*SIZES[size], requires_grad=mode == "fwd+bwd")
+    assert B.size_class(x) == size
+    for op, family in B.OP_FAMILY.items():
+        want, where = B.auto_choice(op, "cpu", size, mode == "fwd+bwd")
+        if want == "cpu" and fastlm.extension.lib is None:
+            continue
+        if op == "linear_cross_entropy" or op == "linear_distillation_loss":
+            assert want != "torch", f"{op}: a memory-saving op given to torch's ops ({where})"
+        with torch.set_grad_enabled(True):
+            assert B.resolve(op, x) == want, f"{op} {size} {mode}: resolve disagrees with {where}"
+        other = "fwd" if mode == "fwd+bwd" else "fwd+bwd"
+        if all((op, "cpu", size, m) not in auto_table.MEASURED for m in (mode, other)):
+            assert want == B.AUTO[(family, "cpu")]
+
+
+def _report(device: str, rows: list[tuple]) -> dict:
+    return {
+        "environment": {"device": device, "torch": "x", "timestamp": "t"},
+        "results": [dict(kernel=k, provider=p, mode=m, shape=s, dtype="float32", ms=ms) for k, p, m, s, ms in rows],
+    }
+
+
+def test_auto_table_script_picks_the_measured_winner(tmp_path):
+    """scripts/auto_table.py: the geometric mean of the time relative to torch's decides (every shape counts alike);
+    torch.compile and peers are no candidates; the memory-saving losses never go to torch; on a GPU torch's SDPA is
+    the fastest of its backends; the written module imports and holds the result."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("auto_table_script", os.path.join(ROOT, "scripts", "auto_table.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cpu = _report(
+        "CPU (test)",
+        [
+            ("layer_norm", "fastlm-cpu", "fwd", "a", 1.0),  # 0.5x torch on a, 1.5x on b: geo-mean 0.87: cpu wins
+            ("layer_norm", "torch-eager", "fwd", "a", 2.0),
+            ("layer_norm", "fastlm-cpu", "fwd", "b", 30.0),
+            ("layer_norm", "torch-eager", "fwd", "b", 20.0),
+            ("layer_norm", "torch-compile", "fwd", "b", 1.0),  # not a backend
+            ("softmax", "fastlm-cpu", "fwd+bwd", "a", 3.0),
+            ("softmax", "torch-eager", "fwd+bwd", "a", 2.0),
+            ("call_softmax", "fastlm-cpu", "fwd", "tiny", 1.0),
+            ("call_softmax", "torch-eager", "fwd", "tiny", 0.5),
+            ("linear_cross_entropy", "fastlm-cpu", "fwd+bwd", "a", 9.0),
+            ("linear_cross_entropy", "torch-eager", "fwd+bwd", "a", 1.0),
+            ("llama_train_step", "fastlm-auto", "fwd+bwd", "a", 1.0),  # whole models are not ops
+        ],
+    )
+    gpu = _report(
+        "NVIDIA H200",
+        [
+            ("sdpa", "fastlm-triton", "fwd", "a", 1.0),
+            ("sdpa", "torch-sdpa-math", "fwd", "a", 0.1),  # not what torch's dispatcher would run
+            ("sdpa", "torch-sdpa-flash", "fwd", "a", 1.5),
+            ("sdpa", "torch-sdpa-cudnn", "fwd", "a", 0.9),
+        ],
+    )
+    paths = []
+    for i, report in enumerate((cpu, gpu)):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(report, f)
+    out = tmp_path / "table.py"
+    assert script.main([*paths, "--out", str(out)]) == 0
+    spec = importlib.util.spec_from_file_location("table", out)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    got = {k: v[0] for k, v in table.MEASURED.items()}
+    assert got == {
+        ("layer_norm", "cpu", "large", "fwd"): "cpu",
+        ("softmax", "cpu", "large", "fwd+bwd"): "torch",
+        ("softmax", "cpu", "small", "fwd"): "torch",
+        ("linear_cross_entropy", "cpu", "large", "fwd+bwd"): "cpu",
+        ("scaled_dot_product_attention", "cuda", "large", "fwd"): "torch",
+    }

@@ -4,17 +4,20 @@ own op on the same inputs. This is what decides decode and small-batch speed on 
 patched model in eager mode.
 
 Each timed call runs the op ``REPS`` times (throughput unit "call/s"): ``fwd`` under ``torch.no_grad()`` (inference),
-``fwd+bwd`` a forward with inputs that require grad and its backward (``torch.autograd.grad``). Providers:
-``fastlm-auto`` (fastlm.functional under the auto backend) and ``torch-eager`` (torch.nn.functional). On CPU the
+``fwd+bwd`` a forward with inputs that require grad and its backward (``torch.autograd.grad``). Providers: each
+fastlm backend that runs here (fastlm.functional under it) and ``torch-eager`` (torch.nn.functional). On CPU the
 clock is the calling thread's CPU time (``time.thread_time``): these calls run on one thread, and a loaded machine
 then does not inflate them. Targets (issue 25): fastlm's fwd at most 3x torch's, fwd+bwd at most 1.5x.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as TF
 
+import fastlm
 import fastlm.functional as F
-from fastlm.bench.core import Case
+from fastlm.bench.core import Case, fastlm_providers
 
 REPS = 100
 MODES = ("fwd", "fwd+bwd")
@@ -75,33 +78,39 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
 
 
 def providers(device: torch.device) -> dict[str, str | None]:
-    return {"fastlm-auto": "auto", "torch-eager": None}
+    """fastlm's backends that run on this device (cpu on CPU; triton and cuda on a GPU) and torch's own op; not
+    torch.compile (a compiled call's host path is another question)."""
+    return {p: b for p, b in fastlm_providers(device).items() if p != "torch-compile"}
 
 
 def runner(case: Case, provider: str, device: torch.device):
     ours, ref, make = SPEC[case.params[0]]
-    fn = ours if provider == "fastlm-auto" else ref  # the backend in force (auto unless FASTLM_BACKEND says otherwise)
+    backend = providers(device)[provider]
+    fn = ref if backend is None else ours
 
     def setup():
         torch.manual_seed(0)
         train = case.mode == "fwd+bwd"
         inputs = make(device, case.dtype, train)
+        scope = (lambda: fastlm.backend(backend)) if backend is not None else contextlib.nullcontext
         if not train:
 
-            def calls():
-                with torch.no_grad():
+            def calls():  # the backend is set once around the REPS calls: its context costs nothing per call
+                with scope(), torch.no_grad():
                     for _ in range(REPS):
                         fn(*inputs)
 
             return calls
         leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        out = fn(*inputs)
+        with scope():
+            out = fn(*inputs)  # a case the backend does not implement raises here
         grads = [torch.randn_like(o) for o in (out if isinstance(out, tuple) else (out,))]
 
         def calls():
-            for _ in range(REPS):
-                o = fn(*inputs)
-                torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
+            with scope():
+                for _ in range(REPS):
+                    o = fn(*inputs)
+                    torch.autograd.grad(o if isinstance(o, tuple) else (o,), leaves, grads)
 
         return calls
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from fastlm import extension
 from fastlm.dispatch import resolve
 from fastlm.ops.attention_args import (
+    attention_size,
     broadcast_qkv,
     call_features,
     check_call,
@@ -386,7 +387,7 @@ def scaled_dot_product_attention(
             t.to(amp) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (query, key, value)
         )
     feats = call_features(attn_mask, dropout_p, False, window, softcap, sinks, alibi_slopes)
-    backend = resolve("attention", query, feats)
+    backend = resolve("scaled_dot_product_attention", query, feats, size=attention_size(query, key))
     if backend == "torch":
         from fastlm import reference
 
@@ -489,7 +490,8 @@ def varlen_attention(
         ``(total_q, H, D)``; with ``return_lse`` also ``(H, total_q)`` fp32.
     """
     check_call(None, dropout_p)
-    backend = resolve("attention", q, call_features(None, dropout_p, True, window, softcap, sinks, alibi_slopes))
+    feats = call_features(None, dropout_p, True, window, softcap, sinks, alibi_slopes)
+    backend = resolve("varlen_attention", q, feats)
     if backend == "torch":
         from fastlm import reference
 

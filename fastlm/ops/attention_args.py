@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlm.dispatch import UnsupportedCaseError, host_readable, tracing
+from fastlm.dispatch import UnsupportedCaseError, host_readable, size_class, tracing
 from fastlm.ops.registry import check_tensor
 
 MAX_HEAD_DIM = 256
@@ -228,6 +228,19 @@ def checked_offsets(cu: Tensor, name: str, total: int, max_len: int) -> Tensor:
             raise ValueError(f"a sequence in {name} has length {int(d.max())} > max_seqlen {max_len}")
         return cu
     return torch.cummax(cu.clamp(0, total), 0).values
+
+
+DECODE_MAX_Q, DECODE_MIN_K = 16, 256  # a call with few queries against many keys: auto's size class "decode"
+
+
+def attention_size(query: Tensor, key: Tensor) -> str:
+    """auto's size class of an SDPA call (fastlm.dispatch.resolve): ``decode`` for at most 16 queries against at
+    least 256 keys, else by the query's element count (``small`` / ``large``)."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 2 and key.dim() >= 2):
+        return "large"  # not tensors: the checks after the backend choice raise
+    if query.shape[-2] <= DECODE_MAX_Q and key.shape[-2] >= DECODE_MIN_K:
+        return "decode"
+    return size_class(query)
 
 
 def unit_last(t: Tensor) -> Tensor:

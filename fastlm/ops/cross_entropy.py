@@ -292,7 +292,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
     soft = isinstance(target, Tensor) and target.is_floating_point()
-    backend = resolve("softmax", input, features=("soft_target",) if soft else ())
+    backend = resolve("cross_entropy_soft" if soft else "cross_entropy", input, ("soft_target",) if soft else ())
     if backend == "torch":
         return TF.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing

@@ -218,7 +218,7 @@ def distillation_loss(
             "(cast the teacher's logits)"
         )
     check_target(target, student_logits.shape[:-1], student_logits, "student_logits")
-    backend = resolve("distill", student_logits)
+    backend = resolve("distillation_loss", student_logits)
     if backend == "torch":
         return reference.distillation_loss(
             student_logits,

@@ -136,7 +136,7 @@ def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
         one stride (e.g. the ``chunk`` halves of a merged projection) are read in place; others are copied once.
     """
     _validate(gate, up, "swiglu")
-    backend = resolve("gated_mlp", gate)
+    backend = resolve("swiglu", gate)
     if backend == "torch":
         return reference.swiglu(gate, up)
     return _fused(gate, up, ACT_SILU, backend)
@@ -155,7 +155,7 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "tanh") -> 
     if approximate not in GELU_ACT:
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
     _validate(gate, up, "geglu")
-    backend = resolve("gated_mlp", gate)
+    backend = resolve("geglu", gate)
     if backend == "torch":
         return reference.geglu(gate, up, approximate)
     return _fused(gate, up, GELU_ACT[approximate], backend)

@@ -106,7 +106,7 @@ def kl_div(
         The loss in input's dtype (reduced in float32). Gradients w.r.t. input and target (when they require
         grad) are written in the forward pass; the backward only scales them.
     """
-    backend = resolve("distill", input)
+    backend = resolve("kl_div", input)
     if backend == "torch":
         return TF.kl_div(input, target, size_average, reduce, reduction, log_target)
     if size_average is not None or reduce is not None:

@@ -269,7 +269,7 @@ def attention_with_kvcache(
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a Tensor, got {type(q).__name__}")
-    backend = resolve("attention", q)
+    backend = resolve("attention_with_kvcache", q, size="decode")
     dtypes = (*FUSED_DTYPES, torch.float64) if backend == "torch" else FUSED_DTYPES
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(t, name, backend, dtypes)

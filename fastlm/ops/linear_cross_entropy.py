@@ -198,7 +198,7 @@ def linear_cross_entropy(
         The loss in input's dtype: a scalar, or ``target``'s shape for ``reduction="none"``.
     """
     ignore_index = -100 if ignore_index is None else ignore_index
-    backend = resolve("linear_ce", input)
+    backend = resolve("linear_cross_entropy", input)
     if backend == "torch":
         logits = TF.linear(input, linear_weight, linear_bias)
         return TF.cross_entropy(

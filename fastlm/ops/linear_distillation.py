@@ -209,7 +209,7 @@ def linear_distillation_loss(
             )
     check_target(target, sh.shape[:-1], sh, "student_hidden")
     V = sw.shape[0]
-    backend = resolve("linear_distill", sh)
+    backend = resolve("linear_distillation_loss", sh)
     if backend == "torch":
         return reference.linear_distillation_loss(
             sh,

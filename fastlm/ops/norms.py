@@ -206,7 +206,7 @@ def layer_norm(
     Returns:
         ``(*, *normalized_shape)`` in input's dtype; statistics are computed in float32.
     """
-    backend = resolve("norms", input)
+    backend = resolve("layer_norm", input)
     if backend == "torch":
         return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     return _fused(input, None, normalized_shape, weight, bias, eps, False, backend)
@@ -223,7 +223,7 @@ def rms_norm(
 
     Shapes as in :func:`layer_norm`.
     """
-    backend = resolve("norms", input)
+    backend = resolve("rms_norm", input)
     if backend == "torch":
         return TF.rms_norm(input, normalized_shape, weight, eps)
     return _fused(input, None, normalized_shape, weight, None, _rms_eps(eps, input.dtype), True, backend)
@@ -247,7 +247,7 @@ def add_layer_norm(
         ``(out, h)``, both shaped like input and in its dtype; ``h`` (the new residual stream) is rounded to that
         dtype before it is normalised, as the unfused code would do.
     """
-    backend = resolve("norms", input)
+    backend = resolve("add_layer_norm", input)
     if backend == "torch":
         return reference.add_layer_norm(input, residual, normalized_shape, weight, bias, eps)
     return _fused(input, residual, normalized_shape, weight, bias, eps, False, backend)
@@ -262,7 +262,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """``h = input + residual; return rms_norm(h, ...), h`` in one pass over memory. Shapes as in
     :func:`add_layer_norm`."""
-    backend = resolve("norms", input)
+    backend = resolve("add_rms_norm", input)
     if backend == "torch":
         return reference.add_rms_norm(input, residual, normalized_shape, weight, eps)
     return _fused(input, residual, normalized_shape, weight, None, _rms_eps(eps, input.dtype), True, backend)

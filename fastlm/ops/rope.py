@@ -304,7 +304,7 @@ def apply_rotary_pos_emb(
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     # auto: a dtype outside the fused kernels' (fp64, ...) anywhere goes to torch's ops
     odd = next((t for t in (q, k, cos, sin) if t.dtype not in FUSED_DTYPES), q)
-    backend = resolve("rope", odd)
+    backend = resolve("apply_rotary_pos_emb", odd)
     if backend == "torch":
         q_out, k_out = reference.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=interleaved)
         if not inplace:

@@ -119,7 +119,7 @@ MASKED_SOFTMAX_FWD = register("masked_softmax_fwd", _masked_fwd_fake, _masked_ba
 def _softmax(input: Tensor, dim: int, dtype, log: bool) -> Tensor:
     if dtype is not None:
         input = input.to(dtype)  # torch semantics: cast first, then softmax in that dtype
-    backend = resolve("softmax", input)
+    backend = resolve("log_softmax" if log else "softmax", input)
     if backend == "torch":
         return (TF.log_softmax if log else TF.softmax)(input, dim)
     check_tensor(input, "input", backend)
@@ -206,7 +206,7 @@ def scaled_masked_softmax(
             raise ValueError(f"mask of shape {list(mask.shape)} would broadcast input {list(input.shape)} up")
         if mask.requires_grad:
             raise ValueError("mask requires grad, but scaled_masked_softmax gives the mask no gradient")
-    backend = resolve("softmax", input)
+    backend = resolve("scaled_masked_softmax", input)
     if backend == "torch":
         from fastlm import reference
 
