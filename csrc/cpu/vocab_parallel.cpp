@@ -169,7 +169,7 @@ void vocab_parallel_ce_grad_cpu(const Tensor& input, const Tensor& target, const
   STD_TORCH_CHECK(grad.scalar_type() == input.scalar_type() && grad.dim() == 2 && grad.size(0) == a.N &&
                       grad.size(1) == a.C && grad.is_contiguous(),
                   "fastlm: grad must be a contiguous tensor of input's shape and dtype");
-  STD_TORCH_CHECK(grad.data_ptr() != input.data_ptr() || a.N <= 1 || a.sn == a.C,
+  STD_TORCH_CHECK(a.N <= 1 || a.C == 0 || grad.data_ptr() != input.data_ptr() || a.sn == a.C,
                   "fastlm: an in-place grad needs a contiguous input");
   const float* st = static_cast<const float*>(row_stats.data_ptr());
   dispatch_float<half, bf16>(input.scalar_type(), [&](auto tag) {

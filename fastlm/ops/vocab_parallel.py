@@ -212,12 +212,12 @@ class Rows:
         self.w_sum = weight.sum().reshape(1) if weight is not None else torch.full((1,), float(C), device=t.device)
         self.eps, self.C = eps, C
 
-    def denominator(self) -> Tensor:
+    def denominator(self, dtype: torch.dtype) -> Tensor:
         """The mean's denominator: sum of w_t over the rows not ignored (their count without weights)."""
         keep = ~self.ignored
         if self.w_t is None:
-            return keep.sum(dtype=torch.float32)
-        return (self.w_t * keep).sum(dtype=torch.float32)
+            return keep.sum(dtype=dtype)
+        return (self.w_t * keep).sum(dtype=dtype)
 
     def losses(self, lse: Tensor, x_t: Tensor, s: Tensor, sl=slice(None)) -> Tensor:
         eps = self.eps
@@ -246,7 +246,7 @@ def _reduce(losses: Tensor, reduction: int, rows: Rows) -> tuple[Tensor, Tensor 
         return losses, 1.0
     if reduction == 2:
         return losses.sum(), 1.0
-    denom = rows.denominator().to(losses.dtype)
+    denom = rows.denominator(losses.dtype)
     return losses.sum() / denom, 1.0 / denom
 
 
@@ -276,6 +276,11 @@ class _CrossEntropy(torch.autograd.Function):
         return ce.scale_saved_grad(grad, dloss, ctx.reduction), None, None, None, None, None, None, None, None
 
 
+def _acc(b: Tensor | None) -> torch.dtype:
+    """The bias gradient's accumulation dtype: float32, float64 for a float64 bias."""
+    return torch.promote_types(b.dtype, torch.float32) if b is not None else torch.float32
+
+
 def _chunk_logits(x: Tensor, w: Tensor, b: Tensor | None, s: int, e: int) -> Tensor:
     logits = x[s:e] @ w.T  # (chunk, V_r)
     if b is not None:
@@ -295,12 +300,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
         losses = torch.empty(T, dtype=stats_dtype, device=x.device)
         grads_now = compute_grad and reduction != 0
-        scale = 1.0 / rows.denominator() if reduction == 1 else 1.0
+        scale = 1.0 / rows.denominator(stats_dtype) if reduction == 1 else 1.0
         lse_all = torch.empty(T, dtype=stats_dtype, device=x.device) if compute_grad and not grads_now else None
         if grads_now:
             gx = torch.empty_like(x)
             gw = torch.zeros_like(w)
-            gb = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
+            gb = torch.zeros(w.shape[0], dtype=_acc(b), device=x.device) if b is not None else None
         for s in range(0, T, chunk):
             e = min(s + chunk, T)
             logits = _chunk_logits(x, w, b, s, e)
@@ -315,7 +320,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(g, w, out=gx[s:e])  # this rank's part of grad_input
                 gw.addmm_(g.T, x[s:e])
                 if gb is not None:
-                    gb += g.sum(0, dtype=torch.float32)
+                    gb += g.sum(0, dtype=gb.dtype)
             elif lse_all is not None:
                 lse_all[s:e] = lse
         loss, _ = _reduce(losses, reduction, rows)
@@ -342,7 +347,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x, w, b, lse_all = ctx.saved_tensors
         rows, (shard, backend, chunk, eps) = ctx.rows, ctx.args
         gx, gw = torch.empty_like(x), torch.zeros_like(w)
-        gb = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
+        gb = torch.zeros(w.shape[0], dtype=_acc(b), device=x.device) if b is not None else None
         dl = dloss.to(lse_all.dtype)
         for s in range(0, x.shape[0], chunk):
             e = min(s + chunk, x.shape[0])
@@ -352,7 +357,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(g, w, out=gx[s:e])
             gw.addmm_(g.T, x[s:e])
             if gb is not None:
-                gb += g.sum(0, dtype=torch.float32)
+                gb += g.sum(0, dtype=gb.dtype)
         dist.all_reduce(gx, dist.ReduceOp.SUM, group=shard.group)
         return gx, gw, gb.to(b.dtype) if gb is not None else None, *nones
 
