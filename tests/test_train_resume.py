@@ -12,13 +12,15 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import ON_GPU
-from test_models import _args
+from test_models import TEXT, _args
 
 from fastlm import checkpoint
 from fastlm import train as T
@@ -239,3 +241,37 @@ def test_resume_refuses_another_global_batch(tmp_path, runs):
         T.train(_run(batch=2, out=out, resume=True))
     with pytest.raises(ValueError, match="seed = 0, this run has 1"):
         T.train(_run(batch=4, seed=1, out=out, resume=True))
+
+
+def test_cli_sigterm_exits_cleanly_with_a_checkpoint(tmp_path):
+    """`python -m fastlm train` sent SIGTERM from outside while it trains: it finishes the step in progress, writes
+    a checkpoint, says so and exits with status 0; `--resume` then starts from that step."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "fastlm", "train", "--data", TEXT, "--size", "tiny", "--backend", "torch"]
+    cmd += ["--seq", "16", "--batch", "2", "--steps", "100000", "--log-every", "1", "--val-every", "0"]
+    cmd += ["--save-every", "100000", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first log lines: it is training
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = [line for line in rest.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert stopped, rest[-2000:]
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert step >= 3 and checkpoint.complete_steps(out) == [step]
+    checkpoint.verify(checkpoint.step_dir(out, step))
+
+
+def test_second_sigint_interrupts_at_once():
+    """A second Ctrl-C while the first waits for the step boundary raises KeyboardInterrupt (the previous handler)."""
+    stop = checkpoint.StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

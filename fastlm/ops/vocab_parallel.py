@@ -336,14 +336,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         nones = (None,) * 9
-        if ctx.reduction != 0:
-            gx, gw, gb = ctx.saved_tensors
-            return (
-                ce.scale_grad(gx, dloss),
-                ce.scale_grad(gw, dloss),
-                ce.scale_grad(gb, dloss) if ctx.has_bias else None,
-                *nones,
+        if ctx.reduction != 0:  # the saved gradients times the scalar (themselves for a CPU dloss of 1)
+            gx, gw, gb = (
+                ce.scale_saved_grad(g, dloss, ctx.reduction) if g is not None else None for g in ctx.saved_tensors
             )
+            return gx, gw, gb if ctx.has_bias else None, *nones
         x, w, b, lse_all = ctx.saved_tensors
         rows, (shard, backend, chunk, eps) = ctx.rows, ctx.args
         gx, gw = torch.empty_like(x), torch.zeros_like(w)
