@@ -24,12 +24,14 @@ parallel on any number of ranks (DCP reshards on load: saved by 2 FSDP ranks, re
 folder must be on a file system every rank sees (as DCP requires).
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save / load that it assumes a single process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_path(path: str) -> None:
@@ -110,7 +120,8 @@ def save(out: str, step: int, model, optimizer, extra: dict, device: torch.devic
         os.makedirs(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # fsyncs
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     rngs = _gather(rng_state(device))
     if rank == 0:
         meta = {**extra, "format": FORMAT, "step": step, "data_position": step, "rng": rngs}
@@ -217,12 +228,14 @@ def load(folder: str, model, optimizer=None) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
         set_model_state_dict(model, state["model"])
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_extra(folder)
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fastlm.dispatch import UnsupportedCaseError, current_backend, host_readable, resolve
 from fastlm.ops import cross_entropy as ce  # a module: cross_entropy.py imports this one (its DTensor hook)
-from fastlm.ops.registry import autocast_dtype, check_tensor
+from fastlm.ops.registry import autocast_dtype, check_device, check_tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
@@ -363,12 +363,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # Entry points (from F.cross_entropy / F.linear_cross_entropy)
 
 
-def _check_common(t: Tensor, weight, reduction: str, label_smoothing: float, ignore_index: int, C: int) -> None:
+def _check_common(
+    x: Tensor, t: Tensor, weight, reduction: str, label_smoothing: float, ignore_index: int, C: int
+) -> None:
     if not isinstance(t, Tensor) or t.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             "target must hold global class indices as int64 (or int32) for the vocab-parallel cross-entropy, got "
             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}"
         )
+    check_device(t, "target", x, "input")
+    check_device(weight, "weight", x, "input")
     if reduction not in ce.REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(ce.REDUCTIONS)}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -418,7 +422,7 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
     if backend != "torch":
         check_tensor(x, "input", backend)
     N, C = input.shape
-    _check_common(t, w, reduction, label_smoothing, ignore_index, C)
+    _check_common(x, t, w, reduction, label_smoothing, ignore_index, C)
     if t.shape != (N,):
         raise ValueError(f"target must have shape [{N}] for input {list(input.shape)}, got {list(t.shape)}")
     if x.shape[1] > 1 and x.stride(1) != 1:
@@ -484,7 +488,7 @@ def linear_cross_entropy(
             f"linear_weight (and linear_bias) must match input's dtype and device ({x.dtype}, {x.device}), got "
             f"{w.dtype} on {w.device}"
         )
-    _check_common(t, cw, reduction, label_smoothing, ignore_index, V)
+    _check_common(x, t, cw, reduction, label_smoothing, ignore_index, V)
     if t.shape != x.shape[:-1]:
         raise ValueError(f"target must have shape {list(x.shape[:-1])}, got {list(t.shape)}")
     x2 = x.reshape(-1, H)
