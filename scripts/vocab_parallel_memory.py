@@ -33,11 +33,13 @@ def _kb(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
 
 
-def _measure(step) -> float:
-    """MiB: the peak resident size of step() over the resident size before it, after a warm-up call."""
+def _measure(step, reset) -> float:
+    """MiB: the peak resident size of step() over the resident size before it, after a warm-up call and reset()
+    (which drops the warm-up's gradients, so that the measured step's own count in full)."""
     import gc
 
     step()
+    reset()
     gc.collect()
     rss = _kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
@@ -70,12 +72,14 @@ def _worker(rank, world, port, a, out):
         w = torch.nn.Parameter(w)
 
     def step():
-        x.grad = w.grad = None
         with fastlm.backend(a["backend"]):
             loss = F.linear_cross_entropy(x, w, t)
         loss.backward()
 
-    peak = _measure(step)
+    def reset():
+        x.grad = w.grad = None
+
+    peak = _measure(step, reset)
     with open(f"{out}.{world}.{rank}", "w") as f:
         json.dump({"peak_mb": peak}, f)
     if world > 1:
