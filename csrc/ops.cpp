@@ -119,6 +119,17 @@ void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
   m.def("gated_mlp_bwd_cpu(Tensor dy, Tensor gate, Tensor? up, int act) -> (Tensor dgate, Tensor dup)");
 }
 
+void define_vocab_parallel_schemas(torch::stable::detail::StableLibrary& m) {
+  // vocab-parallel cross-entropy, one rank's shard (csrc/cpu/vocab_parallel.cpp has the contract; the collectives
+  // are in fastlm/ops/vocab_parallel.py). input (N, Cl), unit class stride; target (N,) int64 local ids (outside
+  // [0, Cl): not owned); weight (Cl,) float32. stats: (3, N) float32 (local lse, owned target logit or 0,
+  // sum w x or 0). grad: from row_stats (3, N) = (global lse, a, b) and the global weight sum, into grad (may be input).
+  m.def("vocab_parallel_ce_stats_cpu(Tensor input, Tensor target, Tensor? weight, bool smooth) -> Tensor");
+  m.def(
+      "vocab_parallel_ce_grad_cpu(Tensor input, Tensor target, Tensor row_stats, Tensor? weight, float w_sum, "
+      "bool smooth, Tensor(a!) grad) -> ()");
+}
+
 void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
   // soft-target cross-entropy, kl_div, distillation losses (csrc/cpu/distillation.cpp; fastlm/ops/distillation.py)
   // soft-target cross-entropy (csrc/cpu/cross_entropy.cpp; fastlm/ops/cross_entropy.py): cross_entropy_fwd's contract
@@ -157,6 +168,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   define_rope_schemas(m);
   define_gated_mlp_schemas(m);
   define_distillation_schemas(m);
+  define_vocab_parallel_schemas(m);
 }
 
 namespace {

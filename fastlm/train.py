@@ -3,9 +3,15 @@ of the models in fastlm.models, on fastlm's kernels.
 
 - Data: the standard library's docstrings (default) or ``--data`` text files; byte tokenizer or ``--tokenizer bpe``.
 - AdamW, linear warm-up + cosine decay, gradient clipping, bf16 autocast on GPU, validation perplexity every
-  ``--val-every`` steps, a progress line with loss and tokens/s, checkpoints with exact resume (model, optimizer,
-  schedule, step; the batches are a function of (seed, step)).
-- Multi-GPU / multi-node: launch with ``torchrun`` (DDP; FSDP2 with ``--fsdp``); on CPU, gloo.
+  ``--val-every`` steps, a progress line with loss and tokens/s.
+- Crash-safe checkpoints (fastlm/checkpoint.py): atomic folders of torch.distributed.checkpoint files with a
+  manifest of sizes and hashes, the previous one kept until the next is complete; ``--resume`` takes the newest
+  intact one (a truncated or corrupt one is refused with a message, and the previous used) and continues bit for bit
+  (model, optimizer, step, every rank's RNG states; the batches are a function of (seed, step), so the data position
+  is the step). SIGTERM / SIGINT stop the run at the next step boundary on every rank, with a checkpoint.
+- Multi-GPU / multi-node: launch with ``torchrun`` (DDP; FSDP2 with ``--fsdp``; ``--tp N``: tensor parallel GPT on a
+  (dp, tp) mesh, the LM head split on the vocabulary with the vocab-parallel fused loss); on CPU, gloo. Checkpoints
+  reshard: a run saved on 2 ranks resumes on 1 and the reverse (same global batch: ``--batch`` x data-parallel size).
 - ``--teacher ckpt``: distillation, ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE`` at temperature T,
   with the fused ``linear_distillation_loss`` (both LM heads and the loss in token chunks: neither model's logits are
   materialised).
@@ -23,9 +29,11 @@ import torch
 import torch.distributed as dist
 
 import fastlm.functional as F
-from fastlm import data, dispatch
+from fastlm import checkpoint, data, dispatch
 from fastlm.models import BERT, GPT, BERTConfig, GPTConfig, mask_tokens
 from fastlm.models.bert import CLS, PAD, SEP
+from fastlm.models.gpt import qkv_heads_major, tensor_parallel
+from fastlm.ops.vocab_parallel import is_dtensor
 
 SIZES = {  # (n_layer, n_head, n_embd)
     "tiny": (2, 2, 64),
@@ -101,8 +109,95 @@ def loss_of(
 # train
 
 
-def train(args) -> dict:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _mesh(args, world: int, device: torch.device):
+    """(data-parallel rank, data-parallel size, the tensor-parallel mesh or None, the data-parallel group)."""
+    tp = getattr(args, "tp", 1)
+    if tp == 1:
+        return (dist.get_rank() if world > 1 else 0), world, None, None
+    if world % tp:
+        raise ValueError(f"--tp {tp} must divide the number of processes ({world})")
+    if args.objective != "clm" or args.teacher or args.fsdp:
+        raise ValueError(
+            "--tp N supports the causal LM (GPT) with DDP-style data parallelism: no --objective mlm, "
+            "--teacher or --fsdp"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return mesh["dp"].get_local_rank(), world // tp, mesh["tp"], mesh["dp"].get_group()
+
+
+def _all_reduce_grads(params: list, group, size: int) -> None:
+    """Average the gradients over the data-parallel group (the tensor-parallel run's DDP): one flat all-reduce of
+    every rank-local gradient shard."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _clip_grad_norm_tp(params: list, max_norm: float, tp_group) -> None:
+    """clip_grad_norm_ for a tensor-parallel model (torch's refuses a mix of DTensor and plain gradients): the
+    squares of the split gradients' local shards summed over the tensor-parallel ranks, the replicated ones once."""
+    split = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    whole = torch.zeros_like(split)
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        local = _local(g)
+        grads.append(local)
+        sq = local.float().pow(2).sum()
+        if is_dtensor(g) and any(pl.is_shard() for pl in g.placements):
+            split += sq
+        else:
+            whole += sq
+    dist.all_reduce(split, group=tp_group)
+    coef = (max_norm / ((split + whole).sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+
+
+def _run_meta(args, tok, model, world: int, dp: int, tp: int) -> dict:
+    return {
+        "config": vars(getattr(model, "module", model).config),
+        "objective": args.objective,
+        "tokenizer": args.tokenizer,
+        "vocab_size": tok.vocab_size,
+        "seed": args.seed,
+        "global_batch": args.batch * dp,
+        "world": world,
+        "tp": tp,
+        "fsdp": bool(args.fsdp),
+    }
+
+
+def _check_resumable(meta: dict, args, tok, dp: int) -> None:
+    """A resumed run must see the data the interrupted one would have seen next: same seed and global batch."""
+    for key, have in (("seed", args.seed), ("global_batch", args.batch * dp), ("vocab_size", tok.vocab_size)):
+        if key in meta and meta[key] != have:
+            raise ValueError(
+                f"the checkpoint was written with {key} = {meta[key]}, this run has {have}: resuming would change the "
+                "data order or the model (the global batch is --batch times the data-parallel size)"
+            )
+
+
+def train(args, on_step=None) -> dict:
+    """Pre-train per ``args`` (the ``fastlm train`` flags); returns the history (``loss``: this rank's loss per step,
+    ``val_ppl``, ``step0``: the step the run started at, and ``stopped``: the signal that stopped it, if one did).
+    ``on_step(step)`` is called after each optimiser step (tests use it to send a signal mid-run)."""
     rank, world, device = _dist()
+    dp_rank, dp, tp_mesh, dp_group = _mesh(args, world, device)
+    tp = tp_mesh.size() if tp_mesh is not None else 1
     torch.manual_seed(args.seed)
     text = data.load_text(args.data)
     tok = data.BPETokenizer(text, args.bpe_vocab) if args.tokenizer == "bpe" else data.ByteTokenizer()
@@ -113,17 +208,9 @@ def train(args) -> dict:
     teacher = None
     if args.teacher:
         teacher = load_checkpoint(args.teacher, device)[0].eval()
-    step0 = 0
-    ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.out else None
-    state = None
-    if args.resume and ckpt_path and os.path.exists(ckpt_path):
-        if args.fsdp:
-            raise ValueError("--resume with --fsdp is not supported yet (its optimizer state is sharded); use DDP")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        step0 = state["step"]
-        torch.set_rng_state(state["rng"])
-    if world > 1:
+    if tp_mesh is not None:
+        tensor_parallel(model, tp_mesh)
+    elif world > 1:
         if args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -133,57 +220,110 @@ def train(args) -> dict:
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    step0 = 0
+    if args.resume and args.out:
+        step0 = _resume(args, model, opt, tok, dp, rank, device)
+    params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    history = {"loss": [], "val_ppl": []}
-    t0, tokens = time.time(), 0
-    for step in range(step0, args.steps):
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        xy = data.batch(train_ids, args.batch, args.seq, args.seed, step, rank, world).to(device)
-        with autocast:
-            loss = loss_of(
-                model,
-                args.objective,
-                xy,
-                tok.vocab_size,
-                args.seed,
-                step,
-                teacher,
-                (args.kd_alpha, args.kd_temperature),
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        history["loss"].append(loss.item())
-        tokens += xy.numel() * world
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-            rate = tokens / max(time.time() - t0, 1e-9)
-            print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  lr {lr:.2e}  {rate:,.0f} tok/s", flush=True)
-        if args.val_every and ((step + 1) % args.val_every == 0 or step == args.steps - 1):
-            ppl = evaluate_ppl(getattr(model, "module", model), args.objective, val_ids, args, device)
-            history["val_ppl"].append((step + 1, ppl))
-            if rank == 0:
-                print(f"step {step + 1}: validation perplexity {ppl:.2f}", flush=True)
-        if ckpt_path and ((step + 1) % args.save_every == 0 or step == args.steps - 1):
-            save_checkpoint(ckpt_path, getattr(model, "module", model), opt, step + 1, args, tok, rank, args.fsdp)
+    history = {"loss": [], "val_ppl": [], "step0": step0}
+    meta = _run_meta(args, tok, model, world, dp, tp)
+    stop = checkpoint.StopSignal()
+    try:
+        t0, tokens = time.time(), 0
+        for step in range(step0, args.steps):
+            lr = lr_at(step, args.lr, args.warmup, args.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            xy = data.batch(train_ids, args.batch, args.seq, args.seed, step, dp_rank, dp).to(device)
+            with autocast:
+                loss = loss_of(
+                    model,
+                    args.objective,
+                    xy,
+                    tok.vocab_size,
+                    args.seed,
+                    step,
+                    teacher,
+                    (args.kd_alpha, args.kd_temperature),
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tp_mesh is not None:
+                if dp > 1:
+                    _all_reduce_grads(params, dp_group, dp)
+                _clip_grad_norm_tp(params, args.grad_clip, tp_mesh.get_group())
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            loss = _local(loss)
+            history["loss"].append(loss.item())
+            tokens += xy.numel() * dp
+            if on_step is not None:
+                on_step(step)
+            if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
+                rate = tokens / max(time.time() - t0, 1e-9)
+                print(
+                    f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  lr {lr:.2e}  {rate:,.0f} tok/s", flush=True
+                )
+            if args.val_every and ((step + 1) % args.val_every == 0 or step == args.steps - 1):
+                ppl = evaluate_ppl(getattr(model, "module", model), args.objective, val_ids, args, device)
+                history["val_ppl"].append((step + 1, ppl))
+                if rank == 0:
+                    print(f"step {step + 1}: validation perplexity {ppl:.2f}", flush=True)
+            stopping = stop.requested(device)  # the same answer on every rank (all-reduced)
+            if args.out and (stopping or (step + 1) % args.save_every == 0 or step == args.steps - 1):
+                folder = checkpoint.save(args.out, step + 1, model, opt, meta, device)
+            if stopping:
+                history["stopped"] = stop.name
+                if rank == 0:
+                    where = f"checkpoint {folder}; continue with --resume" if args.out else "nothing saved (no --out)"
+                    print(f"stopped by {stop.name} after step {step + 1}: {where}", flush=True)
+                break
+    finally:
+        stop.restore()
     return history
+
+
+def _resume(args, model, opt, tok, dp: int, rank: int, device) -> int:
+    """Load the newest intact checkpoint of args.out into model and opt (any layout); returns its step (0 without
+    one). The RNG states: this rank's, or rank 0's when the run has more ranks than the saved one."""
+    folder = checkpoint.latest(args.out)
+    legacy = os.path.join(args.out, "checkpoint.pt")
+    if folder is None and os.path.exists(legacy):  # format 1: one file, rank 0's state, no FSDP
+        if args.fsdp or getattr(args, "tp", 1) > 1:
+            raise ValueError(f"{legacy} (an old single-file checkpoint) resumes only without --fsdp / --tp")
+        state = torch.load(legacy, map_location=device, weights_only=False)
+        getattr(model, "module", model).load_state_dict(qkv_heads_major(state["model"], state["config"]["n_head"]))
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return state["step"]
+    if folder is None:
+        if rank == 0:
+            print(f"no checkpoint in {args.out}: starting from step 0", flush=True)
+        return 0
+    meta = checkpoint.read_extra(folder)
+    _check_resumable(meta, args, tok, dp)
+    checkpoint.load(folder, model, opt)
+    rngs = meta["rng"]
+    checkpoint.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], device)
+    if rank == 0:
+        print(f"resumed from {folder} (step {meta['step']})", flush=True)
+    return meta["step"]
 
 
 @torch.no_grad()
 def evaluate_ppl(model, objective: str, val_ids: torch.Tensor, args, device, batches: int = 4) -> float:
     model.eval()
     losses = [
-        loss_of(
-            model,
-            objective,
-            data.batch(val_ids, args.batch, min(args.seq, len(val_ids) - 2), 12345, i).to(device),
-            model.config.vocab_size,
-            12345,
-            i,
+        _local(  # a replicated DTensor under tensor parallelism
+            loss_of(
+                model,
+                objective,
+                data.batch(val_ids, args.batch, min(args.seq, len(val_ids) - 2), 12345, i).to(device),
+                model.config.vocab_size,
+                12345,
+                i,
+            )
         ).item()
         for i in range(batches)
     ]
@@ -191,38 +331,26 @@ def evaluate_ppl(model, objective: str, val_ids: torch.Tensor, args, device, bat
     return math.exp(sum(losses) / len(losses))
 
 
-def save_checkpoint(path: str, model, opt, step: int, args, tok, rank: int = 0, fsdp: bool = False) -> None:
-    """Rank 0 writes model, optimizer, step and RNG state. With FSDP2 every rank joins the gathering of the full
-    model state and the (sharded) optimizer state is not saved."""
-    if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        optim = None
-    else:
-        weights, optim = model.state_dict(), opt.state_dict()
-    if rank != 0:
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = {
-        "model": weights,
-        "optimizer": optim,
-        "step": step,
-        "rng": torch.get_rng_state(),
-        "config": vars(model.config),
-        "objective": args.objective,
-        "tokenizer": args.tokenizer,
-        "vocab_size": tok.vocab_size,
-    }
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a torn checkpoint
-
-
 def load_checkpoint(path: str, device):
-    state = torch.load(path, map_location=device, weights_only=False)
+    """(model, metadata) of a checkpoint for evaluation or as a teacher: a run folder (its newest intact
+    checkpoint), one ``step-*`` checkpoint folder, or an old single-file ``checkpoint.pt``."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, checkpoint.MANIFEST)):
+        folder = checkpoint.latest(path)
+        if folder is None:
+            raise checkpoint.CheckpointError(f"{path} holds no checkpoint")
+        path = folder
+    if os.path.isdir(path):
+        checkpoint.verify(path)
+        state = checkpoint.read_extra(path)
+    else:
+        state = torch.load(path, map_location=device, weights_only=False)
     cfg = state["config"]
     model = (GPT(GPTConfig(**cfg)) if state["objective"] == "clm" else BERT(BERTConfig(**cfg))).to(device)
-    model.load_state_dict(state["model"], strict=False)
+    if os.path.isdir(path):
+        checkpoint.load(path, model)
+    else:
+        weights = qkv_heads_major(state["model"], cfg["n_head"]) if state["objective"] == "clm" else state["model"]
+        model.load_state_dict(weights, strict=False)
     return model, state
 
 
@@ -372,9 +500,12 @@ def add_arguments(sub) -> None:
     t.add_argument("--val-every", type=int, default=50, help="steps between validation perplexities (0: never)")
     t.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (with --out)")
-    t.add_argument("--out", default=None, help="checkpoint folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--out", default=None, help="checkpoint folder (OUT/step-N: the latest two, written atomically)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest intact checkpoint in OUT (same --seed)"
+    )
     t.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel size: GPT split over (processes / tp, tp) ranks")
     t.add_argument("--teacher", default=None, help="checkpoint of a teacher to distil from")
     t.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term (1 - it: the labels')")
     t.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T (loss scaled by T^2)")

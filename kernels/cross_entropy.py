@@ -17,6 +17,16 @@ t' = (1 - eps) * t + eps / C, and per row, as torch's probability path:
 no ignore_index; with reduction "mean" both gradients are divided by the number of rows (torch's denominator there).
 Bytes (soft): reads x and t once per pass and writes the gradient(s): ~(4 + 2 with the target's gradient) * N * C * e.
 
+Vocab-parallel (the logits of a row split over ranks by classes; fastlm/ops/vocab_parallel.py holds the collectives
+and the combination of the statistics), two more modes of the same kernel over one rank's (N, C_local) shard:
+    STATS:    writes per row (local lse, x_t if this rank owns the target else 0, sum_c w_c x_c with SMOOTH) into
+              RowStats (3, n_rows); T holds the local target id, any id outside [0, C_local) meaning "not owned".
+    EXT_GRAD: the gradient from the global statistics, without pass 1: RowStats (3, n_rows) holds (global lse,
+              a = (1 - eps) * w_t * scale, b = eps / C_global * scale) and WSum the global weight sum W:
+              dloss/dx_c = a * (p_c - [c == t]) + b * (W * p_c - w_c),   p = exp(x - lse)
+              (a = b = 0 for ignored rows; the host folds the mean's denominator or a per-row incoming gradient
+              into a and b). Bytes: reads x once, writes the gradient once: ~2 * N * C_local * e.
+
 Rows are addressed as in kernels/softmax.py: (N, C) with any row stride, or contiguous (N, C, d...) with the
 classes strided by d. Bytes: reads x once per pass (two passes: statistics, then gradient; the second is mostly
 an L2 hit for rows that fit) and writes the gradient: ~3 * N * C * e.
@@ -52,6 +62,7 @@ def cross_entropy_kernel(
     Denom,  # (1,) fp32 denominator of the mean (MEAN)
     WSum,  # (1,) fp32 sum of the class weights (HAS_W; C without weights)
     TGrad,  # SOFT: d loss / d target, addressed like G (WRITE_TGRAD)
+    RowStats,  # STATS / EXT_GRAD: (3, n_rows) fp32 per-row statistics (see the module docstring)
     n_rows,
     C,
     inner,
@@ -70,6 +81,8 @@ def cross_entropy_kernel(
     SMOOTH: tl.constexpr,
     SOFT: tl.constexpr,  # class-probability targets
     WRITE_TGRAD: tl.constexpr,  # SOFT: write d loss / d target
+    STATS: tl.constexpr,  # vocab-parallel pass 1: the local statistics into RowStats, nothing else
+    EXT_GRAD: tl.constexpr,  # vocab-parallel pass 2: the gradient from RowStats' global statistics (no pass 1)
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -84,36 +97,39 @@ def cross_entropy_kernel(
         t = tl.load(T + row)
         ignored = t == ignore_index
         valid = (t >= 0) & (t < C)
-    # pass 1: per-lane running max and sum of exp (and the smoothing sum; SOFT: sum w t' and sum w t' x), combined
-    # at the end
-    m_vec = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    l_vec = tl.zeros([BLOCK_N], tl.float32)
-    sx_vec = tl.zeros([BLOCK_N], tl.float32)
-    sw_vec = tl.zeros([BLOCK_N], tl.float32)
-    for off in range(0, C, BLOCK_N):
-        c = off + cols
-        x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
-        if SOFT:
-            # sx = sum w t' (x - m_lane), kept relative to the lane's running max (shifted when it grows), so that
-            # the loss never subtracts two large numbers (lse and sum w t' x) for large logits
-            wt = soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W)
-            sx_vec -= tl.where(m_vec == float("-inf"), 0.0, sw_vec * (m_safe - m_vec))
-            sw_vec += wt
-            sx_vec += tl.where(c < C, wt * (x - m_safe), 0.0)
-        elif SMOOTH:
-            if HAS_W:
-                wx = tl.load(W + c, mask=c < C, other=0.0) * x
-            else:
-                wx = x
-            sx_vec += tl.where(c < C, wx, 0.0)
-        m_vec = m_new
-    m = tl.max(m_vec, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    log_sum = tl.log(tl.sum(l_vec * tl.exp(m_vec - m_safe), axis=0))  # lse - m, exact of lse's own rounding
-    lse = m_safe + log_sum
+    if EXT_GRAD:
+        lse = tl.load(RowStats + row)
+    else:
+        # pass 1: per-lane running max and sum of exp (and the smoothing sum; SOFT: sum w t' and sum w t' x), combined
+        # at the end
+        m_vec = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_vec = tl.zeros([BLOCK_N], tl.float32)
+        sx_vec = tl.zeros([BLOCK_N], tl.float32)
+        sw_vec = tl.zeros([BLOCK_N], tl.float32)
+        for off in range(0, C, BLOCK_N):
+            c = off + cols
+            x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m_vec, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
+            if SOFT:
+                # sx = sum w t' (x - m_lane), kept relative to the lane's running max (shifted when it grows), so that
+                # the loss never subtracts two large numbers (lse and sum w t' x) for large logits
+                wt = soft_weight(t_row, W, c, C, stride_col, one_m_eps, eps_c, HAS_W)
+                sx_vec -= tl.where(m_vec == float("-inf"), 0.0, sw_vec * (m_safe - m_vec))
+                sw_vec += wt
+                sx_vec += tl.where(c < C, wt * (x - m_safe), 0.0)
+            elif SMOOTH:
+                if HAS_W:
+                    wx = tl.load(W + c, mask=c < C, other=0.0) * x
+                else:
+                    wx = x
+                sx_vec += tl.where(c < C, wx, 0.0)
+            m_vec = m_new
+        m = tl.max(m_vec, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        log_sum = tl.log(tl.sum(l_vec * tl.exp(m_vec - m_safe), axis=0))  # lse - m, exact of lse's own rounding
+        lse = m_safe + log_sum
     if SOFT:
         s_wt = tl.sum(sw_vec, axis=0)
         # sum w t' x - s_wt * m = sum over lanes of sx + sw * (m_lane - m)
@@ -140,28 +156,43 @@ def cross_entropy_kernel(
                         w_c = 1.0
                     dt = -scale * one_m_eps * w_c * (x - lse)
                     tl.store(TGrad + g_off, dt.to(TGrad.dtype.element_ty), mask=c < C)
-    else:
+    elif STATS:
         t_safe = tl.where(valid, t, 0)
-        x_t = tl.load(x_row + t_safe * stride_col).to(tl.float32)
-        if HAS_W:
-            w_t = tl.load(W + t_safe)
+        x_t = tl.load(x_row + t_safe * stride_col, mask=valid, other=0.0).to(tl.float32)
+        tl.store(RowStats + row, lse)
+        tl.store(RowStats + n_rows + row, x_t)
+        if SMOOTH:
+            tl.store(RowStats + 2 * n_rows + row, tl.sum(sx_vec, axis=0))
+        else:
+            tl.store(RowStats + 2 * n_rows + row, 0.0)
+    else:
+        if EXT_GRAD:
+            coef = tl.load(RowStats + n_rows + row)
+            smc = tl.load(RowStats + 2 * n_rows + row)
             w_sum = tl.load(WSum)
         else:
-            w_t = 1.0
-            w_sum = C * 1.0
-        loss = (1.0 - smoothing) * w_t * (lse - x_t)
-        if SMOOTH:
-            loss += smoothing / C * (w_sum * lse - tl.sum(sx_vec, axis=0))
-        loss = tl.where(valid, loss, float("nan"))
-        loss = tl.where(ignored, 0.0, loss)
-        tl.store(Loss + row, loss)
-        if WRITE_GRAD:
+            t_safe = tl.where(valid, t, 0)
+            x_t = tl.load(x_row + t_safe * stride_col).to(tl.float32)
+            if HAS_W:
+                w_t = tl.load(W + t_safe)
+                w_sum = tl.load(WSum)
+            else:
+                w_t = 1.0
+                w_sum = C * 1.0
+            loss = (1.0 - smoothing) * w_t * (lse - x_t)
+            if SMOOTH:
+                loss += smoothing / C * (w_sum * lse - tl.sum(sx_vec, axis=0))
+            loss = tl.where(valid, loss, float("nan"))
+            loss = tl.where(ignored, 0.0, loss)
+            tl.store(Loss + row, loss)
             if MEAN:
                 scale = 1.0 / tl.load(Denom)
             else:
                 scale = 1.0
-            g_row = G + row_offsets(row, inner, g_stride_outer, g_stride_inner)
             coef = (1.0 - smoothing) * w_t * scale
+            smc = smoothing / C * scale
+        if WRITE_GRAD:
+            g_row = G + row_offsets(row, inner, g_stride_outer, g_stride_inner)
             for off in range(0, C, BLOCK_N):
                 c = off + cols
                 x = tl.load(x_row + c.to(tl.int64) * stride_col, mask=c < C, other=0.0).to(tl.float32)
@@ -172,9 +203,10 @@ def cross_entropy_kernel(
                         w_c = tl.load(W + c, mask=c < C, other=0.0)
                     else:
                         w_c = 1.0
-                    g += smoothing / C * scale * (w_sum * p - w_c)
-                g = tl.where(valid, g, float("nan"))
-                g = tl.where(ignored, 0.0, g)
+                    g += smc * (w_sum * p - w_c)
+                if not EXT_GRAD:
+                    g = tl.where(valid, g, float("nan"))
+                    g = tl.where(ignored, 0.0, g)
                 tl.store(g_row + c.to(tl.int64) * g_stride_col, g.to(G.dtype.element_ty), mask=c < C)
 
 
@@ -211,6 +243,7 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         denom if denom is not None else losses,
         w_sum,
         x,
+        losses,
         n_rows,
         C,
         inner,
@@ -229,6 +262,8 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         SMOOTH=smoothing > 0.0,
         SOFT=False,
         WRITE_TGRAD=False,
+        STATS=False,
+        EXT_GRAD=False,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )
@@ -260,6 +295,7 @@ def soft_cross_entropy_rows(x, target, weight, denom, smoothing: float, write_gr
         denom if denom is not None else losses,
         losses,
         tgrad if write_target_grad else g,
+        losses,
         n_rows,
         C,
         inner,
@@ -278,7 +314,79 @@ def soft_cross_entropy_rows(x, target, weight, denom, smoothing: float, write_gr
         SMOOTH=smoothing > 0.0,
         SOFT=True,
         WRITE_TGRAD=write_target_grad,
+        STATS=False,
+        EXT_GRAD=False,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )
     return losses, grad, tgrad
+
+
+def _vocab_parallel_launch(x, target, weight, w_sum, row_stats, grad, smoothing: float, stats: bool):
+    """One launch of the kernel in its STATS or EXT_GRAD mode over x (N, C_local) with unit class stride."""
+    n_rows, C, inner, so, si, sc = row_view(x, 1)
+    g = grad if grad is not None else x
+    go, gi, gc = row_view(g, 1)[3:]
+    cross_entropy_kernel[launch_grid(n_rows)](
+        x,
+        target,
+        weight if weight is not None else x,
+        row_stats,  # Loss: unused
+        g,
+        row_stats,  # Denom: unused (the host folds the mean's denominator into RowStats)
+        w_sum if w_sum is not None else row_stats,
+        x,
+        row_stats,
+        n_rows,
+        C,
+        inner,
+        so,
+        si,
+        sc,
+        go,
+        gi,
+        gc,
+        0,
+        -1,
+        smoothing,
+        HAS_W=weight is not None,
+        MEAN=False,
+        WRITE_GRAD=not stats,
+        SMOOTH=smoothing > 0.0,
+        SOFT=False,
+        WRITE_TGRAD=False,
+        STATS=stats,
+        EXT_GRAD=not stats,
+        BLOCK_N=block_n(C),
+        num_warps=warps(C),
+    )
+
+
+@on_tensor_device
+def vocab_parallel_stats(x, target, weight, smooth: bool):
+    """The local statistics of one rank's vocabulary shard: (3, N) fp32 rows (lse of the local logits, x[t] where
+    this rank owns the target else 0, sum_c w_c x_c when ``smooth`` else 0).
+
+    x: (N, C_local) with unit class stride; target: (N,) int64 local ids (outside [0, C_local): not owned);
+    weight: (C_local,) fp32 or None.
+    """
+    n_rows, C = x.shape
+    stats = empty((3, n_rows), torch.float32, x.device)
+    if n_rows and C:
+        _vocab_parallel_launch(x, target, weight, None, stats, None, 1.0 if smooth else 0.0, True)
+    elif n_rows:  # a rank with no classes (an uneven split): lse -inf, nothing owned
+        stats[0].fill_(float("-inf"))
+        stats[1:].zero_()
+    return stats
+
+
+@on_tensor_device
+def vocab_parallel_grad(x, target, row_stats, weight, w_sum, smooth: bool, grad=None):
+    """d loss / d x of one rank's shard from the global statistics: ``row_stats`` (3, N) fp32 = (global lse, a, b),
+    ``w_sum`` (1,) fp32 the global weight sum W (C_global without weights); written into ``grad`` (x itself for an
+    in-place gradient) or a new tensor. a * (p - onehot) + b * (W p - w), p = exp(x - lse)."""
+    if grad is None:
+        grad = empty(x.shape, x.dtype, x.device)
+    if x.shape[0] and x.shape[1]:
+        _vocab_parallel_launch(x, target, weight, w_sum, row_stats, grad, 1.0 if smooth else 0.0, False)
+    return grad

@@ -7,9 +7,16 @@ Pre-norm blocks with the residual carried beside the hidden state, so every norm
     hidden = attn(normed)
     normed, residual = add_layer_norm(hidden, residual)
     hidden = mlp(normed)
+
+Tensor parallelism (``tensor_parallel``, ``fastlm train --tp N``): Megatron's layout through
+torch.distributed.tensor.parallel on a 1-D mesh. The tied embedding / LM head is split on the vocabulary (a
+vocab-parallel embedding, and the vocab-parallel fused linear cross-entropy on the same (V, C) shard), each block's
+qkv and first MLP projection by columns and its output projections by rows. The qkv projection's output is laid out
+head by head, (n_head, 3, head_dim), so that a column split hands each rank whole heads with their q, k and v.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +24,7 @@ from torch import Tensor, nn
 
 import fastlm
 import fastlm.functional as F
+from fastlm.ops.vocab_parallel import is_dtensor
 
 
 @dataclass
@@ -36,18 +44,19 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.head_dim, self.dropout = cfg.n_embd // cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # output (n_head, 3, head_dim): head-major
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # (B, T, nh, hs) each
+        B, T, _ = x.shape
+        # (B, T, nh, 3, hs) -> (B, T, nh, hs) each; nh is this rank's heads under tensor parallelism
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs): strided views, no copy
         if rotary is not None:  # cos, sin: (1, T, hs), broadcast over batch and heads
             q, k = F.apply_rotary_pos_emb(q, k, *rotary)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * hs) -> (B, T, C)
 
 
 class GatedMLP(nn.Module):
@@ -164,9 +173,19 @@ class GPT(nn.Module):
         without, the logits of the last position only (B, 1, vocab), for generation."""
         with fastlm.backend(self.config.backend):
             h = self.hidden_states(idx)
-            if targets is not None:
+            if targets is not None:  # a vocab-parallel loss (a replicated DTensor) when the head is split
                 return None, F.linear_cross_entropy(h, self.wte.weight, targets, ignore_index=-100)
-            return h[:, -1:] @ self.wte.weight.T, None
+            w = self.wte.weight
+            if not is_dtensor(w):
+                return h[:, -1:] @ w.T, None
+            # tensor parallel: this rank's vocabulary slice of the last position's logits, gathered (B, 1, V)
+            from torch.distributed.tensor import DTensor, Shard
+
+            local = h[:, -1:] @ w.to_local().T
+            shape = (h.shape[0], 1, w.shape[0])  # given: the split may be uneven
+            stride = (w.shape[0], w.shape[0], 1)
+            logits = DTensor.from_local(local, w.device_mesh, [Shard(2)], run_check=False, shape=shape, stride=stride)
+            return logits.full_tensor(), None
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
@@ -184,3 +203,39 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, -1), 1)
             idx = torch.cat([idx, nxt], 1)
         return idx
+
+
+def tensor_parallel(model: GPT, mesh) -> GPT:
+    """Split ``model`` over the 1-D device mesh ``mesh`` in place (Megatron's layout, with
+    torch.distributed.tensor.parallel): the tied embedding / LM head on the vocabulary (``RowwiseParallel`` of the
+    embedding: a (V / tp, C) shard per rank, whose output is all-reduced; the loss is then the vocab-parallel fused
+    linear cross-entropy on the same shard), and in every block the qkv projection and the first GELU-MLP layer by
+    columns (whole heads per rank: n_head must be a multiple of the mesh size), the attention and MLP output
+    projections by rows. The LayerNorms stay replicated. A SwiGLU MLP (its gate and up halves are one merged
+    projection, which a column split would cut across) stays replicated too. Activations between the blocks are
+    replicated plain tensors; the parameters that are split become DTensors."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = mesh.size()
+    if model.config.n_head % tp:
+        raise ValueError(f"n_head = {model.config.n_head} must be a multiple of the tensor-parallel size {tp}")
+    plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    for i, block in enumerate(model.blocks):
+        plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
+        plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()
+        if isinstance(block.mlp, nn.Sequential):  # Linear(C, 4C), GELU, Linear(4C, C), Dropout
+            plan[f"blocks.{i}.mlp.0"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.2"] = RowwiseParallel()
+    return parallelize_module(model, mesh, plan)
+
+
+def qkv_heads_major(state_dict: Mapping[str, Tensor], n_head: int) -> dict[str, Tensor]:
+    """A GPT state dict from before the head-major qkv layout (rows ordered (3, n_head, head_dim)) in today's
+    (n_head, 3, head_dim) order; every other entry as it is."""
+    out = dict(state_dict)
+    for name, t in state_dict.items():
+        if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
+            three_c = t.shape[0]
+            out[name] = t.reshape(3, n_head, three_c // (3 * n_head), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return out

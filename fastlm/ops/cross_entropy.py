@@ -26,6 +26,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import host_readable, resolve
+from fastlm.ops import vocab_parallel
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -288,7 +289,13 @@ def cross_entropy(
     Returns:
         The loss in input's dtype (computed in float32). The gradients are written in the forward pass; the
         backward only scales them.
+
+    Vocab-parallel: ``input`` a DTensor of (N, C) logits sharded on the classes (``Shard(1)``) on a 1-D mesh, with
+    global class ids as ``target``: the loss without gathering the vocabulary, returned as a replicated DTensor
+    (fastlm/ops/vocab_parallel.py).
     """
+    if vocab_parallel.is_dtensor(input) or vocab_parallel.is_dtensor(target):
+        return vocab_parallel.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
     soft = isinstance(target, Tensor) and target.is_floating_point()

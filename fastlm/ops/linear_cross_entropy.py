@@ -23,6 +23,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
+from fastlm.ops import vocab_parallel
 from fastlm.ops.cross_entropy import (
     REDUCTIONS,
     check_inputs,
@@ -196,7 +197,14 @@ def linear_cross_entropy(
 
     Returns:
         The loss in input's dtype: a scalar, or ``target``'s shape for ``reduction="none"``.
+
+    Vocab-parallel: ``linear_weight`` a DTensor sharded on the vocabulary (``Shard(0)``) on a 1-D mesh: chunked
+    the same way, never gathering the vocabulary; the loss a replicated DTensor (fastlm/ops/vocab_parallel.py).
     """
+    if vocab_parallel.is_dtensor(linear_weight) or vocab_parallel.is_dtensor(input):
+        return vocab_parallel.linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, chunk_size
+        )
     ignore_index = -100 if ignore_index is None else ignore_index
     backend = resolve("linear_cross_entropy", input)
     if backend == "torch":
