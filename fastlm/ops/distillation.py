@@ -41,6 +41,15 @@ def counted_rows(target: Tensor | None, n_rows: int, ignore_index: int, device) 
     return mean_denominator(target, None, ignore_index, 1)
 
 
+def _rows_fake(student, teacher, target, kind, beta, temperature, ignore_index, grad_scale, grad):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
+# fastlm::distillation_rows_cpu (schema and contract in csrc/ops.cpp): the linear distillation's chunk kernel on the
+# cpu backend
+DISTILLATION_ROWS = register("distillation_rows", _rows_fake, backends=("cpu",))
+
+
 def distill_rows(
     s, t, target, kind: int, beta: float, temperature: float, ignore_index: int, scale, backend: str, grad
 ):
@@ -57,7 +66,7 @@ def distill_rows(
         return k.distillation_rows(s, t, target, kind, beta, temperature, ignore_index, scale, write_grad, grad)
     if backend != "cpu":
         raise ValueError(f"backend must be 'triton' or 'cpu' (the backends with a distillation loss), got {backend!r}")
-    losses = torch.ops.fastlm.distillation_rows_cpu(
+    losses = DISTILLATION_ROWS["cpu"](
         s, t, target, kind, beta, temperature, ignore_index, scale if write_grad else None, grad if write_grad else None
     )
     return losses, (grad if write_grad else None)

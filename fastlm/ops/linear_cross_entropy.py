@@ -32,30 +32,45 @@ from fastlm.ops.cross_entropy import (
     reduce_losses,
     scale_saved_grad,
 )
-from fastlm.ops.registry import autocast_dtype
+from fastlm.ops.registry import autocast_dtype, register
 
 
 def chunk_size_for(tokens: int, vocab: int, hidden: int, device: torch.device | str = "cuda") -> int:
-    """Tokens per chunk.
+    """Tokens per chunk; the GPU and CPU rules are separate.
 
-    GPU (not re-measured since; kept as it was): about as many logits per chunk as the input has elements
-    (Liger-Kernel's rule), a power of two, at least 64 so the matmuls stay efficient.
+    GPU (the original rule, not re-measured: no GPU on the development machine): about as many logits per chunk as
+    the input has elements (Liger-Kernel's rule), a power of two, at least 64 so the matmuls stay efficient.
 
-    CPU: :data:`CPU_CHUNK_BYTES` of fp32 logits per chunk, at most a quarter of the tokens (rounded up to a multiple
-    of 16), at least :data:`CPU_MIN_ROWS` rows. Measured on the 2-core development machine (torch's MKL sgemm, fp32,
-    K = 512, N = 32000): TODO
+    CPU: equal chunks, at least :data:`CPU_MIN_CHUNKS` of them (so the chunk's logits buffer, which becomes its
+    gradient, is at most a third of the full logits; the unfused path holds about three full logits at its peak:
+    log-softmax output, NLL gradient, logits gradient), more if a chunk would exceed :data:`CPU_CHUNK_BYTES` of
+    fp32 logits, and at least :data:`CPU_MIN_ROWS` rows. Measured on the 2-core development machine (torch 2.14 CPU
+    matmul = MKL sgemm, fp32, 2 threads; best of 9 interleaved rounds under load ~7), GFLOP/s of the three matmuls
+    of a chunk of M rows at H = K = 512, V = 32000:
+
+        M              64    128   256   512   1024  2048
+        logits         36    51    71    84    90    91     (M x H) @ (H x V)
+        grad_input     51    64    82    89    89    93     (M x V) @ (V x H)
+        grad_weight    68    89    98    95    95    98     (V x M) @ (M x H), accumulated with addmm_
+
+    so the matmuls are within a few percent of the unchunked ones from about 1000 rows (the logits matmul repacks
+    the whole weight on every call, which small chunks pay for), 128 MiB of fp32 logits at V = 32000. Each chunk
+    also costs a few thread-pool synchronisations (four parallel regions), which on a loaded machine cost far more
+    than the matmuls' efficiency loss: few, large chunks. The fused row kernel itself is cheap (0.3-0.5 ns per
+    logit, against the unfused path's four passes over (T, V) buffers); peak memory is one (chunk, V) buffer plus
+    the (V, H) weight gradient and the (T, H) input gradient.
     """
     if torch.device(device).type != "cpu":
         ratio = max(1, -(-vocab // max(hidden, 1)))
         size = max(1, -(-tokens // ratio))
         return max(64, 1 << (size - 1).bit_length())
-    rows = max(CPU_MIN_ROWS, CPU_CHUNK_BYTES // (4 * max(vocab, 1)))
-    quarter = -(-max(tokens, 1) // 4)
-    return max(1, min(rows, -(-quarter // 16) * 16))
+    chunks = max(CPU_MIN_CHUNKS, -(-tokens * vocab * 4 // CPU_CHUNK_BYTES))
+    return max(1, min(tokens, max(CPU_MIN_ROWS, -(-tokens // chunks))))
 
 
-CPU_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk on the cpu backend (see chunk_size_for)
-CPU_MIN_ROWS = 64
+CPU_CHUNK_BYTES = 128 << 20  # fp32 logits per chunk at most on the cpu backend (see chunk_size_for)
+CPU_MIN_CHUNKS = 3
+CPU_MIN_ROWS = 32
 
 
 def chunk_logits(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -63,6 +78,14 @@ def chunk_logits(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if b is None:
         return torch.mm(x, w.T, out=out)
     return torch.addmm(b, x, w.T, out=out)
+
+
+def _rows_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, grad):
+    return input.new_empty((input.shape[0],), dtype=torch.float32)
+
+
+# fastlm::cross_entropy_rows_cpu (schema and contract in csrc/ops.cpp): the chunk kernel of the cpu backend
+CROSS_ENTROPY_ROWS = register("cross_entropy_rows", _rows_fake, backends=("cpu",))
 
 
 def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, denom=None, row_scale=None):
@@ -87,9 +110,7 @@ def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, den
         scale = 1.0 / denom if denom is not None else None
         if row_scale is not None:
             scale = row_scale.float().contiguous() if scale is None else (row_scale.float() * scale).contiguous()
-    return torch.ops.fastlm.cross_entropy_rows_cpu(
-        logits, t, weight, scale, ignore_index, smoothing, logits if write_grad else None
-    )
+    return CROSS_ENTROPY_ROWS["cpu"](logits, t, weight, scale, ignore_index, smoothing, logits if write_grad else None)
 
 
 def lm_head_grads(
