@@ -5,17 +5,20 @@ materialising the (tokens, vocab) logits.
                                      label_smoothing, reduction, compute_grad, chunk_size, backend)
         -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
 
-Tokens are processed in chunks: the chunk's logits (one matmul, cuBLAS) -> the fused cross-entropy Triton kernel
-(or, on the cpu backend, the CPU C++ one, which returns the gradient beside the logits) writes the chunk's losses
-and overwrites the logits with their gradient -> grad_input of the chunk and the running
-grad_linear_weight / grad_linear_bias (two more matmuls). The forward thus does all three matmuls of forward +
-backward and the backward only scales the three gradients by the incoming scalar; peak extra memory is one
-(chunk, vocab) logits buffer instead of the full logits and their gradient.
+Tokens are processed in chunks (:func:`lm_head_grads`): the chunk's logits (one matmul into one (chunk, vocab)
+buffer that every chunk reuses) -> the fused row kernel (the Triton cross-entropy kernel, or on the cpu backend
+csrc/cpu/cross_entropy.cpp's cross_entropy_rows_cpu) writes the chunk's losses and overwrites the logits with their
+gradient, already scaled by 1 / (the batch's mean denominator) -> grad_input of the chunk (a matmul into its rows)
+and grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the bias
+gradient (the column sums). The forward thus does all three matmuls of forward + backward; for loss.backward() the
+backward hands the saved gradients on without a copy (any other incoming scalar scales them). Peak extra memory:
+the (chunk, vocab) buffer, beside the gradients themselves.
 
 With reduction "none" the per-token incoming gradients are needed before grad_linear_weight can be formed, so the
 forward computes only the losses and the backward recomputes the chunks' logits (four matmuls in all instead of
-three). Gradients are accumulated in the dtype of linear_weight (as Liger-Kernel does); with few chunks the
-rounding is that of one bf16 matmul per chunk.
+three), the incoming gradients folded into the row kernel's gradient sweep (cpu) or applied in place (Triton).
+Gradients are accumulated in the dtype of linear_weight (as Liger-Kernel does); with few chunks the rounding is
+that of one bf16 matmul per chunk. The chunk size rule (:func:`chunk_size_for`) differs between GPU and CPU.
 """
 
 import torch
@@ -113,19 +116,20 @@ def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, den
     return CROSS_ENTROPY_ROWS["cpu"](logits, t, weight, scale, ignore_index, smoothing, logits if write_grad else None)
 
 
-def lm_head_grads(
-    x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, denom=None, row_scale=None, grad_weight=True
-):
+def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, denom=None, row_scale=None):
     """The chunk loop of forward + backward: for each chunk of tokens, its logits (one matmul into one reused
     (chunk, V) buffer) -> the fused kernel writes ``losses`` of the chunk and overwrites the logits with their
     gradient (scaled by 1 / denom and row_scale) -> grad_input of the chunk (a matmul into its rows of the output)
     and grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the fp32
-    grad_linear_bias (the gradient's column sums). Returns (grad_input, grad_linear_weight or None, grad_linear_bias
-    or None); grad_linear_weight in w's dtype, grad_linear_bias in b's."""
+    grad_linear_bias (the gradient's column sums). Returns (grad_input, grad_linear_weight, grad_linear_bias
+    or None); grad_linear_weight in w's dtype, grad_linear_bias in b's.
+
+    x: (T, H) contiguous; w: (V, H) contiguous; b: (V,) or None; t: (T,) int64; weight: (V,) fp32 or None; losses:
+    (T,) fp32, written; denom: (1,) fp32 (mean) or None; row_scale: (T,) incoming per-token gradients or None."""
     T, V = x.shape[0], w.shape[0]
     buf = x.new_empty((min(chunk, T), V))
     gx = torch.empty_like(x)
-    gw = (torch.empty_like(w) if T > 0 else torch.zeros_like(w)) if grad_weight else None
+    gw = torch.empty_like(w) if T > 0 else torch.zeros_like(w)
     gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
@@ -133,11 +137,10 @@ def lm_head_grads(
         rs = row_scale[s:e] if row_scale is not None else None
         losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, denom, rs)
         torch.mm(g, w, out=gx[s:e])
-        if gw is not None:
-            if s == 0:
-                torch.mm(g.T, x[s:e], out=gw)
-            else:
-                gw.addmm_(g.T, x[s:e])
+        if s == 0:
+            torch.mm(g.T, x[s:e], out=gw)
+        else:
+            gw.addmm_(g.T, x[s:e])
         if gb is not None:
             gb += g.sum(0, dtype=torch.float32)
     return gx, gw, (gb.to(b.dtype) if gb is not None else None)

@@ -7,13 +7,15 @@ model's (tokens, vocab) logits.
                                     chunk_size, backend)
         -> (loss, grad_student_hidden, grad_student_weight)
 
-Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py): the chunk's student and
-teacher logits (two matmuls, cuBLAS / torch) -> the fused distillation row kernel (kernels/distillation.py, or the
-cpu backend's csrc/cpu/distillation.cpp) writes the chunk's losses and the student logits' gradient (over the
-logits in place on the Triton backend) -> with hard_weight > 0 the fused cross-entropy kernel adds its gradient ->
-grad_student_hidden of the chunk and the running grad_student_weight (two more matmuls). The forward does every
-matmul of forward + backward; the backward only scales the two gradients by the incoming scalar. Peak extra memory:
-about three (chunk, vocab) buffers instead of both models' full logits, their softmaxes and gradients.
+Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py, with its chunk size rule): the
+chunk's student and teacher logits (two matmuls into two (chunk, vocab) buffers that every chunk reuses) -> the fused
+distillation row kernel (kernels/distillation.py, or the cpu backend's distillation_rows_cpu in
+csrc/cpu/distillation.cpp) writes the chunk's losses and the student logits' gradient over the student's logits (or,
+with hard_weight > 0, over the teacher's, since the fused cross-entropy kernel then still reads the student's and
+writes its own gradient over them; the two are added) -> grad_student_hidden of the chunk and grad_student_weight
+(two more matmuls; the first chunk writes it, the others accumulate). The forward does every matmul of forward +
+backward; the backward only scales the two gradients by the incoming scalar (none for loss.backward()). Peak extra
+memory: the two (chunk, vocab) buffers instead of both models' full logits, their softmaxes and gradients.
 
     loss = (1 - hard_weight) * distillation (batchmean over the counted rows)
            + hard_weight * cross_entropy(student logits, target, ignore_index, mean over the same rows)
