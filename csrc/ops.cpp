@@ -155,6 +155,23 @@ void define_distillation_schemas(torch::stable::detail::StableLibrary& m) {
       "int ignore_index, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }
 
+void define_linear_loss_schemas(torch::stable::detail::StableLibrary& m) {
+  // The chunk kernels of the linear losses on the cpu backend (fastlm/ops/linear_cross_entropy.py,
+  // linear_distillation.py; the Triton launchers kernels/cross_entropy.cross_entropy_rows and
+  // kernels/distillation.distillation_rows have the same contract). Rows only: no reduction, so the caller passes
+  // the whole batch's 1 / denominator (or per-row incoming gradients) as grad_scale, None (1), (1,) or (N,) float32.
+  // Returns the per-row float32 losses; with grad ((N, V), the logits' dtype, unit class stride), writes the
+  // gradient times grad_scale into it. grad may be the logits themselves (input / student): each row is read before
+  // it is overwritten, so a chunk's logits buffer becomes its gradient.
+  m.def(
+      "cross_entropy_rows_cpu(Tensor input, Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
+      "float label_smoothing, Tensor(a!)? grad) -> Tensor");
+  // distillation_fwd_cpu's per-row losses (times T^2; 0 for ignored rows) and d loss / d student times grad_scale.
+  m.def(
+      "distillation_rows_cpu(Tensor student, Tensor teacher, Tensor? target, int kind, float beta, float temperature, "
+      "int ignore_index, Tensor? grad_scale, Tensor(a!)? grad) -> Tensor");
+}
+
 }  // namespace
 
 // A FRAGMENT, not a DEF: the Python side adds ops to the same namespace (torch.library.custom_op
@@ -169,6 +186,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   define_gated_mlp_schemas(m);
   define_distillation_schemas(m);
   define_vocab_parallel_schemas(m);
+  define_linear_loss_schemas(m);
 }
 
 namespace {

@@ -243,6 +243,27 @@ def distillation_loss(
     return out.to(student_logits.dtype)
 
 
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Unfused linear cross-entropy (fastlm.functional.linear_cross_entropy's semantics): the full (tokens, V)
+    logits, then torch's cross-entropy; the loss has ``target``'s shape for reduction "none"."""
+    V = linear_weight.shape[0]
+    logits = TF.linear(input, linear_weight, linear_bias).reshape(-1, V)
+    w = weight.to(logits.dtype) if weight is not None else None
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    loss = TF.cross_entropy(logits, target.reshape(-1), w, **kw)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
 def linear_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

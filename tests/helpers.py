@@ -97,3 +97,25 @@ def at_thread_counts(fn, counts) -> list:
     finally:
         torch.set_num_threads(threads)
     return results
+
+
+def largest_cpu_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made through torch's allocator while ``fn()`` runs, from the
+    profiler's memory events (deterministic, unlike the resident size): the chunked LM-head losses' bound on
+    their buffers."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    sizes = [e["args"].get("Bytes", 0) for e in events if e.get("name") == "[memory]"]
+    assert sizes, "the profiler recorded no allocation"
+    return max(sizes)

@@ -1,14 +1,17 @@
 """The CPU C++ cross-entropy kernel (csrc/cpu/cross_entropy.cpp) at LM vocabularies: every option, the spatial
 (N, C, d) form, all three dtypes against the float64 reference; the backward's unit-gradient shortcut; determinism;
-bad input on the raw op."""
+bad input on the raw op. The linear cross-entropy's chunked cpu path (its row kernel cross_entropy_rows_cpu, which
+writes the gradient over the chunk's logits): chunk boundaries, every option and dtype, its memory bound."""
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import ON_GPU, at_thread_counts, compare_with_reference
+from helpers import ON_GPU, at_thread_counts, compare_with_reference, largest_cpu_allocation
 
 import fastlm
 import fastlm.functional as F
+from fastlm import reference as R
+from fastlm.ops import linear_cross_entropy as lce
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the cpu kernels are tested on CPU tensors (CPU-only CI)")
 
@@ -221,5 +224,128 @@ _t = torch.tensor([1, 2, 3, 4])
     ],
 )
 def test_cpu_bad_input_raw_ops(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear cross-entropy: the chunked cpu path
+
+
+@pytest.mark.parametrize("options", ["plain", "bias+weights+smoothing"])
+@pytest.mark.parametrize("chunk", [1, 7, 25, None])  # one token per chunk, a ragged last chunk, one chunk, the rule
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_linear_cross_entropy_chunks(dtype, reduction, chunk, options):
+    """The loss and every gradient (input, linear_weight, linear_bias) against the float64 reference, a custom
+    ignore_index among the targets; 25 tokens in (5, 5)."""
+    V, H = 300, 32
+    x = torch.randn(5, 5, H).to(dtype)
+    w = (torch.randn(V, H) * 0.2).to(dtype)
+    t = _targets(25, V, ignore_index=7).view(5, 5)
+    kw = dict(reduction=reduction, ignore_index=7)
+    inputs = {"x": x, "w": w}
+    if options != "plain":
+        kw |= dict(weight=torch.rand(V) + 0.5, label_smoothing=0.1)
+        inputs["b"] = torch.randn(V).to(dtype)
+    compare_with_reference(
+        lambda x, w, b=None: F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk, **kw),
+        lambda x, w, b=None: R.linear_cross_entropy(x, w, t, linear_bias=b, **kw),
+        inputs,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cpu_linear_cross_entropy_never_allocates_the_logits(reduction):
+    """Forward + backward allocate at most one (chunk, V) buffer: never the (T, V) logits (the unfused path
+    allocates several)."""
+    T, V, H = 300, 2000, 16
+    x = torch.randn(T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    t = torch.randint(0, V, (T,))
+    chunk = lce.chunk_size_for(T, V, H, "cpu")
+
+    def step():
+        loss = F.linear_cross_entropy(x, w, t, reduction=reduction)
+        torch.autograd.grad(loss, (x, w), torch.ones_like(loss))
+
+    largest = largest_cpu_allocation(step)
+    assert largest <= max(chunk * V * 4, V * H * 4), (largest, chunk)
+    assert largest < T * V * 4
+    with fastlm.backend("torch"):
+        assert largest_cpu_allocation(step) >= T * V * 4  # the measurement sees the unfused path's logits
+
+
+@pytest.mark.parametrize("T,V,H", [(256, 8192, 256), (2048, 32000, 512), (100000, 32000, 512), (100, 128256, 4096)])
+def test_cpu_linear_cross_entropy_chunk_rule(T, V, H):
+    """The cpu rule (chunk_size_for's table): equal chunks, at least three (a chunk is at most a third of the full
+    logits) once there are enough tokens, at most CPU_CHUNK_BYTES of fp32 logits unless CPU_MIN_ROWS rows need
+    more."""
+    rows = lce.chunk_size_for(T, V, H, "cpu")
+    chunks = -(-T // rows)
+    assert chunks >= 3 or rows == min(T, lce.CPU_MIN_ROWS)
+    assert rows * V * 4 <= lce.CPU_CHUNK_BYTES or rows == lce.CPU_MIN_ROWS
+    assert T - (chunks - 1) * rows > rows - chunks  # no small ragged last chunk
+
+
+def test_cpu_linear_cross_entropy_backward_unit_shortcut():
+    """loss.backward() hands the saved gradients on without a copy: gradients accumulated over two backward calls of
+    one retained graph must double (no aliasing of the saved tensors), and a scaled loss must scale them."""
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(100, 16, requires_grad=True)
+    t = _targets(40, 100)
+    loss = F.linear_cross_entropy(x, w, t, chunk_size=16)
+    loss.backward(retain_graph=True)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    R.linear_cross_entropy(x64, w64, t).backward()
+    torch.testing.assert_close(gx.double(), x64.grad)
+    torch.testing.assert_close(gw.double(), w64.grad)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * gx)
+    torch.testing.assert_close(w.grad, 2 * gw)
+    g3 = torch.autograd.grad(F.linear_cross_entropy(x, w, t, chunk_size=16) * 3, (x, w))
+    torch.testing.assert_close(g3[0], 3 * gx)
+    torch.testing.assert_close(g3[1], 3 * gw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_cross_entropy_rows_op(dtype):
+    """The row kernel: the gradient written over the logits equals the one written into a separate buffer and
+    cross_entropy_fwd_cpu's, times the batch scale or per-row scales; the losses are its per-row losses."""
+    x = (torch.randn(37, 3000) * 2).to(dtype)
+    t = _targets(37, 3000)
+    w = torch.rand(3000) + 0.5
+    losses, grad = ops.cross_entropy_fwd_cpu(x, t, w, -100, 0.1, 0, True)
+    for scale in (None, torch.tensor([0.25]), torch.rand(37)):
+        want = grad if scale is None else (grad.float() * scale.view(-1, 1) if scale.numel() > 1 else grad * scale)
+        sep = torch.empty_like(x)
+        got = ops.cross_entropy_rows_cpu(x, t, w, scale, -100, 0.1, sep)
+        torch.testing.assert_close(got, losses, rtol=0, atol=0)
+        torch.testing.assert_close(sep, want.to(dtype))
+        inplace = x.clone()
+        ops.cross_entropy_rows_cpu(inplace, t, w, scale, -100, 0.1, inplace)
+        assert torch.equal(inplace, sep)
+    assert torch.equal(ops.cross_entropy_rows_cpu(x, t, w, None, -100, 0.1, None), losses)
+    torch.library.opcheck(ops.cross_entropy_rows_cpu, (x, t, w, torch.rand(37), -100, 0.1, torch.empty_like(x)))
+
+
+_g = torch.empty(4, 10)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t, None, torch.ones(3), -100, 0.0, _g), "grad_scale must be"),
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t, None, torch.ones(1).double(), -100, 0.0, _g), "grad_scale must"),
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t, None, None, -100, 0.0, _g.half()), "grad must have input's"),
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t, None, None, -100, 0.0, _g[:3]), "grad must have input's"),
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t, None, None, -100, 0.0, _g.t().contiguous().t()), "unit stride"),
+        (lambda: ops.cross_entropy_rows_cpu(_x[:, None], _t, None, None, -100, 0.0, None), r"input must be \(N, C\)"),
+        (lambda: ops.cross_entropy_rows_cpu(_x, _t + 10, None, None, -100, 0.0, None), "out of range"),
+    ],
+)
+def test_cpu_cross_entropy_rows_bad_input(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()

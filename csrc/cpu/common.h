@@ -211,6 +211,48 @@ inline void check_cpu_float(const Tensor& t, const char* name) {
   check_float_dtype(t, name);
 }
 
+// The gradient arguments of the linear losses' row kernels (cross_entropy_rows_cpu, distillation_rows_cpu):
+// grad_scale None (1), (1,) or (N,) float32; grad None or (N, C) in x's dtype with unit class stride, possibly x
+// itself (then with x's strides: the kernels read each logit before they overwrite it).
+struct RowGrad {
+  void* ptr;            // grad's data, or nullptr: no gradient
+  int64_t row_stride;   // grad's row stride
+  float scale;          // grad_scale of shape (1,) (1 without)
+  const float* rscale;  // grad_scale of shape (N,), or nullptr
+};
+
+inline RowGrad check_row_grad(const Tensor& x, const char* name, const std::optional<Tensor>& grad_scale,
+                              const std::optional<Tensor>& grad) {
+  const int64_t N = x.size(0), C = x.size(1);
+  RowGrad g{nullptr, C, 1.f, nullptr};
+  if (grad_scale) {
+    check_cpu(*grad_scale, "grad_scale");
+    const bool one = grad_scale->dim() == 1 && grad_scale->size(0) == 1;
+    STD_TORCH_CHECK(grad_scale->scalar_type() == ScalarType::Float && grad_scale->dim() == 1 &&
+                        (one || (grad_scale->size(0) == N && grad_scale->stride(0) == 1)),
+                    "fastlm: grad_scale must be a contiguous float32 tensor of shape (1,) or (N,) = (", N, ",)");
+    const float* p = static_cast<const float*>(grad_scale->data_ptr());
+    if (one) {
+      g.scale = p[0];
+    } else {
+      g.rscale = p;
+    }
+  }
+  if (grad) {
+    check_cpu(*grad, "grad");
+    STD_TORCH_CHECK(grad->scalar_type() == x.scalar_type() && grad->dim() == 2 && grad->size(0) == N &&
+                        grad->size(1) == C,
+                    "fastlm: grad must have ", name, "'s shape and dtype");
+    STD_TORCH_CHECK((C == 1 || grad->stride(1) == 1) && (N <= 1 || grad->stride(0) >= C),
+                    "fastlm: grad must have unit stride along the classes and rows that do not overlap");
+    STD_TORCH_CHECK(grad->data_ptr() != x.data_ptr() || N <= 1 || grad->stride(0) == x.stride(0),
+                    "fastlm: a grad written over ", name, " must have its strides");
+    g.ptr = grad->data_ptr();
+    g.row_stride = N > 1 ? grad->stride(0) : C;
+  }
+  return g;
+}
+
 // A 64-byte aligned fp32 buffer: thread-local scratch, allocated once per row range (never per row).
 class Scratch {
  public:

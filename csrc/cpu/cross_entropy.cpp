@@ -61,7 +61,9 @@ struct CeArgs {
   float eps;    // label smoothing
   float eps_c;  // eps / C
   float W;      // sum of the class weights (C without weights)
-  float scale;  // 1 / denom for the mean, else 1
+  float scale;  // 1 / denom for the mean, else 1 (cross_entropy_rows_cpu: its grad_scale of shape (1,))
+  int64_t gsn;  // rows layout: grad row stride (C for a new contiguous gradient; x's own when written over x)
+  const float* rscale;  // (rows,) per-row gradient scale (cross_entropy_rows_cpu), or nullptr
 };
 
 template <bool kW>
@@ -122,7 +124,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = a.x + r * a.sn;
     const T* tr = kSoft ? a.prob + r * a.tsn : nullptr;
-    T* gr = a.grad ? a.grad + r * C : nullptr;
+    T* gr = a.grad ? a.grad + r * a.gsn : nullptr;
     T* dtr = kSoft && a.tgrad ? a.tgrad + r * C : nullptr;
     const int64_t t = kSoft ? 0 : a.target[r];
     if (!kSoft && t == a.ignore_index) {
@@ -134,6 +136,8 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       }
       continue;
     }
+    // The target's logit, read before the sweeps: the gradient may be written over the logits (gr == xr).
+    const float x_t = kSoft ? 0.f : to_float(xr[t]);
     float* e = !gr ? nullptr : std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch.data();
     // Statistics, online over chunks: m the running max, s the sum of exp(x - m), sx = sum_c w_c x_c (soft:
     // sum_c w_c t'_c x_c, and sw = sum_c w_c t'_c).
@@ -201,7 +205,6 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
       if (gr || dtr) soft_grad_row<T, kW>(a, xr, tr, gr, dtr, e, cmax.data(), lse, sw);
       continue;
     }
-    const float x_t = to_float(xr[t]);
     const float w_t = a.w ? a.w[t] : 1.f;
     float loss = (1.f - a.eps) * w_t * (lse - x_t);
     if constexpr (kSmooth) loss += a.eps_c * (a.W * lse - sx);
@@ -209,8 +212,9 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
     if (!gr) continue;
 
     // Gradient: p = e * exp(m_chunk - lse).
-    const float coef = (1.f - a.eps) * w_t * a.scale;
-    const float smc = a.eps_c * a.scale;
+    const float scale = a.rscale ? a.scale * a.rscale[r] : a.scale;
+    const float coef = (1.f - a.eps) * w_t * scale;
+    const float smc = a.eps_c * scale;
     const float W = a.W;
     const float p_t = e[t] * exp_fast(cmax[t / kChunk] - lse);
     for (int64_t ci = 0; ci < nchunks; ++ci) {
@@ -396,21 +400,9 @@ Tensor reduce_losses(const Tensor& input, const float* lp, int64_t rows, int64_t
   return loss;
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                 double label_smoothing, int64_t reduction, bool compute_grad) {
-  check_cpu_float(input, "input");
-  const ce::Shape s = ce::input_shape(input);
-  const int64_t C = s.C, D = s.D, rows = s.rows;
-  STD_TORCH_CHECK(C >= 1, "fastlm: the number of classes C = ", C, " must be at least 1");
-  ce::check_input_layout(input, s, s.N > 0);
-  ce::check_target_weight(target, weight, reduction, s, check_cpu);
-  const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
-  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
-                  label_smoothing);
-
-  // Step 1: target range and the mean's denominator, in row order.
-  const int64_t* tp = static_cast<const int64_t*>(target.data_ptr());
+// Class-index targets, step 1: the target range check and the sum of w[target] over the rows not ignored (the
+// mean's denominator), in row order.
+double check_targets(const int64_t* tp, int64_t rows, int64_t C, const float* w, int64_t ignore_index) {
   double denom = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = tp[r];
@@ -419,39 +411,91 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
                     C, ") or equal ignore_index = ", ignore_index);
     denom += w ? w[t] : 1.0;
   }
-  const float denom_f = static_cast<float>(denom);
+  return denom;
+}
+
+// Class-index targets, step 2 over every row: losses into lp and, with grad, the gradient times scale (times
+// rscale[r] where given) into grad, row r at r * gsn (gsn = C: a new contiguous gradient; it may also be the logits
+// themselves, rows layout only).
+void run_hard(const Tensor& input, const ce::Shape& s, const int64_t* tp, const float* w, float* lp, void* grad,
+              int64_t gsn, int64_t ignore_index, double label_smoothing, float scale, const float* rscale) {
+  if (s.rows == 0) return;
+  double W = static_cast<double>(s.C);
+  if (w) {
+    W = 0.0;
+    for (int64_t c = 0; c < s.C; ++c) W += w[c];
+  }
+  const bool smooth = label_smoothing > 0.0;
+  dispatch_float<half, bf16>(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    CeArgs<T> a{};
+    ce::set_args<T>(a, input, tp, w, lp, static_cast<T*>(grad), s, ignore_index, label_smoothing);
+    a.W = static_cast<float>(W);
+    a.scale = scale;
+    a.gsn = gsn;
+    a.rscale = rscale;
+    set_lanes(a);
+    const bool strided = s.D > 1;
+    if (!smooth) {
+      run_rows<T, false, false>(a, s.rows, strided);
+    } else if (w) {
+      run_rows<T, true, true>(a, s.rows, strided);
+    } else {
+      run_rows<T, true, false>(a, s.rows, strided);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                 double label_smoothing, int64_t reduction, bool compute_grad) {
+  check_cpu_float(input, "input");
+  const ce::Shape s = ce::input_shape(input);
+  const int64_t C = s.C, rows = s.rows;
+  STD_TORCH_CHECK(C >= 1, "fastlm: the number of classes C = ", C, " must be at least 1");
+  ce::check_input_layout(input, s, s.N > 0);
+  ce::check_target_weight(target, weight, reduction, s, check_cpu);
+  const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
+                  label_smoothing);
+  const int64_t* tp = static_cast<const int64_t*>(target.data_ptr());
+  const float denom_f = static_cast<float>(check_targets(tp, rows, C, w, ignore_index));
 
   Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
   Tensor grad = compute_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
   float* lp = static_cast<float*>(losses.data_ptr());
-  if (rows > 0) {
-    double W = static_cast<double>(C);
-    if (w) {
-      W = 0.0;
-      for (int64_t c = 0; c < C; ++c) W += w[c];
-    }
-    const bool smooth = label_smoothing > 0.0;
-    dispatch_float<half, bf16>(input.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      CeArgs<T> a{};
-      ce::set_args<T>(a, input, tp, w, lp, compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr, s, ignore_index,
-                      label_smoothing);
-      a.W = static_cast<float>(W);
-      a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
-      set_lanes(a);
-      const bool strided = D > 1;
-      if (!smooth) {
-        run_rows<T, false, false>(a, rows, strided);
-      } else if (w) {
-        run_rows<T, true, true>(a, rows, strided);
-      } else {
-        run_rows<T, true, false>(a, rows, strided);
-      }
-    });
-  }
+  run_hard(input, s, tp, w, lp, compute_grad ? grad.data_ptr() : nullptr, C, ignore_index, label_smoothing,
+           reduction == 1 ? 1.f / denom_f : 1.f, nullptr);
   if (reduction == 0) return {losses, grad};
   // Step 3: fixed-order sum.
   return {reduce_losses(input, lp, rows, reduction, denom_f), grad};
+}
+
+// The chunk kernel of the linear cross-entropy (fastlm/ops/linear_cross_entropy.py): input (N, C) with unit class
+// stride, any row stride; returns the per-row float32 losses. With grad ((N, C), input's dtype, unit class stride;
+// input itself allowed: each row's logits are read before they are overwritten, so the chunk's logits buffer
+// becomes its gradient and no second (N, C) buffer is needed), writes d loss_r / d input_r times grad_scale (None:
+// 1; (1,) or (N,) float32: one scale, or one per row) there. No reduction, hence no denominator of its own: the
+// caller passes 1 / (the whole batch's denominator) as grad_scale.
+Tensor cross_entropy_rows_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                              const std::optional<Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+                              const std::optional<Tensor>& grad) {
+  check_cpu_float(input, "input");
+  STD_TORCH_CHECK(input.dim() == 2, "fastlm: input must be (N, C), got ", input.dim(), " dimensions");
+  const ce::Shape s = ce::input_shape(input);
+  STD_TORCH_CHECK(s.C >= 1, "fastlm: the number of classes C = ", s.C, " must be at least 1");
+  ce::check_input_layout(input, s, s.N > 0);
+  ce::check_target_weight(target, weight, 0, s, check_cpu);
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
+                  label_smoothing);
+  const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
+  const RowGrad g = check_row_grad(input, "input", grad_scale, grad);
+  const int64_t* tp = static_cast<const int64_t*>(target.data_ptr());
+  check_targets(tp, s.rows, s.C, w, ignore_index);
+  Tensor losses = torch::stable::new_empty(input, {s.rows}, ScalarType::Float);
+  run_hard(input, s, tp, w, static_cast<float*>(losses.data_ptr()), g.ptr, g.row_stride, ignore_index,
+           label_smoothing, g.scale, g.rscale);
+  return losses;
 }
 
 // Soft targets: target of input's shape and dtype ((N, C): unit class stride; (N, C, D): contiguous). The mean
@@ -486,6 +530,7 @@ std::tuple<Tensor, Tensor, Tensor> soft_cross_entropy_fwd_cpu(const Tensor& inpu
       a.tsn = input.dim() == 2 ? target.stride(0) : C * s.D;
       a.tgrad = compute_target_grad ? static_cast<T*>(tgrad.data_ptr()) : nullptr;
       a.scale = reduction == 1 ? 1.f / denom_f : 1.f;
+      a.gsn = C;
       set_lanes(a);
       if (w) {
         run_rows<T, false, true, true>(a, rows, s.D > 1);
@@ -504,4 +549,5 @@ std::tuple<Tensor, Tensor, Tensor> soft_cross_entropy_fwd_cpu(const Tensor& inpu
 STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_fwd_cpu", TORCH_BOX(&fastlm::cpu::cross_entropy_fwd_cpu));
   m.impl("soft_cross_entropy_fwd_cpu", TORCH_BOX(&fastlm::cpu::soft_cross_entropy_fwd_cpu));
+  m.impl("cross_entropy_rows_cpu", TORCH_BOX(&fastlm::cpu::cross_entropy_rows_cpu));
 }

@@ -57,11 +57,12 @@ struct DistillArgs {
   const T* t;             // (rows, V) teacher logits, row stride st
   const int64_t* target;  // (rows,) or nullptr
   float* losses;          // (rows,)
-  T* grad;                // (rows, V) contiguous; nullptr: no gradient
-  int64_t V, ss, st;
+  T* grad;                // (rows, V), row stride sg (V for a new gradient; ss when written over s); nullptr: none
+  int64_t V, ss, st, sg;
   int64_t ignore_index;
   float beta, inv_temp, temp;
-  float scale;  // gradient scale: 1 / counted rows for batchmean, else 1
+  float scale;          // gradient scale: 1 / counted rows for batchmean, else 1 (distillation_rows_cpu: grad_scale)
+  const float* rscale;  // (rows,) per-row gradient scale (distillation_rows_cpu), or nullptr
 };
 
 template <typename T, int kKind>
@@ -76,7 +77,7 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = a.s + r * a.ss;
     const T* yr = a.t + r * a.st;
-    T* gr = a.grad ? a.grad + r * V : nullptr;
+    T* gr = a.grad ? a.grad + r * a.sg : nullptr;
     if (a.target && a.target[r] == a.ignore_index) {
       a.losses[r] = 0.f;
       if (gr) {
@@ -178,7 +179,9 @@ FASTLM_CPU_CLONES void distill_rows(const DistillArgs<T>& a, int64_t r0, int64_t
     a.losses[r] = loss * a.temp * a.temp;
     if (!gr) continue;
 
-    const float coef = a.temp * a.scale;
+    // Every read of this row's logits below is of the same element just before its gradient overwrites it (the
+    // gradient may be written over the student logits, gr == xr).
+    const float coef = a.temp * (a.rscale ? a.scale * a.rscale[r] : a.scale);
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       const int64_t c0 = ci * kChunk;
       const int64_t n = std::min(kChunk, V - c0);
@@ -219,10 +222,9 @@ void run(const DistillArgs<T>& a, int64_t rows) {
                 [&](int64_t r0, int64_t r1) { distill_rows<T, kKind>(a, r0, r1); });
 }
 
-std::tuple<Tensor, Tensor> distillation_fwd_cpu(const Tensor& student, const Tensor& teacher,
-                                                const std::optional<Tensor>& target, int64_t kind, double beta,
-                                                double temperature, int64_t ignore_index, int64_t reduction,
-                                                bool compute_grad) {
+// The checks of both ops; returns the number of counted rows (not ignored).
+int64_t check_distill(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target, int64_t kind,
+                      double beta, double temperature, int64_t ignore_index) {
   check_cpu_float(student, "student");
   check_cpu(teacher, "teacher");
   STD_TORCH_CHECK(student.dim() == 2, "fastlm: student must be 2-D (N, V), got ", student.dim(), " dimensions");
@@ -244,45 +246,62 @@ std::tuple<Tensor, Tensor> distillation_fwd_cpu(const Tensor& student, const Ten
   STD_TORCH_CHECK(kind >= 0 && kind <= 2, "fastlm: kind must be 0 (kl), 1 (reverse kl) or 2 (jsd), got ", kind);
   STD_TORCH_CHECK(kind != kJSD || (beta > 0.0 && beta < 1.0), "fastlm: the jsd kind needs 0 < beta < 1, got ", beta);
   STD_TORCH_CHECK(temperature > 0.0, "fastlm: temperature must be positive, got ", temperature);
+  // Step 1: the batchmean's denominator.
+  if (!target) return N;
+  const int64_t* tp = static_cast<const int64_t*>(target->data_ptr());
+  int64_t count = 0;
+  for (int64_t r = 0; r < N; ++r) count += tp[r] != ignore_index;
+  return count;
+}
+
+// Step 2 over every row: losses into lp and, with grad (row stride sg), the gradient times scale (times rscale[r]).
+void run_distill(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target, int64_t kind,
+                 double beta, double temperature, int64_t ignore_index, float* lp, void* grad, int64_t sg, float scale,
+                 const float* rscale) {
+  const int64_t N = student.size(0);
+  if (N == 0) return;
+  dispatch_float<half, bf16>(student.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    DistillArgs<T> a{};
+    a.s = static_cast<const T*>(student.data_ptr());
+    a.t = static_cast<const T*>(teacher.data_ptr());
+    a.target = target ? static_cast<const int64_t*>(target->data_ptr()) : nullptr;
+    a.losses = lp;
+    a.grad = static_cast<T*>(grad);
+    a.V = student.size(1);
+    a.ss = student.stride(0);
+    a.st = teacher.stride(0);
+    a.sg = sg;
+    a.ignore_index = ignore_index;
+    a.beta = static_cast<float>(beta);
+    a.inv_temp = static_cast<float>(1.0 / temperature);
+    a.temp = static_cast<float>(temperature);
+    a.scale = scale;
+    a.rscale = rscale;
+    if (kind == kKL) {
+      run<T, kKL>(a, N);
+    } else if (kind == kReverseKL) {
+      run<T, kReverseKL>(a, N);
+    } else {
+      run<T, kJSD>(a, N);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> distillation_fwd_cpu(const Tensor& student, const Tensor& teacher,
+                                                const std::optional<Tensor>& target, int64_t kind, double beta,
+                                                double temperature, int64_t ignore_index, int64_t reduction,
+                                                bool compute_grad) {
+  const int64_t count = check_distill(student, teacher, target, kind, beta, temperature, ignore_index);
   STD_TORCH_CHECK(reduction >= 0 && reduction <= 2,
                   "fastlm: reduction must be 0 (none), 1 (batchmean) or 2 (sum), got ", reduction);
-
-  // Step 1: the batchmean's denominator.
-  const int64_t* tp = target ? static_cast<const int64_t*>(target->data_ptr()) : nullptr;
-  int64_t count = N;
-  if (tp) {
-    count = 0;
-    for (int64_t r = 0; r < N; ++r) count += tp[r] != ignore_index;
-  }
+  const int64_t N = student.size(0), V = student.size(1);
   Tensor losses = torch::stable::new_empty(student, {N}, ScalarType::Float);
   Tensor grad = compute_grad ? torch::stable::new_empty(student, {N, V}) : torch::stable::new_empty(student, {0});
   float* lp = static_cast<float*>(losses.data_ptr());
-  if (N > 0) {
-    dispatch_float<half, bf16>(student.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      DistillArgs<T> a{};
-      a.s = static_cast<const T*>(student.data_ptr());
-      a.t = static_cast<const T*>(teacher.data_ptr());
-      a.target = tp;
-      a.losses = lp;
-      a.grad = compute_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
-      a.V = V;
-      a.ss = student.stride(0);
-      a.st = teacher.stride(0);
-      a.ignore_index = ignore_index;
-      a.beta = static_cast<float>(beta);
-      a.inv_temp = static_cast<float>(1.0 / temperature);
-      a.temp = static_cast<float>(temperature);
-      a.scale = reduction == 1 ? static_cast<float>(1.0 / static_cast<double>(count)) : 1.f;
-      if (kind == kKL) {
-        run<T, kKL>(a, N);
-      } else if (kind == kReverseKL) {
-        run<T, kReverseKL>(a, N);
-      } else {
-        run<T, kJSD>(a, N);
-      }
-    });
-  }
+  run_distill(student, teacher, target, kind, beta, temperature, ignore_index, lp,
+              compute_grad ? grad.data_ptr() : nullptr, V,
+              reduction == 1 ? static_cast<float>(1.0 / static_cast<double>(count)) : 1.f, nullptr);
   if (reduction == 0) return {losses, grad};
   // Step 3: fixed-order sum.
   double total = 0.0;
@@ -293,9 +312,27 @@ std::tuple<Tensor, Tensor> distillation_fwd_cpu(const Tensor& student, const Ten
   return {loss, grad};
 }
 
+// The chunk kernel of the linear distillation (fastlm/ops/linear_distillation.py): the per-row float32 losses and,
+// with grad ((N, V), student's dtype, unit class stride; student itself allowed: each logit is read before its
+// gradient overwrites it), d loss_r / d student_r times grad_scale (None: 1; (1,) or (N,) float32).
+Tensor distillation_rows_cpu(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target,
+                             int64_t kind, double beta, double temperature, int64_t ignore_index,
+                             const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& grad) {
+  check_distill(student, teacher, target, kind, beta, temperature, ignore_index);
+  const int64_t N = student.size(0);
+  const RowGrad g = check_row_grad(student, "student", grad_scale, grad);
+  STD_TORCH_CHECK(g.ptr != teacher.data_ptr() || N <= 1 || g.row_stride == teacher.stride(0),
+                  "fastlm: a grad written over teacher must have its strides");
+  Tensor losses = torch::stable::new_empty(student, {N}, ScalarType::Float);
+  run_distill(student, teacher, target, kind, beta, temperature, ignore_index,
+              static_cast<float*>(losses.data_ptr()), g.ptr, g.row_stride, g.scale, g.rscale);
+  return losses;
+}
+
 }  // namespace
 }  // namespace fastlm::cpu
 
 STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("distillation_fwd_cpu", TORCH_BOX(&fastlm::cpu::distillation_fwd_cpu));
+  m.impl("distillation_rows_cpu", TORCH_BOX(&fastlm::cpu::distillation_rows_cpu));
 }

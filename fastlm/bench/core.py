@@ -47,6 +47,9 @@ TARGETS = {
     ("cpu", "swiglu", "fwd+bwd"): {"torch-eager": 1.3},
     ("cpu", "geglu", "fwd+bwd"): {"torch-eager": 1.3},
     ("cuda", "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 1.0},  # and peak memory <= 1/4 (MEMORY_TARGETS)
+    # issue 25: the chunked LM-head losses at least as fast as the unfused eager path, at a fraction of its memory
+    ("cpu", "linear_cross_entropy", "fwd+bwd"): {"torch-eager": 1.0},
+    ("cpu", "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 1.0},
     ("cpu", "layer_norm", "fwd"): {"torch-eager": 1.0},
     ("cpu", "softmax", "fwd"): {"torch-eager": 1.0},
     ("cpu", "sdpa", "fwd"): {"torch-sdpa": 1.0},
@@ -76,6 +79,7 @@ for _device in ("cpu", "cuda"):
 MEMORY_TARGETS = {(device, "linear_distillation_loss", "fwd+bwd"): {"torch-eager": 0.25} for device in ("cpu", "cuda")}
 MEMORY_TARGETS[("cpu", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.75}  # issue 25
 MEMORY_TARGETS[("cuda", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.5}
+MEMORY_TARGETS[("cpu", "linear_cross_entropy", "fwd+bwd")] = {"torch-eager": 0.5}  # issue 25
 
 
 class SkipCase(Exception):

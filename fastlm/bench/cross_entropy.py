@@ -8,7 +8,9 @@ cross_entropy_soft (class-probability targets of the logits' shape; the target n
     fwd:      read the logits and the target                                   -> 2 * N * C * e
     fwd+bwd:  + read both again and write the gradient                         -> 5 * N * C * e
 linear_cross_entropy: TFLOP/s of the three matmuls of forward + backward, 6 * T * V * H, and the peak memory
-(the headline number: the full logits are never materialised).
+(the headline number: the full logits are never materialised; on CPU measured per provider in a child process,
+fastlm.bench.core.cpu_peak_mb). CPU cases: a small head, and a Llama-style training step's (4 x 512 tokens,
+hidden 512, vocabulary 32000).
 """
 
 import torch
@@ -23,7 +25,8 @@ VOCABS_CPU = (1024, 32768)
 INPUT_BYTES_GPU, INPUT_BYTES_CPU = 256 << 20, 4 << 20
 SOFT_GPU, SOFT_GPU_QUICK, SOFT_CPU = ((8192, 32000), (4096, 128256)), ((4096, 128256),), ((512, 32000),)
 LCE_GPU = (8192, 131072, 4096)  # tokens x vocab x hidden (LLaMA-3-8B's head)
-LCE_CPU = (256, 8192, 256)
+LCE_CPU = ((256, 8192, 256), (2048, 32000, 512))
+MEMORY_KERNELS = ("linear_cross_entropy",)  # fastlm.bench.core.cpu_peak_mb: measured in a child process on CPU
 
 
 def _lce_ref(x, w, t):
@@ -53,8 +56,9 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
         for mode in ("fwd", "fwd+bwd"):
             work = (2 if mode == "fwd" else 5) * n * c * e
             out.append(Case("cross_entropy_soft", f"{n}x{c}", dtype, mode, work, "GB/s", (n, c)))
-    t, v, h = LCE_GPU if gpu else LCE_CPU
-    out.append(Case("linear_cross_entropy", f"{t}x{v}x{h}", dtype, "fwd+bwd", 6 * t * v * h, "TFLOP/s", (t, v, h)))
+    for t, v, h in (LCE_GPU,) if gpu else LCE_CPU:
+        work = 6 * t * v * h
+        out.append(Case("linear_cross_entropy", f"{t}x{v}x{h}", dtype, "fwd+bwd", work, "TFLOP/s", (t, v, h)))
     return out
 
 

@@ -41,24 +41,35 @@ def counted_rows(target: Tensor | None, n_rows: int, ignore_index: int, device) 
     return mean_denominator(target, None, ignore_index, 1)
 
 
+def _rows_fake(student, teacher, target, kind, beta, temperature, ignore_index, grad_scale, grad):
+    return student.new_empty((student.shape[0],), dtype=torch.float32)
+
+
+# fastlm::distillation_rows_cpu (schema and contract in csrc/ops.cpp): the linear distillation's chunk kernel on the
+# cpu backend
+DISTILLATION_ROWS = register("distillation_rows", _rows_fake, backends=("cpu",))
+
+
 def distill_rows(
-    s, t, target, kind: int, beta: float, temperature: float, ignore_index: int, scale, backend: str, in_place: bool
+    s, t, target, kind: int, beta: float, temperature: float, ignore_index: int, scale, backend: str, grad
 ):
     """Per-row losses (fp32) and, with ``scale`` ((1,) fp32 device tensor), the gradient w.r.t. ``s`` times
     ``scale``, for a chunk of (N, V) logits (the linear distillation's). ``scale`` None: losses only (grad None).
-    ``in_place``: the Triton kernel writes the gradient over ``s`` (the cpu op always returns a new tensor)."""
+    ``grad``: where the gradient goes, s or t themselves (both kernels read each logit before they overwrite it, so
+    a chunk's logits buffer becomes its gradient), or None for a new tensor."""
     write_grad = scale is not None
+    if write_grad and grad is None:
+        grad = torch.empty_like(s)
     if backend == "triton":
         from fastlm.kernels import distillation as k
 
-        grad = s if write_grad and in_place else None
         return k.distillation_rows(s, t, target, kind, beta, temperature, ignore_index, scale, write_grad, grad)
     if backend != "cpu":
         raise ValueError(f"backend must be 'triton' or 'cpu' (the backends with a distillation loss), got {backend!r}")
-    losses, g = torch.ops.fastlm.distillation_fwd_cpu(
-        s, t, target, kind, beta, temperature, ignore_index, 0, write_grad
+    losses = DISTILLATION_ROWS["cpu"](
+        s, t, target, kind, beta, temperature, ignore_index, scale if write_grad else None, grad if write_grad else None
     )
-    return losses, (g.mul_(scale) if write_grad else None)
+    return losses, (grad if write_grad else None)
 
 
 @torch.library.custom_op("fastlm::distillation_fwd_triton", mutates_args=())

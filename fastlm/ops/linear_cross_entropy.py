@@ -5,17 +5,20 @@ materialising the (tokens, vocab) logits.
                                      label_smoothing, reduction, compute_grad, chunk_size, backend)
         -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
 
-Tokens are processed in chunks: the chunk's logits (one matmul, cuBLAS) -> the fused cross-entropy Triton kernel
-(or, on the cpu backend, the CPU C++ one, which returns the gradient beside the logits) writes the chunk's losses
-and overwrites the logits with their gradient -> grad_input of the chunk and the running
-grad_linear_weight / grad_linear_bias (two more matmuls). The forward thus does all three matmuls of forward +
-backward and the backward only scales the three gradients by the incoming scalar; peak extra memory is one
-(chunk, vocab) logits buffer instead of the full logits and their gradient.
+Tokens are processed in chunks (:func:`lm_head_grads`): the chunk's logits (one matmul into one (chunk, vocab)
+buffer that every chunk reuses) -> the fused row kernel (the Triton cross-entropy kernel, or on the cpu backend
+csrc/cpu/cross_entropy.cpp's cross_entropy_rows_cpu) writes the chunk's losses and overwrites the logits with their
+gradient, already scaled by 1 / (the batch's mean denominator) -> grad_input of the chunk (a matmul into its rows)
+and grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the bias
+gradient (the column sums). The forward thus does all three matmuls of forward + backward; for loss.backward() the
+backward hands the saved gradients on without a copy (any other incoming scalar scales them). Peak extra memory:
+the (chunk, vocab) buffer, beside the gradients themselves.
 
 With reduction "none" the per-token incoming gradients are needed before grad_linear_weight can be formed, so the
 forward computes only the losses and the backward recomputes the chunks' logits (four matmuls in all instead of
-three). Gradients are accumulated in the dtype of linear_weight (as Liger-Kernel does); with few chunks the
-rounding is that of one bf16 matmul per chunk.
+three), the incoming gradients folded into the row kernel's gradient sweep (cpu) or applied in place (Triton).
+Gradients are accumulated in the dtype of linear_weight (as Liger-Kernel does); with few chunks the rounding is
+that of one bf16 matmul per chunk. The chunk size rule (:func:`chunk_size_for`) differs between GPU and CPU.
 """
 
 import torch
@@ -31,46 +34,129 @@ from fastlm.ops.cross_entropy import (
     loss_dtype,
     mean_denominator,
     reduce_losses,
-    scale_grad,
+    scale_saved_grad,
 )
-from fastlm.ops.registry import autocast_dtype
+from fastlm.ops.registry import autocast_dtype, register
 
 
-def chunk_size_for(tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: about as many logits per chunk as the input has elements (Liger's rule), a power of two,
-    at least 64 so the matmuls stay efficient."""
-    ratio = max(1, -(-vocab // max(hidden, 1)))
-    size = max(1, -(-tokens // ratio))
-    return max(64, 1 << (size - 1).bit_length())
+def chunk_size_for(tokens: int, vocab: int, hidden: int, device: torch.device | str = "cuda") -> int:
+    """Tokens per chunk; the GPU and CPU rules are separate.
+
+    GPU (the original rule, not re-measured: no GPU on the development machine): about as many logits per chunk as
+    the input has elements (Liger-Kernel's rule), a power of two, at least 64 so the matmuls stay efficient.
+
+    CPU: equal chunks, at least :data:`CPU_MIN_CHUNKS` of them (so the chunk's logits buffer, which becomes its
+    gradient, is at most a third of the full logits; the unfused path holds about three full logits at its peak:
+    log-softmax output, NLL gradient, logits gradient), more if a chunk would exceed :data:`CPU_CHUNK_BYTES` of
+    fp32 logits, and at least :data:`CPU_MIN_ROWS` rows. Measured on the 2-core development machine (torch 2.14 CPU
+    matmul = MKL sgemm, fp32, 2 threads; best of 9 interleaved rounds under load ~7), GFLOP/s of the three matmuls
+    of a chunk of M rows at H = K = 512, V = 32000:
+
+        M              64    128   256   512   1024  2048
+        logits         36    51    71    84    90    91     (M x H) @ (H x V)
+        grad_input     51    64    82    89    89    93     (M x V) @ (V x H)
+        grad_weight    68    89    98    95    95    98     (V x M) @ (M x H), accumulated with addmm_
+
+    so the matmuls are within a few percent of the unchunked ones from about 1000 rows (the logits matmul repacks
+    the whole weight on every call, which small chunks pay for), 128 MiB of fp32 logits at V = 32000. Each chunk
+    also costs a few thread-pool synchronisations (four parallel regions), which on a loaded machine cost far more
+    than the matmuls' efficiency loss: few, large chunks. The fused row kernel itself is cheap (0.3-0.5 ns per
+    logit, against the unfused path's four passes over (T, V) buffers); peak memory is one (chunk, V) buffer plus
+    the (V, H) weight gradient and the (T, H) input gradient.
+    """
+    if torch.device(device).type != "cpu":
+        ratio = max(1, -(-vocab // max(hidden, 1)))
+        size = max(1, -(-tokens // ratio))
+        return max(64, 1 << (size - 1).bit_length())
+    chunks = max(CPU_MIN_CHUNKS, -(-tokens * vocab * 4 // CPU_CHUNK_BYTES))
+    return max(1, min(tokens, max(CPU_MIN_ROWS, -(-tokens // chunks))))
 
 
-def ce_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, backend):
-    """Per-row losses (fp32) and, if ``write_grad``, the gradient of the chunk's logits: the Triton kernel writes it
-    over the logits in place (backend "triton"); the CPU C++ kernel (backend "cpu") returns it (then scaled by 1 /
-    denom for the mean)."""
-    if backend not in ("triton", "cpu"):
-        raise ValueError(
-            f"backend must be 'triton' or 'cpu' (the backends with a linear cross-entropy), got {backend!r}"
-        )
+CPU_CHUNK_BYTES = 128 << 20  # fp32 logits per chunk at most on the cpu backend (see chunk_size_for)
+CPU_MIN_CHUNKS = 3
+CPU_MIN_ROWS = 32
+
+
+def chunk_logits(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The logits of a chunk of tokens, ``x @ w.T + b``, written into ``out`` ((rows, V), the reused chunk buffer)."""
+    if b is None:
+        return torch.mm(x, w.T, out=out)
+    return torch.addmm(b, x, w.T, out=out)
+
+
+def _rows_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, grad):
+    return input.new_empty((input.shape[0],), dtype=torch.float32)
+
+
+# fastlm::cross_entropy_rows_cpu (schema and contract in csrc/ops.cpp): the chunk kernel of the cpu backend
+CROSS_ENTROPY_ROWS = register("cross_entropy_rows", _rows_fake, backends=("cpu",))
+
+
+def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, denom=None, row_scale=None):
+    """Per-row losses (fp32) of a chunk of logits and, if ``write_grad``, their gradient written over ``logits`` in
+    place, times 1 / ``denom`` ((1,) fp32, the whole batch's mean denominator) and ``row_scale`` ((rows,), incoming
+    per-row gradients) where given: the Triton kernel (backend "triton") or the CPU C++ kernel (backend "cpu", both
+    scales folded into the kernel's gradient sweep)."""
     if backend == "triton":
         from fastlm.kernels import cross_entropy as k
 
-        return k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
-    losses, g = torch.ops.fastlm.cross_entropy_fwd_cpu(logits, t, weight, ignore_index, smoothing, 0, write_grad)
-    if write_grad and denom is not None:
-        g.div_(denom)  # fp32 denominator: in fp16 a mean over more than 65504 tokens would be inf
-    return losses, g
+        losses, _ = k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
+        if write_grad and row_scale is not None:
+            logits.mul_(row_scale[:, None])  # computed in fp32 (row_scale's dtype), stored in the logits' dtype
+        return losses
+    if backend != "cpu":
+        raise ValueError(
+            f"backend must be 'triton' or 'cpu' (the backends with a linear cross-entropy), got {backend!r}"
+        )
+    scale = None
+    if write_grad:
+        # fp32 scales: in fp16 a mean over more than 65504 tokens would be inf
+        scale = 1.0 / denom if denom is not None else None
+        if row_scale is not None:
+            scale = row_scale.float().contiguous() if scale is None else (row_scale.float() * scale).contiguous()
+    return CROSS_ENTROPY_ROWS["cpu"](logits, t, weight, scale, ignore_index, smoothing, logits if write_grad else None)
 
 
-def _chunk_grads(x, w, b, t, weight, denom, ignore_index, smoothing, s, e, backend, row_scale=None):
-    """Logits of tokens [s, e) and their gradient; returns (losses, grad_logits)."""
-    logits = x[s:e] @ w.T
-    if b is not None:
-        logits += b
-    losses, g = ce_rows(logits, t[s:e], weight, denom, ignore_index, smoothing, True, backend)
-    if row_scale is not None:
-        g = scale_grad(g, row_scale[s:e, None])
-    return losses, g
+def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, denom=None, row_scale=None):
+    """The chunk loop of forward + backward: for each chunk of tokens, its logits (one matmul into one reused
+    (chunk, V) buffer) -> the fused kernel writes ``losses`` of the chunk and overwrites the logits with their
+    gradient (scaled by 1 / denom and row_scale) -> grad_input of the chunk (a matmul into its rows of the output)
+    and grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the fp32
+    grad_linear_bias (the gradient's column sums). Returns (grad_input, grad_linear_weight, grad_linear_bias
+    or None); grad_linear_weight in w's dtype, grad_linear_bias in b's.
+
+    x: (T, H) contiguous; w: (V, H) contiguous; b: (V,) or None; t: (T,) int64; weight: (V,) fp32 or None; losses:
+    (T,) fp32, written; denom: (1,) fp32 (mean) or None; row_scale: (T,) incoming per-token gradients or None."""
+    T, V = x.shape[0], w.shape[0]
+    buf = x.new_empty((min(chunk, T), V))
+    gx = torch.empty_like(x)
+    gw = torch.empty_like(w) if T > 0 else torch.zeros_like(w)
+    gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        g = chunk_logits(buf[: e - s], x[s:e], w, b)
+        rs = row_scale[s:e] if row_scale is not None else None
+        losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, denom, rs)
+        torch.mm(g, w, out=gx[s:e])
+        if s == 0:
+            torch.mm(g.T, x[s:e], out=gw)
+        else:
+            gw.addmm_(g.T, x[s:e])
+        if gb is not None:
+            gb += g.sum(0, dtype=torch.float32)
+    return gx, gw, (gb.to(b.dtype) if gb is not None else None)
+
+
+def lm_head_losses(x, w, b, t, weight, ignore_index, smoothing, chunk, backend) -> Tensor:
+    """The per-token fp32 losses only (no gradient): the chunks' logits into one reused buffer, the fused kernel."""
+    T, V = x.shape[0], w.shape[0]
+    losses = torch.empty(T, dtype=torch.float32, device=x.device)
+    buf = x.new_empty((min(chunk, T), V))
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        lg = chunk_logits(buf[: e - s], x[s:e], w, b)
+        losses[s:e] = ce_rows(lg, t[s:e], weight, ignore_index, smoothing, backend, False)
+    return losses
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
@@ -87,31 +173,15 @@ def linear_cross_entropy_fwd(
     chunk_size: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T = input.shape[0]
     V = linear_weight.shape[0]
     denom = mean_denominator(target, weight, ignore_index, V) if reduction == 1 else None
-    losses = torch.empty(T, dtype=torch.float32, device=input.device)
-    grads_now = compute_grad and reduction != 0
-    gx = torch.empty_like(input) if grads_now else input.new_empty((0,))
-    gw = torch.zeros_like(linear_weight) if grads_now else input.new_empty((0,))
-    gb = torch.zeros(V, dtype=torch.float32, device=input.device) if grads_now and linear_bias is not None else None
-    for s in range(0, T, chunk_size):
-        e = min(s + chunk_size, T)
-        if grads_now:
-            losses[s:e], g = _chunk_grads(
-                input, linear_weight, linear_bias, target, weight, denom, ignore_index, label_smoothing, s, e, backend
-            )
-            torch.mm(g, linear_weight, out=gx[s:e])
-            gw.addmm_(g.T, input[s:e])
-            if gb is not None:
-                gb += g.sum(0, dtype=torch.float32)
-        else:
-            logits = input[s:e] @ linear_weight.T
-            if linear_bias is not None:
-                logits += linear_bias
-            losses[s:e], _ = ce_rows(logits, target[s:e], weight, None, ignore_index, label_smoothing, False, backend)
-    gb_out = gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,))
-    return reduce_losses(losses, reduction, denom), gx, gw, gb_out
+    args = (input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size, backend)
+    empty = input.new_empty((0,))
+    if not (compute_grad and reduction != 0):  # losses only (reduction "none": the backward recomputes the chunks)
+        return reduce_losses(lm_head_losses(*args), reduction, denom), empty, empty.clone(), empty.clone()
+    losses = torch.empty(input.shape[0], dtype=torch.float32, device=input.device)
+    gx, gw, gb = lm_head_grads(*args, losses, denom=denom)
+    return reduce_losses(losses, reduction, denom), gx, gw, (gb if gb is not None else empty.clone())
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -149,25 +219,24 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(x, w, t, b, weight)
     else:
         ctx.save_for_backward(output[1], output[2], output[3])
+    # The gradient outputs are never differentiated: without this, autograd fills zero tensors of their sizes (a
+    # whole (V, H) grad_linear_weight among them) as their incoming gradients on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dloss, *_):
+    nones = (None,) * 7
+    if dloss is None:
+        return (None,) * 11
     if ctx.reduction != 0:
-        gx, gw, gb = ctx.saved_tensors
-        gb = scale_grad(gb, dloss) if ctx.has_bias else None
-        return scale_grad(gx, dloss), scale_grad(gw, dloss), None, gb, None, None, None, None, None, None, None
+        # a scalar loss: loss.backward() on CPU hands the saved gradients on without a copy (scale_saved_grad)
+        gx, gw, gb = (scale_saved_grad(g, dloss, 1) for g in ctx.saved_tensors)
+        return gx, gw, None, (gb if ctx.has_bias else None), *nones
     x, w, t, b, weight = ctx.saved_tensors
     ignore_index, smoothing, chunk, backend = ctx.args
-    gx, gw = torch.empty_like(x), torch.zeros_like(w)
-    gb = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
-    for s in range(0, x.shape[0], chunk):
-        e = min(s + chunk, x.shape[0])
-        _, g = _chunk_grads(x, w, b, t, weight, None, ignore_index, smoothing, s, e, backend, row_scale=dloss)
-        torch.mm(g, w, out=gx[s:e])
-        gw.addmm_(g.T, x[s:e])
-        if gb is not None:
-            gb += g.sum(0, dtype=torch.float32)
-    return gx, gw, None, (gb.to(b.dtype) if gb is not None else None), None, None, None, None, None, None, None
+    losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)  # recomputed, unused
+    gx, gw, gb = lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, row_scale=dloss)
+    return gx, gw, None, gb, *nones
 
 
 torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup)
@@ -242,7 +311,9 @@ def linear_cross_entropy(
     check_inputs(x.new_empty((0, V)), target, weight, reduction, label_smoothing, backend)
     check_target_range(target, V, ignore_index)
     t = target.reshape(-1).to(torch.int64)
-    chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1])
+    chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1], x.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     )

@@ -7,13 +7,15 @@ model's (tokens, vocab) logits.
                                     chunk_size, backend)
         -> (loss, grad_student_hidden, grad_student_weight)
 
-Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py): the chunk's student and
-teacher logits (two matmuls, cuBLAS / torch) -> the fused distillation row kernel (kernels/distillation.py, or the
-cpu backend's csrc/cpu/distillation.cpp) writes the chunk's losses and the student logits' gradient (over the
-logits in place on the Triton backend) -> with hard_weight > 0 the fused cross-entropy kernel adds its gradient ->
-grad_student_hidden of the chunk and the running grad_student_weight (two more matmuls). The forward does every
-matmul of forward + backward; the backward only scales the two gradients by the incoming scalar. Peak extra memory:
-about three (chunk, vocab) buffers instead of both models' full logits, their softmaxes and gradients.
+Tokens are processed in chunks (as the linear cross-entropy, linear_cross_entropy.py, with its chunk size rule): the
+chunk's student and teacher logits (two matmuls into two (chunk, vocab) buffers that every chunk reuses) -> the fused
+distillation row kernel (kernels/distillation.py, or the cpu backend's distillation_rows_cpu in
+csrc/cpu/distillation.cpp) writes the chunk's losses and the student logits' gradient over the student's logits (or,
+with hard_weight > 0, over the teacher's, since the fused cross-entropy kernel then still reads the student's and
+writes its own gradient over them; the two are added) -> grad_student_hidden of the chunk and grad_student_weight
+(two more matmuls; the first chunk writes it, the others accumulate). The forward does every matmul of forward +
+backward; the backward only scales the two gradients by the incoming scalar (none for loss.backward()). Peak extra
+memory: the two (chunk, vocab) buffers instead of both models' full logits, their softmaxes and gradients.
 
     loss = (1 - hard_weight) * distillation (batchmean over the counted rows)
            + hard_weight * cross_entropy(student logits, target, ignore_index, mean over the same rows)
@@ -35,22 +37,8 @@ from fastlm.ops.distillation import (
     distill_rows,
     kernel_kind,
 )
-from fastlm.ops.linear_cross_entropy import ce_rows, chunk_size_for
+from fastlm.ops.linear_cross_entropy import ce_rows, chunk_logits, chunk_size_for
 from fastlm.ops.registry import autocast_dtype, check_tensor
-
-CPU_CHUNK_BYTES = 32 << 20  # fp32 logits per chunk on the cpu backend
-
-
-def default_chunk(tokens: int, vocab: int, hidden: int, device: torch.device) -> int:
-    """Tokens per chunk: :func:`chunk_size_for` (the linear cross-entropy's rule); on CPU at least a 32 MiB fp32
-    chunk of logits: each chunk's grad_weight update reads and writes the whole (V, H) weight gradient, which
-    small chunks repeat too often there (measured, 1024 tokens x 32000 x 512 on 2 cores: 64-token chunks 4.6 s,
-    256-token chunks 3.3 s per forward + backward, same peak memory)."""
-    chunk = chunk_size_for(tokens, vocab, hidden)
-    if device.type == "cpu":
-        floor = max(1, CPU_CHUNK_BYTES // (4 * max(vocab, 1)))
-        chunk = max(chunk, 1 << (floor.bit_length() - 1))
-    return chunk
 
 
 @torch.library.custom_op("fastlm::linear_distillation_fwd", mutates_args=())
@@ -70,7 +58,7 @@ def linear_distillation_fwd(
     chunk_size: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    N = student_hidden.shape[0]
+    N, V = student_hidden.shape[0], student_weight.shape[0]
     dev = student_hidden.device
     count = counted_rows(target, N, ignore_index, dev)
     distill = hard_weight < 1.0
@@ -80,31 +68,37 @@ def linear_distillation_fwd(
     loss_d = torch.zeros(N, dtype=torch.float32, device=dev)
     loss_ce = torch.zeros(N, dtype=torch.float32, device=dev)
     gx = torch.empty_like(student_hidden) if compute_grad else student_hidden.new_empty((0,))
-    # a frozen student head (LoRA, tied and frozen embeddings): no (V, H) gradient buffer, no per-chunk addmm
-    gw = torch.zeros_like(student_weight) if compute_grad and weight_grad else student_hidden.new_empty((0,))
+    # a frozen student head (LoRA, tied and frozen embeddings): no (V, H) gradient buffer, no per-chunk matmul
+    gw = student_hidden.new_empty((0,))
+    if compute_grad and weight_grad:
+        gw = torch.empty_like(student_weight) if N > 0 else torch.zeros_like(student_weight)
+    # Two (chunk, V) buffers reused by every chunk: the student's logits, which become their gradient in place, and
+    # the teacher's (with the hard loss, the distillation's gradient is written over the teacher's logits, since
+    # the cross-entropy kernel still reads the student's).
+    rows = min(chunk_size, N)
+    buf = student_hidden.new_empty((rows, V))
+    tbuf = student_hidden.new_empty((rows, V)) if distill else None
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
-        logits = student_hidden[s:e] @ student_weight.T  # (chunk, V)
+        logits = chunk_logits(buf[: e - s], student_hidden[s:e], student_weight, None)  # (chunk, V)
         tgt = target[s:e] if target is not None else None
-        g = None
         if distill:
-            t_logits = teacher_hidden[s:e] @ teacher_weight.T
-            # without the hard loss the gradient may replace the logits; with it the CE kernel still reads them
-            loss_d[s:e], g = distill_rows(
-                logits, t_logits, tgt, kind, beta, temperature, ignore_index, d_scale, backend, in_place=not hard
+            t_logits = chunk_logits(tbuf[: e - s], teacher_hidden[s:e], teacher_weight, None)
+            g_d = (t_logits if hard else logits) if compute_grad else None
+            loss_d[s:e], _ = distill_rows(
+                logits, t_logits, tgt, kind, beta, temperature, ignore_index, d_scale, backend, g_d
             )
-            del t_logits
         if hard:
-            loss_ce[s:e], g_ce = ce_rows(logits, tgt, None, ce_denom, ignore_index, 0.0, compute_grad, backend)
-            if compute_grad:
-                g = g_ce if g is None else g.add_(g_ce)
+            loss_ce[s:e] = ce_rows(logits, tgt, None, ignore_index, 0.0, backend, compute_grad, ce_denom)
+            if compute_grad and distill:
+                logits += t_logits  # the two gradients
         if compute_grad:
-            torch.mm(g, student_weight, out=gx[s:e])
+            torch.mm(logits, student_weight, out=gx[s:e])
             if weight_grad:
-                gw.addmm_(g.T, student_hidden[s:e])
-        del logits, g  # before the next chunk's logits: at most one chunk's buffers alive at a time
-        if hard:
-            del g_ce
+                if s == 0:
+                    torch.mm(logits.T, student_hidden[s:e], out=gw)
+                else:
+                    gw.addmm_(logits.T, student_hidden[s:e])
     loss = (1.0 - hard_weight) * loss_d.sum() / count[0] + hard_weight * loss_ce.sum() / count[0]
     return loss, gx, gw
 
@@ -121,9 +115,13 @@ def _fake(
 def _setup(ctx, inputs, output):
     ctx.weight_grad = inputs[11]
     ctx.save_for_backward(output[1], output[2])
+    # The gradient outputs are never differentiated: no zero-filled incoming gradients of their sizes.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dloss, *_):
+    if dloss is None:
+        return (None,) * 14
     gx, gw = ctx.saved_tensors
     # a scalar loss: loss.backward() on CPU hands the gradients on without a copy (a whole grad_weight more at the
     # peak otherwise; see cross_entropy.scale_saved_grad)
@@ -228,7 +226,7 @@ def linear_distillation_loss(
     tgt = target.reshape(-1).to(torch.int64) if target is not None else None
     if tgt is not None and hard_weight > 0.0:
         check_target_range(tgt, V, ignore_index)
-    chunk = chunk_size or default_chunk(x.shape[0], V, x.shape[1], x.device)
+    chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1], x.device)
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (sh.requires_grad or sw.requires_grad)
