@@ -11,9 +11,6 @@
 namespace fastlm::cpu {
 namespace {
 
-// Lambdas are not cloned: the ones in the hot loops must be inlined into the (cloned) caller.
-#define FASTLM_INLINE_LAMBDA __attribute__((always_inline))
-
 // The weight / bias as fp32: the caller's pointer when W is float, else converted into buf (once per range).
 template <typename W>
 FASTLM_INLINE const float* as_f32(const W* p, float* buf, int64_t N) {
