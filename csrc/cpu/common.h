@@ -295,31 +295,6 @@ inline void check_cpu_float(const Tensor& t, const char* name) {
   check_float_dtype(t, name);
 }
 
-// A new contiguous CPU tensor of the given sizes and dtype, uninitialised: at::empty_strided through the AOTI C shim
-// (aoti_torch_empty_strided, part of the stable ABI). torch::stable::new_empty, under TORCH_TARGET_VERSION 2.10, looks
-// "aten::new_empty" up by name in the dispatcher and calls it boxed: about 1 us per tensor, measured as most of the
-// C++ side of an 8 x 768 LayerNorm forward (four outputs).
-inline Tensor empty_cpu(torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype) {
-  constexpr size_t kMaxDim = 8;
-  STD_TORCH_CHECK(sizes.size() <= kMaxDim, "fastlm: empty_cpu takes at most ", kMaxDim, " dimensions");
-  int64_t strides[kMaxDim];
-  int64_t stride = 1;
-  for (size_t d = sizes.size(); d-- > 0;) {
-    strides[d] = stride;
-    stride *= sizes[d] > 1 ? sizes[d] : 1;
-  }
-  const int32_t dt = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
-  AtenTensorHandle h;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides, dt,
-                                                         aoti_torch_device_type_cpu(), -1, &h));
-  return Tensor(h);
-}
-
-// empty_cpu of t's dtype.
-inline Tensor empty_cpu(torch::headeronly::IntHeaderOnlyArrayRef sizes, const Tensor& like) {
-  return empty_cpu(sizes, like.scalar_type());
-}
-
 // A 64-byte aligned fp32 buffer: thread-local scratch, allocated once per row range (never per row).
 class Scratch {
  public:

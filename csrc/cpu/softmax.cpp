@@ -402,10 +402,10 @@ Tensor softmax_fwd_cpu(const Tensor& x, int64_t dim_in, bool log) {
   check_cpu_float(x, "x");
   const int64_t dim = softmax::normalize_dim(x, dim_in, "x");
   const bool rows2d = x.dim() == 2 && dim == 1;
-  if (x.numel() == 0) return empty_cpu(x.sizes(), x);
+  if (x.numel() == 0) return empty_on(x, x.sizes());
   softmax::check_layout(x, rows2d);
   const StridedShape sh = split_dims(x, dim);
-  Tensor y = empty_cpu(x.sizes(), x);
+  Tensor y = empty_on(x, x.sizes());
   if (x.numel() == 0) return y;
   dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -434,7 +434,7 @@ Tensor masked_softmax_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask
   const softmax::Scores sc = softmax::check_scores(x);
   const int64_t B = sc.B, H = sc.H, Sq = sc.Sq, Sk = sc.Sk;
   if (mask) softmax::check_mask(*mask, sc, check_cpu);
-  Tensor y = empty_cpu({B, H, Sq, Sk}, x);
+  Tensor y = empty_on(x, {B, H, Sq, Sk});
   if (x.numel() == 0) return y;
   dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -477,10 +477,10 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, int64_t dim_in, bool l
   const int64_t dim = softmax::normalize_dim(y, dim_in, "y");
   softmax::check_dy(dy, y);
   const bool rows2d = y.dim() == 2 && dim == 1;
-  if (y.numel() == 0) return empty_cpu(y.sizes(), y);  // any strides (an expanded empty dy)
+  if (y.numel() == 0) return empty_on(y, y.sizes());  // any strides (an expanded empty dy)
   softmax::check_bwd_layout(y, dy, rows2d);
   const StridedShape sh = split_dims(y, dim);
-  Tensor dx = empty_cpu(y.sizes(), y);
+  Tensor dx = empty_on(y, y.sizes());
   if (y.numel() == 0) return dx;
   const float sc = static_cast<float>(scale);
   dispatch_float<half, bf16>(y.scalar_type(), [&](auto tag) {
