@@ -4,11 +4,12 @@ Calls the registered ops directly (``torch.ops.fastlm.*_cpu`` vs ``torch.ops.ate
 autograd dispatch key (``torch._C._AutoDispatchBelowADInplaceOrView``: the Python autograd kernel that
 ``register_autograd`` puts on fastlm's forward ops costs ~5 us a call, and is not the kernel's): no fastlm dispatch,
 validation or autograd layer, so the ratio is kernel (plus one dispatcher call) against kernel.
-Interleaved: each repetition times a block of calls of every provider of a case in turn; the table gives the median
-per-call time and its 10th percentile over the repetitions (on a shared, loaded machine the low percentile is the
-steadier number: contention only adds time), and the ratios aten / fastlm of both (> 1: fastlm faster).
+Interleaved call by call (fastlm, aten, fastlm, ...; up to --reps calls each); the table gives the median per-call
+time and its 10th percentile (on a shared, loaded machine the low percentile is the steadier number: contention only
+adds time, and with 2 threads a call that waits for a descheduled worker takes a scheduler quantum, 4-16 ms), and the
+ratios aten / fastlm of both (> 1: fastlm faster).
 
-    PYTHONPATH=. python scripts/cpu_kernels_vs_aten.py [--threads 2] [--reps 41] [--only layer_norm,softmax]
+    PYTHONPATH=. python scripts/cpu_kernels_vs_aten.py [--threads 2] [--reps 400] [--only layer_norm,softmax]
 """
 
 import argparse
@@ -93,22 +94,24 @@ def ce_cases(dt):
         ), aten_grad
 
 
-def block(fn, n):
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter_ns() - t0) / n / 1e3
-
-
 def measure(f_fl, f_at, reps):
+    """Per-call times (us) of f_fl and f_at, alternating call by call: (median fl, median aten, p10 fl, p10 aten)."""
     for f in (f_fl, f_at):
         f()
-    # calls per block: ~1 ms of work
-    n = max(1, int(1000 / max(min(block(f_at, 3) for _ in range(5)), 1e-3)))
+    clock = time.perf_counter_ns
+    t0 = clock()
+    f_at()
+    # reps samples, or fewer for slow calls (~0.4 s per case)
+    n = max(20, min(reps, int(4e8 / max(clock() - t0, 1))))
     tf, ta = [], []
-    for _ in range(reps):
-        tf.append(block(f_fl, n))
-        ta.append(block(f_at, n))
+    for _ in range(n):
+        t0 = clock()
+        f_fl()
+        t1 = clock()
+        f_at()
+        t2 = clock()
+        tf.append((t1 - t0) / 1e3)
+        ta.append((t2 - t1) / 1e3)
     p10 = lambda v: statistics.quantiles(v, n=10)[0]  # noqa: E731
     return statistics.median(tf), statistics.median(ta), p10(tf), p10(ta)
 
@@ -116,7 +119,7 @@ def measure(f_fl, f_at, reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=61)
+    p.add_argument("--reps", type=int, default=400)
     p.add_argument("--only", default="", help="comma-separated op names (layer_norm, rms_norm, softmax, ...)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     args = p.parse_args()

@@ -109,12 +109,19 @@ FASTLM_INLINE float widen_max(const T* __restrict__ x, float* __restrict__ buf, 
   return m;
 }
 
+// Every value the 16-bit rows store is fp32 arithmetic on widened 16-bit inputs (and on a scale passed as the default
+// NaN when it is one): pack_pair without its NaN selects (csrc/cpu/common.h).
+template <typename T>
+FASTLM_INLINE uint32_t pack(float lo, float hi) {
+  return pack_pair<T, false>(lo, hi);
+}
+
 // y <- f(buf) for a row of n elements, buf in pair order.
 template <typename T, typename F>
 FASTLM_INLINE void narrow_row(const float* __restrict__ buf, T* __restrict__ y, int64_t n, const F& f) {
   const int64_t P = n / 2;
 #pragma omp simd
-  for (int64_t k = 0; k < P; ++k) store_pair(y, k, pack_pair<T>(f(buf[k]), f(buf[P + k])));
+  for (int64_t k = 0; k < P; ++k) store_pair(y, k, pack<T>(f(buf[k]), f(buf[P + k])));
   if (n & 1) y[n - 1] = from_float<T>(f(buf[n - 1]));
 }
 
@@ -148,14 +155,16 @@ FASTLM_INLINE void map2(const T* __restrict__ a, const T* __restrict__ b, T* __r
 #pragma omp simd
     for (int64_t k = 0; k < P; ++k) {
       const uint32_t u = load_pair(a, k), v = load_pair(b, k);
-      store_pair(out, k, pack_pair<T>(f(pair_lo<T>(u), pair_lo<T>(v)), f(pair_hi<T>(u), pair_hi<T>(v))));
+      store_pair(out, k, pack<T>(f(pair_lo<T>(u), pair_lo<T>(v)), f(pair_hi<T>(u), pair_hi<T>(v))));
     }
     if (n & 1) out[n - 1] = from_float<T>(f(to_float(a[n - 1]), to_float(b[n - 1])));
   }
 }
 
-// exp(y) of a saved log-softmax output (y <= 0): exp_nonpos, its argument clamped to its range (NaN kept).
-FASTLM_INLINE float exp_logp(float y) { return exp_nonpos(y > 88.f ? 88.f : y); }
+// exp(y) of a saved log-softmax output y = x - max - log(sum) <= 0 (the op's contract): exp_nonpos. Clamping y to
+// exp_nonpos's range (y <= 88.7) first doubled the loop's mask work (GCC 12 merged both clamps into masked blends):
+// a y > 88.7, which no log-softmax gives, has no defined gradient here.
+FASTLM_INLINE float exp_logp(float y) { return exp_nonpos(y); }
 
 // ------------------------------------------------------------------------------------------------------------
 // Forward, rows layout: rows [r0, r1) of R elements, x row r at r * sx, y contiguous.
@@ -482,7 +491,8 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, int64_t dim_in, bool l
   const StridedShape sh = split_dims(y, dim);
   Tensor dx = empty_on(y, y.sizes());
   if (y.numel() == 0) return dx;
-  const float sc = static_cast<float>(scale);
+  // A NaN scale as the default quiet NaN: the bf16 rows' packing relies on NaN payloads with zero low bits (pack).
+  const float sc = scale != scale ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(scale);
   dispatch_float<half, bf16>(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* yp = static_cast<const T*>(y.data_ptr());
