@@ -16,6 +16,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -33,17 +34,29 @@ def norm_cases(dt):
     for M, N in NORM_SHAPES[dt] + SMALL[:2]:
         x, dy = torch.randn(M, N, dtype=dt), torch.randn(M, N, dtype=dt)
         w, b = torch.randn(N, dtype=dt), torch.randn(N, dtype=dt)
-        y, mu, rs = A.native_layer_norm(x, [N], w, b, 1e-5)
+        _, mu, rs = A.native_layer_norm(x, [N], w, b, 1e-5)
         _, _, fmu, frs = FL.norm_fwd_cpu(x, None, w, b, 1e-5, False)
         s = f"{M}x{N}"
-        yield "layer_norm", s, "fwd", lambda: FL.norm_fwd_cpu(x, None, w, b, 1e-5, False), lambda: A.native_layer_norm(
-            x, [N], w, b, 1e-5
+        yield (
+            "layer_norm",
+            s,
+            "fwd",
+            partial(FL.norm_fwd_cpu, x, None, w, b, 1e-5, False),
+            partial(A.native_layer_norm, x, [N], w, b, 1e-5),
         )
-        yield "layer_norm", s, "bwd", lambda: FL.norm_bwd_cpu(dy, x, w, fmu, frs, None, False, True), lambda: (
-            A.native_layer_norm_backward(dy, x, [N], mu, rs, w, b, [True, True, True])
+        yield (
+            "layer_norm",
+            s,
+            "bwd",
+            partial(FL.norm_bwd_cpu, dy, x, w, fmu, frs, None, False, True),
+            partial(A.native_layer_norm_backward, dy, x, [N], mu, rs, w, b, [True, True, True]),
         )
-        yield "rms_norm", s, "fwd", lambda: FL.norm_fwd_cpu(x, None, w, None, 1e-5, True), lambda: A.rms_norm(
-            x, [N], w, 1e-5
+        yield (
+            "rms_norm",
+            s,
+            "fwd",
+            partial(FL.norm_fwd_cpu, x, None, w, None, 1e-5, True),
+            partial(A.rms_norm, x, [N], w, 1e-5),
         )
 
 
@@ -55,10 +68,8 @@ def softmax_cases(dt):
             fwd = A._log_softmax if log else A._softmax
             bwd = A._log_softmax_backward_data if log else A._softmax_backward_data
             y = fwd(x, -1, False)
-            yield name, s, "fwd", lambda log=log: FL.softmax_fwd_cpu(x, -1, log), lambda fwd=fwd: fwd(x, -1, False)
-            yield name, s, "bwd", lambda y=y, log=log: FL.softmax_bwd_cpu(dy, y, -1, log, 1.0), lambda y=y, bwd=bwd: bwd(
-                dy, y, -1, dt
-            )
+            yield name, s, "fwd", partial(FL.softmax_fwd_cpu, x, -1, log), partial(fwd, x, -1, False)
+            yield name, s, "bwd", partial(FL.softmax_bwd_cpu, dy, y, -1, log, 1.0), partial(bwd, dy, y, -1, dt)
     # scaled-masked causal softmax of (B, 16, 256, 256) scores, bool mask (B, 1, 256, 256): aten has no fused op,
     # the baseline is the eager composition (scale, masked_fill, causal fill, softmax)
     B = 1 if dt == torch.float32 else 2
@@ -70,28 +81,29 @@ def softmax_cases(dt):
         sc = (x * 0.125).masked_fill(~mask, float("-inf")).masked_fill(causal, float("-inf"))
         return A._softmax(sc, -1, False)
 
-    yield "masked_softmax", f"{B}x16x256x256", "fwd", lambda: FL.masked_softmax_fwd_cpu(
-        x, mask.expand(B, 16, 256, 256), 0.125, True
-    ), composed
+    fl = partial(FL.masked_softmax_fwd_cpu, x, mask.expand(B, 16, 256, 256), 0.125, True)
+    yield "masked_softmax", f"{B}x16x256x256", "fwd", fl, composed
+
+
+def _aten_ce_grad(x, t, dt):
+    """torch's cross_entropy forward + backward, kernel by kernel."""
+    lp = A._log_softmax(x, 1, False)
+    _, tw = A.nll_loss_forward(lp, t, None, 1, -100)
+    g = A.nll_loss_backward(torch.ones((), dtype=dt), lp, t, None, 1, -100, tw)
+    return A._log_softmax_backward_data(g, lp, 1, dt)
+
+
+def _aten_ce(x, t):
+    return A.nll_loss_forward(A._log_softmax(x, 1, False), t, None, 1, -100)
 
 
 def ce_cases(dt):
     for N, C in CE_SHAPES[dt] + [(8, 32768)]:
         x, t = torch.randn(N, C, dtype=dt), torch.randint(0, C, (N,))
         s = f"{N}x{C}"
-
-        def aten_grad(x=x, t=t):  # torch's cross_entropy forward + backward, kernel by kernel
-            lp = A._log_softmax(x, 1, False)
-            loss, tw = A.nll_loss_forward(lp, t, None, 1, -100)
-            g = A.nll_loss_backward(torch.ones((), dtype=dt), lp, t, None, 1, -100, tw)
-            return A._log_softmax_backward_data(g, lp, 1, dt)
-
-        yield "cross_entropy", s, "fwd", lambda x=x, t=t: FL.cross_entropy_fwd_cpu(
-            x, t, None, -100, 0.0, 1, False
-        ), lambda x=x, t=t: A.nll_loss_forward(A._log_softmax(x, 1, False), t, None, 1, -100)
-        yield "cross_entropy", s, "fwd+bwd", lambda x=x, t=t: FL.cross_entropy_fwd_cpu(
-            x, t, None, -100, 0.0, 1, True
-        ), aten_grad
+        fl = partial(FL.cross_entropy_fwd_cpu, x, t, None, -100, 0.0, 1)
+        yield "cross_entropy", s, "fwd", partial(fl, False), partial(_aten_ce, x, t)
+        yield "cross_entropy", s, "fwd+bwd", partial(fl, True), partial(_aten_ce_grad, x, t, dt)
 
 
 def measure(f_fl, f_at, reps):
