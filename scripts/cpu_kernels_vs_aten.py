@@ -106,11 +106,10 @@ def ce_cases(dt):
         yield "cross_entropy", s, "fwd+bwd", partial(fl, True), partial(_aten_ce_grad, x, t, dt)
 
 
-def measure(f_fl, f_at, reps):
+def measure(f_fl, f_at, reps, clock=time.perf_counter_ns):
     """Per-call times (us) of f_fl and f_at, alternating call by call: (median fl, median aten, p10 fl, p10 aten)."""
     for f in (f_fl, f_at):
         f()
-    clock = time.perf_counter_ns
     t0 = clock()
     f_at()
     # reps samples, or fewer for slow calls (~0.4 s per case)
@@ -134,11 +133,18 @@ def main():
     p.add_argument("--reps", type=int, default=400)
     p.add_argument("--only", default="", help="comma-separated op names (layer_norm, rms_norm, softmax, ...)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the calling thread's CPU time (time.thread_time_ns) instead of the wall clock: with --threads 1 "
+        "the kernel runs on that thread, and the time it spends descheduled on a loaded machine drops out",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     only = set(args.only.split(",")) - {""}
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, load average {os.getloadavg()}")
+    clock = "thread CPU time" if args.cpu_time else "wall clock"
+    print(f"threads {torch.get_num_threads()}, {clock}, torch {torch.__version__}, load average {os.getloadavg()}")
     print(f"{'op':15} {'dtype':9} {'shape':15} {'mode':8} {'fastlm us':>10} {'aten us':>10} {'aten/fl':>8}", end="")
     print(f" {'p10 fl':>9} {'p10 aten':>9} {'p10 a/f':>8}")
     with torch._C._AutoDispatchBelowADInplaceOrView():
@@ -152,7 +158,8 @@ def run(args, only):
             for name, shape, mode, f_fl, f_at in gen(dt):
                 if only and name not in only:
                     continue
-                tf, ta, qf, qa = measure(f_fl, f_at, args.reps)
+                clock = time.thread_time_ns if args.cpu_time else time.perf_counter_ns
+                tf, ta, qf, qa = measure(f_fl, f_at, args.reps, clock)
                 print(f"{name:15} {str(dt)[6:]:9} {shape:15} {mode:8} {tf:10.1f} {ta:10.1f} {ta / tf:8.2f}", end="")
                 print(f" {qf:9.1f} {qa:9.1f} {qa / qf:8.2f}", flush=True)
 
