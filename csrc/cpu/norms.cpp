@@ -55,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const Tensor& 
   // Blocks: at most kMaxBlocks (enough to balance the threads of a big machine, few enough that the partials'
   // extra traffic, S * N * 4 bytes each, stays small next to the M * N elements), and at least ~64 KiB of
   // input per block. Both bounds depend only on (M, N): the result does not depend on the thread count.
-  constexpr int64_t kMaxBlocks = 16;
+  constexpr int64_t kMaxBlocks = 32;
   const int64_t row_bytes = N * 4;
   const int64_t rows_per_block = std::max((M + kMaxBlocks - 1) / kMaxBlocks, grain_for(row_bytes, 64 * 1024));
   const int64_t S = (M + rows_per_block - 1) / rows_per_block;
