@@ -345,17 +345,31 @@ FASTLM_CPU_CLONES void softmax_strided(const T* __restrict__ x, T* __restrict__ 
 template <typename T>
 FASTLM_CPU_CLONES void softmax_bwd_rows(const T* __restrict__ y, int64_t sy, const T* __restrict__ dy, int64_t sdy,
                                         T* __restrict__ dx, int64_t R, bool log, float scale, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* yr = y + r * sy;
-    const T* dyr = dy + r * sdy;
-    T* dxr = dx + r * R;
-    if (log) {
-      const float s = sum2(yr, dyr, R, [](float, float d) FASTLM_INLINE_LAMBDA { return d; });
-      map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA { return scale * (d - exp_logp(p) * s); });
-    } else {
-      const float dot = sum2(yr, dyr, R, [](float p, float d) FASTLM_INLINE_LAMBDA { return p * d; });
-      map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA { return scale * p * (d - dot); });
+  // scale == 1 (every plain softmax): one multiply per element less (x * 1 is exact, so the results are the same).
+  auto rows = [&](auto unit) FASTLM_INLINE_LAMBDA {
+    constexpr bool kUnit = decltype(unit)::value;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* yr = y + r * sy;
+      const T* dyr = dy + r * sdy;
+      T* dxr = dx + r * R;
+      if (log) {
+        const float s = sum2(yr, dyr, R, [](float, float d) FASTLM_INLINE_LAMBDA { return d; });
+        map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA {
+          const float g = d - exp_logp(p) * s;
+          return kUnit ? g : scale * g;
+        });
+      } else {
+        const float dot = sum2(yr, dyr, R, [](float p, float d) FASTLM_INLINE_LAMBDA { return p * d; });
+        map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA {
+          return kUnit ? p * (d - dot) : scale * p * (d - dot);
+        });
+      }
     }
+  };
+  if (scale == 1.f) {
+    rows(std::true_type{});
+  } else {
+    rows(std::false_type{});
   }
 }
 
