@@ -39,6 +39,21 @@ def test_cpu_large_strided_rows(kind):
         check_norm(kind, (700, 768), base_shape=(700, 1000), view=lambda t: t[:, 100:868], device="cpu")
 
 
+@pytest.mark.parametrize("N", [1, 7, 768, 4097])
+@pytest.mark.parametrize("M", [1, 2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_few_rows(kind, dtype, M, N):
+    """Row counts below the parallel grain (one chunk, one dW/dB block), with and without weight and bias: every
+    output and gradient against the float64 reference."""
+    with fastlm.backend("cpu"):
+        check_norm(kind, (M, N), dtype=dtype, device="cpu")
+        check_norm(kind, (M, N), dtype=dtype, device="cpu", has_w=False)
+        if "rms" not in kind:
+            check_norm(kind, (M, N), dtype=dtype, device="cpu", has_b=False)
+            check_norm(kind, (M, N), dtype=dtype, device="cpu", has_w=False, has_b=False)
+
+
 def _cpu_grads(kind, x, r, w, b, dy):
     """Every output and gradient of one forward + backward on the cpu backend."""
     x, r, w, b = (t.detach().clone().requires_grad_() for t in (x, r, w, b))

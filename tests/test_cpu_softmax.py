@@ -65,6 +65,63 @@ def test_cpu_softmax_row_strided_and_scaled_backward():
         torch.testing.assert_close(dx.double(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 7, 256, 257, 4097])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_cpu_softmax_few_rows_odd_widths(log, dtype, rows, N):
+    """Row counts below the parallel grain and widths with an odd last element (16-bit rows go as 32-bit pairs plus
+    the odd one): output and gradient against the float64 reference."""
+    x = torch.randn(rows, N, dtype=dtype) * 3
+    fn, ref = (F.log_softmax, TF.log_softmax) if log else (F.softmax, TF.softmax)
+    compare_with_reference(lambda x: fn(x, -1), lambda x: ref(x, -1), {"x": x}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_cpu_softmax_rows_not_4_byte_aligned(log, dtype):
+    """16-bit rows that start at odd element offsets (odd row stride, odd storage offset): the pair loads of 32-bit
+    words are unaligned; forward and raw backward against float64."""
+    x = (torch.randn(9, 1001) * 3).to(dtype)[:, 1:]  # row r starts at element 1001 r + 1
+    y = ops.softmax_fwd_cpu(x, 1, log)
+    y64 = TF.log_softmax(x.double(), -1) if log else TF.softmax(x.double(), -1)
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(y.double(), y64, atol=tol, rtol=tol)
+    yv = torch.empty(9, 1001, dtype=dtype)[:, 1:]
+    yv.copy_(y)
+    dy = (torch.randn(9, 1003)).to(dtype)[:, 3:]
+    dx = ops.softmax_bwd_cpu(dy, yv, 1, log, 0.5)
+    p64, d64 = yv.double(), dy.double()
+    want = 0.5 * (d64 - p64.exp() * d64.sum(-1, True) if log else p64 * (d64 - (p64 * d64).sum(-1, True)))
+    torch.testing.assert_close(dx.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_softmax_nan_and_extremes(dtype):
+    """A NaN at an even or an odd position makes its row NaN (torch semantics) in the forward and in the backward
+    (a NaN in dy, or a NaN scale); the largest finite inputs and -inf keep exact results; nothing rounds to inf."""
+    big = torch.finfo(dtype).max
+    x = torch.randn(4, 9).to(dtype)
+    x[0, 2], x[1, 5] = float("nan"), float("nan")
+    x[2, :] = big
+    x[2, 4] = float("-inf")
+    x[3, :] = -big
+    for log in (False, True):
+        y = ops.softmax_fwd_cpu(x, 1, log)
+        want = (TF.log_softmax if log else TF.softmax)(x.double(), -1)
+        assert torch.isnan(y[:2]).all()
+        torch.testing.assert_close(y[2:].double(), want[2:], atol=1e-2, rtol=1e-2)
+        if not log:
+            assert y[2, 4] == 0 and torch.isfinite(y[2:]).all()
+    p = TF.softmax(torch.randn(3, 10), -1).to(dtype)
+    dy = torch.randn(3, 10).to(dtype)
+    dy[0, 4], dy[1, 7] = float("nan"), float("nan")
+    for log in (False, True):
+        dx = ops.softmax_bwd_cpu(dy, p.log() if log else p, 1, log, 1.0)
+        assert torch.isnan(dx[:2]).all() and torch.isfinite(dx[2]).all()
+        assert torch.isnan(ops.softmax_bwd_cpu(dy[2:], p[2:], 1, log, float("nan"))).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scaled-masked softmax
 

@@ -27,6 +27,7 @@
 //     walked row by row; contiguous (N, C, D) with D > 1 by blocks of consecutive d, the d lanes as the vector
 //     dimension (unit stride), classes D apart.
 //  3. (mean / sum) serial: the sum of the per-row losses in row order, in double.
+// Every exp here has a non-positive argument (a logit minus a running max, or minus lse): exp_nonpos.
 // Every reduction has a fixed order (SIMD lane sums are fixed per build / ISA clone): bitwise reproducible, and
 // independent of the thread count.
 #include "checks.h"
@@ -94,7 +95,7 @@ FASTLM_INLINE void soft_grad_row(const CeArgs<T>& a, const T* xr, const T* tr, T
     const T* xc = xr + c0;
     const T* tc = tr + c0;
     if (gr) {
-      const float f = exp_fast(cmax[c0 / kChunk] - lse);
+      const float f = exp_nonpos(cmax[c0 / kChunk] - lse);
       T* gc = gr + c0;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
@@ -153,7 +154,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
         cm = v > cm ? v : cm;
       }
       if (cm > m) {
-        s *= exp_fast(m - cm);  // m = -inf (first chunk): s = 0 * 0
+        s *= exp_nonpos(m - cm);  // m = -inf (first chunk): s = 0 * 0
         if constexpr (kSoft) {
           if (m != kNegInf) sx -= sw * (cm - m);  // soft: sx is kept relative to the running max
         }
@@ -169,7 +170,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
 #pragma omp simd reduction(+ : cs, cx, cw)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
-          const float ev = exp_fast(v - mref);
+          const float ev = exp_nonpos(v - mref);
           ec[k] = ev;
           cs += ev;
           if constexpr (kSoft) {
@@ -184,7 +185,7 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
 #pragma omp simd reduction(+ : cs, cx, cw)
         for (int64_t k = 0; k < n; ++k) {
           const float v = to_float(p[k]);
-          cs += exp_fast(v - mref);
+          cs += exp_nonpos(v - mref);
           if constexpr (kSoft) {
             const float wt = weight_of<kW>(a.w, c0 + k) * (one_m_eps * to_float(tr[c0 + k]) + a.eps_c);
             cw += wt;
@@ -216,11 +217,11 @@ FASTLM_CPU_CLONES void ce_rows(const CeArgs<T>& a, int64_t r0, int64_t r1) {
     const float coef = (1.f - a.eps) * w_t * scale;
     const float smc = a.eps_c * scale;
     const float W = a.W;
-    const float p_t = e[t] * exp_fast(cmax[t / kChunk] - lse);
+    const float p_t = e[t] * exp_nonpos(cmax[t / kChunk] - lse);
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       const int64_t c0 = ci * kChunk;
       const int64_t n = std::min(kChunk, C - c0);
-      const float f = exp_fast(cmax[ci] - lse);
+      const float f = exp_nonpos(cmax[ci] - lse);
       const float* ec = e + c0;
       T* gc = gr + c0;
 #pragma omp simd
@@ -266,7 +267,7 @@ FASTLM_INLINE void soft_strided_block(const CeArgs<T>& a, int64_t n, int64_t d0,
       T* g = gb + c * D;
 #pragma omp simd
       for (int64_t i = 0; i < nl; ++i) {
-        const float pr = exp_fast(to_float(p[i]) - lse[i]);
+        const float pr = exp_nonpos(to_float(p[i]) - lse[i]);
         g[i] = from_float<T>(ss[i] * pr - scale * wc * (one_m_eps * to_float(q[i]) + eps_c));
       }
     }
@@ -308,7 +309,7 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
         for (int64_t i = 0; i < nl; ++i) {
           const float v = to_float(p[i]);
           const float wt = wc * (one_m_eps * to_float(q[i]) + a.eps_c);
-          s[i] += exp_fast(v - m[i]);
+          s[i] += exp_nonpos(v - m[i]);
           sw[i] += wt;
           sx[i] += wt * (v - m[i]);  // relative to the row's max: see soft_strided_block
         }
@@ -316,7 +317,7 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
 #pragma omp simd
         for (int64_t i = 0; i < nl; ++i) {
           const float v = to_float(p[i]);
-          s[i] += exp_fast(v - m[i]);
+          s[i] += exp_nonpos(v - m[i]);
           if constexpr (kSmooth) sx[i] += wc * v;
         }
       }
@@ -350,7 +351,7 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
       const float wc = weight_of<kW>(a.w, c);
 #pragma omp simd
       for (int64_t i = 0; i < nl; ++i) {
-        const float pr = exp_fast(to_float(p[i]) - lse[i]);
+        const float pr = exp_nonpos(to_float(p[i]) - lse[i]);
         float g = coef[i] * pr;
         if constexpr (kSmooth) g += smc[i] * (a.W * pr - wc);
         q[i] = from_float<T>(coef[i] == 0.f && smc[i] == 0.f ? 0.f : g);  // ignored lanes: exact zeros
@@ -359,7 +360,7 @@ FASTLM_CPU_CLONES void ce_strided(const CeArgs<T>& a, int64_t w0, int64_t w1) {
     for (int64_t i = 0; i < nl; ++i) {
       const int64_t t = tb[i];
       if (t == a.ignore_index) continue;
-      const float pr = exp_fast(to_float(xb[t * D + i]) - lse[i]);
+      const float pr = exp_nonpos(to_float(xb[t * D + i]) - lse[i]);
       float g = coef[i] * (pr - 1.f);
       if constexpr (kSmooth) g += smc[i] * (a.W * pr - weight_of<kW>(a.w, t));
       gb[t * D + i] = from_float<T>(g);
@@ -394,7 +395,7 @@ void set_lanes(CeArgs<T>& a) {
 Tensor reduce_losses(const Tensor& input, const float* lp, int64_t rows, int64_t reduction, float denom) {
   double total = 0.0;
   for (int64_t r = 0; r < rows; ++r) total += lp[r];
-  Tensor loss = torch::stable::new_empty(input, std::vector<int64_t>{}, ScalarType::Float);
+  Tensor loss = empty_on(input, std::vector<int64_t>{}, ScalarType::Float);
   *static_cast<float*>(loss.data_ptr()) = reduction == 1 ? static_cast<float>(total) / denom
                                                          : static_cast<float>(total);
   return loss;
@@ -461,8 +462,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   const int64_t* tp = static_cast<const int64_t*>(target.data_ptr());
   const float denom_f = static_cast<float>(check_targets(tp, rows, C, w, ignore_index));
 
-  Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
-  Tensor grad = compute_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+  Tensor losses = empty_on(input, {rows}, ScalarType::Float);
+  Tensor grad = compute_grad ? empty_on(input, input.sizes()) : empty_on(input, {0});
   float* lp = static_cast<float*>(losses.data_ptr());
   run_hard(input, s, tp, w, lp, compute_grad ? grad.data_ptr() : nullptr, C, ignore_index, label_smoothing,
            reduction == 1 ? 1.f / denom_f : 1.f, nullptr);
@@ -514,10 +515,10 @@ std::tuple<Tensor, Tensor, Tensor> soft_cross_entropy_fwd_cpu(const Tensor& inpu
   STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastlm: label_smoothing must be in [0, 1], got ",
                   label_smoothing);
   const float* w = weight ? static_cast<const float*>(weight->data_ptr()) : nullptr;
-  Tensor losses = torch::stable::new_empty(input, {rows}, ScalarType::Float);
-  Tensor grad = compute_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+  Tensor losses = empty_on(input, {rows}, ScalarType::Float);
+  Tensor grad = compute_grad ? empty_on(input, input.sizes()) : empty_on(input, {0});
   Tensor tgrad =
-      compute_target_grad ? torch::stable::new_empty(input, input.sizes()) : torch::stable::new_empty(input, {0});
+      compute_target_grad ? empty_on(input, input.sizes()) : empty_on(input, {0});
   float* lp = static_cast<float*>(losses.data_ptr());
   const float denom_f = static_cast<float>(rows);
   if (rows > 0) {

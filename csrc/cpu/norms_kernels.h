@@ -11,9 +11,6 @@
 namespace fastlm::cpu {
 namespace {
 
-// Lambdas are not cloned: the ones in the hot loops must be inlined into the (cloned) caller.
-#define FASTLM_INLINE_LAMBDA __attribute__((always_inline))
-
 // The weight / bias as fp32: the caller's pointer when W is float, else converted into buf (once per range).
 template <typename W>
 FASTLM_INLINE const float* as_f32(const W* p, float* buf, int64_t N) {
@@ -222,6 +219,26 @@ struct BwdArgs {
   bool rms;
 };
 
+// One row's first pass: returns sum(g * xhat) and sum(g), and adds dy * xhat to pdw and dy to pdb (the partials:
+// their pass over dy and x is this one, while the row is read from memory). Flags: weight, dw and db wanted.
+template <bool kW, bool kDw, bool kDb, typename T>
+FASTLM_INLINE void bwd_row_sums(const T* __restrict__ dyr, const T* __restrict__ xr, const float* __restrict__ w,
+                                float* __restrict__ pdw, float* __restrict__ pdb, int64_t N, float mu, float rs,
+                                float& sgx, float& sg) {
+  row_sum2(
+      N,
+      [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
+        const float d = to_float(dyr[j]);
+        const float xh = (to_float(xr[j]) - mu) * rs;
+        const float g = kW ? d * w[j] : d;
+        acc_gx += g * xh;
+        acc_g += g;
+        if constexpr (kDw) pdw[j] += d * xh;
+        if constexpr (kDb) pdb[j] += d;
+      },
+      sgx, sg);
+}
+
 // Blocks [sbegin, send) of R rows each.
 template <typename T, typename W>
 FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, int64_t send) {
@@ -230,10 +247,21 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
   const int64_t np = (N + 15) / 16 * 16;
   Scratch scratch(np);
   const float* const w = as_f32(a.w, scratch.get(), N);
+  // The first pass, one inlined instance per (weight, dw, db) combination, picked once per row (a function pointer
+  // would call an uncloned, baseline-ISA copy).
+  const int kind = (w ? 4 : 0) | (a.pdw ? 2 : 0) | (a.pdb ? 1 : 0);
+  using std::false_type, std::true_type;
+  auto sums = [&](auto kw, auto kdw, auto kdb, const T* dyr, const T* xr, float* pdw, float* pdb, float mu, float rs,
+                  float& sgx, float& sg) FASTLM_INLINE_LAMBDA {
+    bwd_row_sums<decltype(kw)::value, decltype(kdw)::value, decltype(kdb)::value>(dyr, xr, w, pdw, pdb, N, mu, rs, sgx,
+                                                                                  sg);
+  };
 
   for (int64_t s = sbegin; s < send; ++s) {
     float* __restrict__ pdw = a.pdw ? a.pdw + s * N : nullptr;
     float* __restrict__ pdb = a.pdb ? a.pdb + s * N : nullptr;
+    if (pdw) std::fill(pdw, pdw + N, 0.f);
+    if (pdb) std::fill(pdb, pdb + N, 0.f);
     const int64_t r0 = s * a.rows_per_block;
     const int64_t r1 = std::min(a.M, r0 + a.rows_per_block);
     for (int64_t r = r0; r < r1; ++r) {
@@ -243,31 +271,22 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
       const float mu = a.mean ? a.mean[r] : 0.f;
       const float rs = a.rstd[r];
 
-      // Pass 1: sum(g * xhat) and sum(g).
+      // Pass 1: sum(g * xhat) and sum(g), and the partials.
       float sgx, sg;
-      if (w) {
-        row_sum2(
-            N,
-            [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
-              const float g = to_float(dyr[j]) * w[j];
-              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
-              acc_g += g;
-            },
-            sgx, sg);
-      } else {
-        row_sum2(
-            N,
-            [&](int64_t j, float& acc_gx, float& acc_g) FASTLM_INLINE_LAMBDA {
-              const float g = to_float(dyr[j]);
-              acc_gx += g * ((to_float(xr[j]) - mu) * rs);
-              acc_g += g;
-            },
-            sgx, sg);
+      switch (kind) {
+        case 0: sums(false_type{}, false_type{}, false_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 1: sums(false_type{}, false_type{}, true_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 2: sums(false_type{}, true_type{}, false_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 3: sums(false_type{}, true_type{}, true_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 4: sums(true_type{}, false_type{}, false_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 5: sums(true_type{}, false_type{}, true_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        case 6: sums(true_type{}, true_type{}, false_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
+        default: sums(true_type{}, true_type{}, true_type{}, dyr, xr, pdw, pdb, mu, rs, sgx, sg); break;
       }
       const float c1 = sgx * inv_n;
       const float c2 = a.rms ? 0.f : sg * inv_n;
 
-      // Pass 2: dx, then the partials. The first row of a block initialises its partial row (no zeroing pass).
+      // Pass 2: dx, over the row in L1/L2.
       const T* __restrict__ dhr = a.dh ? a.dh + r * a.sdh : nullptr;
       if (w && dhr) {
 #pragma omp simd
@@ -292,40 +311,6 @@ FASTLM_CPU_CLONES void norm_bwd_blocks(const BwdArgs<T, W>& a, int64_t sbegin, i
         for (int64_t j = 0; j < N; ++j) {
           const float xh = (to_float(xr[j]) - mu) * rs;
           dxr[j] = from_float<T>(rs * (to_float(dyr[j]) - (xh * c1 + c2)));
-        }
-      }
-      const bool first = r == r0;
-      if (pdw && pdb) {
-        if (first) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) {
-            const float d = to_float(dyr[j]);
-            pdw[j] = d * ((to_float(xr[j]) - mu) * rs);
-            pdb[j] = d;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) {
-            const float d = to_float(dyr[j]);
-            pdw[j] += d * ((to_float(xr[j]) - mu) * rs);
-            pdb[j] += d;
-          }
-        }
-      } else if (pdw) {
-        if (first) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdw[j] = to_float(dyr[j]) * ((to_float(xr[j]) - mu) * rs);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdw[j] += to_float(dyr[j]) * ((to_float(xr[j]) - mu) * rs);
-        }
-      } else if (pdb) {
-        if (first) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdb[j] = to_float(dyr[j]);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pdb[j] += to_float(dyr[j]);
         }
       }
     }

@@ -5,8 +5,10 @@
 // Two work layouts, both parallel over independent work items (every output element is computed by one thread
 // in a fixed order: results do not depend on the thread count):
 //  * rows (softmax along a dim with unit stride): one row at a time, three vectorised sweeps over a row that
-//    stays in L1/L2 (max; exp(x - max) written to y, or to an fp32 scratch row for fp16/bf16, with the sum;
-//    the scale by 1 / sum). The exp is computed once per element; x is read twice, the second time from cache.
+//    stays in L1/L2 (max; exp(x - max) written to y, with the sum; the scale by 1 / sum). The exp is computed
+//    once per element; x is read once from memory. A 16-bit row is widened by the first sweep into an fp32 scratch
+//    row (in the pair order of csrc/cpu/common.h), the middle sweeps run on fp32 only, and the last packs pairs
+//    back; the backward walks its 16-bit rows as pairs too.
 //  * strided (softmax along a dim of a contiguous tensor with inner size > 1, no transpose copy): element j of
 //    row (o, i) is at o * R * inner + j * inner + i. A work item is a block of `nb` consecutive i of one o; the
 //    sweeps run over j with the nb lanes as the vector dimension (unit stride), so nothing is gathered. nb is
@@ -15,8 +17,8 @@
 // (one read of x and of the mask row) into the fp32 scratch row; causal rows only touch keys <= query and write
 // zeros past them; a row with max -inf (fully masked) gives zeros.
 //
-// Numerics: fp32 math, exp via exp_fast (~2 ulp); vectorised sums are reassociated across SIMD lanes (fixed for
-// a given build / ISA clone, so bitwise reproducible run to run).
+// Numerics: fp32 math, exp via exp_nonpos (~2 ulp); vectorised sums are reassociated across SIMD lanes
+// (and, for 16-bit rows, taken in pair order): fixed for a given build / ISA clone, so bitwise reproducible run to run.
 #include "checks.h"
 #include "cpu/common.h"
 
@@ -55,25 +57,12 @@ FASTLM_INLINE float row_max(const T* __restrict__ x, int64_t n) {
   return m;
 }
 
-// e[k] = exp(s[k] - m); returns the sum.
-template <typename T>
-FASTLM_INLINE float exp_sum(const T* __restrict__ s, float* __restrict__ e, int64_t n, float m) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) {
-    const float v = exp_fast(to_float(s[k]) - m);
-    e[k] = v;
-    sum += v;
-  }
-  return sum;
-}
-
 // In place: s[k] = exp(s[k] - m); returns the sum.
 FASTLM_INLINE float exp_sum_inplace(float* __restrict__ s, int64_t n, float m) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) {
-    const float v = exp_fast(s[k] - m);
+    const float v = exp_nonpos(s[k] - m);
     s[k] = v;
     sum += v;
   }
@@ -94,27 +83,139 @@ FASTLM_INLINE void fill_zero(T* __restrict__ y, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// 16-bit rows in pair order: an fp32 row buf of n elements holds the low elements of the row's 32-bit words, then
+// their high elements, then the last element of an odd row (csrc/cpu/common.h: loops over words vectorise with
+// 32-bit lanes only).
+
+// buf <- row x of n elements in pair order; returns the row's max (as row_max: NaN elements skipped).
+template <typename T>
+FASTLM_INLINE float widen_max(const T* __restrict__ x, float* __restrict__ buf, int64_t n) {
+  const int64_t P = n / 2;
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < P; ++k) {
+    const uint32_t u = load_pair(x, k);
+    const float lo = pair_lo<T>(u), hi = pair_hi<T>(u);
+    buf[k] = lo;
+    buf[P + k] = hi;
+    m = lo > m ? lo : m;
+    m = hi > m ? hi : m;
+  }
+  if (n & 1) {
+    const float v = to_float(x[n - 1]);
+    buf[n - 1] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Every value the 16-bit rows store is fp32 arithmetic on widened 16-bit inputs (and on a scale passed as the default
+// NaN when it is one): pack_pair without its NaN selects (csrc/cpu/common.h).
+template <typename T>
+FASTLM_INLINE uint32_t pack(float lo, float hi) {
+  return pack_pair<T, false>(lo, hi);
+}
+
+// y <- f(buf) for a row of n elements, buf in pair order.
+template <typename T, typename F>
+FASTLM_INLINE void narrow_row(const float* __restrict__ buf, T* __restrict__ y, int64_t n, const F& f) {
+  const int64_t P = n / 2;
+#pragma omp simd
+  for (int64_t k = 0; k < P; ++k) store_pair(y, k, pack<T>(f(buf[k]), f(buf[P + k])));
+  if (n & 1) y[n - 1] = from_float<T>(f(buf[n - 1]));
+}
+
+// The sum over k < n of f(a[k], b[k]) (16-bit rows: in pair order).
+template <typename T, typename F>
+FASTLM_INLINE float sum2(const T* __restrict__ a, const T* __restrict__ b, int64_t n, const F& f) {
+  float s = 0.f;
+  if constexpr (std::is_same_v<T, float>) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += f(a[k], b[k]);
+  } else {
+    const int64_t P = n / 2;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < P; ++k) {
+      const uint32_t u = load_pair(a, k), v = load_pair(b, k);
+      s += f(pair_lo<T>(u), pair_lo<T>(v)) + f(pair_hi<T>(u), pair_hi<T>(v));
+    }
+    if (n & 1) s += f(to_float(a[n - 1]), to_float(b[n - 1]));
+  }
+  return s;
+}
+
+// out[k] = f(a[k], b[k]) for k < n.
+template <typename T, typename F>
+FASTLM_INLINE void map2(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t n, const F& f) {
+  if constexpr (std::is_same_v<T, float>) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) out[k] = f(a[k], b[k]);
+  } else {
+    const int64_t P = n / 2;
+#pragma omp simd
+    for (int64_t k = 0; k < P; ++k) {
+      const uint32_t u = load_pair(a, k), v = load_pair(b, k);
+      store_pair(out, k, pack<T>(f(pair_lo<T>(u), pair_lo<T>(v)), f(pair_hi<T>(u), pair_hi<T>(v))));
+    }
+    if (n & 1) out[n - 1] = from_float<T>(f(to_float(a[n - 1]), to_float(b[n - 1])));
+  }
+}
+
+// exp(y) of a saved log-softmax output y = x - max - log(sum) <= 0 (the op's contract): exp_nonpos. Clamping y to
+// exp_nonpos's range (y <= 88.7) first doubled the loop's mask work (GCC 12 merged both clamps into masked blends):
+// a y > 88.7, which no log-softmax gives, has no defined gradient here.
+FASTLM_INLINE float exp_logp(float y) { return exp_nonpos(y); }
+
+// ------------------------------------------------------------------------------------------------------------
 // Forward, rows layout: rows [r0, r1) of R elements, x row r at r * sx, y contiguous.
 template <typename T>
 FASTLM_CPU_CLONES void softmax_rows(const T* __restrict__ x, int64_t sx, T* __restrict__ y, int64_t R, bool log,
                                     int64_t r0, int64_t r1) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
   Scratch scratch;
+  float* const buf = kF32 ? nullptr : scratch.get(R);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * sx;
     T* yr = y + r * R;
-    const float m = row_max(xr, R);
+    // v: the row in fp32 (x itself, or the widened copy in buf)
+    const float* v;
+    float m;
+    if constexpr (kF32) {
+      v = xr;
+      m = row_max(xr, R);
+    } else {
+      v = buf;
+      m = widen_max(xr, buf, R);
+    }
     if (log) {
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < R; ++k) sum += exp_fast(to_float(xr[k]) - m);
+      for (int64_t k = 0; k < R; ++k) sum += exp_nonpos(v[k] - m);
       const float lg = std::log(sum);
+      auto f = [=](float t) FASTLM_INLINE_LAMBDA { return t - m - lg; };
+      if constexpr (kF32) {
 #pragma omp simd
-      for (int64_t k = 0; k < R; ++k) yr[k] = from_float<T>(to_float(xr[k]) - m - lg);
+        for (int64_t k = 0; k < R; ++k) yr[k] = f(v[k]);
+      } else {
+        narrow_row(buf, yr, R, f);
+      }
     } else {
-      // fp32: the exps go straight into y (y and x never alias: y is a fresh tensor).
-      float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(yr) : scratch.get(R);
-      const float inv = 1.f / exp_sum(xr, e, R, m);
-      scale_store(e, yr, R, inv);
+      // The exps go to y (fp32: y and x never alias, y is a fresh tensor) or back into buf.
+      float* e = kF32 ? reinterpret_cast<float*>(yr) : buf;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < R; ++k) {
+        const float t = exp_nonpos(v[k] - m);
+        e[k] = t;
+        sum += t;
+      }
+      const float inv = 1.f / sum;
+      if constexpr (kF32) {
+#pragma omp simd
+        for (int64_t k = 0; k < R; ++k) e[k] *= inv;
+      } else {
+        narrow_row(buf, yr, R, [=](float t) FASTLM_INLINE_LAMBDA { return t * inv; });
+      }
     }
   }
 }
@@ -221,7 +322,7 @@ FASTLM_CPU_CLONES void softmax_strided(const T* __restrict__ x, T* __restrict__ 
     for (int64_t j = 0; j < R; ++j) {
       const T* p = x + base + j * inner;
 #pragma omp simd
-      for (int64_t i = 0; i < nl; ++i) sum[i] += exp_fast(to_float(p[i]) - m[i]);
+      for (int64_t i = 0; i < nl; ++i) sum[i] += exp_nonpos(to_float(p[i]) - m[i]);
     }
     // sum[i] becomes the additive term (log) or the factor (softmax) of lane i.
     for (int64_t i = 0; i < nl; ++i) sum[i] = log ? m[i] + std::log(sum[i]) : 1.f / sum[i];
@@ -233,7 +334,7 @@ FASTLM_CPU_CLONES void softmax_strided(const T* __restrict__ x, T* __restrict__ 
         for (int64_t i = 0; i < nl; ++i) q[i] = from_float<T>(to_float(p[i]) - sum[i]);
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < nl; ++i) q[i] = from_float<T>(exp_fast(to_float(p[i]) - m[i]) * sum[i]);
+        for (int64_t i = 0; i < nl; ++i) q[i] = from_float<T>(exp_nonpos(to_float(p[i]) - m[i]) * sum[i]);
       }
     }
   }
@@ -244,24 +345,31 @@ FASTLM_CPU_CLONES void softmax_strided(const T* __restrict__ x, T* __restrict__ 
 template <typename T>
 FASTLM_CPU_CLONES void softmax_bwd_rows(const T* __restrict__ y, int64_t sy, const T* __restrict__ dy, int64_t sdy,
                                         T* __restrict__ dx, int64_t R, bool log, float scale, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* yr = y + r * sy;
-    const T* dyr = dy + r * sdy;
-    T* dxr = dx + r * R;
-    float dot = 0.f;
-    if (log) {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t k = 0; k < R; ++k) dot += to_float(dyr[k]);
-#pragma omp simd
-      for (int64_t k = 0; k < R; ++k) {
-        dxr[k] = from_float<T>(scale * (to_float(dyr[k]) - exp_fast(to_float(yr[k])) * dot));
+  // scale == 1 (every plain softmax): one multiply per element less (x * 1 is exact, so the results are the same).
+  auto rows = [&](auto unit) FASTLM_INLINE_LAMBDA {
+    constexpr bool kUnit = decltype(unit)::value;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* yr = y + r * sy;
+      const T* dyr = dy + r * sdy;
+      T* dxr = dx + r * R;
+      if (log) {
+        const float s = sum2(yr, dyr, R, [](float, float d) FASTLM_INLINE_LAMBDA { return d; });
+        map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA {
+          const float g = d - exp_logp(p) * s;
+          return kUnit ? g : scale * g;
+        });
+      } else {
+        const float dot = sum2(yr, dyr, R, [](float p, float d) FASTLM_INLINE_LAMBDA { return p * d; });
+        map2(yr, dyr, dxr, R, [=](float p, float d) FASTLM_INLINE_LAMBDA {
+          return kUnit ? p * (d - dot) : scale * p * (d - dot);
+        });
       }
-    } else {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t k = 0; k < R; ++k) dot += to_float(yr[k]) * to_float(dyr[k]);
-#pragma omp simd
-      for (int64_t k = 0; k < R; ++k) dxr[k] = from_float<T>(scale * to_float(yr[k]) * (to_float(dyr[k]) - dot));
     }
+  };
+  if (scale == 1.f) {
+    rows(std::true_type{});
+  } else {
+    rows(std::false_type{});
   }
 }
 
@@ -288,7 +396,7 @@ FASTLM_CPU_CLONES void softmax_bwd_strided(const T* __restrict__ y, const T* __r
       if (log) {
 #pragma omp simd
         for (int64_t i = 0; i < nl; ++i) {
-          q[i] = from_float<T>(scale * (to_float(pd[i]) - exp_fast(to_float(py[i])) * dot[i]));
+          q[i] = from_float<T>(scale * (to_float(pd[i]) - exp_logp(to_float(py[i])) * dot[i]));
         }
       } else {
 #pragma omp simd
@@ -317,10 +425,10 @@ Tensor softmax_fwd_cpu(const Tensor& x, int64_t dim_in, bool log) {
   check_cpu_float(x, "x");
   const int64_t dim = softmax::normalize_dim(x, dim_in, "x");
   const bool rows2d = x.dim() == 2 && dim == 1;
-  if (x.numel() == 0) return torch::stable::new_empty(x, x.sizes());
+  if (x.numel() == 0) return empty_on(x, x.sizes());
   softmax::check_layout(x, rows2d);
   const StridedShape sh = split_dims(x, dim);
-  Tensor y = torch::stable::new_empty(x, x.sizes());
+  Tensor y = empty_on(x, x.sizes());
   if (x.numel() == 0) return y;
   dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -349,7 +457,7 @@ Tensor masked_softmax_fwd_cpu(const Tensor& x, const std::optional<Tensor>& mask
   const softmax::Scores sc = softmax::check_scores(x);
   const int64_t B = sc.B, H = sc.H, Sq = sc.Sq, Sk = sc.Sk;
   if (mask) softmax::check_mask(*mask, sc, check_cpu);
-  Tensor y = torch::stable::new_empty(x, {B, H, Sq, Sk});
+  Tensor y = empty_on(x, {B, H, Sq, Sk});
   if (x.numel() == 0) return y;
   dispatch_float<half, bf16>(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -392,12 +500,13 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, int64_t dim_in, bool l
   const int64_t dim = softmax::normalize_dim(y, dim_in, "y");
   softmax::check_dy(dy, y);
   const bool rows2d = y.dim() == 2 && dim == 1;
-  if (y.numel() == 0) return torch::stable::new_empty(y, y.sizes());  // any strides (an expanded empty dy)
+  if (y.numel() == 0) return empty_on(y, y.sizes());  // any strides (an expanded empty dy)
   softmax::check_bwd_layout(y, dy, rows2d);
   const StridedShape sh = split_dims(y, dim);
-  Tensor dx = torch::stable::new_empty(y, y.sizes());
+  Tensor dx = empty_on(y, y.sizes());
   if (y.numel() == 0) return dx;
-  const float sc = static_cast<float>(scale);
+  // A NaN scale as the default quiet NaN: the bf16 rows' packing relies on NaN payloads with zero low bits (pack).
+  const float sc = scale != scale ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(scale);
   dispatch_float<half, bf16>(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* yp = static_cast<const T*>(y.data_ptr());
