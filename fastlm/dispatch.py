@@ -47,7 +47,7 @@ AUTO = {
 # the backend that has it on the same tensors (ALTERNATIVE).
 LACKS = {
     ("softmax", "cuda"): {"soft_target": "class-probability (soft) targets"},
-    ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
+    ("attention", "cpu"): {"varlen": "varlen (packed) sequences"},
     ("attention", "cuda"): {
         "varlen": "varlen (packed) sequences",
         "mask": "an attn_mask",
