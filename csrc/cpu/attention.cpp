@@ -1,8 +1,8 @@
 // Flash-attention forward on the CPU, registered as the CPU implementation of fastlm::attention_fwd_cpu (schema
 // and contract in csrc/ops.cpp): dense (B, H, S, D) views with any strides but a unit last one, GQA without
 // copying K/V, top-left causal, bool / additive float masks given as expanded (B, H, Sq, Sk) views, fp32 / fp16 /
-// bf16 with fp32 accumulation, any head dim. No varlen, no dropout (the Python side raises UnsupportedCaseError
-// first; the op itself raises too). The backward is torch ops (fastlm/ops/attention.py): this targets inference.
+// bf16 with fp32 accumulation, any head dim, dropout. No varlen (the Python side raises UnsupportedCaseError first;
+// the op itself raises too). The backward is csrc/cpu/attention_bwd.cpp (the same tiles, csrc/cpu/attention.h).
 //
 // Layout: everything is vectorised over QUERIES. A block of BM = 32 queries of one (batch, head) keeps its
 // scaled queries transposed, qt[d][i] (fp32), and its output accumulator transposed too, ot[d][i]. Per tile of
@@ -25,7 +25,9 @@
 // Score modifiers (semantics in csrc/ops.cpp), with off = Sk - Sq: softcap (queries pre-scaled by scale / c, then
 // s = c * tanh(s), vectorised tanh_fast) and ALiBi (s -= slope * |i + off - j|) are one template flag, MODS, so
 // the default path is unchanged; the window only moves loop bounds and masks the tiles on the band's edges; sinks
-// start each row's online softmax at m = sink, l = 1 (exp(sink - m)), which a finished row divides by.
+// start each row's online softmax at m = sink, l = 1 (exp(sink - m)), which a finished row divides by. Dropout
+// (attention.h: a Philox number per (b, h, i, j) from the op's seed) multiplies the probabilities by 0 or
+// 1 / (1 - p) after they joined the row's sum and before P V, so lse is that of the undropped scores (as torch's).
 #include "cpu/attention.h"
 
 #include <algorithm>

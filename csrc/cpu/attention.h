@@ -171,7 +171,7 @@ template <int L, int BM, int R>
 FASTLM_INLINE void qk_tiles(const float* qt, const float* k, int64_t ks, int64_t D, int64_t nj, float* st) {
   int64_t j = 0;
   for (; j + R <= nj; j += R) qk_tile<L, BM, R>(qt, k + j * ks, ks, D, st + j * BM);
-  tail<R>(nj - j, [&](auto r) { qk_tile<L, BM, decltype(r)::value>(qt, k + j * ks, ks, D, st + j * BM); });
+  tail<R>(nj - j, [&](auto r) FASTLM_INLINE_LAMBDA { qk_tile<L, BM, decltype(r)::value>(qt, k + j * ks, ks, D, st + j * BM); });
 }
 
 // ot[d][.] += sum_j v[j][d] p[j][.] for all D head dims, R at a time.
@@ -179,7 +179,7 @@ template <int L, int BM, int R>
 FASTLM_INLINE void pv_tiles(const float* pt, int64_t nj, const float* v, int64_t vs, int64_t D, float* ot) {
   int64_t d = 0;
   for (; d + R <= D; d += R) pv_tile<L, BM, R>(pt, nj, v + d, vs, ot + d * BM);
-  tail<R>(D - d, [&](auto r) { pv_tile<L, BM, decltype(r)::value>(pt, nj, v + d, vs, ot + d * BM); });
+  tail<R>(D - d, [&](auto r) FASTLM_INLINE_LAMBDA { pv_tile<L, BM, decltype(r)::value>(pt, nj, v + d, vs, ot + d * BM); });
 }
 
 template <typename T>
@@ -236,28 +236,35 @@ FASTLM_INLINE void drop_row(const Params& p, int64_t bh, int64_t i, int64_t j0, 
 }
 
 // The dropout factors z[j][.] (0 or 1 / (1 - p)) of queries i0 .. i0 + BM of bh against keys [j0, j0 + nj),
-// as a (nj, BM) tile like the scores'.
+// as a (nj, BM) tile like the scores'. Philox runs on vectors of at most 8 lanes: its 32 x 32 -> 64-bit products
+// then fill one register on every ISA. GCC 12 warns that the counter "may be used uninitialized" in the AVX-512
+// clone (a false positive of its vector lowering: every element is set first).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int L, int BM>
 FASTLM_INLINE void drop_tile(const Params& p, int64_t bh, int64_t i0, int64_t j0, int64_t nj, float* zt) {
-  using u32 = typename Vec<L>::u32;
-  using vec = typename Vec<L>::type;
+  constexpr int PL = L < 8 ? L : 8;
+  using u32 = typename Vec<PL>::u32;
+  using vec = typename Vec<PL>::type;
   u32 lane = u32{};
-  for (int x = 0; x < L; ++x) lane[x] = static_cast<uint32_t>(x);
+  for (int x = 0; x < PL; ++x) lane[x] = static_cast<uint32_t>(x);
   const vec keep = vec{} + p.drop_scale;
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(bh) >> 32);
   for (int64_t t = j0 >> 2; t <= (j0 + nj - 1) >> 2; ++t) {
-    for (int n = 0; n < BM / L; ++n) {
-      u32 c[4] = {u32{} + static_cast<uint32_t>(t), lane + static_cast<uint32_t>(i0 + n * L),
-                  u32{} + static_cast<uint32_t>(bh), u32{} + static_cast<uint32_t>(static_cast<uint64_t>(bh) >> 32)};
+    for (int n = 0; n < BM / PL; ++n) {
+      u32 c[4] = {u32{} + static_cast<uint32_t>(t), lane + static_cast<uint32_t>(i0 + n * PL),
+                  u32{} + static_cast<uint32_t>(bh), u32{} + hi};
       philox(c, p.seed_lo, p.seed_hi);
       for (int r = 0; r < 4; ++r) {
         const int64_t j = 4 * t + r - j0;
         if (j < 0 || j >= nj) continue;
         const auto kept = c[r] >= p.drop_thr;  // all ones where kept
-        at<L>(zt + j * BM + n * L) = kept ? keep : vec{};
+        at<PL>(zt + j * BM + n * PL) = kept ? keep : vec{};
       }
     }
   }
 }
+#pragma GCC diagnostic pop
 
 // ------------------------------------------------------------------------------------------------------------
 // Arguments

@@ -62,20 +62,24 @@ FASTLM_INLINE void kd_tile(const float* pt, int64_t rows, const float* x, int64_
     for (int n = 0; n < NV; ++n) at<L>(acc + r * Dp + n * L) = a[r][n];
 }
 
+// acc[j][.] += sum_{i < rows} pt[j][i] x[i][.] for the nj keys of a tile and NV vectors of columns.
+template <int L, int BM, int KR, int NV>
+FASTLM_INLINE void kd_cols(const float* pt, int64_t nj, int64_t rows, const float* x, int64_t Dp, float* acc) {
+  int64_t j = 0;
+  for (; j + KR <= nj; j += KR) kd_tile<L, BM, KR, NV>(pt + j * BM, rows, x, Dp, acc + j * Dp);
+  tail<KR>(nj - j, [&](auto r) FASTLM_INLINE_LAMBDA {
+    kd_tile<L, BM, decltype(r)::value, NV>(pt + j * BM, rows, x, Dp, acc + j * Dp);
+  });
+}
+
 // acc[j][.] += sum_{i < rows} pt[j][i] x[i][.] for the nj keys of a tile and all Dp columns.
 template <int L, int BM, int KR, int NV>
 FASTLM_INLINE void kd_tiles(const float* pt, int64_t nj, int64_t rows, const float* x, int64_t Dp, float* acc) {
-  const auto cols = [&](auto nv, int64_t d) {
-    constexpr int N = decltype(nv)::value;
-    int64_t j = 0;
-    for (; j + KR <= nj; j += KR) kd_tile<L, BM, KR, N>(pt + j * BM, rows, x + d, Dp, acc + j * Dp + d);
-    tail<KR>(nj - j, [&](auto r) {
-      kd_tile<L, BM, decltype(r)::value, N>(pt + j * BM, rows, x + d, Dp, acc + j * Dp + d);
-    });
-  };
   int64_t d = 0;
-  for (; d + NV * L <= Dp; d += NV * L) cols(std::integral_constant<int, NV>{}, d);
-  tail<NV>((Dp - d) / L, [&](auto nv) { cols(nv, d); });
+  for (; d + NV * L <= Dp; d += NV * L) kd_cols<L, BM, KR, NV>(pt, nj, rows, x + d, Dp, acc + d);
+  tail<NV>((Dp - d) / L, [&](auto nv) FASTLM_INLINE_LAMBDA {
+    kd_cols<L, BM, KR, decltype(nv)::value>(pt, nj, rows, x + d, Dp, acc + d);
+  });
 }
 
 // Per-thread scratch, allocated once per parallel chunk; every array 64-byte aligned.
