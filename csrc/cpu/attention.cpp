@@ -494,4 +494,6 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 }  // namespace
 }  // namespace fastlm::cpu::flash
 
-STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("attention_fwd_cpu", TORCH_BOX(&fastlm::cpu::flash::attention_fwd_cpu)); }
+STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("attention_fwd_cpu", TORCH_BOX(&fastlm::cpu::flash::attention_fwd_cpu));
+}

@@ -171,7 +171,9 @@ template <int L, int BM, int R>
 FASTLM_INLINE void qk_tiles(const float* qt, const float* k, int64_t ks, int64_t D, int64_t nj, float* st) {
   int64_t j = 0;
   for (; j + R <= nj; j += R) qk_tile<L, BM, R>(qt, k + j * ks, ks, D, st + j * BM);
-  tail<R>(nj - j, [&](auto r) FASTLM_INLINE_LAMBDA { qk_tile<L, BM, decltype(r)::value>(qt, k + j * ks, ks, D, st + j * BM); });
+  tail<R>(nj - j, [&](auto r) FASTLM_INLINE_LAMBDA {
+    qk_tile<L, BM, decltype(r)::value>(qt, k + j * ks, ks, D, st + j * BM);
+  });
 }
 
 // ot[d][.] += sum_j v[j][d] p[j][.] for all D head dims, R at a time.
@@ -179,7 +181,9 @@ template <int L, int BM, int R>
 FASTLM_INLINE void pv_tiles(const float* pt, int64_t nj, const float* v, int64_t vs, int64_t D, float* ot) {
   int64_t d = 0;
   for (; d + R <= D; d += R) pv_tile<L, BM, R>(pt, nj, v + d, vs, ot + d * BM);
-  tail<R>(D - d, [&](auto r) FASTLM_INLINE_LAMBDA { pv_tile<L, BM, decltype(r)::value>(pt, nj, v + d, vs, ot + d * BM); });
+  tail<R>(D - d, [&](auto r) FASTLM_INLINE_LAMBDA {
+    pv_tile<L, BM, decltype(r)::value>(pt, nj, v + d, vs, ot + d * BM);
+  });
 }
 
 template <typename T>
@@ -200,24 +204,28 @@ FASTLM_INLINE void mulhilo(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
   hi = static_cast<uint32_t>(x >> 32);
   lo = static_cast<uint32_t>(x);
 }
+// On vectors: the even and odd lanes as 64-bit lanes (a 32 x 32 -> 64-bit product each), so that a vector of L
+// lanes takes two L / 2-lane 64-bit multiplies (zero-extending the L lanes to 64 bits instead needed twice the
+// registers, and shuffles back).
 template <typename U>
 FASTLM_INLINE void mulhilo(const U& a, uint32_t m, U& hi, U& lo) {
   constexpr int L = sizeof(U) / sizeof(uint32_t);
-  using u64 = typename Vec<L>::u64;
-  const u64 x = __builtin_convertvector(a, u64) * static_cast<uint64_t>(m);
-  hi = __builtin_convertvector(x >> 32, U);
-  lo = __builtin_convertvector(x, U);
+  using u64 = typename Vec<L / 2>::u64;
+  const u64 x = (u64)a;  // GCC vector casts reinterpret the bits
+  const u64 even = (x & 0xffffffffu) * static_cast<uint64_t>(m), odd = (x >> 32) * static_cast<uint64_t>(m);
+  const u64 l = (even & 0xffffffffu) | (odd << 32), h = (even >> 32) | (odd & ~uint64_t{0xffffffffu});
+  lo = (U)l;
+  hi = (U)h;
 }
 
-// c[0..4): the counter in, the four random numbers out.
+// (c0, c1, c2, c3): the counter in, the four random numbers out.
 template <typename U>
-FASTLM_INLINE void philox(U* c, uint32_t k0, uint32_t k1) {
+FASTLM_INLINE void philox(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
   for (int r = 0; r < 10; ++r) {
     U hi0, lo0, hi1, lo1;
-    mulhilo(c[0], 0xD2511F53u, hi0, lo0);
-    mulhilo(c[2], 0xCD9E8D57u, hi1, lo1);
-    const U n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
-    c[0] = n0, c[1] = lo1, c[2] = n2, c[3] = lo0;
+    mulhilo(c0, 0xD2511F53u, hi0, lo0);
+    mulhilo(c2, 0xCD9E8D57u, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0, c1 = lo1, c2 = hi0 ^ c3 ^ k1, c3 = lo0;
     k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
   }
 }
@@ -227,7 +235,7 @@ FASTLM_INLINE void drop_row(const Params& p, int64_t bh, int64_t i, int64_t j0, 
   for (int64_t t = j0 >> 2; t <= (j0 + n - 1) >> 2 && n > 0; ++t) {
     uint32_t c[4] = {static_cast<uint32_t>(t), static_cast<uint32_t>(i), static_cast<uint32_t>(bh),
                      static_cast<uint32_t>(static_cast<uint64_t>(bh) >> 32)};
-    philox(c, p.seed_lo, p.seed_hi);
+    philox(c[0], c[1], c[2], c[3], p.seed_lo, p.seed_hi);
     for (int r = 0; r < 4; ++r) {
       const int64_t j = 4 * t + r - j0;
       if (j >= 0 && j < n) s[j] = c[r] >= p.drop_thr ? s[j] * p.drop_scale : 0.f;
@@ -236,35 +244,30 @@ FASTLM_INLINE void drop_row(const Params& p, int64_t bh, int64_t i, int64_t j0, 
 }
 
 // The dropout factors z[j][.] (0 or 1 / (1 - p)) of queries i0 .. i0 + BM of bh against keys [j0, j0 + nj),
-// as a (nj, BM) tile like the scores'. Philox runs on vectors of at most 8 lanes: its 32 x 32 -> 64-bit products
-// then fill one register on every ISA. GCC 12 warns that the counter "may be used uninitialized" in the AVX-512
-// clone (a false positive of its vector lowering: every element is set first).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// as a (nj, BM) tile like the scores'.
 template <int L, int BM>
 FASTLM_INLINE void drop_tile(const Params& p, int64_t bh, int64_t i0, int64_t j0, int64_t nj, float* zt) {
-  constexpr int PL = L < 8 ? L : 8;
-  using u32 = typename Vec<PL>::u32;
-  using vec = typename Vec<PL>::type;
+  using u32 = typename Vec<L>::u32;
+  using vec = typename Vec<L>::type;
   u32 lane = u32{};
-  for (int x = 0; x < PL; ++x) lane[x] = static_cast<uint32_t>(x);
+  for (int x = 0; x < L; ++x) lane[x] = static_cast<uint32_t>(x);
   const vec keep = vec{} + p.drop_scale;
   const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(bh) >> 32);
   for (int64_t t = j0 >> 2; t <= (j0 + nj - 1) >> 2; ++t) {
-    for (int n = 0; n < BM / PL; ++n) {
-      u32 c[4] = {u32{} + static_cast<uint32_t>(t), lane + static_cast<uint32_t>(i0 + n * PL),
-                  u32{} + static_cast<uint32_t>(bh), u32{} + hi};
-      philox(c, p.seed_lo, p.seed_hi);
+    for (int n = 0; n < BM / L; ++n) {
+      u32 c0 = u32{} + static_cast<uint32_t>(t), c1 = lane + static_cast<uint32_t>(i0 + n * L);
+      u32 c2 = u32{} + static_cast<uint32_t>(bh), c3 = u32{} + hi;
+      philox(c0, c1, c2, c3, p.seed_lo, p.seed_hi);
+      const u32* c[4] = {&c0, &c1, &c2, &c3};
       for (int r = 0; r < 4; ++r) {
         const int64_t j = 4 * t + r - j0;
         if (j < 0 || j >= nj) continue;
-        const auto kept = c[r] >= p.drop_thr;  // all ones where kept
-        at<PL>(zt + j * BM + n * PL) = kept ? keep : vec{};
+        const auto kept = *c[r] >= p.drop_thr;  // all ones where kept
+        at<L>(zt + j * BM + n * L) = kept ? keep : vec{};
       }
     }
   }
 }
-#pragma GCC diagnostic pop
 
 // ------------------------------------------------------------------------------------------------------------
 // Arguments
