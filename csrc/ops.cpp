@@ -30,8 +30,8 @@
 
 // The schemas of the C++ backends: each op exists as <name>_cuda (csrc/cuda/, CUDA tensors) and <name>_cpu
 // (csrc/cpu/, CPU tensors) with the same contract, so that the Python side wires both alike. Where a backend
-// narrows the contract (the CUDA attention: fp16/bf16, D 64/128; the CPU attention: no dropout, no varlen) the
-// Python side raises UnsupportedCaseError before calling the op.
+// narrows the contract (the CUDA attention: fp16/bf16, D 64/128; the CPU attention: no varlen) the Python side
+// raises UnsupportedCaseError before calling the op.
 namespace {
 
 // Defines "<name><suffix><rest>" (string literal pieces; the library copies the schema).
@@ -79,13 +79,14 @@ void define_native_schemas(torch::stable::detail::StableLibrary& m, const char* 
   // aligned; -1 = unbounded); sinks (H,) float32 join each row's softmax denominator as exp(sink) (unscaled, no
   // value). Returns o (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (natural log of the scores'
   // sum-exp, sink included; -inf for a row with no visible key and no sink). The CUDA kernels take dense fp16/bf16
-  // with D in {64, 128} only (mask, cu_q/cu_k, dropout_p > 0 and every modifier raise "unsupported case"); the CPU
-  // kernel takes masks and the modifiers but neither varlen nor dropout. rng is ignored by both.
+  // with D in {64, 128} only (mask, cu_q/cu_k, dropout_p > 0 and every modifier raise "unsupported case"; rng is
+  // ignored); the CPU kernel takes everything but varlen, with dropout's seed read from the CPU int64 rng tensor
+  // (the keep mask a function of (seed, b, h, i, j): its backward regenerates it).
   def(m,
       "attention_fwd_", B, "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_q, Tensor? cu_k, int max_q, "
       "int max_k, float scale, bool causal, float dropout_p, Tensor rng, int window_left, int window_right, "
       "float softcap, Tensor? sinks, Tensor? alibi) -> (Tensor o, Tensor lse)");
-  // Gradients of attention_fwd (csrc/cuda/attention_bwd.cu), FlashAttention-2 scheme without atomics
+  // Gradients of attention_fwd (csrc/cuda/attention_bwd.cu, csrc/cpu/attention_bwd.cpp), without atomics
   // (deterministic): dq, dk, dv contiguous in q's, k's and v's shapes and dtype. Same scope as the forward.
   // mask_grad (an additive float mask only): dmask float32 of shape [1 if mask.stride(d) == 0 else mask.size(d)],
   // dL/dmask summed over the mask's stride-0 dims; else empty (0,). dsinks: (H,) float32 with sinks, else (0,).
@@ -178,9 +179,7 @@ void define_linear_loss_schemas(torch::stable::detail::StableLibrary& m) {
 // "fastlm::..."), and a fragment never competes with another library claiming to own "fastlm".
 STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   define_native_schemas(m, "cuda");
-  // The CPU backend (csrc/cpu/). attention_bwd_cpu has no C++ kernel: fastlm/ops/attention.py registers a CPU
-  // implementation of torch ops for it (recomputation from the saved lse; the CPU kernels target inference), so
-  // that training through the cpu backend still works.
+  // The CPU backend (csrc/cpu/).
   define_native_schemas(m, "cpu");
   define_rope_schemas(m);
   define_gated_mlp_schemas(m);

@@ -61,7 +61,7 @@ OP_FAMILY = {
 # the backend that has it on the same tensors (ALTERNATIVE).
 LACKS = {
     ("softmax", "cuda"): {"soft_target": "class-probability (soft) targets"},
-    ("attention", "cpu"): {"varlen": "varlen (packed) sequences", "dropout": "dropout"},
+    ("attention", "cpu"): {"varlen": "varlen (packed) sequences"},
     ("attention", "cuda"): {
         "varlen": "varlen (packed) sequences",
         "mask": "an attn_mask",
@@ -80,7 +80,7 @@ ALTERNATIVE = {"cpu": "torch", "cuda": "triton"}
 IMPLEMENTED = {
     "triton": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},
     "cuda": {"norms", "softmax", "attention"},
-    # csrc/cpu/: attention forward only (its backward: torch ops)
+    # csrc/cpu/: every family, forward and backward
     "cpu": {"norms", "softmax", "linear_ce", "attention", "rope", "gated_mlp", "distill", "linear_distill"},
 }
 

@@ -89,10 +89,12 @@ def test_named_backend_lacking_a_feature_names_it_and_the_alternative():
         fastlm.backend("cpu"),
         pytest.raises(
             B.UnsupportedCaseError,
-            match=r"cpu backend's attention does not support dropout; use fastlm.backend\('torch'\)",
+            match=r"cpu backend's attention does not support varlen \(packed\) sequences; use fastlm.backend\('torch'\)"
+            r" or 'auto'",
         ),
     ):
-        fastlm.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)), dropout_p=0.1)
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        fastlm.functional.varlen_attention(*(torch.randn(8, 2, 16) for _ in range(3)), cu, cu, 5, 5)
 
 
 def test_backend_without_the_family_raises_unsupported():

@@ -1,7 +1,10 @@
-"""The CPU C++ attention kernel (csrc/cpu/attention.cpp) at realistic sizes: forward (and lse) against the float64
-reference in all three dtypes (its backward is torch ops, covered by test_attention.py's generic tests), head dims,
-decoding, GQA with strided inputs, masks, fully masked tiles, thread-count invariance, the cases it lacks, and the raw
-op's input checks. Always on CPU tensors, whatever the machine."""
+"""The CPU C++ attention kernels (csrc/cpu/attention.cpp, attention_bwd.cpp) at realistic sizes: forward (and lse)
+and backward (dq, dk, dv, dmask, dsinks) against the float64 reference in all three dtypes (FlashAttention's 2x rule
+in 16-bit), head dims, decoding, GQA with strided inputs, masks, fully masked rows and tiles, the score modifiers,
+dropout (its keep mask recovered from the kernel, then every output and gradient against the reference with that
+mask), thread-count invariance and determinism, the case it lacks (varlen), and the raw ops' input checks. Outputs
+are NaN-poisoned (conftest: FASTLM_POISON=1), so an element the kernels forget to write fails. Always on CPU
+tensors, whatever the machine."""
 
 import math
 
@@ -137,19 +140,15 @@ def test_cpu_thread_count_invariant():
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("case", ["dropout", "varlen"])
-def test_cpu_unsupported_cases_raise(case):
+def test_cpu_unsupported_cases_raise():
     from fastlm.dispatch import UnsupportedCaseError
 
     with (
         fastlm.backend("cpu"),
-        pytest.raises(UnsupportedCaseError, match=f"cpu backend's attention does not support {case}"),
+        pytest.raises(UnsupportedCaseError, match="cpu backend's attention does not support varlen"),
     ):
-        if case == "dropout":
-            F.scaled_dot_product_attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)), dropout_p=0.1)
-        else:
-            cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-            F.varlen_attention(*(torch.randn(8, 2, 16) for _ in range(3)), cu, cu, 5, 5)
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        F.varlen_attention(*(torch.randn(8, 2, 16) for _ in range(3)), cu, cu, 5, 5)
 
 
 def _raw(
@@ -164,11 +163,12 @@ def _raw(
     softcap=0.0,
     sinks=None,
     alibi=None,
+    rng=None,
 ):
     q = torch.randn(1, 2, 8, 16, dtype=dtype) if q is None else q
     k = torch.randn(1, 2, 8, 16, dtype=dtype) if k is None else k
     v = torch.randn(1, 2, 8, 16, dtype=dtype) if v is None else v
-    rng = torch.zeros(1, dtype=torch.int64)
+    rng = torch.zeros(1, dtype=torch.int64) if rng is None else rng
     return torch.ops.fastlm.attention_fwd_cpu(
         q, k, v, mask, cu, cu, 8, 8, 0.25, False, dropout_p, rng, *window, softcap, sinks, alibi
     )
@@ -178,7 +178,10 @@ def _raw(
     "kw,match",
     [
         (dict(cu=torch.tensor([0, 8], dtype=torch.int32)), "varlen"),
-        (dict(dropout_p=0.5), "dropout"),
+        (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=0.5, rng=torch.zeros(2, dtype=torch.int64)), r"rng must be a \(1,\) int64"),
+        (dict(dropout_p=0.5, rng=torch.zeros(1, dtype=torch.int32)), r"rng must be a \(1,\) int64"),
         (dict(q=torch.randn(1, 2, 8, 16, dtype=torch.float64)), "float32, float16 or bfloat16"),
         (dict(k=torch.randn(1, 2, 8, 16, dtype=torch.float16)), "must have q's dtype"),
         (dict(q=torch.randn(1, 2, 16, 8).transpose(-1, -2)), "unit stride"),
@@ -231,10 +234,10 @@ def test_cpu_raw_op_no_keys_with_sinks():
 # ops directly against an explicit float64 reference.
 
 
-def _ref_attention(q, k, v, mask, scale, causal, window, softcap, sinks, alibi):
+def _ref_attention(q, k, v, mask, scale, causal, window, softcap, sinks, alibi, keep=None, dropout_p=0.0):
     """Explicit attention in q's dtype (float64 for the oracle): o (B, H, Sq, D) and lse (B, H, Sq), differentiable
     in q, k, v, a float mask (any broadcastable shape) and sinks (H,). Rows with no visible key (and no sink): o = 0,
-    lse = -inf."""
+    lse = -inf. keep: dropout's (B, H, Sq, Sk) keep mask, the kept probabilities scaled by 1 / (1 - dropout_p)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     k, v = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
@@ -259,19 +262,22 @@ def _ref_attention(q, k, v, mask, scale, causal, window, softcap, sinks, alibi):
     lse = torch.logsumexp(s.detach(), -1)
     empty = torch.isinf(lse)[..., None]  # no visible key, no sink: p = 0 (no NaN in the softmax or its gradient)
     p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)[..., :Sk]
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1 - dropout_p)
     return p @ v, lse
 
 
-def _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sinks, alibi):
-    rng = torch.zeros(1, dtype=torch.int64)
+def _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sinks, alibi, dropout=(0.0, 0)):
+    """The raw forward op; dropout = (p, seed)."""
+    rng = torch.tensor([dropout[1]], dtype=torch.int64)
     Sq, Sk = q.shape[2], k.shape[2]
     return torch.ops.fastlm.attention_fwd_cpu(
-        q, k, v, mask4, None, None, Sq, Sk, scale, causal, 0.0, rng, *window, softcap, sinks, alibi
+        q, k, v, mask4, None, None, Sq, Sk, scale, causal, dropout[0], rng, *window, softcap, sinks, alibi
     )
 
 
-def _bwd_op(do, q, k, v, o, lse, mask4, scale, causal, window, softcap, sinks, alibi, mask_grad):
-    rng = torch.zeros(1, dtype=torch.int64)
+def _bwd_op(do, q, k, v, o, lse, mask4, scale, causal, window, softcap, sinks, alibi, mask_grad, dropout=(0.0, 0)):
+    rng = torch.tensor([dropout[1]], dtype=torch.int64)
     Sq, Sk = q.shape[2], k.shape[2]
     return torch.ops.fastlm.attention_bwd_cpu(
         do,
@@ -287,7 +293,7 @@ def _bwd_op(do, q, k, v, o, lse, mask4, scale, causal, window, softcap, sinks, a
         Sk,
         scale,
         causal,
-        0.0,
+        dropout[0],
         rng,
         *window,
         softcap,
@@ -295,6 +301,24 @@ def _bwd_op(do, q, k, v, o, lse, mask4, scale, causal, window, softcap, sinks, a
         alibi,
         mask_grad,
     )
+
+
+def _randn(shape, dtype, layout):
+    """A (B, H, S, D) tensor; layout "bshd": a transposed view of a (B, S, H, D) one (HF's layout, strided)."""
+    if layout == "bshd":
+        return torch.randn(shape[0], shape[2], shape[1], shape[3]).to(dtype).transpose(1, 2)
+    return torch.randn(shape).to(dtype)
+
+
+def _keep_mask(B, H, Hkv, Sq, Sk, causal, window, dropout):
+    """Dropout's keep mask (B, H, Sq, Sk) as the kernel draws it for (p, seed) = dropout, recovered from a forward
+    with q = 0 (every visible key equally likely, none underflows) and V = I (o[..., j] = p_ij z_ij); the mask is a
+    function of (seed, b, h, i, j) only, so it is the one of any call with these sizes. Keys outside the band: 0."""
+    q = torch.zeros(B, H, Sq, Sk)
+    k = torch.zeros(B, Hkv, Sk, Sk)
+    eye = torch.eye(Sk).expand(B, Hkv, Sk, Sk).contiguous()
+    o, _ = _fwd_op(q, k, eye, None, 1.0, causal, window, 0.0, None, None, dropout)
+    return o != 0
 
 
 def _modifier_check(
@@ -312,13 +336,17 @@ def _modifier_check(
     alibi=False,
     mask=None,
     backward=True,
+    layout=None,
+    dropout=0.0,
 ):
     """The cpu forward (o, lse) and backward (dq, dk, dv, dmask, dsinks) against float64 autograd of the explicit
-    reference: the dtype's tolerance and FlashAttention's 2x rule (torch's error: the same reference in dtype)."""
+    reference: the dtype's tolerance and FlashAttention's 2x rule (torch's error: the same reference in dtype).
+    layout "bshd": q, k, v and do strided (transposed views); dropout > 0: with a fresh seed, the reference applying
+    the kernel's own keep mask (_keep_mask). Returns (o, lse, (dq, dk, dv, dmask, dsinks) or None)."""
     from helpers import assert_close_ref
 
-    q = torch.randn(B, H, Sq, D).to(dtype)
-    k, v = (torch.randn(B, Hkv, Sk, D).to(dtype) for _ in range(2))
+    q = _randn((B, H, Sq, D), dtype, layout)
+    k, v = (_randn((B, Hkv, Sk, D), dtype, layout) for _ in range(2))
     sk = torch.randn(H) * 2 if sinks else None
     al = torch.rand(B, H) * 0.5 if alibi else None
     scale = D**-0.5
@@ -329,7 +357,9 @@ def _modifier_check(
             mask_leaf = mask_leaf.to(dtype)
     mask4 = None if mask_leaf is None else mask_leaf.expand(B, H, Sq, Sk)
     float_mask = mask_leaf is not None and mask_leaf.dtype != torch.bool
-    o, lse = _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sk, al)
+    drop = (dropout, int(torch.randint(0, 2**62, ())))
+    keep = _keep_mask(B, H, Hkv, Sq, Sk, causal, window, drop) if dropout > 0 else None
+    o, lse = _fwd_op(q, k, v, mask4, scale, causal, window, softcap, sk, al, drop)
     mods = (scale, causal, window, softcap)
 
     def ref(cast):
@@ -338,7 +368,7 @@ def _modifier_check(
         if mask_leaf is not None:
             m = mask_leaf if not float_mask else cast(mask_leaf).detach().requires_grad_()
         s_ = None if sk is None else cast(sk).detach().requires_grad_()
-        ro, rl = _ref_attention(*leaves, m, *mods, s_, al)
+        ro, rl = _ref_attention(*leaves, m, *mods, s_, al, keep, dropout)
         return ro, rl, leaves + [m if float_mask else None, s_]
 
     ro64, rl64, leaves64 = ref(lambda t: t.double())
@@ -351,19 +381,21 @@ def _modifier_check(
         lse.double().nan_to_num(0, 0, 0), rl64.detach().nan_to_num(0, 0, 0), atol=lse_tol, rtol=lse_tol
     )
     if not backward:
-        return o, lse
-    do = torch.randn(B, H, Sq, D).to(dtype)
-    dq, dk, dv, dmask, dsinks = _bwd_op(do, q, k, v, o, lse, mask4, *mods, sk, al, float_mask)
+        return o, lse, None
+    do = _randn((B, H, Sq, D), dtype, layout)
+    grads = _bwd_op(do, q, k, v, o, lse, mask4, *mods, sk, al, float_mask, drop)
+    dq, dk, dv, dmask, dsinks = grads
     names = ["dq", "dk", "dv", "dmask", "dsinks"]
-    ours = [dq, dk, dv, dmask, dsinks]
     wanted = [i for i, t in enumerate(leaves64) if t is not None]
     g64 = torch.autograd.grad(ro64, [leaves64[i] for i in wanted], do.double(), allow_unused=True)
     g16 = [None] * len(wanted)
     if ro16 is not None:
         g16 = torch.autograd.grad(ro16, [leaves16[i] for i in wanted], do, allow_unused=True)
     for idx, want, low in zip(wanted, g64, g16, strict=True):
-        name, got = names[idx], ours[idx]
+        name, got = names[idx], grads[idx]
         want = torch.zeros_like(leaves64[idx]) if want is None else want
+        if name in ("dq", "dk", "dv"):  # contiguous, in the inputs' dtype
+            assert got.is_contiguous() and got.dtype == dtype, name
         if name == "dmask":  # the op keeps the 4-D reduced shape: [1 if broadcast else size]
             assert got.dtype == torch.float32
             assert list(got.shape) == [1 if mask4.stride(d) == 0 else mask4.size(d) for d in range(4)]
@@ -377,7 +409,7 @@ def _modifier_check(
         assert dmask.shape == (0,) and dmask.dtype == torch.float32
     if sk is None:
         assert dsinks.shape == (0,) and dsinks.dtype == torch.float32
-    return o, lse
+    return o, lse, grads
 
 
 MODIFIERS = {
@@ -507,3 +539,158 @@ def test_cpu_decode_gqa_grouped_and_per_head_agree(Sq, masked):
     assert len(outs) == 2
     torch.testing.assert_close(grouped[0], per_head[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grouped[1], per_head[1], atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused backward (csrc/cpu/attention_bwd.cpp) at real sizes, and dropout
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 256])
+def test_cpu_backward_head_dims(dtype, D):
+    """Ragged query blocks and key tiles (100, 130: multiples of neither), GQA, causal, strided (HF) inputs."""
+    _modifier_check(2, 4, 2, 100, 130, D, dtype, causal=True, layout="bshd")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(
+    "Sq,Sk,causal", [(256, 256, False), (256, 256, True), (96, 300, True), (300, 96, True), (77, 150, False)]
+)
+def test_cpu_backward_shapes(dtype, Sq, Sk, causal):
+    """Sq = Sk, Sq < Sk and Sq > Sk (causal top-left: the rows past Sk see every key), 4 query heads per kv head."""
+    _modifier_check(2, 8, 2, Sq, Sk, 64, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("kind", list(CPU_MASKS))
+def test_cpu_backward_masks(dtype, kind):
+    """The forward's mask kinds (bool and additive, broadcast views, -inf entries, whole masked tiles) through the
+    backward; the additive ones with their gradient."""
+    _modifier_check(2, 6, 3, 130, 260, 64, dtype, causal=kind.startswith("bool"), mask=CPU_MASKS[kind])
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_cpu_backward_empty_rows(dtype):
+    """Rows whose every key is masked (a whole query block included) and, with the window, rows that see no key:
+    zero gradients there, no NaN anywhere (the reference's empty rows give 0 too)."""
+    B, H, Sq, Sk = 2, 4, 100, 300
+
+    def mask(B, H, Sq, Sk):
+        m = torch.randn(B, H, Sq, Sk)
+        m[:, :, :, 64:256] = -math.inf  # whole key tiles
+        m[1, 2, 7] = -math.inf  # a whole row
+        m[0, :, 32:64] = -math.inf  # a whole query block
+        return m
+
+    _, lse, (dq, dk, dv, dmask, _) = _modifier_check(B, H, 2, Sq, Sk, 64, dtype, mask=mask)
+    assert torch.equal(dq[1, 2, 7], torch.zeros(64, dtype=dtype)) and lse[1, 2, 7] == -math.inf
+    assert torch.equal(dq[0, :, 32:64], torch.zeros(H, 32, 64, dtype=dtype))
+    assert torch.equal(dmask[:, :, :, 64:256], torch.zeros(B, H, Sq, 192))
+    # a window that leaves the last queries no key (Sq > Sk, the band's right edge below the first key)
+    _modifier_check(1, 2, 1, 90, 40, 32, dtype, window=(3, -1), sinks=False)
+
+
+def test_cpu_backward_chunked_mask_grads():
+    """One (batch, kv head) pair on 2 threads: its query blocks are split into chunks whose partial dK / dV are
+    summed afterwards; masks broadcast over heads and queries then need the dmask buffer kept per head / query."""
+    from helpers import at_thread_counts
+
+    for kind in ("2d", "per_head_key", "full"):
+        at_thread_counts(
+            lambda kind=kind: _modifier_check(
+                1, 3, 1, 150, 170, 64, torch.float32, causal=True, sinks=True, mask=GRAD_MASKS[kind]
+            ),
+            (2,),
+        )
+
+
+def test_cpu_backward_deterministic():
+    """Run to run bitwise equal at a fixed thread count (no atomics); across thread counts equal within rounding
+    (the chunking of (batch, kv head) items depends on the thread count: B * Hkv = 1 here)."""
+    from helpers import at_thread_counts
+
+    q, do = torch.randn(1, 4, 200, 64), torch.randn(1, 4, 200, 64)
+    k, v = torch.randn(1, 1, 230, 64), torch.randn(1, 1, 230, 64)
+    mask = torch.randn(1, 1, 200, 230).expand(1, 4, 200, 230)
+    sinks = torch.randn(4)
+    args = (mask, 0.125, True, (-1, -1), 2.0, sinks, None)
+
+    def grads():
+        o, lse = _fwd_op(q, k, v, *args)
+        return _bwd_op(do, q, k, v, o, lse, *args, True)
+
+    one, two, again = at_thread_counts(grads, (1, 2, 2))
+    for a, b, c in zip(one, two, again, strict=True):
+        assert torch.equal(b, c)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(
+    "Sq,Sk,kw",
+    [
+        (130, 150, dict()),
+        (66, 70, dict(causal=True)),  # rows 64, 65: the forward's row path, the backward's block path
+        (2, 90, dict()),  # decoding-like: the forward's row path
+        (
+            100,
+            120,
+            dict(
+                window=(40, 3), softcap=3.0, sinks=True, alibi=True, mask=lambda B, H, Sq, Sk: torch.randn(B, 1, Sq, Sk)
+            ),
+        ),
+    ],
+    ids=["plain", "causal-ragged", "rows", "all-modifiers"],
+)
+def test_cpu_dropout_exact(dtype, Sq, Sk, kw):
+    """Dropout: the output, lse and every gradient against the float64 reference applying the kernel's own keep
+    mask (recovered with V = I), with GQA."""
+    _modifier_check(2, 4, 2, Sq, Sk, 64, dtype, dropout=0.3, **kw)
+
+
+def test_cpu_dropout_statistics_and_seed():
+    """The keep rate is 1 - p, kept probabilities are scaled by 1 / (1 - p), the same seed gives the same output (and
+    gradients), another seed another mask, and the mask does not depend on the thread count."""
+    from helpers import at_thread_counts
+
+    B, H, Sq, Sk, p = 2, 4, 256, 128, 0.25
+    keep = _keep_mask(B, H, H, Sq, Sk, False, (-1, -1), (p, 1234))
+    kept = keep.double().mean().item()
+    n = keep.numel()
+    assert abs(kept - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n), f"keep rate {kept:.4f} vs {1 - p}"
+    # rows and key columns alike (no structure in the counter): every query row and key column keeps about 1 - p
+    assert (keep.double().mean((0, 1, 2)) - (1 - p)).abs().max() < 0.06
+    assert not torch.equal(keep, _keep_mask(B, H, H, Sq, Sk, False, (-1, -1), (p, 1235)))
+    assert torch.equal(keep, _keep_mask(B, H, H, Sq, Sk, False, (-1, -1), (p, 1234)))
+    # o = P Z V with V = I: kept entries are p_ij / (1 - p)
+    q, k = torch.randn(B, H, Sq, Sk) * 0.3, torch.randn(B, H, Sk, Sk)
+    eye = torch.eye(Sk).expand(B, H, Sk, Sk).contiguous()
+    pz, _ = _fwd_op(q, k, eye, None, 1.0, False, (-1, -1), 0.0, None, None, (p, 1234))
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1)
+    torch.testing.assert_close(pz.double(), probs * keep / (1 - p), atol=1e-6, rtol=1e-5)
+    # same seed: bitwise the same forward and backward, at any thread count
+    v, do = torch.randn(B, H, Sk, 64), torch.randn(B, H, Sq, 64)
+    q2, k2 = torch.randn(B, H, Sq, 64), torch.randn(B, H, Sk, 64)
+
+    def run():
+        o, lse = _fwd_op(q2, k2, v, None, 0.125, False, (-1, -1), 0.0, None, None, (p, 99))
+        return (o, *_bwd_op(do, q2, k2, v, o, lse, None, 0.125, False, (-1, -1), 0.0, None, None, False, (p, 99))[:3])
+
+    first, second, single = at_thread_counts(run, (2, 2, 1))
+    for a, b, c in zip(first, second, single, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_dropout_through_the_api():
+    """F.scaled_dot_product_attention with dropout_p on the cpu backend: the seed comes from torch's generator."""
+    q, k, v = (torch.randn(1, 2, 40, 32, requires_grad=True) for _ in range(3))
+    with fastlm.backend("cpu"):
+        torch.manual_seed(3)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+        torch.manual_seed(3)
+        b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+        c = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+        a.sum().backward()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))

@@ -1,8 +1,8 @@
 // Flash-attention forward on the CPU, registered as the CPU implementation of fastlm::attention_fwd_cpu (schema
 // and contract in csrc/ops.cpp): dense (B, H, S, D) views with any strides but a unit last one, GQA without
 // copying K/V, top-left causal, bool / additive float masks given as expanded (B, H, Sq, Sk) views, fp32 / fp16 /
-// bf16 with fp32 accumulation, any head dim. No varlen, no dropout (the Python side raises UnsupportedCaseError
-// first; the op itself raises too). The backward is torch ops (fastlm/ops/attention.py): this targets inference.
+// bf16 with fp32 accumulation, any head dim, dropout. No varlen (the Python side raises UnsupportedCaseError first;
+// the op itself raises too). The backward is csrc/cpu/attention_bwd.cpp (the same tiles, csrc/cpu/attention.h).
 //
 // Layout: everything is vectorised over QUERIES. A block of BM = 32 queries of one (batch, head) keeps its
 // scaled queries transposed, qt[d][i] (fp32), and its output accumulator transposed too, ot[d][i]. Per tile of
@@ -25,9 +25,10 @@
 // Score modifiers (semantics in csrc/ops.cpp), with off = Sk - Sq: softcap (queries pre-scaled by scale / c, then
 // s = c * tanh(s), vectorised tanh_fast) and ALiBi (s -= slope * |i + off - j|) are one template flag, MODS, so
 // the default path is unchanged; the window only moves loop bounds and masks the tiles on the band's edges; sinks
-// start each row's online softmax at m = sink, l = 1 (exp(sink - m)), which a finished row divides by.
-#include "checks.h"
-#include "cpu/common.h"
+// start each row's online softmax at m = sink, l = 1 (exp(sink - m)), which a finished row divides by. Dropout
+// (attention.h: a Philox number per (b, h, i, j) from the op's seed) multiplies the probabilities by 0 or
+// 1 / (1 - p) after they joined the row's sum and before P V, so lse is that of the undropped scores (as torch's).
+#include "cpu/attention.h"
 
 #include <algorithm>
 #include <optional>
@@ -36,52 +37,13 @@
 #include <type_traits>
 #include <vector>
 
-namespace fastlm::cpu {
+namespace fastlm::cpu::flash {
 namespace {
 
 // Most queries per block (AVX-512; scratch is sized for it). On AVX-512, blocks of 16 and 48 queries measured no
 // better (the tiles are FMA-bound either way) and 12 keys per register tile spill.
 constexpr int kBM = 32;
-constexpr int kBN = 64;        // keys per tile
 constexpr int kRowPath = 4;    // blocks with fewer valid queries than this go row by row
-constexpr int64_t kMaxHeadCopy = int64_t{4} << 20;  // fp32 elements of one K (or V) head copy per thread
-
-// L fp32 lanes as a GCC vector: each ISA gets its native width (16 / 8 / 4), since wider ones are lowered badly.
-template <int L>
-struct Vec {
-  typedef float type __attribute__((vector_size(L * sizeof(float))));
-};
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-enum MaskKind : int { kNoMask, kBoolMask, kF32Mask, kF16Mask, kBF16Mask };
-
-struct Params {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* mask;
-  void* o;     // (B, H, Sq, D) contiguous
-  float* lse;  // (B, H, Sq) contiguous
-  int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // strides in elements
-  int64_t m_sb, m_sh, m_sq, m_sk;
-  int64_t H, group, Sq, Sk, D, n_qblocks;
-  int64_t grouped;  // > 0: decoding with GQA, one work item per (b, kv head) of `grouped` = group * Sq rows
-  int64_t off;     // Sk - Sq: the bottom-right alignment of the window and of ALiBi's distances
-  int64_t wl, wr;  // window left / right, -1 = unbounded (a bound that hides no key is stored as -1)
-  const float* sinks;  // (H,) or null
-  const float* alibi;  // (B, H) slopes or null
-  int mask_kind;
-  float scale;    // the queries' factor: the softmax scale, divided by softcap when there is one
-  float softcap;  // 0 = none
-  bool causal;
-};
-
-// The keys [lo, hi) that queries [i0, i1) may see under the causal mask and the window (hi <= lo: none).
-FASTLM_INLINE void key_range(const Params& p, int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) {
-  lo = p.wl >= 0 ? std::max<int64_t>(0, i0 + p.off - p.wl) : 0;
-  hi = p.causal ? std::min(p.Sk, i1) : p.Sk;
-  if (p.wr >= 0) hi = std::min(hi, i1 + p.off + p.wr);
-}
 
 // softcap and ALiBi on n scores s[0..n) of query i against keys j0.. (MODS only): s = c * tanh(s) (the queries
 // carry 1 / c), then s -= slope * |i + off - j|.
@@ -98,92 +60,10 @@ FASTLM_INLINE void row_mods(const Params& p, float slope, int64_t i, int64_t j0,
   }
 }
 
-// The additive bias of mask element off: bool False -> -inf, True -> 0; float masks as they are.
-FASTLM_INLINE float mask_bias(int kind, const void* m, int64_t off) {
-  switch (kind) {
-    case kBoolMask: return static_cast<const uint8_t*>(m)[off] ? 0.f : kNegInf;
-    case kF32Mask: return static_cast<const float*>(m)[off];
-    case kF16Mask: return to_float(static_cast<const half*>(m)[off]);
-    default: return to_float(static_cast<const bf16*>(m)[off]);
-  }
-}
-
-// The L floats at p (64-byte aligned scratch), by reference: a vector passed by value would change the ABI by ISA.
-template <int L>
-FASTLM_INLINE typename Vec<L>::type& at(float* p) {
-  return *reinterpret_cast<typename Vec<L>::type*>(p);
-}
-template <int L>
-FASTLM_INLINE const typename Vec<L>::type& at(const float* p) {
-  return *reinterpret_cast<const typename Vec<L>::type*>(p);
-}
-
-// st[j][.] = sum_d k[j][d] qt[d][.] for R keys (rows of k ks elements apart).
-template <int L, int BM, int R>
-FASTLM_INLINE void qk_tile(const float* qt, const float* k, int64_t ks, int64_t D, float* st) {
-  using vec = typename Vec<L>::type;
-  constexpr int kNV = BM / L;
-  vec acc[R][kNV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) acc[r][n] = vec{};
-  for (int64_t d = 0; d < D; ++d) {
-    vec qv[kNV];
-    for (int n = 0; n < kNV; ++n) qv[n] = at<L>(qt + d * BM + n * L);
-    for (int r = 0; r < R; ++r) {
-      const float kv = k[r * ks + d];
-      for (int n = 0; n < kNV; ++n) acc[r][n] += kv * qv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) at<L>(st + r * BM + n * L) = acc[r][n];
-}
-
-// ot[d][.] += sum_j v[j][d] p[j][.] for R head dims starting at v's column 0 (rows vs elements apart).
-template <int L, int BM, int R>
-FASTLM_INLINE void pv_tile(const float* pt, int64_t nj, const float* v, int64_t vs, float* ot) {
-  using vec = typename Vec<L>::type;
-  constexpr int kNV = BM / L;
-  vec acc[R][kNV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) acc[r][n] = at<L>(ot + r * BM + n * L);
-  for (int64_t j = 0; j < nj; ++j) {
-    vec pv[kNV];
-    for (int n = 0; n < kNV; ++n) pv[n] = at<L>(pt + j * BM + n * L);
-    for (int r = 0; r < R; ++r) {
-      const float vv = v[j * vs + r];
-      for (int n = 0; n < kNV; ++n) acc[r][n] += vv * pv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < kNV; ++n) at<L>(ot + r * BM + n * L) = acc[r][n];
-}
-
-// The remainder (0 < rest < N) of a loop of register tiles: f is called with rest as a template argument.
-template <int N, typename F>
-FASTLM_INLINE void tail(int64_t rest, F&& f) {
-  if constexpr (N > 1) {
-    if (rest == N - 1) {
-      f(std::integral_constant<int, N - 1>{});
-    } else {
-      tail<N - 1>(rest, f);
-    }
-  }
-}
-
-template <typename T>
-FASTLM_INLINE void widen_rows(const T* src, int64_t stride, int64_t rows, int64_t D, float* dst) {
-  for (int64_t j = 0; j < rows; ++j) {
-    const T* s = src + j * stride;
-    float* o = dst + j * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]);
-  }
-}
-
 // Per-thread scratch (common.h's aligned Scratch), allocated once per parallel chunk; every array 64-byte aligned.
 struct Workspace {
-  static constexpr int kSlots = 11;
-  float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow, *kvrow;
+  static constexpr int kSlots = 12;
+  float *qt, *ot, *st, *bt, *kbias, *kc, *vc, *srow, *qrow, *orow, *kvrow, *zt;
   int64_t cached = -1;  // b * Hkv + hk whose K/V the whole-head copies kc/vc hold
   bool whole_head;
   int64_t size[kSlots];  // floats per array, rounded up to 16
@@ -194,14 +74,14 @@ struct Workspace {
     const int64_t D = p.D;
     const int64_t kv_rows = !widen ? 0 : (whole(p, widen) ? p.Sk : kBN);
     const int64_t R = std::max<int64_t>(p.grouped, 1);  // rows of the row path at once
-    const int64_t n[kSlots] = {D * kBM,     D * kBM,     kBN * kBM, kBN * kBM, kBN, kv_rows * D,
-                               kv_rows * D, R * p.Sk, R * D,     R * D,     D};
+    const int64_t n[kSlots] = {D * kBM,     D * kBM,  kBN * kBM, kBN * kBM, kBN, kv_rows * D,
+                               kv_rows * D, R * p.Sk, R * D,     R * D,     D,   p.dropout ? kBN * kBM : 0};
     int64_t total = 0;
     for (int i = 0; i < kSlots; ++i) total += out[i] = (n[i] + 15) / 16 * 16;
     return total;
   }
   Workspace(const Params& p, bool widen) : whole_head(whole(p, widen)), buf(sizes(p, widen, size)) {
-    float** slots[kSlots] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow, &kvrow};
+    float** slots[kSlots] = {&qt, &ot, &st, &bt, &kbias, &kc, &vc, &srow, &qrow, &orow, &kvrow, &zt};
     float* at = buf.get();
     for (int i = 0; i < kSlots; ++i) {
       *slots[i] = at;
@@ -237,8 +117,8 @@ FASTLM_INLINE void dots(const float* q, const T* k, int64_t ks, int64_t D, float
 
 // One query row at a time (decoding and ragged blocks): scores by dot products over D, then a plain softmax.
 template <typename T, bool MODS>
-FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t mb, int64_t i, float slope,
-                              float sink, T* o, float* lse, Workspace& w) {
+FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* v, int64_t bh, int64_t mb, int64_t i,
+                              float slope, float sink, T* o, float* lse, Workspace& w) {
   const int64_t D = p.D;
   int64_t lo, hi;
   key_range(p, i, i + 1, lo, hi);
@@ -246,7 +126,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
   float* qf = w.qrow;
   float* s = w.srow;  // s[j - lo]
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) qf[d] = p.scale * to_float(q[d]);
+  for (int64_t d = 0; d < D; ++d) qf[d] = p.qscale * to_float(q[d]);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) dots<4>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
   for (; j < n; ++j) dots<1>(qf, k + (lo + j) * p.k_ss, p.k_ss, D, s + j);
@@ -272,6 +152,7 @@ FASTLM_INLINE void attend_row(const Params& p, const T* q, const T* k, const T* 
     l += s[j];
   }
   if (sink != kNegInf) l += exp_fast(sink - mx);
+  if (p.dropout) drop_row(p, bh, i, lo, n, s);  // after the sum: dropout scales the normalised probabilities
   for (int64_t j = 0; j < n; ++j) {
     const float pj = s[j];
     if (pj == 0.f) continue;
@@ -301,7 +182,7 @@ FASTLM_INLINE void attend_group(const Params& p, int64_t b, int64_t hk, Workspac
   for (int64_t r = 0; r < R; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_sb + (h0 + r / p.Sq) * p.q_sh + (r % p.Sq) * p.q_ss;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = p.scale * to_float(q[d]);
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = p.qscale * to_float(q[d]);
   }
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {  // 4 key rows, read from memory once, in cache for the R query rows
@@ -376,13 +257,13 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
   const float sink = p.sinks != nullptr ? p.sinks[h] : kNegInf;
   if (rows < kRowPath) {
     for (int64_t r = 0; r < rows; ++r)
-      attend_row<T, MODS>(p, q + r * p.q_ss, k, v, mb, i0 + r, slope, sink, o + r * D, lse + r, w);
+      attend_row<T, MODS>(p, q + r * p.q_ss, k, v, b * p.H + h, mb, i0 + r, slope, sink, o + r * D, lse + r, w);
     return;
   }
   float *qt = w.qt, *ot = w.ot, *st = w.st, *bt = w.bt;
   for (int64_t x = 0; x < D * BM; ++x) qt[x] = 0.f, ot[x] = 0.f;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = p.scale * to_float(q[r * p.q_ss + d]);
+    for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = p.qscale * to_float(q[r * p.q_ss + d]);
   float m[BM], l[BM], mt[BM], mu[BM], alpha[BM];
   // A sink is a key of score `sink` and no value: the running max starts at it, with a sum of exp(sink - sink).
   for (int i = 0; i < BM; ++i) m[i] = sink, l[i] = sink == kNegInf ? 0.f : 1.f;
@@ -438,9 +319,7 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
       ks = p.k_ss;
       vs = p.v_ss;
     }
-    int64_t j = 0;
-    for (; j + kR <= nj; j += kR) qk_tile<L, BM, kR>(qt, kf + j * ks, ks, D, st + j * BM);
-    tail<kR>(nj - j, [&](auto R) { qk_tile<L, BM, decltype(R)::value>(qt, kf + j * ks, ks, D, st + j * BM); });
+    qk_tiles<L, BM, kR>(qt, kf, ks, D, nj, st);
 
     if constexpr (MODS) {
       if (p.softcap > 0.f) {
@@ -516,9 +395,12 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
       for (int i = 0; i < BM; ++i) ot[d * BM + i] *= alpha[i];
     }
 
-    int64_t d = 0;
-    for (; d + kR <= D; d += kR) pv_tile<L, BM, kR>(st, nj, vf + d, vs, ot + d * BM);
-    tail<kR>(D - d, [&](auto R) { pv_tile<L, BM, decltype(R)::value>(st, nj, vf + d, vs, ot + d * BM); });
+    if (p.dropout) {  // after the sums: dropout scales the normalised probabilities
+      drop_tile<L, BM>(p, b * p.H + h, i0, j0, nj, w.zt);
+#pragma omp simd
+      for (int64_t x = 0; x < nj * BM; ++x) st[x] *= w.zt[x];
+    }
+    pv_tiles<L, BM, kR>(st, nj, vf, vs, D, ot);
   }
 
   // Epilogue: normalise and transpose back; rows with no visible key get o = 0, lse = -inf.
@@ -547,73 +429,16 @@ FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t e
   }
 }
 
-void check_bhsd(const Tensor& t, const char* name, ScalarType dt) {
-  check_cpu_float(t, name);
-  STD_TORCH_CHECK(t.dim() == 4, "fastlm: ", name, " must be 4-D (B, H, S, D), got ", t.dim(), " dimensions");
-  STD_TORCH_CHECK(t.scalar_type() == dt, "fastlm: ", name, " must have q's dtype ", dtype_name(dt), ", got ",
-                  dtype_name(t.scalar_type()));
-  STD_TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "fastlm: ", name,
-                  " must have unit stride along the head dim, got stride ", t.stride(3));
-}
-
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
                                              const std::optional<Tensor>& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
-                                             double scale, bool causal, double dropout_p, const Tensor& /*rng*/,
+                                             double scale, bool causal, double dropout_p, const Tensor& rng,
                                              int64_t window_left, int64_t window_right, double softcap,
                                              const std::optional<Tensor>& sinks, const std::optional<Tensor>& alibi) {
-  STD_TORCH_CHECK(!cu_q.has_value() && !cu_k.has_value(),
-                  "fastlm: unsupported case: varlen (cu_q / cu_k) attention in the CPU backend");
-  STD_TORCH_CHECK(dropout_p == 0.0, "fastlm: unsupported case: dropout (dropout_p = ", dropout_p,
-                  ") in the CPU attention backend");
-  check_cpu_float(q, "q");
-  const ScalarType dt = q.scalar_type();
-  check_bhsd(q, "q", dt);
-  check_bhsd(k, "k", dt);
-  check_bhsd(v, "v", dt);
-  const attn::Dims d = attn::qkv_dims(q, k, v);
-  const int64_t B = d.B, H = d.H, Sq = d.Sq, D = d.D, Hkv = d.Hkv, Sk = d.Sk;
-  STD_TORCH_CHECK(D >= 1, "fastlm: the head dim must be at least 1");
-  // Expanded (stride-0) k/v can claim any length without memory behind it; the scratch sizes derive from Sk and D.
-  STD_TORCH_CHECK(Sk <= (int64_t{1} << 32) && Sq <= (int64_t{1} << 32) && D <= (int64_t{1} << 20),
-                  "fastlm: sequence lengths up to 2^32 and head dims up to 2^20 (got Sq ", Sq, ", Sk ", Sk, ", D ", D,
-                  ")");
-  attn::check_heads(d);
   Params p{};
-  if (mask.has_value()) {
-    const Tensor& m = *mask;
-    check_cpu(m, "mask");
-    const ScalarType mt = m.scalar_type();
-    p.mask_kind = mt == ScalarType::Bool       ? kBoolMask
-                  : mt == ScalarType::Float    ? kF32Mask
-                  : mt == ScalarType::Half     ? kF16Mask
-                  : mt == ScalarType::BFloat16 ? kBF16Mask
-                                               : kNoMask;
-    STD_TORCH_CHECK(p.mask_kind != kNoMask, "fastlm: mask must be bool or float32/float16/bfloat16, got ",
-                    dtype_name(mt));
-    STD_TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == H && m.size(2) == Sq && m.size(3) == Sk,
-                    "fastlm: mask must be a (B, H, Sq, Sk) = (", B, ", ", H, ", ", Sq, ", ", Sk,
-                    ") view (expand a broadcastable mask)");
-    p.mask = m.data_ptr();
-    p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sq = m.stride(2), p.m_sk = m.stride(3);
-  }
-  STD_TORCH_CHECK(window_left >= -1 && window_right >= -1,
-                  "fastlm: window sizes must be >= 0 (or -1: unbounded), got (", window_left, ", ", window_right, ")");
-  STD_TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fastlm: softcap must be finite and >= 0 (0: none), got ",
-                  softcap);
-  const auto check_f32 = [](const std::optional<Tensor>& t, const char* name, int64_t n0, int64_t n1, int dims) {
-    if (!t.has_value()) return static_cast<const float*>(nullptr);
-    check_cpu(*t, name);
-    const bool shape_ok = t->dim() == dims && t->size(0) == n0 && (dims == 1 || t->size(1) == n1);
-    STD_TORCH_CHECK(shape_ok, "fastlm: ", name, " must have shape ", dims == 1 ? "(H,) = (" : "(B, H) = (", n0,
-                    dims == 1 ? "" : ", ", dims == 1 ? "" : std::to_string(n1), ")");
-    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float, "fastlm: ", name, " must be float32, got ",
-                    dtype_name(t->scalar_type()));
-    STD_TORCH_CHECK(t->is_contiguous(), "fastlm: ", name, " must be contiguous");
-    return static_cast<const float*>(t->data_ptr());
-  };
-  p.sinks = check_f32(sinks, "sinks", H, 0, 1);
-  p.alibi = check_f32(alibi, "alibi", B, H, 2);
+  const attn::Dims d = set_params(p, q, k, v, mask, cu_q, cu_k, scale, causal, dropout_p, rng, window_left,
+                                  window_right, softcap, sinks, alibi);
+  const int64_t B = d.B, H = d.H, Sq = d.Sq, Hkv = d.Hkv, Sk = d.Sk;
   const attn::FwdOut out = attn::fwd_outputs(q, d);
   if (out.done) {
     if (p.sinks != nullptr && Sk == 0) {  // no key: every row's sum-exp is the sink's
@@ -622,45 +447,35 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     }
     return {out.o, out.lse};
   }
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = out.o.data_ptr();
+  poison(out.o);
+  poison(out.lse);
+  p.o = out.o.data_ptr();
   p.lse = static_cast<float*>(out.lse.data_ptr());
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
-  p.H = H, p.group = H / Hkv, p.Sq = Sq, p.Sk = Sk, p.D = D;
   // Register tiles per ISA: AVX-512 (32 registers of 16 lanes): 32 queries x 8 keys = 16 accumulators; AVX2 (16
-  // registers of 8 lanes): 16 x 6 = 12; SSE (and any other CPU, e.g. NEON's 4 lanes): 8 x 6 = 12. The test is the
-  // same one the target_clones resolver makes (x86-64-v4 / v3 / default), so the tile matches the clone that runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(FASTLM_NO_CLONES)
-  const int isa = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
-#else
-  const int isa = 0;
-#endif
-  const int64_t bm = isa == 2 ? 32 : isa == 1 ? 16 : 8;
+  // registers of 8 lanes): 16 x 6 = 12; SSE (and any other CPU, e.g. NEON's 4 lanes): 8 x 6 = 12.
+  const int level = isa();
+  const int64_t bm = level == 2 ? 32 : level == 1 ? 16 : 8;
   p.n_qblocks = (Sq + bm - 1) / bm;
-  p.softcap = static_cast<float>(softcap);
-  p.scale = static_cast<float>(softcap > 0.0 ? scale / softcap : scale);
-  p.causal = causal;
-  p.off = Sk - Sq;
-  // Bounds that hide no key become -1 (unbounded): i + off - j lies in [1 - Sq, Sk - 1]. Huge sizes cannot overflow.
-  p.wl = window_left >= Sk ? -1 : window_left;
-  p.wr = window_right >= Sq ? -1 : window_right;
   const bool mods = p.softcap > 0.f || p.alibi != nullptr;
   // Decoding with GQA: one item per (b, kv head), so each K/V row is read once for its query heads (attend_group),
   // while that leaves every thread an item and the group's scores fit the scratch (group * Sq * Sk floats).
+  // Dropout takes the per-head paths (attend_group has none).
   const int64_t rows = p.group * Sq;
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  p.grouped = Sq < kRowPath && p.group > 1 && B * Hkv >= threads && rows <= kBN && rows * Sk <= kMaxHeadCopy ? rows : 0;
+  p.grouped = Sq < kRowPath && p.group > 1 && B * Hkv >= threads && rows <= kBN && rows * Sk <= kMaxHeadCopy &&
+                      !p.dropout
+                  ? rows
+                  : 0;
   const int64_t items = p.grouped > 0 ? B * Hkv : B * H * p.n_qblocks;
-  dispatch_float<half, bf16>(dt, [&](auto tag) {
+  dispatch_float<half, bf16>(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // One item is >= kBM x Sk x D multiply-adds (or a decoding row): worth a task of its own.
     parallel_rows(items, 1, [&](int64_t begin, int64_t end) {
       const auto run = [&](auto with_mods) {
         constexpr bool M = decltype(with_mods)::value;
-        if (isa == 2) {
+        if (level == 2) {
           attention_items<T, 16, 32, 8, M>(p, begin, end);
-        } else if (isa == 1) {
+        } else if (level == 1) {
           attention_items<T, 8, 16, 6, M>(p, begin, end);
         } else {
           attention_items<T, 4, 8, 6, M>(p, begin, end);
@@ -677,6 +492,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 }
 
 }  // namespace
-}  // namespace fastlm::cpu
+}  // namespace fastlm::cpu::flash
 
-STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("attention_fwd_cpu", TORCH_BOX(&fastlm::cpu::attention_fwd_cpu)); }
+STABLE_TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("attention_fwd_cpu", TORCH_BOX(&fastlm::cpu::flash::attention_fwd_cpu));
+}

@@ -30,14 +30,17 @@ SEQS_GPU_QUICK = (1024, 8192)
 HEAD_DIMS = (64, 128, 256)
 HIDDEN = 2048
 MATH_MAX_SEQ = 2048  # torch's math backend materialises (B, H, S, S): only at small sizes
-# CPU (the cpu backend's forward is the inference kernel; its backward is torch ops, timed once for the record):
-# BERT-base inference with and without a padding mask, a longer encoder sequence causal and not, LLaMA-style GQA.
+# CPU (csrc/cpu/attention.cpp and attention_bwd.cpp): BERT-base inference with and without a padding mask, a longer
+# encoder sequence causal and not (with its training step), LLaMA-style GQA inference, a 2048-token causal training
+# step and a small Llama-style model's training step (GQA 4:1).
 CPU_CASES = (
     ((8, 12, 12, 128, 64, False, "none"), ("fwd",)),
     ((8, 12, 12, 128, 64, False, "padding"), ("fwd",)),
     ((2, 12, 12, 512, 64, False, "none"), ("fwd", "fwd+bwd")),
     ((2, 12, 12, 512, 64, True, "none"), ("fwd",)),
     ((1, 32, 8, 1024, 128, True, "gqa"), ("fwd",)),
+    ((2, 12, 12, 2048, 64, True, "none"), ("fwd", "fwd+bwd")),
+    ((4, 8, 2, 512, 64, True, "gqa"), ("fwd+bwd",)),
 )
 
 

@@ -7,8 +7,8 @@ process, for the cases in ``MEMORY_KERNELS``).
 Providers: ``fastlm-auto`` (the model ``fastlm.patch``-ed: norms, RoPE, gated MLP, attention ``"fastlm"``, the
 fused causal-LM loss; fastlm's ``auto`` backend), ``torch-eager`` (the same model unpatched, HF's SDPA attention),
 ``torch-compile`` (the unpatched model under ``torch.compile``; training only, and not in ``--quick``: its compile
-takes minutes on a CPU and a large part of the device check's bench budget on a GPU), ``liger`` (Liger-Kernel's ``apply_liger_kernel_to_llama`` on the unpatched
-model; GPU, where liger_kernel is importable).
+takes minutes on a CPU and a large part of the device check's bench budget on a GPU), ``liger`` (Liger-Kernel's
+``apply_liger_kernel_to_llama`` on the unpatched model; GPU, where liger_kernel is importable).
 
 Cases (Hugging Face ``LlamaForCausalLM`` / ``BertModel`` built from a config with random weights, seeded):
 - ``llama_train_step``: forward with labels, loss, backward, AdamW step. CPU: hidden 512, 4 layers, 8 / 2 heads,

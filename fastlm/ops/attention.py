@@ -23,7 +23,6 @@ import math
 import torch
 from torch import Tensor
 
-from fastlm import extension
 from fastlm.dispatch import resolve
 from fastlm.ops.attention_args import (
     attention_size,
@@ -230,92 +229,6 @@ def _backward(backend: str):
     return backward
 
 
-def attention_bwd_cpu(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    mask: Tensor | None,
-    cu_q: Tensor | None,
-    cu_k: Tensor | None,
-    max_q: int,
-    max_k: int,
-    scale: float,
-    causal: bool,
-    dropout_p: float,
-    rng: Tensor,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    sinks: Tensor | None,
-    alibi: Tensor | None,
-    mask_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """CPU implementation of ``fastlm::attention_bwd_cpu``: plain torch ops, NOT a fused kernel (the CPU kernels
-    target inference; this keeps training through the cpu backend working). It recomputes the scores in fp32 as the
-    forward did (off = Sk - Sq): S = c tanh(scale QK^T / c) with softcap c, - slope |i + off - j| with ALiBi, + mask,
-    -inf outside the causal mask and the window; then P = exp(S - lse) (lse includes the sink; 0 where hidden and on
-    rows with no visible key), dV = P^T dO, dP = dO V^T, Delta = rowsum(dO * O), dS = P (dP - Delta) (= dL/dmask,
-    summed over the mask's stride-0 dims when mask_grad), dS_raw = dS (1 - tanh^2) with softcap, dQ = scale dS_raw K,
-    dK = scale dS_raw^T Q (the query heads of a GQA group summed into their kv head), dsink[h] = -sum_{b,i}
-    exp(sink[h] - lse) Delta. Materialises (B, H, Sq, Sk) fp32 scores."""
-    if cu_q is not None or cu_k is not None or dropout_p > 0:
-        raise RuntimeError("fastlm: unsupported case: varlen or dropout in the CPU attention backward")
-    if mask_grad and (mask is None or mask.dtype == torch.bool):
-        raise RuntimeError("fastlm: mask_grad needs an additive float mask")
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    qf, dof, of = (t.float() for t in (q, do, o))
-    kf, vf = (t.float().repeat_interleave(G, dim=1) if G > 1 else t.float() for t in (k, v))
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    i = torch.arange(Sq)[:, None]
-    j = torch.arange(Sk)[None, :]
-    off = Sk - Sq
-    if softcap > 0:
-        th = torch.tanh(s / softcap)
-        s = softcap * th
-    if alibi is not None:
-        s = s - alibi.float()[:, :, None, None] * (i + off - j).abs()
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-    hidden = torch.zeros(Sq, Sk, dtype=torch.bool)
-    if causal:
-        hidden |= j > i
-    if window_left >= 0:
-        hidden |= j < i + off - window_left
-    if window_right >= 0:
-        hidden |= j > i + off + window_right
-    if causal or window_left >= 0 or window_right >= 0:
-        s = s.masked_fill(hidden, float("-inf"))
-    lse = lse.float()
-    finite_lse = torch.where(torch.isinf(lse), 0.0, lse)  # a row with no key (and no sink): exp(-inf) = 0
-    p = torch.exp(s - finite_lse[..., None])
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    dp = torch.matmul(dof, vf.transpose(-1, -2))
-    delta = (dof * of).sum(-1)  # (B, H, Sq)
-    ds = p * (dp - delta[..., None])
-    dmask = torch.empty(0, dtype=torch.float32)
-    if mask_grad:  # summed over the broadcast (stride-0) dims of the expanded mask, keeping them as size 1
-        dims = [d for d in range(4) if mask.stride(d) == 0 and mask.size(d) != 1]
-        dmask = ds.sum(dims, keepdim=True) if dims else ds  # ds is not modified in place below
-    dsinks = torch.empty(0, dtype=torch.float32)
-    if sinks is not None:
-        w = torch.exp(sinks.float()[None, :, None] - finite_lse).masked_fill(torch.isinf(lse), 0.0)
-        dsinks = -(w * delta).sum((0, 2))
-    if softcap > 0:
-        ds = ds * (1 - th * th)
-    dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    if G > 1:
-        dk, dv = (t.view(B, Hkv, G, Sk, D).sum(2) for t in (dk, dv))
-    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dmask, dsinks
-
-
-if extension.lib is not None:  # the cpu backend's backward is this Python function (schema in csrc/ops.cpp)
-    torch.library.register_kernel("fastlm::attention_bwd_cpu", "cpu")(attention_bwd_cpu)
 ATTENTION_BWD = register("attention_bwd", _bwd_fake)
 ATTENTION_FWD = register("attention_fwd", _fwd_fake, _backward, _setup)
 
