@@ -6,8 +6,9 @@ patched model in eager mode.
 Each timed call runs the op ``REPS`` times (throughput unit "call/s"): ``fwd`` under ``torch.no_grad()`` (inference),
 ``fwd+bwd`` a forward with inputs that require grad and its backward (``torch.autograd.grad``). Providers: each
 fastlm backend that runs here (fastlm.functional under it) and ``torch-eager`` (torch.nn.functional). On CPU the
-clock is the calling thread's CPU time (``time.thread_time``): these calls run on one thread, and a loaded machine
-then does not inflate them. Targets (issue 25): fastlm's fwd at most 3x torch's, fwd+bwd at most 1.5x.
+clock is the calling thread's CPU time (``time.thread_time``), with one intra-op thread for both providers: these
+calls are host work on one thread, and a loaded machine then does not inflate them. Targets (issue 25): fastlm's
+fwd at most 3x torch's, fwd+bwd at most 1.5x.
 """
 
 import contextlib
@@ -73,6 +74,16 @@ SPEC = {
 TIMING = {"clock": "thread"}
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return [Case(f"call_{k}", "tiny", dtype, mode, REPS, "call/s", (k,)) for k in SPEC for mode in MODES]
 
@@ -92,10 +103,21 @@ def runner(case: Case, provider: str, device: torch.device):
         torch.manual_seed(0)
         train = case.mode == "fwd+bwd"
         inputs = make(device, case.dtype, train)
-        scope = (lambda: fastlm.backend(backend)) if backend is not None else contextlib.nullcontext
+
+        def scope():
+            """The backend (set once around the REPS calls: its context costs nothing per call) and one intra-op
+            thread: host work is single-threaded, and a parallel region's barrier would spin on a busy machine
+            (measured: torch's 4 x 64 LayerNorm at 3 us per call, but 3 ms in batches where a worker thread was
+            descheduled)."""
+            stack = contextlib.ExitStack()
+            if backend is not None:
+                stack.enter_context(fastlm.backend(backend))
+            stack.enter_context(_threads(1))
+            return stack
+
         if not train:
 
-            def calls():  # the backend is set once around the REPS calls: its context costs nothing per call
+            def calls():
                 with scope(), torch.no_grad():
                     for _ in range(REPS):
                         fn(*inputs)
