@@ -159,16 +159,16 @@ def cross_entropy_kernel(
     elif STATS:
         t_safe = tl.where(valid, t, 0)
         x_t = tl.load(x_row + t_safe * stride_col, mask=valid, other=0.0).to(tl.float32)
-        tl.store(RowStats + row, lse)
-        tl.store(RowStats + n_rows + row, x_t)
+        tl.store(RowStats + row, lse)  # row is int64, so every offset below is (no 32-bit 2 * n_rows)
+        tl.store(RowStats + (row + n_rows), x_t)
         if SMOOTH:
-            tl.store(RowStats + 2 * n_rows + row, tl.sum(sx_vec, axis=0))
+            tl.store(RowStats + (row + n_rows) + n_rows, tl.sum(sx_vec, axis=0))
         else:
-            tl.store(RowStats + 2 * n_rows + row, 0.0)
+            tl.store(RowStats + (row + n_rows) + n_rows, 0.0)
     else:
         if EXT_GRAD:
-            coef = tl.load(RowStats + n_rows + row)
-            smc = tl.load(RowStats + 2 * n_rows + row)
+            coef = tl.load(RowStats + (row + n_rows))
+            smc = tl.load(RowStats + (row + n_rows) + n_rows)
             w_sum = tl.load(WSum)
         else:
             t_safe = tl.where(valid, t, 0)

@@ -105,6 +105,32 @@ def test_cpu_cross_entropy_out_of_range_target():
             f(x, t)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy", "kl_div", "distillation_loss"])
+def test_cpu_saved_gradient_is_never_shared(loss):
+    """The first backward of a mean loss takes the forward's gradient without a copy; a second one through the
+    retained graph gets a copy: two autograd.grad calls never return one storage, and a gradient changed in place in
+    between (a clipped .grad) raises autograd's in-place error rather than giving a silently wrong result."""
+    x = torch.randn(8, 50).log_softmax(-1).requires_grad_()  # a leaf (log-probabilities for kl_div)
+    t = _targets(8, 50)
+    w = torch.randn(50, 50, requires_grad=True)
+    other = torch.randn(8, 50).softmax(-1)
+    fn = {
+        "cross_entropy": lambda: F.cross_entropy(x, t),
+        "linear_cross_entropy": lambda: F.linear_cross_entropy(x, w, t, chunk_size=3),
+        "kl_div": lambda: F.kl_div(x, other, reduction="batchmean"),
+        "distillation_loss": lambda: F.distillation_loss(x, other.log(), kind="jsd"),
+    }[loss]
+    out = fn()
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x, retain_graph=True)
+    assert g1.data_ptr() != g2.data_ptr(), "two backward calls returned one storage"
+    torch.testing.assert_close(g1, g2)
+    with torch.no_grad():
+        g1.mul_(0.5)  # what clipping a .grad does to the tensor the first backward took
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, x)
+
+
 def test_cpu_cross_entropy_backward_unit_shortcut():
     """An incoming gradient of 1 hands the forward's gradient on without the multiply: x.grad must still be right,
     a retained graph must give it again (not a mutated or aliased tensor), other incoming gradients still scale."""

@@ -103,3 +103,14 @@ def test_compiled_graph_contains_the_registered_ops(backend, name):
         fused = [o for o in ops if o.startswith("fastlm.") and o.endswith(f"_{backend}.default")]
         assert fused, f"{name}: the compiled {kind} graph has no fastlm {backend} op: {sorted(ops)}"
         assert not any("lean" in o for o in ops)
+
+
+def test_double_backward_raises_instead_of_a_wrong_result(backend):
+    """create_graph=True through a fused op would differentiate its backward op, which has no derivative: a clear
+    error (torch would only warn and return a gradient that is silently wrong)."""
+    x = torch.randn(4, 32, requires_grad=True)
+    y = F.softmax(x, -1)
+    with pytest.raises(RuntimeError, match="double backward"):  # the backward op, recorded under create_graph
+        torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+    (g,) = torch.autograd.grad(F.softmax(x, -1), x, torch.randn_like(y))  # a plain backward still works
+    assert g.shape == x.shape

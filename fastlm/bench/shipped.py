@@ -144,15 +144,25 @@ def cross_entropy_configs():
     from fastlm.kernels import cross_entropy as ce
 
     ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "Loss": "*fp32", "G": "*bf16", "Denom": "*fp32", "WSum": "*fp32"}
-    ptrs["TGrad"] = "*bf16"
+    ptrs |= {"TGrad": "*bf16", "RowStats": "*fp32"}
     for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
         for soft in (False, True):  # class indices; class probabilities with both gradients (T: bf16)
             consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
-            consts |= dict(SOFT=soft, WRITE_TGRAD=soft, inner=1, stride_col=1, g_stride_col=1)
+            consts |= dict(SOFT=soft, WRITE_TGRAD=soft, STATS=False, EXT_GRAD=False)
+            consts |= dict(inner=1, stride_col=1, g_stride_col=1)
             label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}" + (" soft" if soft else "")
             sig = signature(ce.cross_entropy_kernel, consts, ptrs | ({"T": "*bf16"} if soft else {}), ("smoothing",))
             name = "cross_entropy_soft" if soft else "cross_entropy"
             yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, name, label)
+    # the vocab-parallel passes (fastlm/ops/vocab_parallel.py) at a shard of Llama-3's vocabulary over 8 ranks
+    C = 128256 // 8
+    for mode in ("STATS", "EXT_GRAD"):
+        consts = dict(HAS_W=True, MEAN=False, WRITE_GRAD=mode == "EXT_GRAD", SMOOTH=True, BLOCK_N=ce.block_n(C))
+        consts |= dict(SOFT=False, WRITE_TGRAD=False, STATS=mode == "STATS", EXT_GRAD=mode == "EXT_GRAD")
+        consts |= dict(inner=1, stride_col=1, g_stride_col=1)
+        label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)} {mode}"
+        sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
+        yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy_vocab_parallel", label)
 
 
 def kl_div_configs():

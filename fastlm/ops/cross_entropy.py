@@ -93,18 +93,30 @@ def scale_grad(grad, g):
     return grad * g.to(grad.dtype)
 
 
-def scale_saved_grad(grad: Tensor, dloss: Tensor, reduction: int) -> Tensor:
+def first_backward(ctx) -> bool:
+    """True on the first backward through ``ctx``'s node (then marks it): see :func:`scale_saved_grad`."""
+    first = not getattr(ctx, "_fastlm_backward_done", False)
+    ctx._fastlm_backward_done = True
+    return first
+
+
+def scale_saved_grad(grad: Tensor, dloss: Tensor, reduction: int, first: bool) -> Tensor:
     """A gradient saved by a fused loss's forward (for an incoming gradient of 1) times the incoming gradient
-    ``dloss``: per row for reduction 0 (rows are dim 0, and the trailing dims of (N, C, D)), else a scalar."""
+    ``dloss``: per row for reduction 0 (rows are dim 0, and the trailing dims of (N, C, D)), else a scalar.
+
+    loss.backward() of a mean / sum (``dloss`` 1 on the CPU, where the check costs no device sync) hands the saved
+    tensor itself to the first backward (``first``, from :func:`first_backward`): the multiply would be a whole extra
+    pass, and for the LM-head losses a copy of the weight gradient at the peak. Autograd may then make it a leaf's
+    ``.grad`` (it does on CPU: the tensor is not copied), so a second backward through a retained graph gets a copy:
+    two calls never return one storage, and a saved gradient changed in place in between (an accumulated or clipped
+    ``.grad``) makes autograd raise its in-place modification error instead of a silently wrong result. Not while
+    tracing: there the comparison is a data-dependent guard (torch 2.11 traces this backward with FunctionalTensors
+    outside Dynamo, where torch.compiler.is_compiling() is False)."""
     if reduction == 0:
         g = dloss.view(grad.shape[0], 1, -1) if grad.dim() == 3 else dloss.view(-1, 1)
         return scale_grad(grad, g)
     if host_readable(grad, dloss) and bool(dloss == 1):
-        # loss.backward() of a mean / sum: on CPU the check costs no device sync, and the multiply would be a whole
-        # extra pass over the gradient (autograd clones it if it must land in a leaf's .grad, so no aliasing). Not
-        # while tracing: there the comparison is a data-dependent guard (torch 2.11 traces this backward with
-        # FunctionalTensors outside Dynamo, where torch.compiler.is_compiling() is False).
-        return grad
+        return grad if first else grad.clone()
     return scale_grad(grad, dloss)
 
 
@@ -112,7 +124,7 @@ def _ce_backward(ctx, dloss, _dgrad):
     if dloss is None:
         return None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    return scale_saved_grad(grad, dloss, ctx.reduction), None, None, None, None, None, None
+    return scale_saved_grad(grad, dloss, ctx.reduction, first_backward(ctx)), None, None, None, None, None, None
 
 
 CROSS_ENTROPY_FWD = register("cross_entropy_fwd", _ce_fake, lambda backend: _ce_backward, _ce_setup)
@@ -174,8 +186,9 @@ def _soft_setup(ctx, inputs, output):
 
 def _soft_backward(ctx, dloss, _dgrad, _dtgrad):
     grad, tgrad = ctx.saved_tensors
-    dx = scale_saved_grad(grad, dloss, ctx.reduction) if ctx.compute_grad and dloss is not None else None
-    dt = scale_saved_grad(tgrad, dloss, ctx.reduction) if ctx.compute_target_grad and dloss is not None else None
+    first = first_backward(ctx)
+    dx = scale_saved_grad(grad, dloss, ctx.reduction, first) if ctx.compute_grad and dloss is not None else None
+    dt = scale_saved_grad(tgrad, dloss, ctx.reduction, first) if ctx.compute_target_grad and dloss is not None else None
     return dx, dt, None, None, None, None, None
 
 
@@ -323,7 +336,8 @@ def cross_entropy(
         x = input if input.stride(1) == 1 else input.contiguous()
     else:
         x = input.reshape(input.shape[0], C, -1).contiguous()  # (N, C, D): classes strided by D, no transpose
-    t = target.reshape(-1).to(torch.int64)
+    t = target if target.dim() == 1 else target.reshape(-1)
+    t = t if t.dtype == torch.int64 else t.to(torch.int64)
     w = weight.float().contiguous() if weight is not None else None
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     try:
@@ -341,7 +355,8 @@ def cross_entropy(
         raise target_range_error(exc, C, ignore_index) from None
     if reduction == "none":
         loss = loss.view(target.shape)
-    return loss.to(loss_dtype(input))
+    dtype = loss_dtype(input)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _soft_cross_entropy(
@@ -378,4 +393,5 @@ def _soft_cross_entropy(
     )
     if reduction == "none":
         loss = loss.view(input.shape[0], *input.shape[2:])
-    return loss.to(loss_dtype(input))
+    dtype = loss_dtype(input)
+    return loss if loss.dtype == dtype else loss.to(dtype)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastlm import reference
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
+from fastlm.ops.cross_entropy import first_backward, loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -116,7 +116,7 @@ def _backward(ctx, dloss, _dgrad):
     if dloss is None:
         return (None, *nones)
     (grad,) = ctx.saved_tensors
-    return (scale_saved_grad(grad, dloss, ctx.reduction), *nones)
+    return (scale_saved_grad(grad, dloss, ctx.reduction, first_backward(ctx)), *nones)
 
 
 DISTILLATION_FWD = register("distillation_fwd", _fake, lambda backend: _backward, _setup, backends=("triton", "cpu"))

@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import loss_dtype, scale_saved_grad
+from fastlm.ops.cross_entropy import first_backward, loss_dtype, scale_saved_grad
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -65,16 +65,17 @@ def _kl_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated
 
 
-def _scale(saved: Tensor, dloss: Tensor, reduction: int) -> Tensor:
+def _scale(saved: Tensor, dloss: Tensor, reduction: int, first: bool) -> Tensor:
     if reduction == 0:
         return saved * dloss  # elementwise incoming gradient, in the loss's (= input's) dtype
-    return scale_saved_grad(saved, dloss, reduction)  # a scalar: loss.backward() hands the gradient on unscaled
+    return scale_saved_grad(saved, dloss, reduction, first)  # a scalar: the first loss.backward() takes it as it is
 
 
 def _kl_backward(ctx, dloss, _dgrad, _dtgrad):
     grad, tgrad = ctx.saved_tensors
-    dx = _scale(grad, dloss, ctx.reduction) if ctx.compute_grad and dloss is not None else None
-    dt = _scale(tgrad, dloss, ctx.reduction) if ctx.compute_target_grad and dloss is not None else None
+    first = first_backward(ctx)
+    dx = _scale(grad, dloss, ctx.reduction, first) if ctx.compute_grad and dloss is not None else None
+    dt = _scale(tgrad, dloss, ctx.reduction, first) if ctx.compute_target_grad and dloss is not None else None
     return dx, dt, None, None, None, None, None
 
 

@@ -31,6 +31,7 @@ from fastlm.ops.cross_entropy import (
     REDUCTIONS,
     check_inputs,
     check_target_range,
+    first_backward,
     loss_dtype,
     mean_denominator,
     reduce_losses,
@@ -230,7 +231,8 @@ def _backward(ctx, dloss, *_):
         return (None,) * 11
     if ctx.reduction != 0:
         # a scalar loss: loss.backward() on CPU hands the saved gradients on without a copy (scale_saved_grad)
-        gx, gw, gb = (scale_saved_grad(g, dloss, 1) for g in ctx.saved_tensors)
+        first = first_backward(ctx)
+        gx, gw, gb = (scale_saved_grad(g, dloss, 1, first) for g in ctx.saved_tensors)
         return gx, gw, None, (gb if ctx.has_bias else None), *nones
     x, w, t, b, weight = ctx.saved_tensors
     ignore_index, smoothing, chunk, backend = ctx.args

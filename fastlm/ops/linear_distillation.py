@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastlm import reference
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import check_target_range, loss_dtype, scale_saved_grad
+from fastlm.ops.cross_entropy import check_target_range, first_backward, loss_dtype, scale_saved_grad
 from fastlm.ops.distillation import (
     check_no_teacher_grad,
     check_options,
@@ -125,8 +125,9 @@ def _backward(ctx, dloss, *_):
     gx, gw = ctx.saved_tensors
     # a scalar loss: loss.backward() on CPU hands the gradients on without a copy (a whole grad_weight more at the
     # peak otherwise; see cross_entropy.scale_saved_grad)
-    gw = scale_saved_grad(gw, dloss, 1) if ctx.weight_grad else None
-    return (scale_saved_grad(gx, dloss, 1), gw) + (None,) * 12
+    first = first_backward(ctx)
+    gw = scale_saved_grad(gw, dloss, 1, first) if ctx.weight_grad else None
+    return (scale_saved_grad(gx, dloss, 1, first), gw) + (None,) * 12
 
 
 torch.library.register_autograd("fastlm::linear_distillation_fwd", _backward, setup_context=_setup)

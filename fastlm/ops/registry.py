@@ -95,7 +95,7 @@ def lean_function(overload, setup_context: Callable, formula: Callable) -> type[
     impl = python_impl(overload)
 
     def forward(ctx, *args):
-        if impl is not None:  # a custom_op: its implementation without the dispatcher's round trip
+        if impl is not None and plain(args):  # a custom_op: its implementation without the dispatcher's round trip
             output = impl(*args)
         else:
             with torch._C._AutoDispatchBelowAutograd():
@@ -111,6 +111,14 @@ def lean_function(overload, setup_context: Callable, formula: Callable) -> type[
     )
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain(args) -> bool:
+    """No tensor subclass among ``args`` (a subclass, e.g. a DTensor or a wrapper subclass, needs the dispatcher)."""
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
 def call(op, *args):
     """``op(*args)`` for a registered fastlm op (``op`` from a family's table), on the lean eager path when not
     tracing (see the module docstring). Outputs and gradients are those of the registered op. The backward formulas
@@ -119,9 +127,14 @@ def call(op, *args):
         return op(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         lean = LEAN.get(op)
-        return lean.apply(*args) if lean is not None else op(*args)
+        if lean is None:  # a backward op under create_graph=True: it has no derivative of its own
+            raise RuntimeError(
+                f"fastlm: {op._schema.name} has no derivative: a double backward (create_graph=True) through "
+                "fastlm's fused ops is not supported (it would be silently wrong); use fastlm.backend('torch')"
+            )
+        return lean.apply(*args)
     impl = PY_IMPL.get(op)
-    if impl is not None:
+    if impl is not None and plain(args):
         return impl(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

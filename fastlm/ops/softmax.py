@@ -26,7 +26,9 @@ from fastlm.ops.registry import call, check_device, check_tensor, register
 def softmax_fwd_triton(x: Tensor, dim: int, log: bool) -> Tensor:
     from fastlm.kernels import softmax
 
-    return softmax.softmax_fwd(x, dim, log)
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"dim {dim} out of range for a {x.dim()}-d input")
+    return softmax.softmax_fwd(x, dim % x.dim(), log)
 
 
 @torch.library.custom_op("fastlm::masked_softmax_fwd_triton", mutates_args=())

@@ -273,7 +273,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return ce.scale_saved_grad(grad, dloss, ctx.reduction), None, None, None, None, None, None, None, None
+        first = ce.first_backward(ctx)
+        return ce.scale_saved_grad(grad, dloss, ctx.reduction, first), None, None, None, None, None, None, None, None
 
 
 def _acc(b: Tensor | None) -> torch.dtype:
@@ -337,8 +338,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         nones = (None,) * 9
         if ctx.reduction != 0:  # the saved gradients times the scalar (themselves for a CPU dloss of 1)
+            first = ce.first_backward(ctx)
             gx, gw, gb = (
-                ce.scale_saved_grad(g, dloss, ctx.reduction) if g is not None else None for g in ctx.saved_tensors
+                ce.scale_saved_grad(g, dloss, ctx.reduction, first) if g is not None else None
+                for g in ctx.saved_tensors
             )
             return gx, gw, gb if ctx.has_bias else None, *nones
         x, w, b, lse_all = ctx.saved_tensors
