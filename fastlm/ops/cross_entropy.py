@@ -85,6 +85,23 @@ def loss_dtype(input: Tensor) -> torch.dtype:
     return torch.float32 if torch.is_autocast_enabled(input.device.type) else input.dtype
 
 
+def fp16_unscaled(x: Tensor, compute_grad: bool) -> bool:
+    """True when a fused loss on ``x`` must store its gradient unscaled (fp16 with a gradient to write).
+
+    The fused losses write their gradient in the forward, before the incoming gradient is known. In fp16 a gradient
+    already divided by the mean's denominator N (or batchmean's rows, kl_div's divisor) underflows: a softmax
+    probability p becomes p / N, below fp16's smallest subnormal 2^-24 for p < 2^-24 * N (N = 4096: every p below
+    2.4e-4, most of a 2000-class row), and a GradScaler's factor arrives only in the backward, after the rounding
+    (issue 26 measured 86% zero gradients at N = 4096, V = 2000). So in fp16 the forward stores the per-row gradient
+    unscaled (softmax - onehot and the like, in [-1, 1]: representable down to 2^-25, the rounding threshold), the
+    loss is the op's sum divided by N in fp32 outside the op, and autograd brings 1/N times the incoming gradient
+    (the GradScaler's factor included) to the op's backward as one fp32 scalar, which multiplies the stored gradient
+    in fp32 before its one rounding to fp16 (:func:`scale_grad`). Same bytes as before (the backward's multiply is
+    a pass over the gradient that a GPU made anyway: its incoming gradient is a device tensor). bf16 has fp32's
+    range and keeps the 1/N folded in (no backward pass on CPU for loss.backward()); fp32 likewise."""
+    return compute_grad and x.dtype == torch.float16
+
+
 def scale_grad(grad, g):
     """grad * g in grad's dtype. fp16: through fp32, since g may not fit fp16 (GradScaler's default scale is 65536,
     which is inf in fp16) while the product does."""
@@ -288,7 +305,9 @@ def cross_entropy(
 
     Returns:
         The loss in input's dtype (computed in float32). The gradients are written in the forward pass; the
-        backward only scales them.
+        backward only scales them. fp16: they are stored unscaled and the mean's 1/N and the incoming gradient
+        (a GradScaler's factor) multiply them in fp32 in the backward, before their one rounding to fp16
+        (:func:`fp16_unscaled`).
 
     Vocab-parallel: ``input`` a DTensor of (N, C) logits sharded on the classes (``Shard(1)``) on a 1-D mesh, with
     global class ids as ``target``: the loss without gathering the vocabulary, returned as a replicated DTensor
@@ -326,6 +345,7 @@ def cross_entropy(
     t = target.reshape(-1).to(torch.int64)
     w = weight.float().contiguous() if weight is not None else None
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    unscaled = reduction == "mean" and fp16_unscaled(x, compute_grad)  # the sum, then / N in fp32 (fp16_unscaled)
     try:
         loss, _ = call(
             CROSS_ENTROPY_FWD[backend],
@@ -334,11 +354,13 @@ def cross_entropy(
             w,
             int(ignore_index),
             float(label_smoothing),
-            REDUCTIONS[reduction],
+            REDUCTIONS["sum" if unscaled else reduction],
             compute_grad,
         )
     except RuntimeError as exc:
         raise target_range_error(exc, C, ignore_index) from None
+    if unscaled:
+        loss = loss / mean_denominator(t, w, ignore_index, C)[0]
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss.to(loss_dtype(input))
@@ -366,16 +388,20 @@ def _soft_cross_entropy(
         t = target.reshape(input.shape[0], C, -1).contiguous()
     w = weight.float().contiguous() if weight is not None else None
     grad_on = torch.is_grad_enabled()
+    compute_grad = grad_on and (input.requires_grad or target.requires_grad)
+    unscaled = reduction == "mean" and fp16_unscaled(x, compute_grad)  # the sum, then / rows in fp32
     loss, _, _ = call(
         SOFT_CROSS_ENTROPY_FWD[backend],
         x,
         t,
         w,
         float(label_smoothing),
-        REDUCTIONS[reduction],
+        REDUCTIONS["sum" if unscaled else reduction],
         grad_on and input.requires_grad,
         grad_on and target.requires_grad,
     )
+    if unscaled:
+        loss = loss / (x.shape[0] * (x.shape[2] if x.dim() == 3 else 1))
     if reduction == "none":
         loss = loss.view(input.shape[0], *input.shape[2:])
     return loss.to(loss_dtype(input))

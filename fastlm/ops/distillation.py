@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastlm import reference
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
+from fastlm.ops.cross_entropy import fp16_unscaled, loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -210,7 +210,8 @@ def distillation_loss(
 
     Returns:
         The loss in student_logits' dtype (computed in float32; float32 under autocast). The student's gradient is
-        written in the forward pass; the backward only scales it.
+        written in the forward pass; the backward only scales it (fp16: stored unscaled, the batchmean's 1/rows and
+        the incoming gradient applied in fp32 in the backward; see cross_entropy.fp16_unscaled).
     """
     check_options(kind, beta, temperature, reduction)
     for t, name in ((student_logits, "student_logits"), (teacher_logits, "teacher_logits")):
@@ -250,6 +251,8 @@ def distillation_loss(
     t = t if t.stride(-1) == 1 or V == 1 else t.contiguous()
     tgt = target.reshape(-1).to(torch.int64) if target is not None else None
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # fp16: the gradient stored unscaled, the batchmean's rows applied to the fp32 sum (cross_entropy.fp16_unscaled)
+    unscaled = reduction == "batchmean" and fp16_unscaled(s, compute_grad)
     loss, _ = call(
         DISTILLATION_FWD[backend],
         s,
@@ -259,9 +262,11 @@ def distillation_loss(
         float(beta),
         float(temperature),
         int(ignore_index),
-        REDUCTIONS[reduction],
+        REDUCTIONS["sum" if unscaled else reduction],
         compute_grad,
     )
+    if unscaled:
+        loss = loss / counted_rows(tgt, s.shape[0], ignore_index, s.device)[0]
     if reduction == "none":
         loss = loss.view(student_logits.shape[:-1])
     return loss.to(loss_dtype(student_logits))

@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import loss_dtype, scale_saved_grad
+from fastlm.ops.cross_entropy import fp16_unscaled, loss_dtype, scale_saved_grad
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -104,7 +104,8 @@ def kl_div(
 
     Returns:
         The loss in input's dtype (reduced in float32). Gradients w.r.t. input and target (when they require
-        grad) are written in the forward pass; the backward only scales them.
+        grad) are written in the forward pass; the backward only scales them (fp16: stored unscaled, the reduction's
+        divisor and the incoming gradient applied in fp32 in the backward; see cross_entropy.fp16_unscaled).
     """
     backend = resolve("kl_div", input)
     if backend == "torch":
@@ -138,14 +139,18 @@ def kl_div(
     else:
         divisor = 1
     grad_on = torch.is_grad_enabled()
+    # fp16: gradients stored unscaled (-t, exact), the divisor applied to the fp32 sum (cross_entropy.fp16_unscaled)
+    unscaled = reduction != "none" and fp16_unscaled(x, grad_on and (input.requires_grad or target.requires_grad))
     loss, _, _ = call(
         KL_DIV_FWD[backend],
         x,
         t,
         bool(log_target),
         0 if reduction == "none" else 1,
-        divisor,
+        1 if unscaled else divisor,
         grad_on and input.requires_grad,
         grad_on and target.requires_grad,
     )
+    if unscaled and divisor != 1:
+        loss = loss / divisor  # 0: NaN (0 / 0), torch's mean of nothing
     return loss.to(loss_dtype(input))  # float32 under autocast, as torch's kl_div (on its fp32 list)
