@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import sys
 
+import torch
 from torch import Tensor, nn
 
 NAME = "fastlm"
@@ -419,7 +420,12 @@ def causal_lm_loss(
     **_,
 ) -> Tensor:
     """HF's ``ForCausalLMLoss`` on ``linear(hidden, weight, bias)`` without materialising the logits (float32 loss,
-    as HF upcasts the logits)."""
+    as HF upcasts the logits).
+
+    bf16 / fp16 hidden states (FSDP2's mixed precision, a half-precision model) run the fused loss under autocast in
+    their own dtype, which is how F.linear_cross_entropy returns its float32 loss: rounding it to the input's dtype
+    and back would cost the loss value 3 digits (bf16) and, in fp16, turn a GradScaler's 65536 into inf on its way
+    back through the cast."""
     from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
     if shift_labels is None:
@@ -427,7 +433,10 @@ def causal_lm_loss(
     target = shift_labels.reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index)
+    device = h.device.type
+    half = h.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(device)
+    with torch.autocast(device, dtype=h.dtype, enabled=half):
+        loss = linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index)
     loss = loss.float()
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):

@@ -36,12 +36,14 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.ops.vocab_parallel import is_dtensor
 
 _METHOD = "_fastlm_fsdp_forward"
-# sharded FSDP2 parameter -> (owning FSDP module, its FSDPParam); weak both ways (a cache of the registry scan)
-_OWNERS: "weakref.WeakKeyDictionary[Tensor, tuple]" = weakref.WeakKeyDictionary()
+# sharded FSDP2 parameter -> (owning FSDP module, its FSDPParam), keyed by identity (a tensor's == is elementwise);
+# weak both ways: a cache of the registry scan
+_OWNERS = WeakIdKeyDictionary()
 
 
 def _fsdp_params(module):
