@@ -363,6 +363,66 @@ def check_linear_distillation_fsdp(rank):
         _close(p.grad, ref_grads[n], f"grad {n}")
 
 
+def _zero3(model):
+    """A DeepSpeed ZeRO-3 engine around ``model`` (CPU accelerator, the module's gloo group, SGD)."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    return engine
+
+
+def _zero3_grads(engine) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    return {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+
+
+def check_zero3_hf(rank):
+    """The patched Llama under ZeRO-3: the loss computed inside the LM head's forward (gathered by ZeRO-3's module
+    hooks); loss and every gradient as the single-process unpatched model."""
+    model = _llama()
+    ref_losses, ref_grads, _ = _reference(model)
+    engine = _zero3(fastlm.patch(copy.deepcopy(model)))
+    ids, labels = _batch(rank)
+    with fastlm.backend("cpu"):
+        out = engine(input_ids=ids, labels=labels)
+        engine.backward(out.loss)
+    _close(out.loss, ref_losses[rank], "loss")
+    for n, g in _zero3_grads(engine).items():
+        _close(g, ref_grads[n], f"grad {n}")
+
+
+def check_zero3_functional(rank):
+    """F.linear_cross_entropy on a partitioned head (``numel() == 0`` outside its forward): gathered for the call
+    and again for the backward until the gradient is accumulated; mean and none."""
+    torch.manual_seed(0)
+    net = _Net()
+    for reduction in ("mean", "none"):
+
+        def head_loss(m, h, t, reduction=reduction):
+            w, b = m.head.weight, m.head.bias
+            loss = F.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, chunk_size=3)
+            return loss.sum() / 7 if reduction == "none" else loss
+
+        ref_losses, ref_grads = _net_reference(net, lambda m, ids, t: head_loss(m, m(ids), t))
+        engine = _zero3(copy.deepcopy(net))
+        assert engine.module.head.weight.numel() == 0  # partitioned
+        ids, t = _net_batch(rank)
+        with fastlm.backend("cpu"):
+            loss = head_loss(engine.module, engine(ids), t)
+            engine.backward(loss)
+        assert engine.module.head.weight.numel() == 0  # released again
+        _close(loss, ref_losses[rank], f"{reduction} loss")
+        for n, g in _zero3_grads(engine).items():
+            _close(g, ref_grads[n], f"{reduction} grad {n}")
+
+
 CHECKS = {
     "ddp": check_ddp,
     "fsdp": check_fsdp,
@@ -370,7 +430,13 @@ CHECKS = {
     "linear_ce_fsdp_weight": check_linear_ce_fsdp_weight,
     "linear_ce_fsdp_mixed_precision": check_linear_ce_fsdp_mixed_precision,
     "linear_distillation_fsdp": check_linear_distillation_fsdp,
+    "zero3_hf": check_zero3_hf,
+    "zero3_functional": check_zero3_functional,
 }
+NO_DEEPSPEED = (
+    "deepspeed is not installed in this environment (it is not a fastlm dependency), so the ZeRO-3 checks (the HF "
+    "loss inside the LM head's forward, GatheredParameters in fastlm/ops/sharded_params.py) do not run here"
+)
 
 
 def _worker(rank, world, port, out):
@@ -380,7 +446,12 @@ def _worker(rank, world, port, out):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     torch.set_num_threads(1)
     results = {}
+    if importlib.util.find_spec("deepspeed") is not None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo: this group)
     for name, fn in CHECKS.items():
+        if name.startswith("zero3") and importlib.util.find_spec("deepspeed") is None:
+            results[name] = {"ok": None, "info": NO_DEEPSPEED}
+            continue
         try:
             info = fn(rank)
             results[name] = {"ok": True, "info": info}
@@ -438,13 +509,10 @@ def test_linear_distillation_fsdp2_student_and_teacher(results):
     _expect_ok(results, "linear_distillation_fsdp")
 
 
-def test_zero3():
-    """DeepSpeed ZeRO-3: the HF loss computed inside the LM head's forward (gathered by ZeRO-3's module hooks) and
-    F.linear_cross_entropy on a partitioned weight through GatheredParameters (fastlm/ops/sharded_params.py)."""
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip(
-            "deepspeed is not installed in this environment (it is not a fastlm dependency), so the ZeRO-3 path "
-            "(GatheredParameters in fastlm/ops/sharded_params.py, the HF loss inside the LM head's forward) is not "
-            "run here"
-        )
-    pytest.skip("deepspeed is importable, but a ZeRO-3 engine on CPU (DS_ACCELERATOR=cpu, gloo) is not set up here")
+@pytest.mark.parametrize("name", ["zero3_hf", "zero3_functional"])
+def test_zero3(results, name):
+    """DeepSpeed ZeRO-3 (CPU accelerator, gloo): the patched Llama's loss inside the LM head's forward, and
+    F.linear_cross_entropy on a partitioned head outside its forward; loss and every gradient as single-process."""
+    if results[0][name]["ok"] is None:
+        pytest.skip(results[0][name]["info"])
+    _expect_ok(results, name)

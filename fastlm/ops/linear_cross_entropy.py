@@ -252,10 +252,8 @@ def _backward(ctx, dloss, *_):
     if ctx.reduction == 1:
         scale = scale / mean_denominator(t, weight, ignore_index, w.shape[0])
     losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)  # recomputed, unused
-    with sharded_params.gathered(w, b):  # a ZeRO-3 weight gathered again (FSDP2's pre-backward hook does its own)
-        gx, gw, gb = lm_head_grads(
-            x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, scale.contiguous()
-        )
+    # (a sharded weight is gathered here already: FSDP2's pre-backward hook, sharded_params' ZeRO-3 hook)
+    gx, gw, gb = lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, scale.contiguous())
     return gx, gw, None, gb, *nones
 
 

@@ -159,11 +159,10 @@ def _backward(ctx, dloss, *_):
         sh, sw, th, tw, target = ctx.saved_tensors
         kind, beta, temperature, hard_weight, ignore_index, _, weight_grad, chunk, backend = ctx.args
         scale = dloss.float().reshape(1) / counted_rows(target, sh.shape[0], ignore_index, sh.device)
-        with sharded_params.gathered(sw, tw):  # ZeRO-3 weights gathered again (FSDP2's pre-backward hook: its own)
-            *_, gx, gw = distill_chunks(
-                sh, sw, th, tw, target, kind, beta, temperature, hard_weight, ignore_index, chunk, backend,
-                (1.0 - hard_weight) * scale, hard_weight * scale, weight_grad,
-            )  # fmt: skip
+        *_, gx, gw = distill_chunks(
+            sh, sw, th, tw, target, kind, beta, temperature, hard_weight, ignore_index, chunk, backend,
+            (1.0 - hard_weight) * scale, hard_weight * scale, weight_grad,
+        )  # fmt: skip
         return (gx, gw) + (None,) * 12
     gx, gw = ctx.saved_tensors
     # a scalar loss: loss.backward() on CPU hands the gradients on without a copy (a whole grad_weight more at the

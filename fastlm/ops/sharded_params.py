@@ -17,9 +17,9 @@ gradients (pytorch#153354, TRL #3368), so both are gathered here, once per call 
   FSDP2 does for every parameter).
 - FSDP2, a parameter without a gradient (a frozen teacher's head, a LoRA-frozen student head, ``torch.no_grad``): a
   plain all-gather of its shard cast to ``param_dtype`` first (as FSDP2's own all-gather does), no hooks.
-- ZeRO-3, a partitioned parameter: ``deepspeed.zero.GatheredParameters`` (read-only) around the call; the gradient
-  reaches the parameter through autograd, where ZeRO-3's gradient hooks partition it as for any parameter. Where
-  the backward needs the weight again (reduction "none", fp16), :func:`gathered` gathers it again there.
+- ZeRO-3, a partitioned parameter: ``deepspeed.zero.GatheredParameters`` (read-only) around the call, and again
+  from the moment the backward reaches the loss until the parameter's gradient is accumulated (where ZeRO-3's own
+  gradient hook reduce-scatters it), as its module's backward hooks would (:func:`_gather_during_backward`).
 
 The rule that tells an FSDP2 parameter from a vocab-sharded weight (fastlm/ops/vocab_parallel.py; FSDP2 shards on
 dim 0 too, so placements cannot tell them apart): a DTensor that is the sharded parameter (``FSDPParam
@@ -136,7 +136,11 @@ def call(fn: Callable, inputs: tuple, params: tuple):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
-            return call(fn, inputs, params)
+            out = call(fn, inputs, params)
+        trainable = [p for p in zero if p.requires_grad]
+        if torch.is_grad_enabled() and trainable and isinstance(out, Tensor) and out.requires_grad:
+            _gather_during_backward(out, trainable)
+        return out
     params = list(params)
     owners: dict = {}  # FSDP module -> [(index, FSDPParam)], the parameters that get a gradient
     for i, p in enumerate(params):
@@ -149,6 +153,33 @@ def call(fn: Callable, inputs: tuple, params: tuple):
         else:
             params[i] = _gather_frozen(p, fsdp_param)
     return _through(list(owners.items()), fn, tuple(inputs), params)
+
+
+def _gather_during_backward(out: Tensor, params: list) -> None:
+    """ZeRO-3 accumulates a parameter's gradient, and reduce-scatters it from its gradient hook, while the parameter
+    is gathered (its module's backward hooks gather it): autograd's AccumulateGrad lays the gradient out like the
+    parameter's data, which is empty when partitioned. So the parameters are gathered again when the backward
+    reaches the loss (a hook on it: before the loss's backward, which may also read them: reduction "none", fp16)
+    and released once each has its gradient accumulated (a post-accumulate-grad hook, after DeepSpeed's own)."""
+    import deepspeed
+
+    state = {"ctx": None, "left": len(params), "handles": []}
+
+    def gather(grad):
+        if state["ctx"] is None:
+            state["ctx"] = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            state["ctx"].__enter__()
+        return grad
+
+    def release(_param):
+        state["left"] -= 1
+        if state["left"] == 0 and state["ctx"] is not None:
+            for handle in state["handles"]:
+                handle.remove()
+            state["ctx"].__exit__(None, None, None)
+
+    out.register_hook(gather)
+    state["handles"] = [p.register_post_accumulate_grad_hook(release) for p in params]
 
 
 def _through(owners: list, fn: Callable, inputs: tuple, params: list):
@@ -165,25 +196,3 @@ def _through(owners: list, fn: Callable, inputs: tuple, params: list):
         return _through(rest, fn, gathered_inputs, ps)
 
     return getattr(module, _METHOD)(inner, *inputs)
-
-
-class gathered:
-    """Context manager for a backward that reads a weight again (reduction "none", fp16): a partitioned ZeRO-3
-    parameter among ``tensors`` is gathered for its duration (FSDP2's pre-backward hook unshards its own)."""
-
-    def __init__(self, *tensors):
-        self.zero = [t for t in tensors if t is not None and _zero3_partitioned(t)]
-        self.ctx = None
-
-    def __enter__(self):
-        if self.zero:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(self.zero, modifier_rank=None)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
