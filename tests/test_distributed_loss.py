@@ -16,7 +16,9 @@ splits the head 49 + 48 rows), patched with fastlm.patch (cpu backend), on a glo
   outside that module's forward: gathered once per call (not per chunk), in the policy's compute dtype, the
   gradient reduce-scattered into the sharded parameter; a plain loss (not the vocab-parallel one, whose placements
   FSDP2's look the same). Reduction "none" too (the weight is read again in the backward, after the reshard).
-- ZeRO-3: skipped where DeepSpeed is not importable (say so).
+- DeepSpeed ZeRO-3 (its CPU accelerator on the same gloo group), where ``deepspeed`` is importable (skipped, saying
+  so, where not: it is no fastlm dependency): the patched Llama's loss computed inside the LM head's forward, and
+  ``F.linear_cross_entropy`` on a partitioned head outside its forward (mean and none), against single-process.
 """
 
 import copy
