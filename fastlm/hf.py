@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import sys
 
+import torch
 from torch import Tensor, nn
 
 NAME = "fastlm"
@@ -329,20 +330,40 @@ def is_causal_lm(m: nn.Module) -> bool:
     )
 
 
+class LossRequest:
+    """What a patched causal LM's forward hands its LM head for one training call: the labels and HF's loss keywords
+    (``num_items_in_batch``, ``ignore_index``, ``shift_labels``); the head's forward sets ``loss``."""
+
+    __slots__ = ("labels", "kwargs", "loss")
+
+    def __init__(self, labels: Tensor, kwargs: dict):
+        self.labels, self.kwargs, self.loss = labels, kwargs, None
+
+
 def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
-    """The LM head of a patched causal LM: the ordinary linear layer, except while the model's loss forward
-    captures its input (then no logits are computed: an empty (..., 0) placeholder is returned)."""
-    capture = self._fastlm_capture
-    if capture is None:
+    """The LM head of a patched causal LM: the ordinary linear layer, except while its model's training forward asks
+    for the loss (``self._fastlm_loss``, a :class:`LossRequest`): then it returns the loss of the fused linear
+    cross-entropy of its input instead of the logits (which are never computed).
+
+    The loss is computed here, inside the head module's own forward, so that whatever wraps that forward sees the
+    weight in use and the loss as the module's output: FSDP2 has the weight gathered (in its mixed-precision
+    ``param_dtype``) and registers its pre-/post-backward hooks on this output and input (the gradient reaches the
+    sharded parameter; ``reshard_after_forward=True`` included), DeepSpeed ZeRO-3 has it gathered likewise (outside
+    the forward it is a ``numel() == 0`` placeholder). Reading ``lm_head.weight`` after the head returned would give
+    a shard or a resharded weight (pytorch#153354, TRL #3368)."""
+    request = self._fastlm_loss
+    if request is None:
         return nn.functional.linear(hidden_states, self.weight, self.bias)
-    capture.append(hidden_states)
-    return hidden_states[..., :0]
+    request.loss = causal_lm_loss(hidden_states, self.weight, self.bias, request.labels, **request.kwargs)
+    return request.loss
 
 
 def causal_lm_forward(self, *args, **kwargs):
     """A patched ``*ForCausalLM``: in training with ``labels``, the loss by the fused linear
-    cross-entropy on the LM head's input, so the (tokens, vocab) logits are never materialised and
-    ``outputs.logits`` is None; otherwise (evaluation, generation, no labels) HF's own forward, logits included.
+    cross-entropy on the LM head's input, computed inside the LM head's forward (:func:`lm_head_forward`: safe under
+    FSDP2 and ZeRO-3; under DDP, call the wrapped model, whose forward this is), so the (tokens, vocab) logits are
+    never materialised and ``outputs.logits`` is None; otherwise (evaluation, generation, no labels) HF's own
+    forward, logits included.
 
     Same loss as HF's ``ForCausalLMLoss``: labels shifted by one (or ``shift_labels`` as given), ``ignore_index``,
     a mean over the tokens not ignored, or a sum divided by ``num_items_in_batch`` when given (gradient
@@ -363,19 +384,26 @@ def causal_lm_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     head = self.lm_head
-    if getattr(head, "_fastlm_capture", False) is not None:
+    if getattr(head, "_fastlm_loss", False) is not None:
         raise RuntimeError(
             f"fastlm.patch's fused loss cannot find the LM head it patched: {type(self).__name__}.lm_head is now "
             f"{type(head).__name__} (replaced or wrapped after fastlm.patch, e.g. by PEFT); patch after wrapping, "
             "or use fastlm.patch(model, loss=False)"
         )
-    head._fastlm_capture = []
+    request = LossRequest(labels, extra)
+    head._fastlm_loss = request
     try:
         out = original(*bound.args, **bound.kwargs)
-        (hidden,) = head._fastlm_capture
     finally:
-        head._fastlm_capture = None
-    loss = causal_lm_loss(hidden, head.weight, head.bias, labels, **extra)
+        head._fastlm_loss = None
+    # The head's output, as its forward hooks returned it (FSDP2 / ZeRO-3 attach their backward hooks there, and
+    # ZeRO-3 may return a new tensor object): the loss, passed through unchanged by the ROPE_MODULES families.
+    loss = out.logits
+    if request.loss is None or not isinstance(loss, Tensor) or loss.shape != request.loss.shape:
+        raise RuntimeError(
+            f"fastlm.patch's fused loss: {type(self).__name__}.forward did not return its LM head's output as the "
+            "logits unchanged (the head's loss was not found); use fastlm.patch(model, loss=False)"
+        )
     # a new output: a ModelOutput keeps its keys (what to_tuple() and out["..."] see) from construction
     out = type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
     return out if return_dict else out.to_tuple()
@@ -392,7 +420,12 @@ def causal_lm_loss(
     **_,
 ) -> Tensor:
     """HF's ``ForCausalLMLoss`` on ``linear(hidden, weight, bias)`` without materialising the logits (float32 loss,
-    as HF upcasts the logits)."""
+    as HF upcasts the logits).
+
+    bf16 / fp16 hidden states (FSDP2's mixed precision, a half-precision model) run the fused loss under autocast in
+    their own dtype, which is how F.linear_cross_entropy returns its float32 loss: rounding it to the input's dtype
+    and back would cost the loss value 3 digits (bf16) and, in fp16, turn a GradScaler's 65536 into inf on its way
+    back through the cast."""
     from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
     if shift_labels is None:
@@ -400,7 +433,10 @@ def causal_lm_loss(
     target = shift_labels.reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index)
+    device = h.device.type
+    half = h.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(device)
+    with torch.autocast(device, dtype=h.dtype, enabled=half):
+        loss = linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index)
     loss = loss.float()
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):

@@ -129,11 +129,11 @@ def _prepare_rope(module: nn.Module) -> None:
 
 
 def _prepare_causal_lm(module: nn.Module) -> None:
-    """The LM head captures its input during the loss forward instead of computing the logits."""
+    """The LM head computes the fused loss of its input during the model's training forward (hf.lm_head_forward)."""
     head = module.lm_head
     if getattr(head, "_fastlm_original_class", None) is None:
         _swap(head, _derive(hf.lm_head_forward)(type(head)))
-    head._fastlm_capture = None
+    head._fastlm_loss = None
 
 
 ADAPTERS = [

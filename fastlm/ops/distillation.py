@@ -17,7 +17,14 @@ from torch import Tensor
 
 from fastlm import reference
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import first_backward, loss_dtype, mean_denominator, reduce_losses, scale_saved_grad
+from fastlm.ops.cross_entropy import (
+    first_backward,
+    fp16_unscaled,
+    loss_dtype,
+    mean_denominator,
+    reduce_losses,
+    scale_saved_grad,
+)
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -122,6 +129,43 @@ def _backward(ctx, dloss, _dgrad):
 DISTILLATION_FWD = register("distillation_fwd", _fake, lambda backend: _backward, _setup, backends=("triton", "cpu"))
 
 
+class _Fp16Distillation(torch.autograd.Function):
+    """fp16: the forward computes the losses only (the row kernel without its gradient sweep), the backward runs the
+    row kernel again with the incoming gradient (a GradScaler's factor, times 1 / the counted rows for batchmean)
+    as its gradient scale, folded into its fp32 gradient sweep before the one rounding to fp16: torch's unfused
+    path's rounding (its loss in fp32 under autocast). Stored in the forward, the gradient would be 1/N-scaled
+    (underflow below 2^-25 * N, cross_entropy.fp16_unscaled) or unscaled, and the distillation's gradients
+    T * (p_s - p_t) (forward KL) ... p_s * (log p_s - log p_t - L) (reverse KL) have no bound that would admit a
+    power-of-two prescale as the cross-entropy's (cross_entropy.fp16_prescale). Bytes: the backward reads both rows
+    again (the statistics and the gradient sweep) where the stored gradient would be read once: one more read of
+    s and t per call. The cpu row kernel takes per-row scales (reduction "none"); Triton's one scale, so per-row
+    incoming gradients multiply its unscaled gradient afterwards (in fp32)."""
+
+    @staticmethod
+    def forward(ctx, s, t, tgt, kind, beta, temperature, ignore_index, reduction, backend):
+        losses, _ = distill_rows(s, t, tgt, kind, beta, temperature, ignore_index, None, backend, None)
+        ctx.save_for_backward(s, t, tgt)
+        ctx.args = (kind, beta, temperature, ignore_index, reduction, backend)
+        if reduction == 0:
+            return losses
+        total = losses.sum()
+        return total / counted_rows(tgt, s.shape[0], ignore_index, s.device)[0] if reduction == 1 else total
+
+    @staticmethod
+    def backward(ctx, dloss):
+        s, t, tgt = ctx.saved_tensors
+        kind, beta, temperature, ignore_index, reduction, backend = ctx.args
+        scale = dloss.float().reshape(-1).contiguous()  # (N,) for reduction "none", else (1,)
+        if reduction == 1:
+            scale = scale / counted_rows(tgt, s.shape[0], ignore_index, s.device)
+        per_row = reduction == 0 and backend == "triton" and scale.shape[0] > 1
+        one = torch.ones(1, dtype=torch.float32, device=s.device) if per_row else scale
+        _, grad = distill_rows(s, t, tgt, kind, beta, temperature, ignore_index, one, backend, None)
+        if per_row:
+            grad.mul_(scale[:, None])  # in fp32 (scale's dtype), stored in the gradient's
+        return grad, None, None, None, None, None, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation shared by distillation_loss and linear_distillation_loss
 
@@ -210,7 +254,9 @@ def distillation_loss(
 
     Returns:
         The loss in student_logits' dtype (computed in float32; float32 under autocast). The student's gradient is
-        written in the forward pass; the backward only scales it.
+        written in the forward pass; the backward only scales it (fp16: formed in the backward instead, with the
+        batchmean's 1/rows and the incoming gradient folded into the kernel's fp32 gradient sweep; see
+        :class:`_Fp16Distillation`).
     """
     check_options(kind, beta, temperature, reduction)
     for t, name in ((student_logits, "student_logits"), (teacher_logits, "teacher_logits")):
@@ -250,18 +296,11 @@ def distillation_loss(
     t = t if t.stride(-1) == 1 or V == 1 else t.contiguous()
     tgt = target.reshape(-1).to(torch.int64) if target is not None else None
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = call(
-        DISTILLATION_FWD[backend],
-        s,
-        t,
-        tgt,
-        kernel_kind(kind, beta),
-        float(beta),
-        float(temperature),
-        int(ignore_index),
-        REDUCTIONS[reduction],
-        compute_grad,
-    )
+    args = (kernel_kind(kind, beta), float(beta), float(temperature), int(ignore_index), REDUCTIONS[reduction])
+    if fp16_unscaled(s, compute_grad):  # the gradient formed in the backward, the incoming one folded in
+        loss = _Fp16Distillation.apply(s, t, tgt, *args, backend)
+    else:
+        loss, _ = call(DISTILLATION_FWD[backend], s, t, tgt, *args, compute_grad)
     if reduction == "none":
         loss = loss.view(student_logits.shape[:-1])
     return loss.to(loss_dtype(student_logits))

@@ -24,7 +24,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops.cross_entropy import first_backward, loss_dtype, scale_saved_grad
+from fastlm.ops.cross_entropy import first_backward, fp16_unscaled, loss_dtype, scale_saved_grad
 from fastlm.ops.registry import call, check_device, check_tensor, register
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -82,6 +82,33 @@ def _kl_backward(ctx, dloss, _dgrad, _dtgrad):
 KL_DIV_FWD = register("kl_div_fwd", _kl_fake, lambda backend: _kl_backward, _kl_setup, backends=("triton", "cpu"))
 
 
+class _Fp16LogTarget(torch.autograd.Function):
+    """fp16 with ``log_target``: the fused kernel computes the loss only; the backward forms the gradients
+    -exp(t) * g and exp(t) * (t - x + 1) * g in fp32 with the incoming gradient g (a GradScaler's factor, times
+    1 / divisor) and rounds them to fp16 once, as torch's unfused path (kl_div in fp32 under autocast). Stored in
+    the forward, -exp(t) would round to 0 in fp16 wherever exp(t) < 2^-25 (log-probabilities below -17.3; the
+    GradScaler's S / N keeps them down to -17.3 - log(S / N)) and have no bound that admits a power-of-two prescale
+    (cross_entropy.fp16_prescale). These two elementwise expressions are torch ops: one read of x and t and one write
+    per gradient, the bytes the fused kernel's gradient sweep would move. Without ``log_target`` the stored
+    gradient -t is exact in fp16 and the fused kernel writes it (unscaled, :func:`kl_div`)."""
+
+    @staticmethod
+    def forward(ctx, x, t, reduction, divisor, backend):
+        loss, _, _ = call(KL_DIV_FWD[backend], x, t, True, reduction, divisor, False, False)
+        ctx.save_for_backward(x, t)
+        ctx.scale = (1.0 / divisor if divisor else math.nan) if reduction == 1 else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        x, t = ctx.saved_tensors
+        g = dloss.float() if ctx.scale is None else dloss.float() * ctx.scale
+        et = t.float().exp()
+        gx = (-et * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gt = (et * (t.float() - x.float() + 1.0) * g).to(t.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gt, None, None, None
+
+
 def kl_div(
     input: Tensor,
     target: Tensor,
@@ -105,7 +132,8 @@ def kl_div(
 
     Returns:
         The loss in input's dtype (reduced in float32). Gradients w.r.t. input and target (when they require
-        grad) are written in the forward pass; the backward only scales them.
+        grad) are written in the forward pass; the backward only scales them (fp16: stored unscaled, the reduction's
+        divisor and the incoming gradient applied in fp32 in the backward; see cross_entropy.fp16_unscaled).
     """
     backend = resolve("kl_div", input)
     if backend == "torch":
@@ -139,14 +167,22 @@ def kl_div(
     else:
         divisor = 1
     grad_on = torch.is_grad_enabled()
+    fp16 = fp16_unscaled(x, grad_on and (input.requires_grad or target.requires_grad))
+    if fp16 and log_target:
+        loss = _Fp16LogTarget.apply(x, t, 0 if reduction == "none" else 1, divisor, backend)
+        return loss.to(loss_dtype(input))
+    # fp16: gradients stored unscaled (-t: exact), the divisor applied to the fp32 sum (cross_entropy.fp16_unscaled)
+    unscaled = reduction != "none" and fp16
     loss, _, _ = call(
         KL_DIV_FWD[backend],
         x,
         t,
         bool(log_target),
         0 if reduction == "none" else 1,
-        divisor,
+        1 if unscaled else divisor,
         grad_on and input.requires_grad,
         grad_on and target.requires_grad,
     )
+    if unscaled and divisor != 1:
+        loss = loss / divisor  # 0: NaN (0 / 0), torch's mean of nothing
     return loss.to(loss_dtype(input))  # float32 under autocast, as torch's kl_div (on its fp32 list)

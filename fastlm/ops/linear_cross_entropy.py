@@ -16,7 +16,9 @@ the (chunk, vocab) buffer, beside the gradients themselves.
 
 With reduction "none" the per-token incoming gradients are needed before grad_linear_weight can be formed, so the
 forward computes only the losses and the backward recomputes the chunks' logits (four matmuls in all instead of
-three), the incoming gradients folded into the row kernel's gradient sweep (cpu) or applied in place (Triton).
+three), the incoming gradients folded into the row kernel's gradient sweep (cpu) or applied in place (Triton). fp16
+takes the same deferred path for every reduction (:func:`deferred`): the incoming gradient (a GradScaler's factor
+times 1/N) is folded into the row kernel's fp32 gradient sweep, so nothing is rounded to fp16 before it is scaled.
 Gradients are accumulated in the dtype of linear_weight (as Liger-Kernel does); with few chunks the rounding is
 that of one bf16 matmul per chunk. The chunk size rule (:func:`chunk_size_for`) differs between GPU and CPU.
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import resolve
-from fastlm.ops import vocab_parallel
+from fastlm.ops import sharded_params, vocab_parallel
 from fastlm.ops.cross_entropy import (
     REDUCTIONS,
     check_inputs,
@@ -93,41 +95,41 @@ def _rows_fake(input, target, weight, grad_scale, ignore_index, label_smoothing,
 CROSS_ENTROPY_ROWS = register("cross_entropy_rows", _rows_fake, backends=("cpu",))
 
 
-def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, denom=None, row_scale=None):
+def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, grad_scale=None):
     """Per-row losses (fp32) of a chunk of logits and, if ``write_grad``, their gradient written over ``logits`` in
-    place, times 1 / ``denom`` ((1,) fp32, the whole batch's mean denominator) and ``row_scale`` ((rows,), incoming
-    per-row gradients) where given: the Triton kernel (backend "triton") or the CPU C++ kernel (backend "cpu", both
-    scales folded into the kernel's gradient sweep)."""
+    place, times ``grad_scale`` where given: a (1,) or (rows,) fp32 tensor (1 / the whole batch's mean denominator,
+    and / or the incoming gradients). The Triton kernel (backend "triton": a (1,) scale folded into its gradient
+    sweep as the reciprocal of its Denom; (rows,) scales multiply the stored gradient afterwards, in fp32) or the CPU
+    C++ kernel (backend "cpu": either folded into the kernel's gradient sweep). Folded means computed in fp32 before
+    the one rounding to the logits' dtype: in fp16 that keeps a GradScaler's factor ahead of the rounding."""
+    per_row = grad_scale is not None and grad_scale.shape[0] > 1
     if backend == "triton":
         from fastlm.kernels import cross_entropy as k
 
+        denom = 1.0 / grad_scale if write_grad and grad_scale is not None and not per_row else None
         losses, _ = k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
-        if write_grad and row_scale is not None:
-            logits.mul_(row_scale[:, None])  # computed in fp32 (row_scale's dtype), stored in the logits' dtype
+        if write_grad and per_row:
+            logits.mul_(grad_scale[:, None])  # computed in fp32 (grad_scale's dtype), stored in the logits' dtype
         return losses
     if backend != "cpu":
         raise ValueError(
             f"backend must be 'triton' or 'cpu' (the backends with a linear cross-entropy), got {backend!r}"
         )
-    scale = None
-    if write_grad:
-        # fp32 scales: in fp16 a mean over more than 65504 tokens would be inf
-        scale = 1.0 / denom if denom is not None else None
-        if row_scale is not None:
-            scale = row_scale.float().contiguous() if scale is None else (row_scale.float() * scale).contiguous()
+    scale = grad_scale.float().contiguous() if write_grad and grad_scale is not None else None
     return CROSS_ENTROPY_ROWS["cpu"](logits, t, weight, scale, ignore_index, smoothing, logits if write_grad else None)
 
 
-def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, denom=None, row_scale=None):
+def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, grad_scale=None):
     """The chunk loop of forward + backward: for each chunk of tokens, its logits (one matmul into one reused
     (chunk, V) buffer) -> the fused kernel writes ``losses`` of the chunk and overwrites the logits with their
-    gradient (scaled by 1 / denom and row_scale) -> grad_input of the chunk (a matmul into its rows of the output)
-    and grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the fp32
+    gradient (times grad_scale) -> grad_input of the chunk (a matmul into its rows of the output) and
+    grad_linear_weight (the first chunk's matmul writes it, the others accumulate with addmm_) and the fp32
     grad_linear_bias (the gradient's column sums). Returns (grad_input, grad_linear_weight, grad_linear_bias
     or None); grad_linear_weight in w's dtype, grad_linear_bias in b's.
 
     x: (T, H) contiguous; w: (V, H) contiguous; b: (V,) or None; t: (T,) int64; weight: (V,) fp32 or None; losses:
-    (T,) fp32, written; denom: (1,) fp32 (mean) or None; row_scale: (T,) incoming per-token gradients or None."""
+    (T,) fp32, written; grad_scale: None, or a (1,) or (T,) fp32 factor of each token's gradient (1 / the mean's
+    denominator, the incoming gradients)."""
     T, V = x.shape[0], w.shape[0]
     buf = x.new_empty((min(chunk, T), V))
     gx = torch.empty_like(x)
@@ -136,8 +138,8 @@ def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, l
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         g = chunk_logits(buf[: e - s], x[s:e], w, b)
-        rs = row_scale[s:e] if row_scale is not None else None
-        losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, denom, rs)
+        gs = grad_scale[s:e] if grad_scale is not None and grad_scale.shape[0] > 1 else grad_scale
+        losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, gs)
         torch.mm(g, w, out=gx[s:e])
         if s == 0:
             torch.mm(g.T, x[s:e], out=gw)
@@ -178,11 +180,23 @@ def linear_cross_entropy_fwd(
     denom = mean_denominator(target, weight, ignore_index, V) if reduction == 1 else None
     args = (input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size, backend)
     empty = input.new_empty((0,))
-    if not (compute_grad and reduction != 0):  # losses only (reduction "none": the backward recomputes the chunks)
+    if not (compute_grad and not deferred(reduction, input)):  # losses only (deferred: the backward recomputes)
         return reduce_losses(lm_head_losses(*args), reduction, denom), empty, empty.clone(), empty.clone()
     losses = torch.empty(input.shape[0], dtype=torch.float32, device=input.device)
-    gx, gw, gb = lm_head_grads(*args, losses, denom=denom)
+    gx, gw, gb = lm_head_grads(*args, losses, grad_scale=1.0 / denom if denom is not None else None)
     return reduce_losses(losses, reduction, denom), gx, gw, (gb if gb is not None else empty.clone())
+
+
+def deferred(reduction: int, input: Tensor) -> bool:
+    """Whether the gradients are formed in the backward (the chunks' logits recomputed: four matmuls instead of
+    three) instead of the forward: for reduction "none" (the per-token incoming gradients are needed first), and in
+    fp16, where the incoming gradient carries a GradScaler's factor that must multiply the logits' gradient before
+    it is rounded to fp16 (it is folded into the row kernel's fp32 gradient sweep, 1 / the mean's denominator with
+    it: the same rounding as torch's unfused fp16 path, whose cross-entropy runs in fp32 under autocast). Forming
+    them in the forward would round 1/N-scaled values (underflow: p / N < 2^-24) or, unscaled, sum them over every
+    token into grad_linear_weight (overflow beyond 65504 for frequent classes, where the GradScaler cannot help
+    since the scale would come after)."""
+    return reduction == 0 or input.dtype == torch.float16
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -200,7 +214,7 @@ def _fake(
     backend,
 ):
     loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=torch.float32)
-    now = compute_grad and reduction != 0
+    now = compute_grad and not deferred(reduction, input)
     return (
         loss,
         input.new_empty(input.shape if now else (0,)),
@@ -214,9 +228,9 @@ def _fake(
 
 def _setup(ctx, inputs, output):
     x, w, t, b, weight, ignore_index, smoothing, reduction, compute_grad, chunk, backend = inputs
-    ctx.reduction, ctx.has_bias = reduction, b is not None
+    ctx.reduction, ctx.has_bias, ctx.deferred = reduction, b is not None, deferred(reduction, x)
     ctx.args = (ignore_index, smoothing, chunk, backend)
-    if reduction == 0:  # gradients recomputed in the backward
+    if ctx.deferred:  # gradients recomputed in the backward
         ctx.save_for_backward(x, w, t, b, weight)
     else:
         ctx.save_for_backward(output[1], output[2], output[3])
@@ -229,15 +243,19 @@ def _backward(ctx, dloss, *_):
     nones = (None,) * 7
     if dloss is None:
         return (None,) * 11
-    if ctx.reduction != 0:
+    if not ctx.deferred:
         # a scalar loss: loss.backward() on CPU hands the saved gradients on without a copy (scale_saved_grad)
         first = first_backward(ctx)
         gx, gw, gb = (scale_saved_grad(g, dloss, 1, first) for g in ctx.saved_tensors)
         return gx, gw, None, (gb if ctx.has_bias else None), *nones
     x, w, t, b, weight = ctx.saved_tensors
     ignore_index, smoothing, chunk, backend = ctx.args
+    scale = dloss.float().reshape(-1)  # (T,) incoming per-token gradients, or (1,) for a scalar loss
+    if ctx.reduction == 1:
+        scale = scale / mean_denominator(t, weight, ignore_index, w.shape[0])
     losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)  # recomputed, unused
-    gx, gw, gb = lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, row_scale=dloss)
+    # (a sharded weight is gathered here already: FSDP2's pre-backward hook, sharded_params' ZeRO-3 hook)
+    gx, gw, gb = lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, scale.contiguous())
     return gx, gw, None, gb, *nones
 
 
@@ -269,9 +287,27 @@ def linear_cross_entropy(
     Returns:
         The loss in input's dtype: a scalar, or ``target``'s shape for ``reduction="none"``.
 
+    FSDP2 / ZeRO-3: ``linear_weight`` (and ``linear_bias``) may be an FSDP2 module's sharded parameter or a
+    partitioned ZeRO-3 one, passed outside that module's forward: gathered once for the call, through FSDP2's own
+    hooks (its compute dtype; the gradient reduce-scattered into the sharded parameter) or DeepSpeed's
+    ``GatheredParameters`` (fastlm/ops/sharded_params.py, which also states how an FSDP2 parameter is told from a
+    vocab-sharded weight).
+
     Vocab-parallel: ``linear_weight`` a DTensor sharded on the vocabulary (``Shard(0)``) on a 1-D mesh: chunked
     the same way, never gathering the vocabulary; the loss a replicated DTensor (fastlm/ops/vocab_parallel.py).
+
+    fp16: the gradients are formed in the backward, with the incoming gradient (a GradScaler's factor) folded into
+    the kernel's fp32 gradient sweep (one more matmul: :func:`deferred`).
     """
+    if sharded_params.needs_gather(linear_weight, linear_bias):
+
+        def loss_fn(x, w, b):
+            return linear_cross_entropy(
+                x, w, target, linear_bias=b, weight=weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, chunk_size=chunk_size,
+            )  # fmt: skip
+
+        return sharded_params.call(loss_fn, (input,), (linear_weight, linear_bias))
     if vocab_parallel.is_dtensor(linear_weight) or vocab_parallel.is_dtensor(input):
         return vocab_parallel.linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, chunk_size
