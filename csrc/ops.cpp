@@ -120,6 +120,14 @@ void define_gated_mlp_schemas(torch::stable::detail::StableLibrary& m) {
   m.def("gated_mlp_bwd_cpu(Tensor dy, Tensor gate, Tensor? up, int act) -> (Tensor dgate, Tensor dup)");
 }
 
+void define_linear_rows_schemas(torch::stable::detail::StableLibrary& m) {
+  // decode-sized linear layer, inference only (csrc/cpu/linear_rows.cpp; fastlm/ops/linear_rows.py has the contract):
+  // y = x W^T (+ bias), x (M, K) and weight (N, K) with unit last strides, bias (N,) contiguous, one dtype (float32,
+  // float16, bfloat16; fp32 accumulation). y (M, N) contiguous in x's dtype. CPU only: on a GPU F.linear's cuBLAS
+  // GEMMs already run skinny products at bandwidth.
+  m.def("linear_rows_cpu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
 void define_vocab_parallel_schemas(torch::stable::detail::StableLibrary& m) {
   // vocab-parallel cross-entropy, one rank's shard (csrc/cpu/vocab_parallel.cpp has the contract; the collectives
   // are in fastlm/ops/vocab_parallel.py). input (N, Cl), unit class stride; target (N,) int64 local ids (outside
@@ -185,6 +193,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   define_gated_mlp_schemas(m);
   define_distillation_schemas(m);
   define_vocab_parallel_schemas(m);
+  define_linear_rows_schemas(m);
   define_linear_loss_schemas(m);
 }
 

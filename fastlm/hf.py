@@ -341,9 +341,10 @@ class LossRequest:
 
 
 def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
-    """The LM head of a patched causal LM: the ordinary linear layer, except while its model's training forward asks
-    for the loss (``self._fastlm_loss``, a :class:`LossRequest`): then it returns the loss of the fused linear
-    cross-entropy of its input instead of the logits (which are never computed).
+    """The LM head of a patched causal LM: the ordinary linear layer (:func:`fastlm.ops.linear_rows.linear`: decoding's
+    few rows on fastlm's CPU kernel), except while its model's training forward asks for the loss
+    (``self._fastlm_loss``, a :class:`LossRequest`): then it returns the loss of the fused linear cross-entropy of its
+    input instead of the logits (which are never computed).
 
     The loss is computed here, inside the head module's own forward, so that whatever wraps that forward sees the
     weight in use and the loss as the module's output: FSDP2 has the weight gathered (in its mixed-precision
@@ -352,8 +353,10 @@ def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
     the forward it is a ``numel() == 0`` placeholder). Reading ``lm_head.weight`` after the head returned would give
     a shard or a resharded weight (pytorch#153354, TRL #3368)."""
     request = self._fastlm_loss
-    if request is None:
-        return nn.functional.linear(hidden_states, self.weight, self.bias)
+    if request is None:  # decoding's few rows on the CPU: fastlm's kernel (see fastlm/ops/linear_rows.py)
+        from fastlm.ops import linear_rows
+
+        return linear_rows.linear(hidden_states, self.weight, self.bias)
     request.loss = causal_lm_loss(hidden_states, self.weight, self.bias, request.labels, **request.kwargs)
     return request.loss
 

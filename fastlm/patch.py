@@ -18,6 +18,8 @@ the swap changes the module's ``__class__`` in place, so parameters, buffers, ho
   patched modules), the gated MLPs (``down(act(gate(x)) * up(x))`` -> ``swiglu`` / ``geglu``, Phi-3's merged
   ``gate_up_proj`` included), and the ``*ForCausalLM`` loss (in training with labels: the fused linear
   cross-entropy on the LM head's input, logits never materialised, ``outputs.logits`` None);
+- ``torch.nn.Linear`` (exactly that class) -> the same layer whose inference calls with at most 16 rows on the CPU
+  (decoding) run fastlm's ``linear_rows`` kernel (fastlm/ops/linear_rows.py); every other call is ``F.linear``;
 - Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
 """
 
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from fastlm import hf
 from fastlm import nn as fnn
-from fastlm.ops import norms
+from fastlm.ops import linear_rows, norms
 
 
 def _eps(m: nn.Module) -> float | None:
@@ -51,6 +53,11 @@ def _hf_output_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Ten
         self.dropout(self.dense(hidden_states)), input_tensor, ln.weight.shape, ln.weight, ln.bias, ln.eps
     )
     return out
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    """torch.nn.Linear's forward; decoding's few rows on the CPU on fastlm's kernel (fastlm/ops/linear_rows.py)."""
+    return linear_rows.linear(input, self.weight, self.bias)
 
 
 def _is_hf_post_norm_output(m: nn.Module) -> bool:
@@ -89,7 +96,7 @@ def _is_hf_norm(m: nn.Module, suffix: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     name: str
-    group: str  # "norms", "attention", "softmax", "rope", "mlp" or "loss": the switch of fastlm.patch enabling it
+    group: str  # "norms", "attention", "softmax", "rope", "mlp", "loss" or "linear": fastlm.patch's switch for it
     matches: Callable[[nn.Module], bool]
     fused_class: Callable[[type], type]  # original class -> the class to swap in
     prepare: Callable[[nn.Module], None] | None = None  # what else the swap needs, run once per swapped module
@@ -107,10 +114,26 @@ def _derive(forward: Callable, keep_name: bool = False) -> Callable[[type], type
         key = (cls, forward)
         if key not in _derived:
             name = cls.__name__ if keep_name else f"Fused{cls.__name__}"
-            _derived[key] = type(name, (cls,), {"forward": forward, "__module__": __name__})
+            _derived[key] = type(
+                name, (cls,), {"forward": _with_signature(forward, cls.forward), "__module__": __name__}
+            )
         return _derived[key]
 
     return make
+
+
+def _with_signature(forward: Callable, original: Callable) -> Callable:
+    """``forward`` presenting ``original``'s signature to ``inspect``: transformers reads a model's forward signature
+    to decide what to pass it (``generate`` asks for ``logits_to_keep`` only when the forward names it: without it a
+    patched causal LM computed the logits of every prompt position at prefill, 110 ms of a 0.9 s decode run)."""
+
+    def patched_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    patched_forward.__name__ = patched_forward.__qualname__ = "forward"
+    patched_forward.__doc__ = forward.__doc__
+    patched_forward.__signature__ = inspect.signature(original)
+    return patched_forward
 
 
 def _exact(cls: type) -> Callable[[nn.Module], bool]:
@@ -169,6 +192,7 @@ ADAPTERS = [
         _derive(hf.causal_lm_forward, keep_name=True),
         _prepare_causal_lm,
     ),
+    Adapter("torch.nn.Linear (decode rows on CPU)", "linear", _exact(nn.Linear), _derive(_linear_forward)),
 ]
 
 
@@ -181,16 +205,19 @@ def patch(
     rope: bool = True,
     mlp: bool = True,
     loss: bool = True,
+    linear: bool = True,
     verbose: bool = False,
 ) -> nn.Module:
     """Swap, in place, the modules of ``model`` that fastlm has fused versions of; returns ``model``.
 
     Each switch turns one group of swaps off: ``norms``, ``attention`` (torch's MultiheadAttention and HF's
     ``attn_implementation``), ``softmax`` (softmax / log-softmax / cross-entropy modules), ``rope`` (HF rotary
-    application), ``mlp`` (HF gated MLPs), ``loss`` (HF causal-LM loss on the fused linear cross-entropy).
+    application), ``mlp`` (HF gated MLPs), ``loss`` (HF causal-LM loss on the fused linear cross-entropy),
+    ``linear`` (``torch.nn.Linear``: inference calls of at most 16 rows on the CPU, decoding's, run fastlm's
+    ``linear_rows`` kernel; every other call stays ``F.linear``).
     ``fastlm.patch_summary(model)`` (or ``verbose=True``) reports what was replaced; :func:`unpatch` restores it.
     """
-    groups = {"norms": norms, "attention": attention, "softmax": softmax, "rope": rope, "mlp": mlp, "loss": loss}
+    groups = dict(norms=norms, attention=attention, softmax=softmax, rope=rope, mlp=mlp, loss=loss, linear=linear)
     summary: dict[str, int] = {}
     for module in model.modules():
         if getattr(module, "_fastlm_original_class", None) is not None:

@@ -1,4 +1,5 @@
-"""Kernel-level timing of the fastlm CPU norm / softmax / cross-entropy ops against torch's own CPU kernels.
+"""Kernel-level timing of the fastlm CPU norm / softmax / cross-entropy / decode-linear ops against torch's own CPU
+kernels (linear_rows: against aten::linear, MKL's sgemm).
 
 Calls the registered ops directly (``torch.ops.fastlm.*_cpu`` vs ``torch.ops.aten.*``) on the same inputs, below the
 autograd dispatch key (``torch._C._AutoDispatchBelowADInplaceOrView``: the Python autograd kernel that
@@ -111,6 +112,25 @@ def ce_cases(dt):
         yield "cross_entropy", s, "fwd+bwd", partial(fl, True), partial(_aten_ce_grad, x, t, dt)
 
 
+# (N, K) weights of decode-sized linear layers (a 32000-vocabulary LM head, Llama-style projections) x rows M
+LINEAR_SHAPES = [(32000, 512), (1408, 512), (512, 1408), (4096, 4096), (151936, 1024)]
+LINEAR_ROWS = (1, 2, 4, 8, 16)
+
+
+def linear_rows_cases(dt):
+    for N, K in LINEAR_SHAPES:
+        w = torch.randn(N, K, dtype=dt)
+        for M in LINEAR_ROWS:
+            x = torch.randn(M, K, dtype=dt)
+            yield (
+                "linear_rows",
+                f"{M}x{K}->{N}",
+                "fwd",
+                partial(FL.linear_rows_cpu, x, w, None),
+                partial(A.linear, x, w),
+            )
+
+
 def measure(f_fl, f_at, reps, clock=time.perf_counter_ns):
     """Per-call times (us) of f_fl and f_at, alternating call by call: (median fl, median aten, p10 fl, p10 aten)."""
     for f in (f_fl, f_at):
@@ -159,7 +179,7 @@ def main():
 
 def run(args, only):
     for dt in [getattr(torch, d) for d in args.dtypes.split(",")]:
-        for gen in (norm_cases, softmax_cases, ce_cases):
+        for gen in (norm_cases, softmax_cases, ce_cases, linear_rows_cases):
             for name, shape, mode, f_fl, f_at in gen(dt):
                 if only and name not in only:
                     continue

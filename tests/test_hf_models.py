@@ -86,6 +86,8 @@ def test_patch_swaps_every_part(name):
     assert summary["HF *ForCausalLM loss (linear cross-entropy)"] == 1, summary
     assert summary["HF attention -> 'fastlm'"] == 1, summary
     assert summary["HF *RMSNorm"] >= 2 * LAYERS + 1, summary
+    # q, k, v, o and the MLP's three projections (Phi-3: qkv, o, gate_up, down), not the LM head (its own adapter's)
+    assert summary["torch.nn.Linear (decode rows on CPU)"] == LAYERS * (4 if name == "phi3" else 7), summary
     fastlm.unpatch(model)
     assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
     assert model.config._attn_implementation == ("eager" if name == "gemma2" else "sdpa")
@@ -119,6 +121,27 @@ def test_eval_logits_match(backend, name):
         b = ours(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
         assert b.shape == (2, 1, TINY["vocab_size"])
         torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_generate_keeps_only_the_last_logits_and_matches(backend, name):
+    """Greedy generate of a patched model: the same tokens as unpatched, and the LM head sees one position per
+    sequence at every step, prefill included (generate passes ``logits_to_keep`` only to a forward whose signature
+    names it: the patched classes present their original forward's signature)."""
+    import inspect
+
+    ref = _build(name).eval()
+    ours = fastlm.patch(copy.deepcopy(ref))
+    assert inspect.signature(ours.forward) == inspect.signature(ref.forward)
+    assert inspect.signature(ours.model.norm.forward) == inspect.signature(ref.model.norm.forward)
+    seen = []
+    ours.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    ids = torch.randint(3, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected, got = ref.generate(ids, **kw), ours.generate(ids, **kw)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert seen == [(2, 1, TINY["hidden_size"])] * 4
 
 
 def test_num_items_in_batch_and_shift_labels(backend):
