@@ -353,7 +353,9 @@ def lm_head_forward(self, hidden_states: Tensor) -> Tensor:
     the forward it is a ``numel() == 0`` placeholder). Reading ``lm_head.weight`` after the head returned would give
     a shard or a resharded weight (pytorch#153354, TRL #3368)."""
     request = self._fastlm_loss
-    if request is None:  # decoding's few rows on the CPU: fastlm's kernel (see fastlm/ops/linear_rows.py)
+    if request is None:  # decoding's few rows on the CPU: fastlm's kernel (fastlm/ops/linear_rows.py; patch(linear=))
+        if not getattr(self, "_fastlm_linear", True):
+            return nn.functional.linear(hidden_states, self.weight, self.bias)
         from fastlm.ops import linear_rows
 
         return linear_rows.linear(hidden_states, self.weight, self.bias)

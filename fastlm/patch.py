@@ -23,7 +23,9 @@ the swap changes the module's ``__class__`` in place, so parameters, buffers, ho
 - Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
 """
 
+import base64
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -103,36 +105,66 @@ class Adapter:
 
 
 _derived: dict = {}
+_TOKEN = "_fastlm_class_"  # derived classes are module attributes of this name + base32 of what defines them
 
 
 def _derive(forward: Callable, keep_name: bool = False) -> Callable[[type], type]:
     """A subclass of the module's own class whose forward is ``forward`` (cached per class), named ``Fused<Name>``,
     or ``<Name>`` with ``keep_name`` (an HF model: ``save_pretrained`` writes the class name into the config's
-    ``architectures``, which loaders such as vLLM read)."""
+    ``architectures``, which loaders such as vLLM read).
+
+    Pickling (``torch.save`` of a patched model) finds the class again by its ``__qualname__``: a token naming the
+    original class and ``forward``, which this module's ``__getattr__`` turns back into the same derived class (in
+    another process too, as long as both can be imported)."""
 
     def make(cls: type) -> type:
         key = (cls, forward)
         if key not in _derived:
             name = cls.__name__ if keep_name else f"Fused{cls.__name__}"
-            _derived[key] = type(
-                name, (cls,), {"forward": _with_signature(forward, cls.forward), "__module__": __name__}
+            spec = "|".join(
+                (cls.__module__, cls.__qualname__, forward.__module__, forward.__qualname__, str(+keep_name))
             )
+            token = _TOKEN + base64.b32encode(spec.encode()).decode().rstrip("=")
+            body = {"forward": _with_signature(forward, cls.forward), "__module__": __name__, "__qualname__": token}
+            _derived[key] = type(name, (cls,), body)
         return _derived[key]
 
     return make
 
 
+def __getattr__(name: str):
+    """The derived class a pickle names (see :func:`_derive`)."""
+    if not name.startswith(_TOKEN):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raw = name[len(_TOKEN) :]
+    cls_module, cls_name, fwd_module, fwd_name, keep = base64.b32decode(raw + "=" * (-len(raw) % 8)).decode().split("|")
+
+    def find(module: str, qualname: str):
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    return _derive(find(fwd_module, fwd_name), keep == "1")(find(cls_module, cls_name))
+
+
 def _with_signature(forward: Callable, original: Callable) -> Callable:
-    """``forward`` presenting ``original``'s signature to ``inspect``: transformers reads a model's forward signature
-    to decide what to pass it (``generate`` asks for ``logits_to_keep`` only when the forward names it: without it a
-    patched causal LM computed the logits of every prompt position at prefill, 110 ms of a 0.9 s decode run)."""
+    """``forward``, or for a generic ``forward(self, *args, **kwargs)`` a wrapper that presents ``original``'s
+    signature to ``inspect`` (through ``__wrapped__``, which accelerate's hooks and ``functools`` keep right):
+    transformers reads a model's forward signature to decide what to pass it (``generate`` asks for
+    ``logits_to_keep`` only when the forward names it: without it a patched causal LM computed the logits of every
+    prompt position at prefill, 110 ms of a 0.9 s decode run). A forward with its own parameters keeps its own."""
+    params = list(inspect.signature(forward).parameters.values())
+    kinds = [p.kind for p in params[1:]]
+    if kinds != [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
+        return forward
 
     def patched_forward(self, *args, **kwargs):
         return forward(self, *args, **kwargs)
 
     patched_forward.__name__ = patched_forward.__qualname__ = "forward"
     patched_forward.__doc__ = forward.__doc__
-    patched_forward.__signature__ = inspect.signature(original)
+    patched_forward.__wrapped__ = original
     return patched_forward
 
 
@@ -236,6 +268,9 @@ def patch(
         model._fastlm_previous_attn = model.config._attn_implementation
         model.set_attn_implementation(hf.NAME)
         summary["HF attention -> 'fastlm'"] = 1
+    for module in model.modules():  # the LM heads of patched causal LMs follow `linear` too (hf.lm_head_forward)
+        if getattr(module, "_fastlm_loss", False) is None:
+            module._fastlm_linear = linear
     model._fastlm_patch_summary = summary
     if verbose:
         print(format_summary(summary))

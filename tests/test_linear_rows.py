@@ -87,12 +87,20 @@ def test_opcheck():
         torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_linear_routes_decode_rows_to_the_kernel_and_the_rest_to_f_linear(monkeypatch):
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The row shapes of every kernel call linear() makes; any weight size qualifies (MIN_WEIGHT_BYTES 0)."""
+    calls = []
+    real = linear_rows.LINEAR_ROWS["cpu"]
+    monkeypatch.setitem(linear_rows.LINEAR_ROWS, "cpu", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+    monkeypatch.setattr(linear_rows, "MIN_WEIGHT_BYTES", 0)
+    return calls
+
+
+def test_linear_routes_decode_rows_to_the_kernel_and_the_rest_to_f_linear(kernel_calls):
     """linear() runs the kernel exactly for CPU inference calls of <= MAX_ROWS rows of one float dtype; a training
     call, more rows, mixed dtypes or a tensor subclass are F.linear (autograd, MKL's GEMM) with F.linear's results."""
-    calls = []
-    real = linear_rows.call
-    monkeypatch.setattr(linear_rows, "call", lambda op, *a: calls.append(a[0].shape) or real(op, *a))
+    calls = kernel_calls
     w = torch.randn(40, 24, requires_grad=True)
     b = torch.randn(40, requires_grad=True)
     x = torch.randn(2, 3, 24)  # 6 rows, 3-D
@@ -116,20 +124,87 @@ def test_linear_routes_decode_rows_to_the_kernel_and_the_rest_to_f_linear(monkey
     assert calls == []
 
 
-def test_linear_rejects_a_wrong_width():
-    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="shape|size"):
-        linear_rows.linear(torch.randn(2, 5), torch.randn(3, 4))
+def _same_as_f_linear(x, w, b=None):
+    with torch.no_grad():
+        torch.testing.assert_close(linear_rows.linear(x, w, b), TF.linear(x, w, b), atol=0, rtol=0)
 
 
-def test_linear_under_compile_is_f_linear():
+def test_linear_leaves_every_other_case_to_f_linear(kernel_calls):
+    """Cases the kernel does not take, each F.linear's result (or error) exactly, no kernel call: an empty width,
+    a transposed weight, a broadcast (1,) bias, a bias on another device, autocast, a weight below
+    MIN_WEIGHT_BYTES."""
+    w, b = torch.randn(6, 5), torch.randn(6)
+    _same_as_f_linear(torch.randn(3, 0), torch.randn(6, 0), b)  # K = 0: the bias
+    x1 = torch.randn(5)  # 1-D x: one row, the kernel's (within fp32 rounding of F.linear)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_rows.linear(x1, w, b), TF.linear(x1, w, b))
+    assert kernel_calls == [(1, 5)]
+    kernel_calls.clear()
+    _same_as_f_linear(torch.randn(2, 5), torch.randn(5, 6).t(), b)  # transposed weight: MKL reads it in place
+    _same_as_f_linear(torch.randn(2, 5), w, torch.randn(1))  # a (1,) bias broadcasts in F.linear
+    with torch.no_grad(), pytest.raises(RuntimeError):  # F.linear's error for a bias on the meta device
+        linear_rows.linear(torch.randn(2, 5), w, torch.randn(6, device="meta"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="shape|size"):  # a wrong width: F.linear's error
+        linear_rows.linear(torch.randn(2, 4), w)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_rows.linear(torch.randn(2, 5), w, b)
+    assert y.dtype == torch.bfloat16  # autocast's dtype, as F.linear
+    assert kernel_calls == []
+
+
+def test_linear_small_weights_stay_f_linear():
+    w = torch.randn(8, 8)
+    assert w.numel() * 4 < linear_rows.MIN_WEIGHT_BYTES
+    with torch.no_grad():
+        assert not linear_rows.uses_kernel(torch.randn(2, 8), w)
+        assert linear_rows.uses_kernel(torch.randn(2, 512), torch.randn(512, 512))
+
+
+def test_linear_forward_ad_and_func_transforms_keep_their_tangents(kernel_calls):
+    """jvp (torch.func and forward-mode AD dual tensors) and vmap: F.linear's rules, the tangent kept."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, x, t = torch.randn(7, 5), torch.randn(3, 5), torch.randn(3, 5)
+    expected = TF.linear(t, w)
+    _, tangent = torch.func.jvp(lambda a: linear_rows.linear(a, w), (x,), (t,))
+    torch.testing.assert_close(tangent, expected)
+    with fwAD.dual_level():
+        out = linear_rows.linear(fwAD.make_dual(x, t), w)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected)
+    got = torch.func.vmap(lambda a: linear_rows.linear(a, w))(x)
+    torch.testing.assert_close(got, TF.linear(x, w))
+    assert kernel_calls == []
+
+
+def test_linear_under_compile_is_f_linear(kernel_calls):
     w, x = torch.randn(12, 8), torch.randn(2, 8)
     f = torch.compile(lambda a: linear_rows.linear(a, w), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(f(x), TF.linear(x, w))
+    assert kernel_calls == []
+
+
+def test_patched_model_pickles_traces_and_keeps_signatures(tmp_path, kernel_calls):
+    """torch.save / load of a patched model (in this process: the derived classes found again by name),
+    torch.jit.trace and torch.fx.symbolic_trace of it, and the patched modules' forward signatures."""
+    import inspect
+
+    model = fastlm.patch(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
+    assert str(inspect.signature(model[0].forward)) == str(inspect.signature(torch.nn.Linear(2, 2).forward))
+    x = torch.randn(3, 8)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded[0]) is type(model[0]) and type(loaded[0]).__name__ == "FusedLinear"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), model(x))
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_patch_routes_nn_linear_in_inference_only(dtype):
+def test_patch_routes_nn_linear_in_inference_only(dtype, kernel_calls):
     """fastlm.patch swaps nn.Linear (exactly that class); its inference calls of a few rows give the kernel's result,
     its training calls F.linear's (same gradients); unpatch restores the class."""
     torch.manual_seed(0)
@@ -154,3 +229,25 @@ def test_patch_routes_nn_linear_in_inference_only(dtype):
     model(xg).float().square().sum().backward()
     for g, m in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, m.weight.grad, atol=0, rtol=0)
+
+
+def test_patch_linear_false_keeps_f_linear_in_the_lm_head(kernel_calls):
+    """fastlm.patch(model, linear=False): neither nn.Linear modules nor a patched causal LM's head run the kernel."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+    )
+    ids = torch.randint(0, 64, (2, 5))
+    for linear, expect_calls in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        model = fastlm.patch(transformers.LlamaForCausalLM(cfg).eval(), linear=linear)
+        kernel_calls.clear()
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+        assert bool(kernel_calls) == expect_calls, kernel_calls
+        assert (2, 32) in kernel_calls or not expect_calls  # the head's (B * 1 kept position, hidden) rows

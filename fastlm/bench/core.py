@@ -55,6 +55,7 @@ TARGETS = {
     ("cpu", "sdpa", "fwd"): {"torch-sdpa": 1.0},
     ("cpu", "sdpa", "fwd+bwd"): {"torch-sdpa": 1.2},  # issue 25: the fused backward
     ("cpu", "decode", "fwd"): {"torch-sdpa": 1.5},  # issue 18: Sq = 1 at Sk 4096
+    ("cpu", "linear_rows", "fwd"): {"torch-eager": 1.0},  # issue 25: decode's linear layers (linear_rows.MAX_ROWS)
     # issue 18 on the H200: every variant >= 1.1x the best torch baseline that can run it (FlexAttention for the
     # modifiers); decode at >= 70% of the copy bandwidth is read from the report's fraction of the ceiling
     ("cuda", "sdpa_mod", "fwd"): {"flex-attention": 1.1},

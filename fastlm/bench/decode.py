@@ -8,6 +8,10 @@ Triton backend takes its split-KV path there by itself); "kvcache" is ``F.attent
 (B, S_max, Hkv, D) cache holding Sk tokens per sequence, appending one new token (its traffic counted the same).
 Providers: fastlm's backends; torch SDPA with each backend it has (GQA through ``enable_gqa``); FlexAttention under
 torch.compile. On CPU: fastlm-cpu against torch's CPU SDPA.
+
+"linear_rows" (CPU only): a decoding step's linear layers, ``fastlm.ops.linear_rows.linear`` (fastlm's kernel for a
+few rows, inference) against ``F.linear`` (torch-eager: MKL's sgemm), (M rows, K in, N out). A pass over the weight:
+bytes N * K * e + M * K * e + M * N * e. On a GPU there is no such case (F.linear's cuBLAS GEMMs are the kernel).
 """
 
 import contextlib
@@ -22,6 +26,8 @@ H, HKV, D = 32, 8, 128
 GPU_GRID = tuple((B, Sk) for B in (1, 8, 64) for Sk in (1024, 8192, 32768) if B * Sk <= 64 * 8192)
 GPU_QUICK = ((1, 32768), (64, 4096))
 CPU_GRID = ((1, 4096), (8, 4096))
+# (M, K, N): a Llama-3-8B projection at batch 1 and 8, a 32000-vocabulary head of a 512-wide model at batch 4
+CPU_LINEAR = ((1, 4096, 4096), (8, 4096, 4096), (4, 512, 32000))
 
 
 def decode_bytes(B: int, Sq: int, Sk: int, e: int) -> float:
@@ -37,6 +43,10 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
         for kernel in ("decode", "kvcache"):
             shape = f"B{B} H{H}/{HKV} Sq1 Sk{Sk} D{D}"
             out.append(Case(kernel, shape, dtype, "fwd", decode_bytes(B, 1, Sk, e), "GB/s", (B, Sk)))
+    if not gpu:
+        for M, K, N in CPU_LINEAR:
+            nbytes = (N * K + M * K + M * N) * e
+            out.append(Case("linear_rows", f"{M}x{K}->{N}", dtype, "fwd", nbytes, "GB/s", (M, K, N)))
     return out
 
 
@@ -44,7 +54,8 @@ def providers(device: torch.device) -> dict[str, object]:
     from fastlm import extension
 
     if device.type != "cuda":
-        return {**({"fastlm-cpu": "cpu"} if extension.lib is not None else {}), "torch-sdpa": None}
+        fastlm_cpu = {"fastlm-cpu": "cpu"} if extension.lib is not None else {}
+        return {**fastlm_cpu, "torch-sdpa": None, "torch-eager": "eager"}
     from torch.nn.attention import SDPBackend
 
     names: dict[str, object] = {"fastlm-triton": "triton"}
@@ -58,7 +69,34 @@ def providers(device: torch.device) -> dict[str, object]:
     return names
 
 
+def _linear_rows_runner(case: Case, provider: str, device: torch.device):
+    from fastlm.ops import linear_rows
+
+    M, K, N = case.params
+    if provider not in ("fastlm-cpu", "torch-eager"):
+        raise SkipCase("linear_rows is timed against F.linear (torch-eager)")
+
+    def setup():
+        x = torch.randn(M, K, device=device, dtype=case.dtype)
+        w = torch.randn(N, K, device=device, dtype=case.dtype) / K**0.5
+        fn = linear_rows.linear if provider == "fastlm-cpu" else TF.linear
+        if provider == "fastlm-cpu" and not linear_rows.uses_kernel(x, w):
+            raise SkipCase("linear_rows would not run its kernel here")
+
+        def call():
+            with torch.inference_mode():
+                return fn(x, w)
+
+        return call
+
+    return setup
+
+
 def runner(case: Case, provider: str, device: torch.device):
+    if case.kernel == "linear_rows":
+        return _linear_rows_runner(case, provider, device)
+    if provider == "torch-eager":
+        raise SkipCase("the attention baseline is torch-sdpa")
     B, Sk = case.params
     backend = providers(device)[provider]
 

@@ -12,13 +12,16 @@ interleaved calls): the LM head above 4.1 ms (2.8x); 1-8 rows of 512- to 4096-wi
 1.4-3.8x ``aten::linear``; 16 rows 1.02-2.3x (the small layers level: MKL's blocked GEMM catches up), hence
 ``MAX_ROWS``.
 
-The kernel runs when every condition holds: x on the CPU with at most ``MAX_ROWS`` rows (``x.numel() / K``), no
-gradient to record (inference mode, ``torch.no_grad()``, or no input requiring grad), x, weight and bias of one
-float dtype (float32 / float16 / bfloat16), plain tensors (no DTensor or other subclass), not under torch.compile,
-and fastlm._C loaded. Every other call is ``F.linear`` itself, by design, not as a fallback: a training or a
-many-row call is a GEMM, which MKL / cuBLAS / inductor do best, and on a GPU cuBLAS already runs skinny products at
-bandwidth (no Triton kernel for this family: it would add nothing there). ``fastlm.patch`` routes HF causal LMs'
-heads and every ``torch.nn.Linear`` of a patched model through :func:`linear`.
+The kernel runs when every condition holds: x on the CPU with at most ``MAX_ROWS`` rows (``x.numel() / K``), a
+weight of at least ``MIN_WEIGHT_BYTES`` with unit last stride (an ``nn.Linear``'s), no gradient to record
+(inference mode, ``torch.no_grad()``, or no input requiring grad), x, weight and bias of one float dtype (float32 /
+float16 / bfloat16) and bias None or (N,), plain tensors (no DTensor or other subclass), no autocast, not under
+torch.compile, forward-mode AD, a ``torch.func`` transform or ``torch.jit.trace``, and fastlm._C loaded. Every
+other call is ``F.linear`` itself, by design, not as a fallback: a training or a many-row call is a GEMM, which MKL
+/ cuBLAS / inductor do best, and on a GPU cuBLAS already runs skinny products at bandwidth (no Triton kernel for
+this family: it would add nothing there). ``fastlm.patch`` routes HF causal LMs' heads and every ``torch.nn.Linear``
+of a patched model through :func:`linear` (``linear=False`` turns that off). Quantize (``quantize_dynamic``) before
+patching: it matches ``nn.Linear`` by exact class.
 """
 
 import torch
@@ -26,33 +29,54 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.dispatch import FUSED_DTYPES, tracing
-from fastlm.ops.registry import call, plain, register
+from fastlm.ops.registry import register
 
 MAX_ROWS = 16  # rows per call up to which the kernel measured >= aten::linear on every layer shape
+# smallest weight (bytes) given to the kernel: below ~1 MiB F.linear's call is a few us and the routing's own
+# Python (~5 us) would eat the kernel's gain (measured: a 256 x 256 fp32 layer at 1 row, 6.6 us F.linear vs 14.6 us)
+MIN_WEIGHT_BYTES = 1 << 20
 
 
 def _fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    torch._check(weight.device == x.device, lambda: "linear_rows: weight must be on x's device")
+    torch._check(bias is None or bias.device == x.device, lambda: "linear_rows: bias must be on x's device")
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 LINEAR_ROWS = register("linear_rows", _fake, backends=("cpu",))
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _transformed() -> bool:
+    """Forward-mode AD (dual tensors) or torch.func transforms (jvp, vmap, grad) in progress: their rules are
+    F.linear's (the kernel has none, and a dual tensor's tangent would be dropped)."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def uses_kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    """True when :func:`linear` runs fastlm's kernel for these inputs (see the module docstring)."""
-    if x.device.type != "cpu" or "cpu" not in LINEAR_ROWS or x.dim() == 0 or tracing():
+    """True when :func:`linear` runs fastlm's kernel for these inputs (see the module docstring): plain CPU tensors
+    of one float dtype, x (..., K) with at most MAX_ROWS rows, weight (N, K) with unit last stride and at least
+    MIN_WEIGHT_BYTES, bias None or (N,), no gradient to record, no autocast, no transform or tracing."""
+    if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False  # DTensor, FX proxies, other subclasses: F.linear's dispatch
+    if torch.jit.is_tracing():
+        return False  # the trace records F.linear (its shapes are traced values here)
+    if x.device.type != "cpu" or weight.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
         return False
-    K = x.shape[-1]
-    rows = x.numel() // K if K else x.numel()
-    if rows > MAX_ROWS or x.dtype not in FUSED_DTYPES or weight.dtype != x.dtype:
+    if "cpu" not in LINEAR_ROWS or x.dim() == 0 or weight.dim() != 2:
         return False
-    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1):
+    N, K = weight.shape
+    if K == 0 or x.shape[-1] != K or x.numel() > MAX_ROWS * K or x.dtype not in FUSED_DTYPES:
+        return False  # a wrong width gets F.linear's own error
+    if weight.dtype != x.dtype or (K > 1 and weight.stride(1) != 1) or N * K * x.element_size() < MIN_WEIGHT_BYTES:
+        return False  # a transposed weight: MKL reads it in place (the kernel would need a copy)
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (N,)):
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return False
-    return weight.dim() == 2 and weight.device.type == "cpu" and plain((x, weight, bias))
+    return not (torch.is_autocast_enabled("cpu") or tracing() or _transformed())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -61,15 +85,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not uses_kernel(x, weight, bias):
         return TF.linear(x, weight, bias)
     K = weight.shape[1]
-    if x.shape[-1] != K:
-        raise ValueError(f"linear: x's last dim must be weight.shape[1] = {K}, got x of shape {tuple(x.shape)}")
     x2 = x.reshape(-1, K)
     if K > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    w = weight if K <= 1 or weight.stride(1) == 1 else weight.contiguous()
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    y = call(LINEAR_ROWS["cpu"], x2, w, b)
+    with torch._C._AutoDispatchBelowAutograd():  # nothing to record (checked above): the kernel directly
+        y = LINEAR_ROWS["cpu"](x2, weight, b)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["MAX_ROWS", "LINEAR_ROWS", "linear", "uses_kernel"]
+__all__ = ["LINEAR_ROWS", "MAX_ROWS", "MIN_WEIGHT_BYTES", "linear", "uses_kernel"]
