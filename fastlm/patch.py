@@ -18,7 +18,7 @@ the swap changes the module's ``__class__`` in place, so parameters, buffers, ho
   patched modules), the gated MLPs (``down(act(gate(x)) * up(x))`` -> ``swiglu`` / ``geglu``, Phi-3's merged
   ``gate_up_proj`` included), and the ``*ForCausalLM`` loss (in training with labels: the fused linear
   cross-entropy on the LM head's input, logits never materialised, ``outputs.logits`` None);
-- ``torch.nn.Linear`` (exactly that class) -> the same layer whose inference calls with at most 16 rows on the CPU
+- ``torch.nn.Linear`` (exactly that class) -> the same layer whose fp32 inference calls with at most 16 rows on the CPU
   (decoding) run fastlm's ``linear_rows`` kernel (fastlm/ops/linear_rows.py); every other call is ``F.linear``;
 - Hugging Face models (``PreTrainedModel``): ``set_attn_implementation("fastlm")`` (see fastlm/hf.py).
 """
@@ -245,7 +245,7 @@ def patch(
     Each switch turns one group of swaps off: ``norms``, ``attention`` (torch's MultiheadAttention and HF's
     ``attn_implementation``), ``softmax`` (softmax / log-softmax / cross-entropy modules), ``rope`` (HF rotary
     application), ``mlp`` (HF gated MLPs), ``loss`` (HF causal-LM loss on the fused linear cross-entropy),
-    ``linear`` (``torch.nn.Linear``: inference calls of at most 16 rows on the CPU, decoding's, run fastlm's
+    ``linear`` (``torch.nn.Linear``: fp32 inference calls of at most 16 rows on the CPU, decoding's, run fastlm's
     ``linear_rows`` kernel; every other call stays ``F.linear``).
     ``fastlm.patch_summary(model)`` (or ``verbose=True``) reports what was replaced; :func:`unpatch` restores it.
     """

@@ -203,7 +203,14 @@ def test_patched_model_pickles_traces_and_keeps_signatures(tmp_path, kernel_call
     torch.testing.assert_close(gm(x), model(x))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_16_bit_layers_stay_f_linear(kernel_calls):
+    """bf16 / fp16 inference calls are F.linear's (oneDNN's 16-bit GEMM: level with the kernel or faster)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        _same_as_f_linear(torch.randn(2, 8, dtype=dtype), torch.randn(16, 8, dtype=dtype))
+    assert kernel_calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
 def test_patch_routes_nn_linear_in_inference_only(dtype, kernel_calls):
     """fastlm.patch swaps nn.Linear (exactly that class); its inference calls of a few rows give the kernel's result,
     its training calls F.linear's (same gradients); unpatch restores the class."""

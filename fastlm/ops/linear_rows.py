@@ -14,8 +14,9 @@ interleaved calls): the LM head above 4.1 ms (2.8x); 1-8 rows of 512- to 4096-wi
 
 The kernel runs when every condition holds: x on the CPU with at most ``MAX_ROWS`` rows (``x.numel() / K``), a
 weight of at least ``MIN_WEIGHT_BYTES`` with unit last stride (an ``nn.Linear``'s), no gradient to record
-(inference mode, ``torch.no_grad()``, or no input requiring grad), x, weight and bias of one float dtype (float32 /
-float16 / bfloat16) and bias None or (N,), plain tensors (no DTensor or other subclass), no autocast, not under
+(inference mode, ``torch.no_grad()``, or no input requiring grad), x, weight and bias float32 (bf16 / fp16 layers
+stay ``F.linear``: oneDNN's 16-bit GEMM measured level with or faster than the kernel from 2 rows on; the op itself
+takes all three dtypes) and bias None or (N,), plain tensors (no DTensor or other subclass), no autocast, not under
 torch.compile, forward-mode AD, a ``torch.func`` transform or ``torch.jit.trace``, and fastlm._C loaded. Every
 other call is ``F.linear`` itself, by design, not as a fallback: a training or a many-row call is a GEMM, which MKL
 / cuBLAS / inductor do best, and on a GPU cuBLAS already runs skinny products at bandwidth (no Triton kernel for
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm.dispatch import FUSED_DTYPES, tracing
+from fastlm.dispatch import tracing
 from fastlm.ops.registry import register
 
 MAX_ROWS = 16  # rows per call up to which the kernel measured >= aten::linear on every layer shape
@@ -54,8 +55,8 @@ def _transformed() -> bool:
 
 
 def uses_kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    """True when :func:`linear` runs fastlm's kernel for these inputs (see the module docstring): plain CPU tensors
-    of one float dtype, x (..., K) with at most MAX_ROWS rows, weight (N, K) with unit last stride and at least
+    """True when :func:`linear` runs fastlm's kernel for these inputs (see the module docstring): plain float32 CPU
+    tensors, x (..., K) with at most MAX_ROWS rows, weight (N, K) with unit last stride and at least
     MIN_WEIGHT_BYTES, bias None or (N,), no gradient to record, no autocast, no transform or tracing."""
     if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False  # DTensor, FX proxies, other subclasses: F.linear's dispatch
@@ -66,7 +67,7 @@ def uses_kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     if "cpu" not in LINEAR_ROWS or x.dim() == 0 or weight.dim() != 2:
         return False
     N, K = weight.shape
-    if K == 0 or x.shape[-1] != K or x.numel() > MAX_ROWS * K or x.dtype not in FUSED_DTYPES:
+    if K == 0 or x.shape[-1] != K or x.numel() > MAX_ROWS * K or x.dtype != torch.float32:
         return False  # a wrong width gets F.linear's own error
     if weight.dtype != x.dtype or (K > 1 and weight.stride(1) != 1) or N * K * x.element_size() < MIN_WEIGHT_BYTES:
         return False  # a transposed weight: MKL reads it in place (the kernel would need a copy)
