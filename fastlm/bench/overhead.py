@@ -5,7 +5,9 @@ patched model in eager mode.
 
 Each timed call runs the op ``REPS`` times (throughput unit "call/s"): ``fwd`` under ``torch.no_grad()`` (inference),
 ``fwd+bwd`` a forward with inputs that require grad and its backward (``torch.autograd.grad``). Providers: each
-fastlm backend that runs here (fastlm.functional under it) and ``torch-eager`` (torch.nn.functional). On CPU the
+fastlm backend that runs here (fastlm.functional under it: the fused kernel's host path), ``fastlm-auto`` (the
+default: at these sizes auto runs torch's op where the measured table says so, so this is the user's cost) and
+``torch-eager`` (torch.nn.functional). On CPU the
 clock is the calling thread's CPU time (``time.thread_time``), with one intra-op thread for both providers: these
 calls are host work on one thread, and a loaded machine then does not inflate them. Targets (issue 25): fastlm's
 fwd at most 3x torch's, fwd+bwd at most 1.5x.
@@ -89,9 +91,11 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
 
 
 def providers(device: torch.device) -> dict[str, str | None]:
-    """fastlm's backends that run on this device (cpu on CPU; triton and cuda on a GPU) and torch's own op; not
-    torch.compile (a compiled call's host path is another question)."""
-    return {p: b for p, b in fastlm_providers(device).items() if p != "torch-compile"}
+    """fastlm's backends that run on this device (cpu on CPU; triton and cuda on a GPU), ``fastlm-auto`` (what a
+    user's call runs: the backend auto picks at this size, torch's op included, behind fastlm's function) and torch's
+    own op; not torch.compile (a compiled call's host path is another question)."""
+    names = {p: b for p, b in fastlm_providers(device).items() if p != "torch-compile"}
+    return {"fastlm-auto": "auto", **names}
 
 
 def runner(case: Case, provider: str, device: torch.device):
