@@ -114,3 +114,19 @@ def test_double_backward_raises_instead_of_a_wrong_result(backend):
         torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
     (g,) = torch.autograd.grad(F.softmax(x, -1), x, torch.randn_like(y))  # a plain backward still works
     assert g.shape == x.shape
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(backend):
+    """jvp / dual tensors through a fused op: a clear error (the op has no forward formula, and both the lean path and
+    the dispatcher would drop the tangent silently); a plain call inside dual_level and vmap still work."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(4, 32), torch.randn(4, 32)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda a: F.softmax(a, -1), (x,), (t,))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="softmax_fwd"):
+            F.softmax(fwAD.make_dual(x, t), -1)
+        torch.testing.assert_close(F.softmax(x, -1), torch.softmax(x, -1))
+    xb = x.reshape(2, 2, 32)
+    torch.testing.assert_close(torch.func.vmap(lambda a: F.softmax(a, -1))(xb), torch.softmax(xb, -1))

@@ -119,12 +119,40 @@ def plain(args) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
+def transformed() -> bool:
+    """Forward-mode AD or a torch.func transform (grad, jvp, vmap, ...) in progress (see :func:`transformed_call`)."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def transformed_call(op, args):
+    """``op(*args)`` through the dispatcher under a transform: the registered op and its register_autograd formula,
+    which functorch's grad and vmap support (the lean path's classic autograd.Function is refused by them). Forward-mode
+    AD raises: the fused ops have no forward formula, and torch would silently drop a dual tensor's tangent (a jvp of
+    0, measured on torch 2.14), so a jvp / jacfwd / dual tensor through a fused op is an error naming the op."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if not jvp and torch.autograd.forward_ad._current_level >= 0:
+        from torch.autograd import forward_ad
+
+        jvp = any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+    if jvp:
+        raise NotImplementedError(
+            f"fastlm: forward-mode AD (torch.func.jvp / jacfwd, dual tensors) is not supported by the fused op "
+            f"{op._schema.name}: it has no forward formula; run this call under fastlm.backend('torch')"
+        )
+    return op(*args)
+
+
 def call(op, *args):
     """``op(*args)`` for a registered fastlm op (``op`` from a family's table), on the lean eager path when not
     tracing (see the module docstring). Outputs and gradients are those of the registered op. The backward formulas
     call their backward ops through it too (below autograd there, unless a double backward records a graph)."""
     if tracing():
         return op(*args)
+    if transformed():
+        return transformed_call(op, args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         lean = LEAN.get(op)
         if lean is None:  # a backward op under create_graph=True: it has no derivative of its own
