@@ -204,7 +204,9 @@ def cross_entropy_kernel(
                     else:
                         w_c = 1.0
                     g += smc * (w_sum * p - w_c)
-                if not EXT_GRAD:
+                if EXT_GRAD:  # an ignored row (a = b = 0): exact zeros, also where p is NaN (x = lse = -inf)
+                    g = tl.where((coef == 0.0) & (smc == 0.0), 0.0, g)
+                else:
                     g = tl.where(valid, g, float("nan"))
                     g = tl.where(ignored, 0.0, g)
                 tl.store(g_row + c.to(tl.int64) * g_stride_col, g.to(G.dtype.element_ty), mask=c < C)

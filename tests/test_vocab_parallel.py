@@ -278,3 +278,26 @@ def test_train_tensor_parallel_matches_single(results):
     mean = [(a + b) / 2 for a, b in zip(curves[0], curves[2], strict=True)]
     single = T.train(_args(**{**TRAIN, "tp": 1, "batch": 4}))["loss"]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(single), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_local_grad_of_an_ignored_row_is_zero_even_with_minus_inf_logits(backend, smooth):
+    """A shard's gradient from the global statistics: an ignored row (a = b = 0) gets exact zeros even where its
+    logits and its lse are -inf (exp(-inf - -inf) is NaN, and NaN * 0 is NaN); the other rows against the formula
+    a (p - onehot) + b (W p - w) in float64. Single process: the per-shard step of the vocab-parallel backward."""
+    from fastlm.ops import vocab_parallel as vp
+
+    x = torch.randn(3, 11)
+    x[1] = float("-inf")
+    t = torch.tensor([2, 5, 20])  # row 2's target on another rank
+    lse = torch.logsumexp(x.double(), 1)
+    a = torch.tensor([0.5, 0.0, 0.25], dtype=torch.float64)
+    b = torch.tensor([0.1, 0.0, 0.2], dtype=torch.float64) if smooth else torch.zeros(3, dtype=torch.float64)
+    stats = torch.stack([lse, a, b]).float()
+    w_sum = torch.tensor([44.0])
+    out = vp.local_grad(x.clone(), t, stats, None, w_sum, smooth, backend)
+    assert torch.equal(out[1], torch.zeros(11)), out[1]
+    p = torch.exp(x.double() - lse[:, None])
+    onehot = torch.nn.functional.one_hot(t.clamp(max=10), 11).double() * (t < 11)[:, None]
+    ref = a[:, None] * (p - onehot) + b[:, None] * (44.0 * p - 1.0)
+    torch.testing.assert_close(out[[0, 2]].double(), ref[[0, 2]], atol=1e-6, rtol=1e-5)
