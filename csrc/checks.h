@@ -11,6 +11,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <cstdint>
 #include <limits>
@@ -45,6 +46,8 @@ inline const char* dtype_name(ScalarType t) {
 // through the AOTI C shim (aoti_torch_empty_strided, part of the stable ABI). torch::stable::new_empty, under
 // TORCH_TARGET_VERSION 2.10, looks "aten::new_empty" up by name in the dispatcher and calls it boxed: about 1 us per
 // tensor, measured as most of the C++ side of an 8 x 768 LayerNorm forward on the CPU (four outputs).
+// Errors through TORCH_ERROR_CODE_CHECK (torch/headeronly, present since 2.10): STABLE_TORCH_ERROR_CODE_CHECK is newer
+// than the 2.10 / 2.11 headers (the twin's source build failed on it).
 inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes,
                        std::optional<ScalarType> dtype = std::nullopt) {
   constexpr size_t kMaxDim = 8;
@@ -57,10 +60,10 @@ inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArray
   }
   const int32_t dt = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype ? *dtype : like.scalar_type()));
   int32_t device_type, device_index;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
   AtenTensorHandle h;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides, dt,
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides, dt,
                                                          device_type, device_index, &h));
   return Tensor(h);
 }
