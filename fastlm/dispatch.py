@@ -168,7 +168,19 @@ def resolve(op: str, x: torch.Tensor, features: tuple = (), size: str | None = N
     if size is None:
         size = size_class(x)
     train = x.requires_grad and torch.is_grad_enabled()
-    key = (_current, op, x.device.type, x.dtype, features, size, train, _INTERPRET, _TRITON_FOUND, extension.lib)
+    # plain values only: torch.compile hashes the key while tracing (torch 2.11's Dynamo cannot hash a module object)
+    key = (
+        _current,
+        op,
+        x.device.type,
+        x.dtype,
+        features,
+        size,
+        train,
+        _INTERPRET,
+        _TRITON_FOUND,
+        extension.lib is not None,
+    )
     name = _RESOLVED.get(key)
     if name is None:
         name = _resolve(op, x, features, size, train)
