@@ -168,6 +168,8 @@ def resolve(op: str, x: torch.Tensor, features: tuple = (), size: str | None = N
     if size is None:
         size = size_class(x)
     train = x.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():  # no cache while Dynamo traces: it would guard on the dict's contents and
+        return _resolve(op, x, features, size, train)  # recompile once the first trace filled it (torch 2.11)
     # plain values only: torch.compile hashes the key while tracing (torch 2.11's Dynamo cannot hash a module object)
     key = (
         _current,
