@@ -62,7 +62,7 @@ if [ "$DRY" = 1 ]; then
   # CPU: the interpreter runs the kernels; slower than the device, so larger limits (this checks the script, not
   # the device's budget). The whole suite runs, split over the two test steps.
   export TRITON_INTERPRET=1
-  L_SETUP=900 L_TESTS=1500 L_BENCH=600 L_CONFIGS=900 L_SAN=300 PER_TEST=600 TOTAL=5400
+  L_SETUP=900 L_TESTS=1500 L_BENCH=900 L_CONFIGS=900 L_SAN=300 PER_TEST=600 TOTAL=5400
   TEST_SELECT=(-m "not configs" "$REPO/benchmarks" --benchmark-disable)  # with tests/: the README's whole suite
 else
   L_SETUP=80 L_TESTS=180 L_BENCH=150 L_CONFIGS=60 L_SAN=70 PER_TEST=90 TOTAL=575
