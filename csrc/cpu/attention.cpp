@@ -15,7 +15,7 @@
 // strides, fp16/bf16 ones are widened once per (batch, kv head) into a per-thread fp32 copy (per tile when that
 // copy would be too big). The vectors are GCC vector types of the ISA's native width, picked at run time together
 // with the tile shape (AVX-512: 16 lanes, 32 queries x 8; AVX2: 8 lanes, 16 x 6; SSE: 4 lanes, 8 x 6), in the ISA
-// clone (FASTLM_CPU_CLONES) of the same level: a 16-lane vector lowered to ymm pairs spills badly with GCC.
+// entry point compiled for that level only (FASTLM_ISA_V4, common.h): a 16-lane vector lowered to ymm pairs spills badly with GCC.
 // Key tiles entirely above the causal diagonal or outside the sliding window's band are never visited (each query
 // block loops over the keys its band reaches, so the cost falls with the window); tiles whose mask hides every key
 // are skipped before any arithmetic. Blocks of fewer than kRowPath valid queries (decoding, Sq = 1, or a ragged
@@ -414,7 +414,7 @@ FASTLM_INLINE void attend_block(const Params& p, int64_t b, int64_t h, int64_t i
 // Work items [begin, end) of (b, h, query block), in that order: consecutive items share K/V (same head, or
 // the heads of one GQA group), so the widened copy is made once per kv head per thread.
 template <typename T, int L, int BM, int R, bool MODS>
-FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t end) {
+FASTLM_INLINE void attention_items(const Params& p, int64_t begin, int64_t end) {
   Workspace w(p, !std::is_same_v<T, float> && p.grouped == 0);
   if (p.grouped > 0) {
     const int64_t Hkv = p.H / p.group;
@@ -427,6 +427,20 @@ FASTLM_CPU_CLONES void attention_items(const Params& p, int64_t begin, int64_t e
     const int64_t i0 = qb * BM;
     attend_block<T, L, BM, R, MODS>(p, bh / p.H, bh % p.H, i0, std::min<int64_t>(BM, p.Sq - i0), w);
   }
+}
+
+// The items at each ISA level's tiles, compiled for that level only (FASTLM_ISA_V4, common.h).
+template <typename T, bool MODS>
+FASTLM_ISA_V4 void items_v4(const Params& p, int64_t begin, int64_t end) {
+  attention_items<T, 16, 32, 8, MODS>(p, begin, end);
+}
+template <typename T, bool MODS>
+FASTLM_ISA_V3 void items_v3(const Params& p, int64_t begin, int64_t end) {
+  attention_items<T, 8, 16, 6, MODS>(p, begin, end);
+}
+template <typename T, bool MODS>
+void items_v0(const Params& p, int64_t begin, int64_t end) {
+  attention_items<T, 4, 8, 6, MODS>(p, begin, end);
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -474,11 +488,11 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
       const auto run = [&](auto with_mods) {
         constexpr bool M = decltype(with_mods)::value;
         if (level == 2) {
-          attention_items<T, 16, 32, 8, M>(p, begin, end);
+          items_v4<T, M>(p, begin, end);
         } else if (level == 1) {
-          attention_items<T, 8, 16, 6, M>(p, begin, end);
+          items_v3<T, M>(p, begin, end);
         } else {
-          attention_items<T, 4, 8, 6, M>(p, begin, end);
+          items_v0<T, M>(p, begin, end);
         }
       };
       if (mods) {

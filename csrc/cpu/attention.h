@@ -3,8 +3,8 @@
 // register tiles vectorised over queries, the score modifiers' row helpers, and dropout's counter-based RNG.
 //
 // Vectors are GCC vector types of the ISA's native width L (16 / 8 / 4 fp32 lanes), picked at run time by isa()
-// together with the tile shapes, in the ISA clone (FASTLM_CPU_CLONES) of the same level. Every helper here is
-// FASTLM_INLINE, so that it is compiled into each clone (common.h says why).
+// together with the tile shapes, in an entry point compiled for that level's ISA only (FASTLM_ISA_V4 / V3,
+// common.h). Every helper here is FASTLM_INLINE, so that it is compiled into each level's entry point at its ISA.
 //
 // Dropout (keep probability 1 - p, kept probabilities scaled by 1 / (1 - p), as torch): the keep bit of score
 // (b, h, i, j) is a pure function of (seed, b * H + h, i, j), so the backward regenerates exactly the forward's mask
@@ -77,8 +77,8 @@ struct Params {
   float* dsink_part;     // sinks: (B, H, n_qblocks) per-block terms of dsinks, or null
 };
 
-// The ISA level the target_clones resolver picks (x86-64-v4 AVX-512: 2, v3 AVX2: 1, anything else: 0), so that
-// the tile shapes chosen with it match the clone that runs.
+// The ISA level of this CPU (x86-64-v4 AVX-512: 2, v3 AVX2: 1, anything else: 0): it picks the tile shapes and
+// the entry point compiled for that ISA (FASTLM_ISA_V4 / V3), the same test target_clones' resolver makes.
 inline int isa() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(FASTLM_NO_CLONES)
   return __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;

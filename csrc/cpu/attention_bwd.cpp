@@ -334,7 +334,7 @@ FASTLM_INLINE void store_dkdv(const Params& p, int64_t row, int64_t n, const flo
 // Work items [begin, end) of (b, kv head, chunk): chunk c takes the units u = c, c + chunks, ... of the
 // (query block, head of the group) pairs, u = qb * group + g (the group's heads in turn share the K/V tiles).
 template <typename T, int L, int BM, int R, int KR, int NV, bool MODS>
-FASTLM_CPU_CLONES void bwd_items(const Params& p, int64_t begin, int64_t end) {
+FASTLM_INLINE void bwd_items(const Params& p, int64_t begin, int64_t end) {
   constexpr bool widen = !std::is_same_v<T, float>;
   Workspace w(p, widen);
   const int64_t Sk = p.Sk, D = p.D, Dp = p.Dp, units = p.group * p.n_qblocks;
@@ -357,6 +357,20 @@ FASTLM_CPU_CLONES void bwd_items(const Params& p, int64_t begin, int64_t end) {
       bwd_block<T, L, BM, R, KR, NV, MODS>(p, b, hk * p.group + u % p.group, u / p.group, kv, dk, dv, w);
     if (p.chunks == 1) store_dkdv<T>(p, bhk * Sk, Sk, dk, dv);
   }
+}
+
+// The items at each ISA level's tiles, compiled for that level only (FASTLM_ISA_V4, common.h).
+template <typename T, bool MODS>
+FASTLM_ISA_V4 void items_v4(const Params& p, int64_t begin, int64_t end) {
+  bwd_items<T, 16, 32, 8, 6, 4, MODS>(p, begin, end);
+}
+template <typename T, bool MODS>
+FASTLM_ISA_V3 void items_v3(const Params& p, int64_t begin, int64_t end) {
+  bwd_items<T, 8, 16, 6, 4, 2, MODS>(p, begin, end);
+}
+template <typename T, bool MODS>
+void items_v0(const Params& p, int64_t begin, int64_t end) {
+  bwd_items<T, 4, 8, 6, 4, 2, MODS>(p, begin, end);
 }
 
 // chunks > 1: dk / dv rows [begin, end) of the (B * Hkv * Sk) rows, the chunks' partial sums added in chunk order.
@@ -495,11 +509,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
       const auto run = [&](auto with_mods) {
         constexpr bool M = decltype(with_mods)::value;
         if (level == 2) {
-          bwd_items<T, 16, 32, 8, 6, 4, M>(p, begin, end);
+          items_v4<T, M>(p, begin, end);
         } else if (level == 1) {
-          bwd_items<T, 8, 16, 6, 4, 2, M>(p, begin, end);
+          items_v3<T, M>(p, begin, end);
         } else {
-          bwd_items<T, 4, 8, 6, 4, 2, M>(p, begin, end);
+          items_v0<T, M>(p, begin, end);
         }
       };
       if (mods) {

@@ -38,8 +38,16 @@
 // target_clones needs GCC on x86-64 and the GNU C library's ifunc support (musl has none).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(FASTLM_NO_CLONES)
 #define FASTLM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// One ISA level's entry point, where the code itself differs per level (the attention's register tiles): a
+// template instantiated per level and marked with that level's target compiles each level once, where
+// target_clones would compile every level's tiles for all three ISAs (two of which never run: the tiles follow
+// isa(), attention.h), which tripled the build time of the attention files (820 s for attention_bwd.cpp alone).
+#define FASTLM_ISA_V4 __attribute__((target("arch=x86-64-v4")))
+#define FASTLM_ISA_V3 __attribute__((target("arch=x86-64-v3")))
 #else
 #define FASTLM_CPU_CLONES
+#define FASTLM_ISA_V4
+#define FASTLM_ISA_V3
 #endif
 
 namespace fastlm::cpu {
