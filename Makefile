@@ -99,10 +99,12 @@ $(STAMP):
 # The device's twin: the H200's software (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0, transformers 5.17.0) in a
 # second venv, where scripts/gpu_check.sh --dry-run builds fastlm from source (torch 2.11's default C++ standard),
 # runs the whole suite through Triton 3.6's interpreter, the quick bench on CPU and the sanitizer workload, and writes
-# the files the device run would (into TWIN_OUT).
+# the files the device run would (into TWIN_OUT). numpy < 2.4: Triton 3.6's interpreter reads a scalar kernel
+# argument (a 1-element array) with int(), which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to
+# Python scalars": every interpreted loop over a runtime bound failed); Triton 3.8 squeezes it first.
 TWIN_VENV   ?= .venv-twin
 TWIN_PYTHON ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),$(shell command -v python3.12),$(PYTHON))
-TWIN_DEPS   := torch==2.11.0 triton==3.6.0 transformers==5.17.0 numpy ninja setuptools wheel pytest pytest-benchmark \
+TWIN_DEPS   := torch==2.11.0 triton==3.6.0 transformers==5.17.0 'numpy<2.4' ninja setuptools wheel pytest pytest-benchmark \
                pytest-xdist pytest-timeout hypothesis matplotlib
 TWIN_OUT    ?= twin-out
 

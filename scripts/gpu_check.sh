@@ -12,8 +12,8 @@
 #                      liger-kernel`); installed with --no-deps into a private folder on PYTHONPATH
 #   --dry-run          every step on a CPU machine (CI's twin of the device, `make twin`): the build, the tests
 #                      through the Triton interpreter (the whole suite, test_static.py and every config test
-#                      included, as the device does not), the quick bench on CPU, the sanitizer workload without the
-#                      sanitizer, and the same result files
+#                      included, as the device does not), the quick bench on CPU (cut at 300 s), the sanitizer
+#                      workload without the sanitizer, and the same result files
 #
 # Files in OUT_DIR (8): 1-setup.log (nvidia-smi, versions, build) 2-tests.log 3-bench.log 4-configs.log
 # 5-sanitizer.log bench.json bench.md summary.txt. The pytest logs are verbose (one line per test) with -rfE
@@ -62,7 +62,10 @@ if [ "$DRY" = 1 ]; then
   # CPU: the interpreter runs the kernels; slower than the device, so larger limits (this checks the script, not
   # the device's budget). The whole suite runs, split over the two test steps.
   export TRITON_INTERPRET=1
-  L_SETUP=900 L_TESTS=1500 L_BENCH=900 L_CONFIGS=900 L_SAN=300 PER_TEST=600 TOTAL=5400
+  # The bench is cut at 300 s (the model-level and overhead families and more: every family's code also runs in
+  # the test step, benchmarks/): an interrupt that leaves a written report passes, as it checks the path the device
+  # relies on when its bench step runs out of time.
+  L_SETUP=900 L_TESTS=1500 L_BENCH=300 L_CONFIGS=900 L_SAN=300 PER_TEST=600 TOTAL=5400
   TEST_SELECT=(-m "not configs" "$REPO/benchmarks" --benchmark-disable)  # with tests/: the README's whole suite
 else
   L_SETUP=80 L_TESTS=180 L_BENCH=150 L_CONFIGS=60 L_SAN=70 PER_TEST=90 TOTAL=575
@@ -144,7 +147,16 @@ step 2-tests "$L_TESTS" "$WORK" "${PYTEST[@]}" "${TEST_SELECT[@]}"
 
 # -- 3. the quick bench (its reports are written family by family, and on an interrupt) ---------------------------
 step 3-bench "$L_BENCH" "$WORK" $PY -m fastlm bench --quick --no-static --out "$WORK/bench"
+BENCH_RC=$?
 cp "$WORK"/bench/bench.json "$WORK"/bench/bench.md "$OUT"/ 2> /dev/null || echo "no bench report was written" >> "$OUT/3-bench.log"
+if [ "$DRY" = 1 ] && [ "$BENCH_RC" = 124 ] && grep -qE '^\| ' "$OUT/bench.md" 2> /dev/null \
+   && ! grep -q '^ERROR ' "$OUT/3-bench.log"; then
+  # the dry run's bench ran out of its 300 s with a report written and no error: that is a pass (see L_BENCH)
+  KEEP=()
+  for f in "${FAILED_STEPS[@]}"; do [ "$f" = 3-bench ] || KEEP+=("$f"); done
+  FAILED_STEPS=("${KEEP[@]}")
+  SUMMARY+=("3-bench: dry run: interrupted at its limit with a report written and no error: counted as passed")
+fi
 
 step 4-configs "$L_CONFIGS" "$WORK" "${PYTEST[@]}" "${CONFIG_SELECT[@]}"
 

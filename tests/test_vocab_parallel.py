@@ -22,18 +22,7 @@ import fastlm
 import fastlm.functional as F
 from fastlm import train as T
 
-# Verified on torch 2.14 only. On torch 2.11 (the device's twin, make twin) these checks fail: the logits' gradient
-# comes back Replicate() instead of Shard(1), and the bf16, bad-layout and --tp checks fail too (issue 26 stays open
-# for it; see the session 8 note). Until that is fixed the vocab-parallel losses are documented as torch >= 2.14.
-OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
-pytestmark = [
-    pytest.mark.skipif(ON_GPU, reason="gloo on CPU tensors (the CPU-only CI runs these)"),
-    pytest.mark.skipif(
-        OLD_TORCH,
-        reason="vocab-parallel DTensor losses are verified on torch >= 2.14 only: on 2.11 "
-        "the logits' gradient is Replicate() instead of Shard(1) (known gap, issue 26)",
-    ),
-]
+pytestmark = pytest.mark.skipif(ON_GPU, reason="gloo on CPU tensors (the CPU-only CI runs these)")
 
 WORLD = 4
 TRAIN = dict(steps=4, batch=2, seq=16, tp=2, save_every=100)  # per process; dp = 2: global batch 4

@@ -101,6 +101,31 @@ def _shard_of(t, name: str, dim: int) -> VocabShard:
     return VocabShard(mesh, mesh.get_group(), offset, size, classes)
 
 
+class _ToLocal(torch.autograd.Function):
+    """``DTensor.to_local()`` whose backward gives the gradient the DTensor's own global shape and stride. torch
+    2.11's ``to_local`` backward derives the global stride from the local gradient: for an uneven split of the last
+    dim (37 classes over 2 ranks: local 19 and 18) that is (38, 1) on one rank and (36, 1) on the other, not the
+    logits' (37, 1), and the gradient accumulated into the logits' ``.grad`` then came back ``Replicate()``, a
+    full-size gradient on every rank (torch 2.14 keeps the input's stride)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.meta = (t.device_mesh, t.placements, t.shape, t.stride())
+        return t.to_local().view_as(t.to_local())
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.meta
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def to_local(t) -> Tensor:
+    """The local shard of DTensor ``t``, differentiable, its gradient a DTensor laid out as ``t`` (``_ToLocal``)."""
+    return _ToLocal.apply(t) if t.requires_grad and torch.is_grad_enabled() else t.to_local()
+
+
 def _global(t, name: str, shard: VocabShard):
     """A plain tensor, or the local value of a replicated DTensor on ``shard``'s mesh; sharded: an error."""
     if not is_dtensor(t):
@@ -112,7 +137,7 @@ def _global(t, name: str, shard: VocabShard):
             f"{name} must be a plain tensor or a DTensor replicated on the vocabulary's mesh (every rank holds all "
             f"of it, e.g. global class ids), got placements {t.placements} on mesh {tuple(t.device_mesh.shape)}"
         )
-    return t.to_local()
+    return to_local(t)
 
 
 def _backend(op: str, x: Tensor) -> str:
@@ -417,7 +442,7 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
     if input.dim() != 2:
         raise ValueError(f"vocab-parallel cross_entropy takes (N, C) logits, got shape {list(input.shape)}")
     shard = _shard_of(input, "input", 1)
-    x = input.to_local()
+    x = to_local(input)
     t = _global(target, "target", shard)
     w = _global(weight, "weight", shard)
     backend = _backend("cross_entropy", x)
@@ -465,13 +490,13 @@ def linear_cross_entropy(
     if linear_weight.dim() != 2:
         raise ValueError(f"linear_weight must be (V, H), got shape {list(linear_weight.shape)}")
     shard = _shard_of(linear_weight, "linear_weight", 0)
-    w = linear_weight.to_local()
+    w = to_local(linear_weight)
     b = None
     if linear_bias is not None:
         if not is_dtensor(linear_bias) or linear_bias.device_mesh != shard.mesh:
             raise ValueError("linear_bias must be a (V,) DTensor sharded like linear_weight (Shard(0), same mesh)")
         _shard_of(linear_bias, "linear_bias", 0)
-        b = linear_bias.to_local()
+        b = to_local(linear_bias)
     x = _global(input, "input", shard)
     t = _global(target, "target", shard)
     cw = _global(weight, "weight", shard)
