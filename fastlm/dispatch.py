@@ -12,6 +12,8 @@ guards on it) instead of breaking the graph; it is therefore per process, not pe
 """
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
 
@@ -121,6 +123,24 @@ def backend(name: str):
         _current = previous
 
 
+def _release(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run here (None when it can): Triton 3.6's interpreter reads each scalar kernel
+    argument (a 1-element numpy array) with ``int()``, which numpy >= 2.4 refuses, so every kernel loop over a
+    runtime bound failed with "only 0-dimensional arrays can be converted to Python scalars" (3.8 squeezes first)."""
+    try:
+        tv, nv = importlib.metadata.version("triton"), importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if _release(tv) < (3, 7) and _release(nv) >= (2, 4):
+        return f"Triton {tv}'s interpreter cannot run with numpy {nv}: install numpy<2.4 (or Triton >= 3.8)"
+    return None
+
+
 def unavailable_reason(name: str, family: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run op family ``family`` on ``device`` (None when it can)."""
     if name == "torch":
@@ -132,6 +152,8 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
             return "triton is not installed"
         if device.type != "cuda" and not _INTERPRET:
             return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
+        if device.type != "cuda":
+            return interpreter_problem()
         return None
     if name == "cpu":
         if extension.lib is None:

@@ -61,6 +61,26 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         fastlm.functional.layer_norm(torch.randn(2, 4), (4,))
 
 
+def test_interpreter_with_numpy_it_cannot_read_raises(monkeypatch):
+    """Triton 3.6's interpreter with numpy >= 2.4 failed in every kernel loop with a bare numpy TypeError: named."""
+    fake = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(B.importlib.metadata, "version", lambda name: fake[name])
+    monkeypatch.setattr(B, "_INTERPRET", True)
+    B.interpreter_problem.cache_clear()
+    try:
+        reason = B.unavailable_reason("triton", "norms", torch.device("cpu"))
+        assert reason is not None and "numpy<2.4" in reason and "3.6.0" in reason, reason
+        assert B.unavailable_reason("triton", "norms", torch.device("cuda")) is None  # compiled kernels: no interpreter
+        fake.update(numpy="2.3.5")
+        B.interpreter_problem.cache_clear()
+        assert B.unavailable_reason("triton", "norms", torch.device("cpu")) is None
+        fake.update(triton="3.8.0", numpy="2.5.5")
+        B.interpreter_problem.cache_clear()
+        assert B.unavailable_reason("triton", "norms", torch.device("cpu")) is None
+    finally:
+        B.interpreter_problem.cache_clear()
+
+
 def test_missing_triton_raises(monkeypatch):
     monkeypatch.setattr(B, "_TRITON_FOUND", False)
     with fastlm.backend("triton"), pytest.raises(fastlm.BackendUnavailableError, match="triton is not installed"):
