@@ -12,7 +12,6 @@ guards on it) instead of breaking the graph; it is therefore per process, not pe
 """
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -127,7 +126,6 @@ def _release(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
 
 
-@functools.cache
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run here (None when it can): Triton 3.6's interpreter reads each scalar kernel
     argument (a 1-element numpy array) with ``int()``, which numpy >= 2.4 refuses, so every kernel loop over a
@@ -139,6 +137,9 @@ def interpreter_problem() -> str | None:
     if _release(tv) < (3, 7) and _release(nv) >= (2, 4):
         return f"Triton {tv}'s interpreter cannot run with numpy {nv}: install numpy<2.4 (or Triton >= 3.8)"
     return None
+
+
+_INTERPRETER_PROBLEM = interpreter_problem() if _INTERPRET else None  # once, at import (not traced by Dynamo)
 
 
 def unavailable_reason(name: str, family: str, device: torch.device) -> str | None:
@@ -153,7 +154,7 @@ def unavailable_reason(name: str, family: str, device: torch.device) -> str | No
         if device.type != "cuda" and not _INTERPRET:
             return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
         if device.type != "cuda":
-            return interpreter_problem()
+            return _INTERPRETER_PROBLEM
         return None
     if name == "cpu":
         if extension.lib is None:

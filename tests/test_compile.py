@@ -60,6 +60,14 @@ CASES = {
         lambda h, w, t: F.linear_cross_entropy(h, w, t),
         lambda: (_x(10, 16), _x(40, 16), _targets(10, 40)),
     ),
+    "linear_logprobs": (
+        lambda h, w, t: F.linear_logprobs(h, w, t, temperature=0.7, chunk_size=4),
+        lambda: (_x(2, 5, 16), _x(40, 16), _targets(10, 40).view(2, 5)),
+    ),
+    "linear_dpo_loss": (
+        lambda h, w, t, r: F.linear_dpo_loss(h, w, t, ref_logps=r, chunk_size=4)[0],
+        lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),
+    ),
     "swiglu": (lambda x: F.swiglu(*x.chunk(2, dim=-1)) * F.swiglu(x), lambda: (_x(4, 2 * 40),)),
     "kl_div": (
         lambda x, t: F.kl_div(x, t, reduction="batchmean") + F.kl_div(x, t.log(), reduction="sum", log_target=True),

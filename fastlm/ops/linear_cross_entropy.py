@@ -253,10 +253,41 @@ def _backward(ctx, dloss, *_):
     scale = dloss.float().reshape(-1)  # (T,) incoming per-token gradients, or (1,) for a scalar loss
     if ctx.reduction == 1:
         scale = scale / mean_denominator(t, weight, ignore_index, w.shape[0])
-    losses = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)  # recomputed, unused
     # (a sharded weight is gathered here already: FSDP2's pre-backward hook, sharded_params' ZeRO-3 hook)
-    gx, gw, gb = lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, losses, scale.contiguous())
-    return gx, gw, None, gb, *nones
+    gx, gw, gb = linear_cross_entropy_bwd(
+        x, w, b, t, weight, scale.contiguous(), ignore_index, smoothing, chunk, backend
+    )
+    return gx, gw, None, (gb if b is not None else None), *nones
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_scale: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The deferred backward (:func:`deferred`): the chunks' logits recomputed, ``grad_scale`` ((1,) or (T,) fp32)
+    folded into the row kernel's gradient; an op of its own so that torch.compile traces it (the Triton kernel is
+    launched inside)."""
+    losses = torch.empty(input.shape[0], dtype=torch.float32, device=input.device)  # recomputed, unused
+    gx, gw, gb = lm_head_grads(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, chunk_size, backend,
+        losses, grad_scale,
+    )  # fmt: skip
+    return gx, gw, (gb if gb is not None else input.new_empty((0,)))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _bwd_fake(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index, smoothing, chunk, backend):
+    gb = linear_bias.new_empty(linear_bias.shape) if linear_bias is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), linear_weight.new_empty(linear_weight.shape), gb
 
 
 torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup)
@@ -324,6 +355,18 @@ def linear_cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         ).reshape(target.shape if reduction == "none" else ())
+    loss = fused_linear_cross_entropy(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, chunk_size, backend
+    )
+    return loss.to(loss_dtype(input))
+
+
+def fused_linear_cross_entropy(
+    input, linear_weight, target, linear_bias, weight, reduction: str, ignore_index: int, label_smoothing: float,
+    chunk_size: int | None, backend: str,
+) -> Tensor:  # fmt: skip
+    """The fused path of :func:`linear_cross_entropy` on ``backend`` ("triton" or "cpu"; plain tensors, arguments
+    checked here): the loss in float32 (``linear_logprobs`` keeps it so)."""
     amp = autocast_dtype(input)
     if amp is not None:  # as F.linear under autocast: the matmuls in the autocast dtype (autograd casts grads back)
         input, linear_weight = input.to(amp), linear_weight.to(amp)
@@ -369,4 +412,4 @@ def linear_cross_entropy(
             int(chunk),
             backend,
         )
-    return (loss.view(target.shape) if reduction == "none" else loss).to(loss_dtype(input))
+    return loss.view(target.shape) if reduction == "none" else loss

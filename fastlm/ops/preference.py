@@ -1,0 +1,247 @@
+"""Preference-optimisation losses on the LM head, chunked over tokens: the logits are never materialised.
+
+Each loss is two passes (token-chunked, as ``linear_logprobs``): the per-token log-probabilities of the completion
+tokens under the policy (and the reference, under ``no_grad``) from ``linear_logprobs``, reduced to per-sequence
+sums; then the loss of TRL's trainer in O(batch) torch ops on those sums; the backward of ``linear_logprobs``
+recomputes each chunk's logits with the per-token gradients the loss gives. Losses that couple rows (``aot``'s sort
+over the batch, ``sft``'s token mean) are exact here, unlike chunk-over-pairs implementations.
+
+Batch layout (TRL's and Liger-Kernel's): ``2P`` rows, the ``P`` chosen completions first, then the ``P`` rejected
+ones in the same order; ``target`` holds the completion's next tokens (shifted, as ``linear_logprobs``) and
+``ignore_index`` everywhere else (prompt, padding).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastlm.ops.linear_logprobs import linear_logprobs
+
+# TRL DPOTrainer's loss types (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss)
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+def _sp(x: Tensor) -> Tensor:
+    """softplus(x) = -logsigmoid(-x)."""
+    return TF.softplus(x)
+
+
+def _rows(hidden: Tensor, target: Tensor, name: str) -> int:
+    if hidden.dim() != 3 or target.dim() != 2 or target.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"{name}: hidden must be (2P, T, H) and target (2P, T), got {list(hidden.shape)} and {list(target.shape)}"
+        )
+    if hidden.shape[0] % 2:
+        raise ValueError(
+            f"{name}: the batch must hold chosen then rejected rows (2P rows), got an odd batch of {hidden.shape[0]}"
+        )
+    return hidden.shape[0] // 2
+
+
+def _reference(
+    name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index, average, chunk_size
+) -> Tensor | None:
+    """The reference's per-sequence log-probabilities (2P,) fp32, detached, or None (reference-free)."""
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError(f"{name}: pass the reference once: ref_logps (precomputed) or ref_hidden (and ref_weight)")
+    n = target.shape[0]
+    if ref_logps is not None:
+        if isinstance(ref_logps, (tuple, list)):
+            if len(ref_logps) != 2:
+                raise ValueError(f"{name}: ref_logps as a pair must be (chosen, rejected), got {len(ref_logps)} items")
+            ref_logps = torch.cat([torch.as_tensor(r) for r in ref_logps])
+        if ref_logps.shape != (n,):
+            raise ValueError(
+                f"{name}: ref_logps must hold one log-probability per row, shape ({n},) (or a (chosen, rejected) pair "
+                f"of ({n // 2},)), got {list(ref_logps.shape)}"
+            )
+        return ref_logps.detach().to(torch.promote_types(ref_logps.dtype, torch.float32))
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError(f"{name}: ref_weight / ref_bias given without ref_hidden")
+        return None
+    if ref_hidden.shape[:2] != target.shape:
+        raise ValueError(
+            f"{name}: ref_hidden must be ({target.shape[0]}, {target.shape[1]}, H_ref) like hidden, got "
+            f"{list(ref_hidden.shape)}"
+        )
+    ref_weight = weight if ref_weight is None else ref_weight
+    with torch.no_grad():
+        lp = linear_logprobs(
+            ref_hidden, ref_weight.detach(), target, bias=ref_bias.detach() if ref_bias is not None else None,
+            ignore_index=ignore_index, chunk_size=chunk_size,
+        )  # fmt: skip
+    return _sequence(lp, target != ignore_index, average)
+
+
+def _sequence(lp: Tensor, mask: Tensor, average: bool) -> Tensor:
+    """Per-row sums of the completion tokens' log-probabilities (means with ``average``: 0 for an empty row)."""
+    s = lp.sum(-1)
+    return s / mask.sum(-1).clamp(min=1) if average else s
+
+
+def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll):
+    """Per-pair losses (P,) of TRL's loss types on the per-sequence log-ratios rho = S - R (fp32)."""
+    u = beta * (rho_c - rho_r)
+    if loss_type == "sigmoid":  # eps > 0: conservative DPO (cDPO), as TRL <= 0.28
+        return (1 - eps) * _sp(-u) + eps * _sp(u) if eps else _sp(-u)
+    if loss_type == "hinge":
+        return torch.relu(1 - u)
+    if loss_type in ("ipo", "sigmoid_norm"):
+        nc, nr = n[:P].clamp(min=1), n[P:].clamp(min=1)
+        d = rho_c / nc - rho_r / nr
+        return (d - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _sp(-beta * d)
+    if loss_type == "exo_pair":
+        return torch.sigmoid(u) * (TF.logsigmoid(u) - math.log1p(-eps)) + torch.sigmoid(-u) * (
+            TF.logsigmoid(-u) - math.log(eps)
+        )
+    if loss_type == "nca_pair":
+        a, b = beta * rho_c, beta * rho_r
+        return _sp(-a) + 0.5 * _sp(a) + 0.5 * _sp(b)
+    if loss_type == "robust":
+        return ((1 - eps) * _sp(-u) - eps * _sp(u)) / (1 - 2 * eps)
+    if loss_type == "bco_pair":
+        return _sp(-beta * rho_c) + _sp(beta * rho_r)
+    if loss_type == "sppo_hard":
+        return (rho_c - 1 / (2 * beta)) ** 2 + (rho_r + 1 / (2 * beta)) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        if loss_type == "aot":
+            pol, _ = torch.sort(S[:P] - S[P:])
+            ref, _ = torch.sort(R[:P] - R[P:])
+            d = pol - ref
+        else:
+            d = torch.sort(rho_c)[0] - torch.sort(rho_r)[0]
+        return (1 - eps) * _sp(-beta * d) + eps * _sp(beta * d)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * rho_c) + torch.sigmoid(beta * rho_r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(u)
+    if loss_type == "discopop":
+        logits = u / discopop_tau
+        mo = torch.sigmoid(logits)
+        # mo * exp(-u) as exp(-u + logsigmoid(u / tau)): TRL's exp(-u) * sigmoid(u / tau) is inf * 0 for u < -88
+        return (1 - mo) * _sp(-u) + torch.exp(-u + TF.logsigmoid(logits))
+    if loss_type == "sft":
+        return nll.expand(P)
+    raise AssertionError(loss_type)
+
+
+def linear_dpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    ref_logps: Tensor | tuple[Tensor, Tensor] | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
+    average_log_prob: bool = False,
+    discopop_tau: float = 0.05,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct Preference Optimisation (and TRL's variants) on the LM head: ``(loss, metrics)``.
+
+    Args:
+        hidden: ``(2P, T, H)`` the policy's final hidden states, chosen rows first then rejected; weight: ``(V, H)``
+            its LM head; bias: ``(V,)`` or None.
+        target: ``(2P, T)`` the completions' next tokens (shifted), ``ignore_index`` on prompt and padding.
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states ``(2P, T, H_ref)`` and head
+            (``ref_weight`` None: ``weight``, e.g. a PEFT adapter switched off); computed without gradients. Or
+            ``ref_logps``: precomputed per-sequence reference log-probabilities, ``(2P,)`` or a ``(chosen,
+            rejected)`` pair of ``(P,)``. Neither: reference-free (reference log-probabilities 0).
+        beta: the KL coefficient. loss_type: one of :data:`DPO_LOSS_TYPES`, as TRL's ``DPOTrainer``.
+        label_smoothing: eps of ``exo_pair`` (required > 0), ``robust`` (in [0, 0.5)), ``aot`` / ``aot_unpaired``,
+            and for ``sigmoid`` conservative DPO (``(1 - eps) softplus(-u) + eps softplus(u)``, TRL <= 0.28; TRL 1.x
+            ignores it there).
+        nll_weight: adds ``nll_weight * nll`` (RPO), nll the mean negative log-probability of the chosen
+            completions' tokens.
+        average_log_prob: per-sequence means of the token log-probabilities instead of sums (policy and computed
+            reference alike; precomputed ``ref_logps`` are taken as given).
+        discopop_tau: the temperature of ``discopop``.
+
+    Returns:
+        The scalar loss (float32), the mean over pairs of the per-pair losses; and a dict of detached float32
+        scalars as TRL logs them: ``rewards/chosen``, ``rewards/rejected`` (means of beta times the log-ratios),
+        ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means of the per-sequence
+        log-probabilities), ``logits/chosen``, ``logits/rejected`` (the mean logit over the vocabulary, averaged
+        over the completion tokens: computed as ``hidden @ weight.mean(0) + bias.mean()``, without the logits) and
+        ``nll``.
+
+    Gradients reach ``hidden``, ``weight`` and ``bias`` (never the reference). Not supported (TRL has them): the
+    f-divergence scores other than reverse KL, ``ld_alpha`` (LD-DPO), ``use_weighting`` (WPO), multiple loss types
+    with weights; TRL's ``mean_token_accuracy`` and ``entropy`` metrics.
+    """
+    name = "linear_dpo_loss"
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"{name}: loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"{name}: beta must be positive, got {beta}")
+    eps = float(label_smoothing)
+    if loss_type == "exo_pair" and not 0 < eps < 1:
+        raise ValueError(f"{name}: exo_pair needs label_smoothing in (0, 1), got {eps}")
+    if loss_type == "robust" and not 0 <= eps < 0.5:
+        raise ValueError(f"{name}: robust needs label_smoothing in [0, 0.5), got {eps}")
+    if not 0 <= eps < 1:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
+    P = _rows(hidden, target, name)
+    mask = target != ignore_index
+    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
+    S = _sequence(lp, mask, average_log_prob)
+    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index,
+                   average_log_prob, chunk_size)  # fmt: skip
+    R = torch.zeros_like(S) if R is None else R.to(S.dtype)
+    rho = S - R
+    rho_c, rho_r = rho[:P], rho[P:]
+    n = mask.sum(-1)
+    n_chosen = n[:P].sum()
+    nll = -lp[:P].sum() / n_chosen.clamp(min=1)
+    losses = _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll)
+    loss = losses.mean()
+    if nll_weight:
+        loss = loss + nll_weight * nll
+    with torch.no_grad():
+        metrics = _pair_metrics(hidden, weight, bias, mask, P, beta * rho_c, beta * rho_r, S)
+        metrics["nll"] = nll.detach().float()
+    return loss, metrics
+
+
+def _pair_metrics(hidden, weight, bias, mask, P, reward_c, reward_r, S) -> dict[str, Tensor]:
+    """TRL's DPO metrics (detached fp32): rewards, accuracies, margins, log-probabilities, mean logits."""
+    mean_logit = hidden.float() @ weight.float().mean(0)  # (2P, T): the mean over the vocabulary of each logit row
+    if bias is not None:
+        mean_logit = mean_logit + bias.float().mean()
+    m = mask.to(mean_logit.dtype)
+    return {
+        "rewards/chosen": reward_c.mean().float(),
+        "rewards/rejected": reward_r.mean().float(),
+        "rewards/accuracies": (reward_c > reward_r).float().mean(),
+        "rewards/margins": (reward_c - reward_r).mean().float(),
+        "logps/chosen": S[:P].mean().float(),
+        "logps/rejected": S[P:].mean().float(),
+        "logits/chosen": (mean_logit[:P] * m[:P]).sum() / m[:P].sum().clamp(min=1),
+        "logits/rejected": (mean_logit[P:] * m[P:]).sum() / m[P:].sum().clamp(min=1),
+    }
