@@ -13,7 +13,7 @@ from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.linear_distillation import linear_distillation_loss
 from fastlm.ops.linear_logprobs import linear_logprobs
 from fastlm.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from fastlm.ops.preference import linear_dpo_loss
+from fastlm.ops.preference import linear_cpo_loss, linear_dpo_loss, linear_kto_loss, linear_orpo_loss
 from fastlm.ops.rope import apply_rotary_pos_emb
 from fastlm.ops.softmax import log_softmax, scaled_masked_softmax, softmax
 
@@ -28,9 +28,12 @@ __all__ = [
     "kl_div",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_cpo_loss",
     "linear_distillation_loss",
     "linear_dpo_loss",
+    "linear_kto_loss",
     "linear_logprobs",
+    "linear_orpo_loss",
     "log_softmax",
     "rms_norm",
     "scaled_dot_product_attention",

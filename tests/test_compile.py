@@ -68,6 +68,21 @@ CASES = {
         lambda h, w, t, r: F.linear_dpo_loss(h, w, t, ref_logps=r, chunk_size=4)[0],
         lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),
     ),
+    "linear_orpo_loss": (
+        lambda h, w, t: F.linear_orpo_loss(h, w, t, chunk_size=4)[0],
+        lambda: (_x(4, 3, 16), _x(40, 16), torch.randint(0, 40, (4, 3), device=DEVICE)),
+    ),
+    "linear_cpo_loss": (
+        lambda h, w, t: F.linear_cpo_loss(h, w, t, loss_type="simpo", chunk_size=4)[0],
+        lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3)),
+    ),
+    "linear_kto_loss": (
+        lambda h, w, t, r: torch.stack(
+            [F.linear_kto_loss(h, w, t, preference=r > 0, ref_logps=r, kl=0.1, chunk_size=4)[0]]
+            + list(F.linear_kto_loss(h, w, t, preference=r > 0, ref_logps=r, kl=0.1, chunk_size=4)[1].values())
+        ),
+        lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),
+    ),
     "swiglu": (lambda x: F.swiglu(*x.chunk(2, dim=-1)) * F.swiglu(x), lambda: (_x(4, 2 * 40),)),
     "kl_div": (
         lambda x, t: F.kl_div(x, t, reduction="batchmean") + F.kl_div(x, t.log(), reduction="sum", log_target=True),

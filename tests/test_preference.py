@@ -191,3 +191,162 @@ def test_bad_input():
         F.linear_dpo_loss(h[0], w, t[0])
     with pytest.raises(ValueError, match="beta"):
         F.linear_dpo_loss(h, w, t, beta=0.0)
+
+
+def _grads_close(pairs):
+    for name, g, g64 in pairs:
+        scale = max(g64.abs().max().item(), 1e-3)
+        torch.testing.assert_close(
+            g.double().cpu(), g64, rtol=1e-4, atol=2e-5 * scale, msg=lambda m, name=name: f"d{name}: {m}"
+        )
+
+
+def _metrics_close(metrics, expect):
+    assert set(metrics) == set(expect), sorted(set(metrics) ^ set(expect))
+    for k, v in expect.items():
+        assert not metrics[k].requires_grad and metrics[k].dtype == torch.float32
+        torch.testing.assert_close(
+            metrics[k].double().cpu(), v.double(), rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+def _log1mexp(x):  # TRL's (trl/experimental/orpo/orpo_trainer.py)
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("nll_prompt", [False, True])
+def test_orpo_matches_trl_formulas(be, nll_prompt):
+    h, w, b, t, _, _ = _batch(2)
+    beta = 0.2
+    mask = t != -100
+    nll_t = torch.randint(0, V, (P, T)) if nll_prompt else None  # e.g. prompt + completion labels
+    h64, w64, b64 = (x.clone().requires_grad_() for x in (h, w, b))
+    lp = _logps(h64, w64, b64, t)
+    avg = lp.sum(1) / mask.sum(1)
+    chosen, rejected = avg[:P], avg[P:]
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    ratio = TF.logsigmoid(log_odds)
+    nll = -_logps(h64[:P], w64, b64, nll_t).mean() if nll_prompt else -lp[:P].sum() / mask[:P].sum()
+    loss64 = nll - beta * ratio.mean()
+    loss64.backward()
+    hf, wf, bf = (x.float().to(DEVICE).requires_grad_() for x in (h, w, b))
+    with fastlm.backend(be):
+        loss, metrics = F.linear_orpo_loss(
+            hf, wf, t.to(DEVICE), bias=bf, beta=beta, chunk_size=5,
+            nll_target=nll_t.to(DEVICE) if nll_prompt else None,
+        )  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), loss64.detach(), rtol=2e-5, atol=2e-5)
+    _grads_close((("hidden", hf.grad, h64.grad), ("weight", wf.grad, w64.grad), ("bias", bf.grad, b64.grad)))
+    with torch.no_grad():
+        logits = TF.linear(h, w, b)
+        _metrics_close(metrics, {
+            "rewards/chosen": (beta * chosen).mean(), "rewards/rejected": (beta * rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).double().mean(),
+            "rewards/margins": (beta * (chosen - rejected)).mean(),
+            "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean(),
+            "logits/chosen": logits[:P].mean(), "logits/rejected": logits[P:].mean(),
+            "nll_loss": nll, "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean(),
+        })  # fmt: skip
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+def test_cpo_matches_trl_formulas(be, loss_type):
+    h, w, b, t, _, _ = _batch(3)
+    beta, eps, gamma, alpha = 0.3, 0.1 if loss_type in ("sigmoid", "simpo") else 0.0, 0.5, 0.7
+    mask = t != -100
+    h64, w64, b64 = (x.clone().requires_grad_() for x in (h, w, b))
+    lp = _logps(h64, w64, b64, t)
+    x = lp.sum(1) / mask.sum(1) if loss_type in ("ipo", "simpo") else lp.sum(1)
+    chosen, rejected = x[:P], x[P:]
+    logits = chosen - rejected
+    if loss_type == "simpo":  # TRL's cpo_loss
+        logits = logits - gamma / beta
+        losses = -TF.logsigmoid(beta * logits) * (1 - eps) - TF.logsigmoid(-beta * logits) * eps
+    elif loss_type == "sigmoid":
+        losses = -TF.logsigmoid(beta * logits) * (1 - eps) - TF.logsigmoid(-beta * logits) * eps
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    nll = -lp[:P].sum() / mask[:P].sum()
+    loss64 = losses.mean() + alpha * nll
+    loss64.backward()
+    hf, wf, bf = (x.float().to(DEVICE).requires_grad_() for x in (h, w, b))
+    with fastlm.backend(be):
+        loss, metrics = F.linear_cpo_loss(
+            hf, wf, t.to(DEVICE), bias=bf, beta=beta, loss_type=loss_type, label_smoothing=eps, simpo_gamma=gamma,
+            cpo_alpha=alpha, chunk_size=4,
+        )  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), loss64.detach(), rtol=2e-5, atol=2e-5)
+    _grads_close((("hidden", hf.grad, h64.grad), ("weight", wf.grad, w64.grad), ("bias", bf.grad, b64.grad)))
+    with torch.no_grad():
+        full = TF.linear(h, w, b)
+        _metrics_close(metrics, {
+            "rewards/chosen": (beta * chosen).mean(), "rewards/rejected": (beta * rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).double().mean(),
+            "rewards/margins": (beta * (chosen - rejected)).mean(),
+            "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean(),
+            "logits/chosen": full[:P].mean(), "logits/rejected": full[P:].mean(), "nll_loss": nll,
+        })  # fmt: skip
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl_formulas(be, loss_type):
+    h, w, b, t, rh, rw = _batch(4)
+    B = 2 * P
+    pref = torch.tensor([True, False, True, True, False, False])
+    beta, kl, wd, wu = 0.4, 0.3, 1.3, 0.8
+    mask = t != -100
+    h64, w64, b64 = (x.clone().requires_grad_() for x in (h, w, b))
+    s = _logps(h64, w64, b64, t).sum(1)
+    r = _logps(rh, rw, None, t).sum(1)
+    rho = s - r
+    if loss_type == "kto":  # TRL's _compute_loss
+        chosen_losses = 1 - TF.sigmoid(beta * (rho[pref] - kl))
+        rejected_losses = 1 - TF.sigmoid(beta * (kl - rho[~pref]))
+    else:
+        chosen_losses = 1 - TF.sigmoid(beta * rho[pref])
+        rejected_losses = TF.sigmoid(beta * rho[~pref])
+    loss64 = torch.cat([wd * chosen_losses, wu * rejected_losses]).mean()
+    loss64.backward()
+    hf, wf, bf = (x.float().to(DEVICE).requires_grad_() for x in (h, w, b))
+    with fastlm.backend(be):
+        loss, metrics = F.linear_kto_loss(
+            hf, wf, t.to(DEVICE), preference=pref.to(DEVICE), kl=kl, bias=bf, ref_hidden=rh.float().to(DEVICE),
+            ref_weight=rw.float().to(DEVICE), beta=beta, loss_type=loss_type, desirable_weight=wd,
+            undesirable_weight=wu, chunk_size=5,
+        )  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), loss64.detach(), rtol=2e-5, atol=2e-5)
+    _grads_close((("hidden", hf.grad, h64.grad), ("weight", wf.grad, w64.grad), ("bias", bf.grad, b64.grad)))
+    with torch.no_grad():
+        ml = TF.linear(h, w, b).mean(-1)
+        expect = {"kl": torch.tensor(kl if loss_type == "kto" else 0.0)}
+        for key, rows in (("chosen", pref), ("rejected", ~pref)):
+            expect[f"rewards/{key}"] = (beta * rho[rows]).mean()
+            expect[f"logps/{key}"] = s[rows].mean()
+            expect[f"logits/{key}"] = ml[rows][mask[rows]].mean()
+        expect["rewards/margins"] = expect["rewards/chosen"] - expect["rewards/rejected"]
+        _metrics_close(metrics, expect)
+    assert B == pref.numel()
+
+
+def test_kto_one_class_batch_gives_nan_metrics_and_bad_input():
+    h, w, _, t, _, _ = (x.float() if x.is_floating_point() else x for x in _batch(5))
+    loss, metrics = F.linear_kto_loss(h, w, t, preference=torch.ones(2 * P, dtype=torch.bool))
+    assert torch.isfinite(loss) and metrics["rewards/rejected"].isnan() and metrics["rewards/chosen"].isfinite()
+    with pytest.raises(ValueError, match="preference must be"):
+        F.linear_kto_loss(h, w, t, preference=torch.ones(2 * P))
+    with pytest.raises(ValueError, match="loss_type"):
+        F.linear_kto_loss(h, w, t, preference=torch.ones(2 * P, dtype=torch.bool), loss_type="sigmoid")
+    with pytest.raises(ValueError, match="loss_type"):
+        F.linear_cpo_loss(h, w, t, loss_type="kto")
+    with pytest.raises(ValueError, match="nll_target must be"):
+        F.linear_orpo_loss(h, w, t, nll_target=t)
+    with pytest.raises(ValueError, match="odd batch"):
+        F.linear_orpo_loss(h[:5], w, t[:5])

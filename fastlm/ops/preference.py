@@ -245,3 +245,214 @@ def _pair_metrics(hidden, weight, bias, mask, P, reward_c, reward_r, S) -> dict[
         "logits/chosen": (mean_logit[:P] * m[:P]).sum() / m[:P].sum().clamp(min=1),
         "logits/rejected": (mean_logit[P:] * m[P:]).sum() / m[P:].sum().clamp(min=1),
     }
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0 (TRL's log1mexp: log1p(-exp(x)) below -ln 2, log(-expm1(x)) above)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _policy(name, hidden, weight, target, bias, ignore_index, chunk_size):
+    """The policy's token log-probabilities (2P, T) fp32, the completion mask, and P."""
+    P = _rows(hidden, target, name)
+    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
+    return lp, target != ignore_index, P
+
+
+def _nll(name, hidden, weight, bias, lp, mask, P, nll_target, ignore_index, chunk_size) -> Tensor:
+    """The mean negative log-probability of the chosen rows' tokens: the completion's (``lp``), or those of
+    ``nll_target`` ((P, T): e.g. prompt and completion, as TRL's ORPO) through one more pass over the chosen rows."""
+    if nll_target is None:
+        return -lp[:P].sum() / mask[:P].sum().clamp(min=1)
+    if nll_target.shape != (P, hidden.shape[1]):
+        raise ValueError(f"{name}: nll_target must be (P, T) = ({P}, {hidden.shape[1]}), got {list(nll_target.shape)}")
+    nl = linear_logprobs(hidden[:P], weight, nll_target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
+    return -nl.sum() / (nll_target != ignore_index).sum().clamp(min=1)
+
+
+def _all_logits_mean(hidden, weight, bias, P) -> tuple[Tensor, Tensor]:
+    """The mean logit over the vocabulary and every position (prompt and padding included) of the chosen and the
+    rejected rows (TRL's ORPO / CPO ``logits/*`` metrics), without the logits."""
+    with torch.no_grad():
+        m = hidden.float() @ weight.float().mean(0)
+        if bias is not None:
+            m = m + bias.float().mean()
+        return m[:P].mean(), m[P:].mean()
+
+
+def linear_orpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    beta: float = 0.1,
+    nll_target: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Odds-Ratio Preference Optimisation (TRL's ``ORPOTrainer``) on the LM head: ``(loss, metrics)``.
+
+    ``loss = nll - beta * mean_pairs(logsigmoid(log_odds))``, ``log_odds = (a - b) - (log(1 - e^a) - log(1 - e^b))``
+    with ``a``, ``b`` the chosen and rejected rows' mean token log-probabilities over the completion. Shapes as
+    :func:`linear_dpo_loss` (2P rows, chosen first); no reference model. ``nll_target``: ``(P, T)`` labels of the
+    NLL term over the chosen rows (TRL: prompt and completion tokens; one more pass over the chosen rows); None: the
+    completion tokens (``target``'s, as Liger-Kernel). A row without completion tokens gives NaN (as TRL).
+
+    Metrics (detached fp32, TRL's names): ``rewards/chosen`` / ``rewards/rejected`` (means of beta * a, beta * b),
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen`` / ``logps/rejected`` (means of a, b),
+    ``logits/chosen`` / ``logits/rejected`` (the mean logit over the vocabulary and all positions), ``nll_loss``,
+    ``log_odds_ratio`` (mean logsigmoid(log_odds)), ``log_odds_chosen`` (mean log_odds).
+    """
+    name = "linear_orpo_loss"
+    if not beta > 0:
+        raise ValueError(f"{name}: beta must be positive, got {beta}")
+    lp, mask, P = _policy(name, hidden, weight, target, bias, ignore_index, chunk_size)
+    mean_lp = lp.sum(-1) / mask.sum(-1)
+    a, b = mean_lp[:P], mean_lp[P:]
+    log_odds = (a - b) - (_log1mexp(a) - _log1mexp(b))
+    ratio = TF.logsigmoid(log_odds)
+    nll = _nll(name, hidden, weight, bias, lp, mask, P, nll_target, ignore_index, chunk_size)
+    loss = nll - beta * ratio.mean()
+    lc, lr = _all_logits_mean(hidden, weight, bias, P)
+    d = {
+        "rewards/chosen": beta * a, "rewards/rejected": beta * b, "rewards/accuracies": (a > b).float(),
+        "rewards/margins": beta * (a - b), "logps/chosen": a, "logps/rejected": b, "logits/chosen": lc,
+        "logits/rejected": lr, "nll_loss": nll, "log_odds_ratio": ratio, "log_odds_chosen": log_odds,
+    }  # fmt: skip
+    return loss, {k: v.detach().float().mean() for k, v in d.items()}
+
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def linear_cpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Contrastive Preference Optimisation and SimPO (TRL's ``CPOTrainer``) on the LM head: ``(loss, metrics)``.
+
+    Per pair, with ``x`` the per-sequence log-probability (the sum over the completion for ``sigmoid`` / ``hinge``,
+    the mean for ``ipo`` / ``simpo``) and ``u = beta * (x_c - x_r)``: ``sigmoid`` ``(1 - eps) softplus(-u) + eps
+    softplus(u)``; ``simpo`` the same with ``u - simpo_gamma``; ``hinge`` ``relu(1 - u)``; ``ipo`` ``(x_c - x_r - 1 /
+    (2 beta))^2``. ``loss = mean_pairs + cpo_alpha * nll`` (nll: mean negative log-probability of the chosen
+    completions' tokens; ``cpo_alpha=0``: SimPO's plain form). No reference model. Shapes as :func:`linear_dpo_loss`.
+
+    Metrics (detached fp32): ``rewards/chosen`` / ``rewards/rejected`` (means of beta * x), ``rewards/accuracies``,
+    ``rewards/margins``, ``logps/chosen`` / ``logps/rejected`` (means of x), ``logits/chosen`` / ``logits/rejected``
+    (mean logit over the vocabulary and all positions), ``nll_loss``.
+    """
+    name = "linear_cpo_loss"
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"{name}: loss_type must be one of {', '.join(CPO_LOSS_TYPES)}; got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"{name}: beta must be positive, got {beta}")
+    eps = float(label_smoothing)
+    if not 0 <= eps < 1:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
+    lp, mask, P = _policy(name, hidden, weight, target, bias, ignore_index, chunk_size)
+    x = _sequence(lp, mask, average=loss_type in ("ipo", "simpo"))
+    xc, xr = x[:P], x[P:]
+    u = beta * (xc - xr)
+    if loss_type in ("sigmoid", "simpo"):
+        u = u - simpo_gamma if loss_type == "simpo" else u
+        losses = (1 - eps) * _sp(-u) + eps * _sp(u)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - u)
+    else:
+        losses = (xc - xr - 1 / (2 * beta)) ** 2
+    nll = _nll(name, hidden, weight, bias, lp, mask, P, None, ignore_index, chunk_size)
+    loss = losses.mean() + cpo_alpha * nll if cpo_alpha else losses.mean()
+    lc, lr = _all_logits_mean(hidden, weight, bias, P)
+    d = {
+        "rewards/chosen": beta * xc, "rewards/rejected": beta * xr, "rewards/accuracies": (xc > xr).float(),
+        "rewards/margins": beta * (xc - xr), "logps/chosen": xc, "logps/rejected": xr, "logits/chosen": lc,
+        "logits/rejected": lr, "nll_loss": nll,
+    }  # fmt: skip
+    return loss, {k: v.detach().float().mean() for k, v in d.items()}
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def linear_kto_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    preference: Tensor,
+    kl: Tensor | float | None = None,
+    bias: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Kahneman-Tversky Optimisation (TRL's ``KTOTrainer``) on the LM head: ``(loss, metrics)``.
+
+    Unpaired rows: ``hidden`` ``(B, T, H)``, ``target`` ``(B, T)``, ``preference`` ``(B,)`` bool (True: desirable).
+    With ``rho = S - R`` (per-sequence sums of the policy's and the reference's completion log-probabilities; the
+    reference as :func:`linear_dpo_loss`: a second head, precomputed ``ref_logps`` ``(B,)``, or none) and ``z0 =
+    kl`` (TRL's detached, clamped KL estimate from the mismatched batch: compute it with ``linear_logprobs``; None:
+    0): ``kto`` desirable ``1 - sigmoid(beta (rho - z0))``, undesirable ``1 - sigmoid(beta (z0 - rho))``;
+    ``apo_zero_unpaired`` ``1 - sigmoid(beta rho)`` and ``sigmoid(beta rho)`` (no KL). ``loss = (desirable_weight *
+    sum_desirable + undesirable_weight * sum_undesirable) / B``.
+
+    Metrics (detached fp32, TRL's): ``kl``; ``rewards/chosen`` / ``rewards/rejected`` (means of beta * rho over the
+    desirable / undesirable rows), ``logps/chosen`` / ``logps/rejected``, ``logits/chosen`` / ``logits/rejected``
+    (the mean logit over the vocabulary, averaged over the completion tokens), ``rewards/margins``; a class the batch
+    has no row of gives NaN for its metrics (TRL leaves them out: a host-side branch, which torch.compile cannot
+    trace).
+    """
+    name = "linear_kto_loss"
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"{name}: loss_type must be one of {', '.join(KTO_LOSS_TYPES)}; got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"{name}: beta must be positive, got {beta}")
+    if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
+        raise ValueError(f"{name}: hidden must be (B, T, H) and target (B, T), got {list(hidden.shape)} and "
+                         f"{list(target.shape)}")  # fmt: skip
+    B = hidden.shape[0]
+    if not isinstance(preference, Tensor) or preference.dtype != torch.bool or preference.shape != (B,):
+        raise ValueError(f"{name}: preference must be a ({B},) bool tensor (True: desirable)")
+    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
+    mask = target != ignore_index
+    S = lp.sum(-1)
+    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index, False, chunk_size)
+    rho = S - (R.to(S.dtype) if R is not None else 0.0)
+    z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=S.dtype, device=S.device).detach()
+    if loss_type == "kto":
+        losses = torch.where(preference, 1 - torch.sigmoid(beta * (rho - z0)), 1 - torch.sigmoid(beta * (z0 - rho)))
+    else:
+        losses = torch.where(preference, 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
+    w = torch.where(preference, desirable_weight, undesirable_weight).to(losses.dtype)
+    loss = (w * losses).sum() / max(B, 1)
+    with torch.no_grad():
+        m = hidden.float() @ weight.float().mean(0)
+        if bias is not None:
+            m = m + bias.float().mean()
+        metrics = {"kl": z0.float()}
+        for key, rows in (("chosen", preference), ("rejected", ~preference)):  # NaN for a class the batch lacks
+            r = rows.to(rho.dtype)
+            metrics[f"rewards/{key}"] = ((beta * rho * r).sum() / r.sum()).float()
+            metrics[f"logps/{key}"] = ((S * r).sum() / r.sum()).float()
+            tok = mask & rows[:, None]
+            metrics[f"logits/{key}"] = (m * tok).sum() / tok.sum()
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return loss, metrics
