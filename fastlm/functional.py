@@ -7,6 +7,7 @@ from fastlm.ops.attention import scaled_dot_product_attention, varlen_attention
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.distillation import distillation_loss
 from fastlm.ops.gated_mlp import geglu, swiglu
+from fastlm.ops.grpo import linear_grpo_loss
 from fastlm.ops.kl_div import kl_div
 from fastlm.ops.kvcache import attention_with_kvcache
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -31,6 +32,7 @@ __all__ = [
     "linear_cpo_loss",
     "linear_distillation_loss",
     "linear_dpo_loss",
+    "linear_grpo_loss",
     "linear_kto_loss",
     "linear_logprobs",
     "linear_orpo_loss",

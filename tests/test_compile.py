@@ -83,6 +83,22 @@ CASES = {
         ),
         lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),
     ),
+    "linear_grpo_loss": (
+        lambda h, w, ids, old, ref, a: torch.stack(
+            [
+                F.linear_grpo_loss(h, w, ids, ids > 5, a, old_logps=old, ref_logps=ref, beta=0.1, chunk_size=4)[0],
+                F.linear_grpo_loss(h, w, ids, ids > 5, a, loss_type="grpo", importance_sampling_level="sequence")[0],
+            ]
+        ),
+        lambda: (
+            _x(2, 5, 16),
+            _x(40, 16),
+            torch.randint(0, 40, (2, 5), device=DEVICE),
+            -torch.rand(2, 5, device=DEVICE) * 4,
+            -torch.rand(2, 5, device=DEVICE) * 4,
+            _x(2, grad=False),
+        ),  # fmt: skip
+    ),
     "swiglu": (lambda x: F.swiglu(*x.chunk(2, dim=-1)) * F.swiglu(x), lambda: (_x(4, 2 * 40),)),
     "kl_div": (
         lambda x, t: F.kl_div(x, t, reduction="batchmean") + F.kl_div(x, t.log(), reduction="sum", log_target=True),

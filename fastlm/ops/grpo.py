@@ -1,0 +1,146 @@
+"""The GRPO family of policy-gradient losses (TRL's ``GRPOTrainer``) on the LM head, chunked over tokens: the
+per-token log-probabilities of the sampled completion from ``linear_logprobs`` (the logits never materialised),
+then TRL's per-token loss and its normalisation in O(tokens) torch ops; the backward of ``linear_logprobs``
+recomputes each chunk's logits with the per-token gradients. Normalisers over the whole batch (bnpo, dapo's token
+count) are exact, whatever the chunking."""
+
+import torch
+from torch import Tensor
+
+from fastlm.ops.linear_logprobs import linear_logprobs
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    loss_mask: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Tensor | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
+    num_processes: int = 1,
+    grad_accum_steps: int = 1,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO and its variants on the LM head: ``(loss, metrics)``, TRL's ``GRPOTrainer._compute_loss``.
+
+    Args:
+        hidden: ``(B, T, H)`` the policy's hidden states at the completion's positions (shifted: position t predicts
+            ``completion_ids[:, t]``); weight ``(V, H)``, bias ``(V,)`` or None: its LM head.
+        completion_ids: ``(B, T)`` the sampled tokens; loss_mask: ``(B, T)`` bool or 0/1 (TRL's completion mask,
+            times its tool mask): the tokens that count.
+        advantages: ``(B,)`` (or ``(B, T)``) advantages.
+        old_logps: ``(B, T)`` log-probabilities of the sampling policy (None: the current policy's, detached, so
+            the ratio is 1 and the gradient the plain policy gradient). ref_logps: ``(B, T)`` the reference's, for
+            the ``beta`` KL term (k3 estimator ``exp(ref - lp) - (ref - lp) - 1``); needed when ``beta != 0``.
+        epsilon_low / epsilon_high: the clipping band ``[1 - epsilon_low, 1 + epsilon_high]`` (cispo:
+            ``epsilon_high`` is the ratio's absolute cap, e.g. 5.0). delta: two-sided clipping's upper bound of the
+            ratio (None: off).
+        loss_type: ``grpo`` (per-sequence means, averaged), ``bnpo`` (the micro-batch's token mean), ``dr_grpo``
+            (sum over ``B * max_completion_length``, default T), ``dapo`` and ``cispo`` (sum over
+            ``num_items_in_batch / num_processes``: the token count of the whole generation batch over all
+            processes, TRL's normaliser for gradient accumulation; None: this call's tokens). grpo, bnpo and dr_grpo
+            are divided by ``grad_accum_steps`` as TRL does in training.
+        importance_sampling_level: ``token`` (a ratio per token) or ``sequence`` (GSPO: ``exp`` of the sequence's
+            mean log-ratio).
+        temperature: divides the logits (the sampling temperature).
+
+    Returns:
+        The scalar loss (float32) and a dict of detached fp32 metrics, TRL's: ``kl`` (beta != 0: the masked mean of
+        k3), and ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
+        ``clip_ratio/region_mean`` (cispo: ``cispo_clip_ratio``); over this call's tokens (TRL gathers them over
+        processes). Not supported (TRL has them): entropy masking and the entropy metric, off-policy masks, vLLM
+        importance-sampling corrections, sapo / vespo / luspo.
+    """
+    name = "linear_grpo_loss"
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"{name}: loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}; got {loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"{name}: importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{importance_sampling_level!r}")  # fmt: skip
+    if hidden.dim() != 3 or completion_ids.shape != hidden.shape[:2] or loss_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"{name}: hidden must be (B, T, H), completion_ids and loss_mask (B, T); got {list(hidden.shape)}, "
+            f"{list(completion_ids.shape)}, {list(loss_mask.shape)}"
+        )
+    B, T = completion_ids.shape
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(f"{name}: advantages must be ({B},) or ({B}, {T}), got {list(advantages.shape)}")
+    if importance_sampling_level == "sequence" and advantages.dim() != 1:
+        raise ValueError(f"{name}: sequence-level importance sampling takes ({B},) advantages, one per sequence")
+    for arg, val in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if val is not None and val.shape != (B, T):
+            raise ValueError(f"{name}: {arg} must be ({B}, {T}), got {list(val.shape)}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"{name}: beta = {beta} needs ref_logps (the reference's per-token log-probabilities)")
+    m = loss_mask.bool()
+    target = completion_ids.masked_fill(~m, -100)
+    lp = linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, chunk_size=chunk_size)
+    mf = m.to(lp.dtype)
+    old = lp.detach() if old_logps is None else old_logps.to(lp.dtype).detach()
+    log_ratio = lp - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+    ratio = torch.exp(log_ratio)
+    adv = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).to(lp.dtype)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * lp
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        r1 = torch.clamp(ratio, max=delta) if delta is not None else ratio
+        per_token = -torch.min(r1 * adv, clipped * adv)
+    per_token_kl = None
+    if beta != 0.0:
+        d = ref_logps.to(lp.dtype).detach() - lp
+        per_token_kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * per_token_kl
+    per_token = per_token.expand(B, T)
+    if loss_type == "grpo":
+        loss = ((per_token * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":
+        loss = (per_token * mf).sum() / mf.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mf).sum() / (B * (max_completion_length or T)) / grad_accum_steps
+    else:
+        items = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=lp.dtype)
+        loss = (per_token * mf).sum() / (items.clamp(min=1.0) / num_processes)
+    with torch.no_grad():
+        metrics = {}
+        if per_token_kl is not None:
+            metrics["kl"] = _masked_mean(per_token_kl, mf).float()
+        seq = importance_sampling_level == "sequence"
+        # per sequence: one value per row (count: rows); per token: the masked tokens
+        cnt = (mf.sum(-1) > 0).to(lp.dtype).unsqueeze(-1) if seq else mf
+        r = ratio
+        if loss_type == "cispo":
+            clip = ((r > epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(cnt)
+            metrics["cispo_clip_ratio"] = _masked_mean(clip, cnt).float()
+        else:
+            per_seq = cnt if seq else mf
+            low = ((r < 1 - epsilon_low) & (adv < 0)).to(lp.dtype).expand_as(per_seq)
+            high = ((r > 1 + epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(per_seq)
+            region = torch.maximum(low, high)
+            den = per_seq.sum(-1).clamp(min=1)
+            metrics["clip_ratio/low_mean"] = _masked_mean(low, per_seq).float()
+            metrics["clip_ratio/low_min"] = ((low * per_seq).sum(-1) / den).min().float()
+            metrics["clip_ratio/high_mean"] = _masked_mean(high, per_seq).float()
+            metrics["clip_ratio/high_max"] = ((high * per_seq).sum(-1) / den).max().float()
+            metrics["clip_ratio/region_mean"] = _masked_mean(region, per_seq).float()
+    return loss, metrics
