@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite on this machine", **fmt)
     b.add_argument(
         "--ops",
-        default="model,overhead,norms,softmax,ce,attention,decode,rope,gated_mlp,kl_div,distill",
+        default="model,overhead,norms,softmax,ce,attention,decode,rope,gated_mlp,kl_div,distill,post",
         help="comma-separated op families, run in this order: model (whole models: the headline table), overhead "
-        "(host time per call at tiny shapes), norms, softmax, ce, attention, decode, rope, gated_mlp, kl_div, distill",
+        "(host time per call at tiny shapes), norms, softmax, ce, attention, decode, rope, gated_mlp, kl_div, distill, "
+        "post (the post-training losses: DPO, ORPO, KTO, GRPO)",
     )
     b.add_argument("--quick", action="store_true", help="a short grid (about a minute per family on a GPU)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="None: bf16 on GPU, fp32 on CPU")

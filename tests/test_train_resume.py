@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -48,7 +49,7 @@ def _signal_at(step_index: int, sig=signal.SIGTERM):
 
     def hook(step):
         if step == step_index:
-            os.kill(os.getpid(), sig)
+            signal.raise_signal(sig)  # to this thread (os.kill may reach another of a pytest-xdist worker)
 
     return hook
 
@@ -267,11 +268,20 @@ def test_cli_sigterm_exits_cleanly_with_a_checkpoint(tmp_path):
 def test_second_sigint_interrupts_at_once():
     """A second Ctrl-C while the first waits for the step boundary raises KeyboardInterrupt (the previous handler)."""
     stop = checkpoint.StopSignal()
+
+    def deliver():
+        # raise_signal: delivered to this thread before it returns (os.kill may reach another thread of a pytest-xdist
+        # worker, whose Python handler then ran in the main thread only after the `with` block: a flaky failure in
+        # CI); the handler runs at the next bytecode boundary, which the sleeps give it
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(50):
+            time.sleep(0.001)
+
     try:
-        os.kill(os.getpid(), signal.SIGINT)
+        deliver()
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            deliver()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

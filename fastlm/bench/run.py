@@ -25,6 +25,7 @@ from fastlm.bench import kl_div as kl_div_cases
 from fastlm.bench import model as model_cases
 from fastlm.bench import norms as norm_cases
 from fastlm.bench import overhead as overhead_cases
+from fastlm.bench import post_training as post_cases
 from fastlm.bench import rope as rope_cases
 from fastlm.bench import softmax as softmax_cases
 from fastlm.dispatch import UnsupportedCaseError
@@ -37,6 +38,7 @@ FAMILIES = {
     "ce": ce_cases,
     "kl_div": kl_div_cases,
     "distill": distill_cases,
+    "post": post_cases,
     "attention": attention_cases,
     "decode": decode_cases,
     "gated_mlp": gated_mlp_cases,
