@@ -78,11 +78,12 @@ def _trl(per_token_logps, mask, adv, old, ref, beta, el, eh, delta, loss_type, l
             low = ((c < 1 - el) & (adv.unsqueeze(1) < 0)).double()
             high = ((c > 1 + eh) & (adv.unsqueeze(1) > 0)).double()
             region = ((low + high) > 0).double()
-            if level == "token":
+            if level == "token":  # TRL: nanmin / nanmax of the per-row means (an empty row is 0 / 0)
+                low_row, high_row = (low * mask).sum(-1) / mask.sum(-1), (high * mask).sum(-1) / mask.sum(-1)
                 metrics["clip_ratio/low_mean"] = (low * mask).sum() / mask.sum()
-                metrics["clip_ratio/low_min"] = ((low * mask).sum(-1) / mask.sum(-1)).min()
+                metrics["clip_ratio/low_min"] = low_row[~low_row.isnan()].min()
                 metrics["clip_ratio/high_mean"] = (high * mask).sum() / mask.sum()
-                metrics["clip_ratio/high_max"] = ((high * mask).sum(-1) / mask.sum(-1)).max()
+                metrics["clip_ratio/high_max"] = high_row[~high_row.isnan()].max()
                 metrics["clip_ratio/region_mean"] = (region * mask).sum() / mask.sum()
             else:  # one value per sequence
                 metrics["clip_ratio/low_mean"] = low.mean()
@@ -136,6 +137,34 @@ def test_grpo_matches_trl(be, loss_type, level, beta, delta, with_old):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_empty_row_and_padding_that_holds_minus_inf(be, level):
+    """A row without loss tokens (TRL's masked truncated completion) and -inf old / reference log-probabilities on
+    padding: a finite loss equal to TRL's on the same inputs with finite padding, TRL's metrics."""
+    h, w, b, ids, mask, adv, old, ref = _batch(2)
+    mask[2] = False
+    h64 = h.clone().requires_grad_()
+    lp = _logps(h64, w, b, ids, 1.0) * mask
+    loss64, m64 = _trl(lp, mask, adv, old, ref, 0.04, 0.2, 0.2, None, "bnpo", level, T, None, 1)
+    loss64.backward()
+    hf = h.float().to(DEVICE).requires_grad_()
+    pad = torch.tensor(float("-inf"), dtype=torch.float64)
+    old_inf, ref_inf = torch.where(mask, old, pad), torch.where(mask, ref, pad)
+    with fastlm.backend(be):
+        loss, metrics = F.linear_grpo_loss(
+            hf, w.float().to(DEVICE), ids.to(DEVICE), mask.to(DEVICE), adv.float().to(DEVICE),
+            bias=b.float().to(DEVICE), old_logps=old_inf.float().to(DEVICE), ref_logps=ref_inf.float().to(DEVICE),
+            beta=0.04, loss_type="bnpo", importance_sampling_level=level,
+        )  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hf.grad).all()
+    torch.testing.assert_close(loss.double().cpu(), loss64.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(hf.grad.double().cpu(), h64.grad, rtol=1e-4, atol=1e-6)
+    for k, v in m64.items():
+        torch.testing.assert_close(metrics[k].double().cpu(), v, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
 def test_dapo_gradient_accumulation(be):
     """Two micro-batches with num_items_in_batch = the whole batch's tokens: the summed losses and gradients equal one
     call on the whole batch (TRL's normaliser for gradient accumulation)."""
@@ -169,5 +198,7 @@ def test_bad_input():
         F.linear_grpo_loss(h, w, ids, mask, adv, importance_sampling_level="batch")
     with pytest.raises(ValueError, match="one per sequence"):
         F.linear_grpo_loss(h, w, ids, mask, adv[:, None].expand(B, T), importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="dr_grpo needs max_completion_length"):
+        F.linear_grpo_loss(h, w, ids, mask, adv, loss_type="dr_grpo")
     with pytest.raises(ValueError, match=r"\(B, T, H\)"):
         F.linear_grpo_loss(h[0], w, ids[0], mask[0], adv)

@@ -350,3 +350,40 @@ def test_kto_one_class_batch_gives_nan_metrics_and_bad_input():
         F.linear_orpo_loss(h, w, t, nll_target=t)
     with pytest.raises(ValueError, match="odd batch"):
         F.linear_orpo_loss(h[:5], w, t[:5])
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_length_normalised_types_with_average_log_prob(loss_type):
+    """With average_log_prob the per-sequence values are means already: ipo / sigmoid_norm use them as they are
+    (TRL <= 0.28's averaged ipo), not divided by the length a second time."""
+    h, w, _, t, rh, rw = _batch(6)
+    mask = t != -100
+    n = mask.sum(1)
+    beta = 0.3
+    lp, rlp = _logps(h, w, None, t), _logps(rh, rw, None, t)
+    rho = lp.sum(1) / n - rlp.sum(1) / n
+    d = rho[:P] - rho[P:]
+    want = ((d - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -TF.logsigmoid(beta * d)).mean()
+    with fastlm.backend("cpu" if not ON_GPU else "triton"):
+        loss, _ = F.linear_dpo_loss(
+            h.float().to(DEVICE), w.float().to(DEVICE), t.to(DEVICE), ref_hidden=rh.float().to(DEVICE),
+            ref_weight=rw.float().to(DEVICE), beta=beta, loss_type=loss_type, average_log_prob=True,
+        )  # fmt: skip
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_reference_on_the_policy_head_keeps_its_bias():
+    """ref_weight None: the policy's head, bias included (a PEFT adapter switched off)."""
+    h, w, b, t, rh, _ = _batch(7)
+    with torch.no_grad():
+        r = _logps(rh, w, b, t).sum(1)
+    hf, wf, bf = h.float(), w.float(), b.float()
+    got, _ = F.linear_dpo_loss(hf, wf, t, bias=bf, ref_hidden=rh.float())
+    want, _ = F.linear_dpo_loss(hf, wf, t, bias=bf, ref_logps=r.float())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpo_without_nll_logs_zero():
+    h, w, _, t, _, _ = (x.float() if x.is_floating_point() else x for x in _batch(8))
+    loss, metrics = F.linear_cpo_loss(h, w, t, cpo_alpha=0.0)
+    assert metrics["nll_loss"] == 0 and torch.isfinite(loss)

@@ -121,6 +121,34 @@ def _linear_case(mesh, backend, V, reduction, eps, bias, seed):
         _close(bd.grad.full_tensor(), br.grad, tol, "grad bias")
 
 
+def _post_training_case(mesh, seed):
+    """The post-training losses with the head sharded on V (the vocab-parallel linear log-probabilities underneath):
+    loss, metrics and the hidden states' gradient equal the single-process losses on the full head."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(4, 5, 8, generator=g)
+    W = torch.randn(37, 8, generator=g) * 0.5
+    t = torch.randint(0, 37, (4, 5), generator=g)
+    t[:, 0] = -100
+    adv = torch.randn(4, generator=g)
+    runs = {}
+    for name, w in (("full", W.clone().requires_grad_()), ("sharded", distribute_tensor(W, mesh, [Shard(0)]))):
+        w.requires_grad_()
+        x = h.clone().requires_grad_()
+        dpo, m = F.linear_dpo_loss(x, w, t, ref_logps=torch.zeros(4), loss_type="ipo")
+        grpo, mg = F.linear_grpo_loss(x, w, t.clamp(min=0), t != -100, adv, old_logps=-torch.ones(4, 5))
+        (dpo + grpo).backward()
+        runs[name] = (dpo, grpo, m, mg, x.grad, _full(w.grad))
+    for a, b in zip(runs["sharded"], runs["full"], strict=True):
+        if isinstance(a, dict):
+            assert set(a) == set(b)
+            for k in a:
+                _close(a[k], b[k], 1e-5, k)
+        else:
+            _close(a, b, 1e-5, "post-training")
+
+
 def _error_cases(mesh, mesh2d):
     """Bad layouts raise a clear ValueError before any collective (so every rank raises alike)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -193,6 +221,7 @@ def _checks(mesh, mesh2d):
             checks[name] = (_linear_case, (mesh, backend, 37, reduction, eps, bias, seed))
     checks[f"ce-{n}-cpu-bf16"] = (_ce_case, (mesh, "cpu", torch.bfloat16, 37, "mean", 0.1, False, 1))
     checks[f"errors-{n}"] = (_error_cases, (mesh, mesh2d))
+    checks[f"post-training-{n}"] = (_post_training_case, (mesh, 3))
     return checks
 
 
@@ -254,6 +283,11 @@ def test_cross_entropy_matches_full(results, world, backend):
 def test_linear_cross_entropy_matches_full(results, world, backend):
     """Loss, grad_input, grad_weight and grad_bias of the chunked vocab-parallel linear cross-entropy."""
     _expect_ok(results, f"linear-{world}-{backend}-")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_post_training_losses_with_a_vocab_sharded_head(results, world):
+    _expect_ok(results, f"post-training-{world}")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -54,7 +54,7 @@ def linear_grpo_loss(
             ``epsilon_high`` is the ratio's absolute cap, e.g. 5.0). delta: two-sided clipping's upper bound of the
             ratio (None: off).
         loss_type: ``grpo`` (per-sequence means, averaged), ``bnpo`` (the micro-batch's token mean), ``dr_grpo``
-            (sum over ``B * max_completion_length``, default T), ``dapo`` and ``cispo`` (sum over
+            (sum over ``B * max_completion_length``: required), ``dapo`` and ``cispo`` (sum over
             ``num_items_in_batch / num_processes``: the token count of the whole generation batch over all
             processes, TRL's normaliser for gradient accumulation; None: this call's tokens). grpo, bnpo and dr_grpo
             are divided by ``grad_accum_steps`` as TRL does in training.
@@ -66,8 +66,10 @@ def linear_grpo_loss(
         The scalar loss (float32) and a dict of detached fp32 metrics, TRL's: ``kl`` (beta != 0: the masked mean of
         k3), and ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
         ``clip_ratio/region_mean`` (cispo: ``cispo_clip_ratio``); over this call's tokens (TRL gathers them over
-        processes). Not supported (TRL has them): entropy masking and the entropy metric, off-policy masks, vLLM
-        importance-sampling corrections, sapo / vespo / luspo.
+        processes; a row without tokens is left out of ``low_min`` / ``high_max``, NaN when every row is). Old and
+        reference log-probabilities outside ``loss_mask`` are not read (padding may hold -inf). Not supported (TRL
+        has them): entropy masking and the entropy metric, off-policy masks, vLLM importance-sampling corrections,
+        sapo / vespo / luspo.
     """
     name = "linear_grpo_loss"
     if loss_type not in GRPO_LOSS_TYPES:
@@ -88,6 +90,10 @@ def linear_grpo_loss(
     for arg, val in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if val is not None and val.shape != (B, T):
             raise ValueError(f"{name}: {arg} must be ({B}, {T}), got {list(val.shape)}")
+    if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
+        raise ValueError(
+            f"{name}: dr_grpo needs max_completion_length (TRL's config value), got {max_completion_length}"
+        )
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"{name}: beta = {beta} needs ref_logps (the reference's per-token log-probabilities)")
     m = loss_mask.bool()
@@ -95,7 +101,9 @@ def linear_grpo_loss(
     lp = linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, chunk_size=chunk_size)
     mf = m.to(lp.dtype)
     old = lp.detach() if old_logps is None else old_logps.to(lp.dtype).detach()
-    log_ratio = lp - old
+    # 0 outside the mask before any exp: old / ref log-probabilities there may be anything (-inf padding), and
+    # inf * 0 would be NaN in the masked sums
+    log_ratio = torch.where(m, lp - old, 0.0)
     if importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
     ratio = torch.exp(log_ratio)
@@ -108,7 +116,7 @@ def linear_grpo_loss(
         per_token = -torch.min(r1 * adv, clipped * adv)
     per_token_kl = None
     if beta != 0.0:
-        d = ref_logps.to(lp.dtype).detach() - lp
+        d = torch.where(m, ref_logps.to(lp.dtype).detach() - lp, 0.0)
         per_token_kl = torch.exp(d) - d - 1
         per_token = per_token + beta * per_token_kl
     per_token = per_token.expand(B, T)
@@ -117,7 +125,7 @@ def linear_grpo_loss(
     elif loss_type == "bnpo":
         loss = (per_token * mf).sum() / mf.sum().clamp(min=1.0) / grad_accum_steps
     elif loss_type == "dr_grpo":
-        loss = (per_token * mf).sum() / (B * (max_completion_length or T)) / grad_accum_steps
+        loss = (per_token * mf).sum() / (B * max_completion_length) / grad_accum_steps
     else:
         items = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=lp.dtype)
         loss = (per_token * mf).sum() / (items.clamp(min=1.0) / num_processes)
@@ -125,22 +133,25 @@ def linear_grpo_loss(
         metrics = {}
         if per_token_kl is not None:
             metrics["kl"] = _masked_mean(per_token_kl, mf).float()
+        # TRL's: per token, over the masked tokens; per sequence, one value per row over all B rows
         seq = importance_sampling_level == "sequence"
-        # per sequence: one value per row (count: rows); per token: the masked tokens
-        cnt = (mf.sum(-1) > 0).to(lp.dtype).unsqueeze(-1) if seq else mf
+        per = torch.ones_like(mf[:, :1]) if seq else mf
         r = ratio
         if loss_type == "cispo":
-            clip = ((r > epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(cnt)
-            metrics["cispo_clip_ratio"] = _masked_mean(clip, cnt).float()
+            clip = ((r > epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(per)
+            metrics["cispo_clip_ratio"] = _masked_mean(clip, per).float()
         else:
-            per_seq = cnt if seq else mf
-            low = ((r < 1 - epsilon_low) & (adv < 0)).to(lp.dtype).expand_as(per_seq)
-            high = ((r > 1 + epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(per_seq)
+            low = ((r < 1 - epsilon_low) & (adv < 0)).to(lp.dtype).expand_as(per)
+            high = ((r > 1 + epsilon_high) & (adv > 0)).to(lp.dtype).expand_as(per)
             region = torch.maximum(low, high)
-            den = per_seq.sum(-1).clamp(min=1)
-            metrics["clip_ratio/low_mean"] = _masked_mean(low, per_seq).float()
-            metrics["clip_ratio/low_min"] = ((low * per_seq).sum(-1) / den).min().float()
-            metrics["clip_ratio/high_mean"] = _masked_mean(high, per_seq).float()
-            metrics["clip_ratio/high_max"] = ((high * per_seq).sum(-1) / den).max().float()
-            metrics["clip_ratio/region_mean"] = _masked_mean(region, per_seq).float()
+            rows = per.sum(-1)
+            inf = torch.full_like(rows, float("inf"))
+            low_row = torch.where(rows > 0, (low * per).sum(-1) / rows.clamp(min=1), inf)  # empty rows: skipped
+            high_row = torch.where(rows > 0, (high * per).sum(-1) / rows.clamp(min=1), -inf)
+            nan = torch.full_like(rows[0], float("nan"))
+            metrics["clip_ratio/low_mean"] = _masked_mean(low, per).float()
+            metrics["clip_ratio/low_min"] = torch.where(low_row.min().isinf(), nan, low_row.min()).float()
+            metrics["clip_ratio/high_mean"] = _masked_mean(high, per).float()
+            metrics["clip_ratio/high_max"] = torch.where(high_row.max().isinf(), nan, high_row.max()).float()
+            metrics["clip_ratio/region_mean"] = _masked_mean(region, per).float()
     return loss, metrics

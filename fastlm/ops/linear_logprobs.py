@@ -68,7 +68,8 @@ def linear_logprobs(
     Backends: ``cpu`` and ``triton`` (fused, as ``linear_cross_entropy``), ``torch`` (full logits, log_softmax,
     gather: the reference); the CUDA C++ backend has no linear kernels (``auto`` takes Triton's). FSDP2 / ZeRO-3
     sharded weights are gathered once per call, and a vocab-sharded DTensor weight runs the vocab-parallel linear
-    cross-entropy, as :func:`fastlm.functional.linear_cross_entropy` (those two return the input's dtype).
+    cross-entropy, as :func:`fastlm.functional.linear_cross_entropy` (a plain tensor on every rank; computed in
+    float32 but rounded to the input's dtype on those two paths before the cast back to float32).
     """
     if return_entropy:
         raise NotImplementedError(
@@ -89,7 +90,9 @@ def linear_logprobs(
         nll = linear_cross_entropy(
             hidden, weight, target, linear_bias=bias, reduction="none", ignore_index=ignore_index, chunk_size=chunk_size
         )
-        return -nll
+        if vocab_parallel.is_dtensor(nll):  # the replicated loss: every rank's local value is all of it
+            nll = vocab_parallel.to_local(nll)
+        return -nll.to(torch.promote_types(nll.dtype, torch.float32))
     backend = resolve("linear_cross_entropy", hidden)
     if backend == "torch":
         check_target_range(target, weight.shape[0], ignore_index)

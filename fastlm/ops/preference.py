@@ -18,6 +18,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.ops.linear_logprobs import linear_logprobs
+from fastlm.ops.sharded_params import row_mean
 
 # TRL DPOTrainer's loss types (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss)
 DPO_LOSS_TYPES = (
@@ -57,7 +58,7 @@ def _rows(hidden: Tensor, target: Tensor, name: str) -> int:
 
 
 def _reference(
-    name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index, average, chunk_size
+    name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, average, chunk_size
 ) -> Tensor | None:
     """The reference's per-sequence log-probabilities (2P,) fp32, detached, or None (reference-free)."""
     if ref_logps is not None and ref_hidden is not None:
@@ -83,7 +84,8 @@ def _reference(
             f"{name}: ref_hidden must be ({target.shape[0]}, {target.shape[1]}, H_ref) like hidden, got "
             f"{list(ref_hidden.shape)}"
         )
-    ref_weight = weight if ref_weight is None else ref_weight
+    if ref_weight is None:  # the policy's head (e.g. a PEFT adapter switched off): its bias too, unless given
+        ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
     with torch.no_grad():
         lp = linear_logprobs(
             ref_hidden, ref_weight.detach(), target, bias=ref_bias.detach() if ref_bias is not None else None,
@@ -98,16 +100,16 @@ def _sequence(lp: Tensor, mask: Tensor, average: bool) -> Tensor:
     return s / mask.sum(-1).clamp(min=1) if average else s
 
 
-def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll):
-    """Per-pair losses (P,) of TRL's loss types on the per-sequence log-ratios rho = S - R (fp32)."""
+def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll, average):
+    """Per-pair losses (P,) of TRL's loss types on the per-sequence log-ratios rho = S - R (fp32); ``average``: S and
+    R are means already (ipo / sigmoid_norm then use them as they are, as TRL <= 0.28's averaged ipo)."""
     u = beta * (rho_c - rho_r)
     if loss_type == "sigmoid":  # eps > 0: conservative DPO (cDPO), as TRL <= 0.28
         return (1 - eps) * _sp(-u) + eps * _sp(u) if eps else _sp(-u)
     if loss_type == "hinge":
         return torch.relu(1 - u)
     if loss_type in ("ipo", "sigmoid_norm"):
-        nc, nr = n[:P].clamp(min=1), n[P:].clamp(min=1)
-        d = rho_c / nc - rho_r / nr
+        d = rho_c - rho_r if average else rho_c / n[:P].clamp(min=1) - rho_r / n[P:].clamp(min=1)
         return (d - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _sp(-beta * d)
     if loss_type == "exo_pair":
         return torch.sigmoid(u) * (TF.logsigmoid(u) - math.log1p(-eps)) + torch.sigmoid(-u) * (
@@ -170,9 +172,9 @@ def linear_dpo_loss(
             its LM head; bias: ``(V,)`` or None.
         target: ``(2P, T)`` the completions' next tokens (shifted), ``ignore_index`` on prompt and padding.
         ref_hidden / ref_weight / ref_bias: the reference model's hidden states ``(2P, T, H_ref)`` and head
-            (``ref_weight`` None: ``weight``, e.g. a PEFT adapter switched off); computed without gradients. Or
-            ``ref_logps``: precomputed per-sequence reference log-probabilities, ``(2P,)`` or a ``(chosen,
-            rejected)`` pair of ``(P,)``. Neither: reference-free (reference log-probabilities 0).
+            (``ref_weight`` None: ``weight`` and, unless given, ``bias``: e.g. a PEFT adapter switched off);
+            computed without gradients. Or ``ref_logps``: precomputed per-sequence reference log-probabilities,
+            ``(2P,)`` or a ``(chosen, rejected)`` pair of ``(P,)``. Neither: reference-free (log-probabilities 0).
         beta: the KL coefficient. loss_type: one of :data:`DPO_LOSS_TYPES`, as TRL's ``DPOTrainer``.
         label_smoothing: eps of ``exo_pair`` (required > 0), ``robust`` (in [0, 0.5)), ``aot`` / ``aot_unpaired``,
             and for ``sigmoid`` conservative DPO (``(1 - eps) softplus(-u) + eps softplus(u)``, TRL <= 0.28; TRL 1.x
@@ -211,7 +213,7 @@ def linear_dpo_loss(
     mask = target != ignore_index
     lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
     S = _sequence(lp, mask, average_log_prob)
-    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index,
+    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index,
                    average_log_prob, chunk_size)  # fmt: skip
     R = torch.zeros_like(S) if R is None else R.to(S.dtype)
     rho = S - R
@@ -219,7 +221,7 @@ def linear_dpo_loss(
     n = mask.sum(-1)
     n_chosen = n[:P].sum()
     nll = -lp[:P].sum() / n_chosen.clamp(min=1)
-    losses = _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll)
+    losses = _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll, average_log_prob)
     loss = losses.mean()
     if nll_weight:
         loss = loss + nll_weight * nll
@@ -231,9 +233,9 @@ def linear_dpo_loss(
 
 def _pair_metrics(hidden, weight, bias, mask, P, reward_c, reward_r, S) -> dict[str, Tensor]:
     """TRL's DPO metrics (detached fp32): rewards, accuracies, margins, log-probabilities, mean logits."""
-    mean_logit = hidden.float() @ weight.float().mean(0)  # (2P, T): the mean over the vocabulary of each logit row
+    mean_logit = hidden.float() @ row_mean(weight)  # (2P, T): the mean over the vocabulary of each logit row
     if bias is not None:
-        mean_logit = mean_logit + bias.float().mean()
+        mean_logit = mean_logit + row_mean(bias)
     m = mask.to(mean_logit.dtype)
     return {
         "rewards/chosen": reward_c.mean().float(),
@@ -274,9 +276,9 @@ def _all_logits_mean(hidden, weight, bias, P) -> tuple[Tensor, Tensor]:
     """The mean logit over the vocabulary and every position (prompt and padding included) of the chosen and the
     rejected rows (TRL's ORPO / CPO ``logits/*`` metrics), without the logits."""
     with torch.no_grad():
-        m = hidden.float() @ weight.float().mean(0)
+        m = hidden.float() @ row_mean(weight)
         if bias is not None:
-            m = m + bias.float().mean()
+            m = m + row_mean(bias)
         return m[:P].mean(), m[P:].mean()
 
 
@@ -350,7 +352,8 @@ def linear_cpo_loss(
 
     Metrics (detached fp32): ``rewards/chosen`` / ``rewards/rejected`` (means of beta * x), ``rewards/accuracies``,
     ``rewards/margins``, ``logps/chosen`` / ``logps/rejected`` (means of x), ``logits/chosen`` / ``logits/rejected``
-    (mean logit over the vocabulary and all positions), ``nll_loss``.
+    (mean logit over the vocabulary and all positions of ``hidden``), ``nll_loss`` (0 when ``cpo_alpha`` is 0, as
+    TRL).
     """
     name = "linear_cpo_loss"
     if loss_type not in CPO_LOSS_TYPES:
@@ -371,8 +374,11 @@ def linear_cpo_loss(
         losses = torch.relu(1 - u)
     else:
         losses = (xc - xr - 1 / (2 * beta)) ** 2
-    nll = _nll(name, hidden, weight, bias, lp, mask, P, None, ignore_index, chunk_size)
-    loss = losses.mean() + cpo_alpha * nll if cpo_alpha else losses.mean()
+    if cpo_alpha:
+        nll = _nll(name, hidden, weight, bias, lp, mask, P, None, ignore_index, chunk_size)
+        loss = losses.mean() + cpo_alpha * nll
+    else:  # not computed, logged as 0 (TRL)
+        nll, loss = torch.zeros((), dtype=lp.dtype, device=lp.device), losses.mean()
     lc, lr = _all_logits_mean(hidden, weight, bias, P)
     d = {
         "rewards/chosen": beta * xc, "rewards/rejected": beta * xr, "rewards/accuracies": (xc > xr).float(),
@@ -409,10 +415,10 @@ def linear_kto_loss(
     Unpaired rows: ``hidden`` ``(B, T, H)``, ``target`` ``(B, T)``, ``preference`` ``(B,)`` bool (True: desirable).
     With ``rho = S - R`` (per-sequence sums of the policy's and the reference's completion log-probabilities; the
     reference as :func:`linear_dpo_loss`: a second head, precomputed ``ref_logps`` ``(B,)``, or none) and ``z0 =
-    kl`` (TRL's detached, clamped KL estimate from the mismatched batch: compute it with ``linear_logprobs``; None:
-    0): ``kto`` desirable ``1 - sigmoid(beta (rho - z0))``, undesirable ``1 - sigmoid(beta (z0 - rho))``;
-    ``apo_zero_unpaired`` ``1 - sigmoid(beta rho)`` and ``sigmoid(beta rho)`` (no KL). ``loss = (desirable_weight *
-    sum_desirable + undesirable_weight * sum_undesirable) / B``.
+    max(kl, 0)`` (TRL's detached KL estimate from the mismatched batch: compute it with ``linear_logprobs``; None:
+    0, where TRL computes it): ``kto`` desirable ``1 - sigmoid(beta (rho - z0))``, undesirable ``1 - sigmoid(beta
+    (z0 - rho))``; ``apo_zero_unpaired`` ``1 - sigmoid(beta rho)`` and ``sigmoid(beta rho)`` (no KL).
+    ``loss = (desirable_weight * sum_desirable + undesirable_weight * sum_undesirable) / B``.
 
     Metrics (detached fp32, TRL's): ``kl``; ``rewards/chosen`` / ``rewards/rejected`` (means of beta * rho over the
     desirable / undesirable rows), ``logps/chosen`` / ``logps/rejected``, ``logits/chosen`` / ``logits/rejected``
@@ -434,9 +440,12 @@ def linear_kto_loss(
     lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
     mask = target != ignore_index
     S = lp.sum(-1)
-    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, ignore_index, False, chunk_size)
+    R = _reference(
+        name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, False, chunk_size
+    )
     rho = S - (R.to(S.dtype) if R is not None else 0.0)
-    z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=S.dtype, device=S.device).detach()
+    z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=S.dtype, device=S.device)
+    z0 = z0.detach().clamp(min=0)  # TRL's estimate is clamped at 0
     if loss_type == "kto":
         losses = torch.where(preference, 1 - torch.sigmoid(beta * (rho - z0)), 1 - torch.sigmoid(beta * (z0 - rho)))
     else:
@@ -444,9 +453,9 @@ def linear_kto_loss(
     w = torch.where(preference, desirable_weight, undesirable_weight).to(losses.dtype)
     loss = (w * losses).sum() / max(B, 1)
     with torch.no_grad():
-        m = hidden.float() @ weight.float().mean(0)
+        m = hidden.float() @ row_mean(weight)
         if bias is not None:
-            m = m + bias.float().mean()
+            m = m + row_mean(bias)
         metrics = {"kl": z0.float()}
         for key, rows in (("chosen", preference), ("rejected", ~preference)):  # NaN for a class the batch lacks
             r = rows.to(rho.dtype)

@@ -87,6 +87,21 @@ def _zero3_partitioned(t) -> bool:
     return status is not None and getattr(status, "name", "") != "AVAILABLE"
 
 
+def row_mean(t: Tensor) -> Tensor:
+    """The float32 mean over dim 0 of ``t``, detached, whatever holds it: a plain tensor, a DTensor (an FSDP2 shard
+    or a vocab-parallel weight: the global mean, as a plain tensor) or a partitioned ZeRO-3 parameter (gathered for
+    the read). The post-training losses' ``logits/*`` metrics: the mean logit over the vocabulary is
+    ``hidden @ row_mean(weight) + row_mean(bias)``."""
+    with torch.no_grad():
+        if _zero3_partitioned(t):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([t]):
+                return t.mean(0, dtype=torch.float32).clone()
+        m = t.mean(0, dtype=torch.float32)
+        return m.full_tensor() if hasattr(m, "full_tensor") else m
+
+
 def needs_gather(*tensors) -> bool:
     """Whether any of ``tensors`` is an FSDP2 sharded parameter or a partitioned ZeRO-3 parameter."""
     return any(t is not None and (_zero3_partitioned(t) or fsdp_owner(t) is not None) for t in tensors)
