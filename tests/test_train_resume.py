@@ -267,12 +267,14 @@ def test_cli_sigterm_exits_cleanly_with_a_checkpoint(tmp_path):
 
 def test_second_sigint_interrupts_at_once():
     """A second Ctrl-C while the first waits for the step boundary raises KeyboardInterrupt (the previous handler)."""
+    # The handler StopSignal falls back to is whatever was installed before it: make that Python's default (a
+    # pytest-xdist worker can hold another one, e.g. SIG_IGN, and the test then failed in CI with "DID NOT RAISE")
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = checkpoint.StopSignal()
 
     def deliver():
-        # raise_signal: delivered to this thread before it returns (os.kill may reach another thread of a pytest-xdist
-        # worker, whose Python handler then ran in the main thread only after the `with` block: a flaky failure in
-        # CI); the handler runs at the next bytecode boundary, which the sleeps give it
+        # raise_signal: delivered to this thread before it returns; the Python handler runs at the next bytecode
+        # boundary, which the sleeps give it
         signal.raise_signal(signal.SIGINT)
         for _ in range(50):
             time.sleep(0.001)
@@ -284,4 +286,6 @@ def test_second_sigint_interrupts_at_once():
             deliver()
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, original)
+    assert restored is signal.default_int_handler
