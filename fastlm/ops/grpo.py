@@ -7,7 +7,7 @@ count) are exact, whatever the chunking."""
 import torch
 from torch import Tensor
 
-from fastlm.ops.linear_logprobs import linear_logprobs
+from fastlm.ops.linear_logprobs import logprob_loss
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -98,37 +98,53 @@ def linear_grpo_loss(
         raise ValueError(f"{name}: beta = {beta} needs ref_logps (the reference's per-token log-probabilities)")
     m = loss_mask.bool()
     target = completion_ids.masked_fill(~m, -100)
-    lp = linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, chunk_size=chunk_size)
-    mf = m.to(lp.dtype)
-    old = lp.detach() if old_logps is None else old_logps.to(lp.dtype).detach()
-    # 0 outside the mask before any exp: old / ref log-probabilities there may be anything (-inf padding), and
-    # inf * 0 would be NaN in the masked sums
-    log_ratio = torch.where(m, lp - old, 0.0)
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
-    ratio = torch.exp(log_ratio)
-    adv = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).to(lp.dtype)
-    if loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * lp
-    else:
-        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        r1 = torch.clamp(ratio, max=delta) if delta is not None else ratio
-        per_token = -torch.min(r1 * adv, clipped * adv)
-    per_token_kl = None
-    if beta != 0.0:
-        d = torch.where(m, ref_logps.to(lp.dtype).detach() - lp, 0.0)
-        per_token_kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * per_token_kl
-    per_token = per_token.expand(B, T)
-    if loss_type == "grpo":
-        loss = ((per_token * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)).mean() / grad_accum_steps
+    mf = m.float()
+    adv_all = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).float()
+    if loss_type == "grpo":  # each row's tokens mean, averaged over rows: a token's weight
+        denom = mf.sum(-1, keepdim=True).clamp(min=1.0) * B * grad_accum_steps
     elif loss_type == "bnpo":
-        loss = (per_token * mf).sum() / mf.sum().clamp(min=1.0) / grad_accum_steps
+        denom = mf.sum().clamp(min=1.0) * grad_accum_steps
     elif loss_type == "dr_grpo":
-        loss = (per_token * mf).sum() / (B * max_completion_length) / grad_accum_steps
+        denom = torch.tensor(float(B * max_completion_length * grad_accum_steps), device=mf.device)
     else:
-        items = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=lp.dtype)
-        loss = (per_token * mf).sum() / (items.clamp(min=1.0) / num_processes)
+        items = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=torch.float32,
+                                                                            device=mf.device)  # fmt: skip
+        denom = items.clamp(min=1.0) / num_processes
+    token_weight = mf / denom  # (B, T): the loss is sum(per_token * token_weight), separable over rows
+
+    def terms(lp: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(per-token loss, ratio, per-token KL or None) of the rows ``rows``."""
+        mr = m[rows]
+        old = lp.detach() if old_logps is None else old_logps[rows].to(lp.dtype).detach()
+        # 0 outside the mask before any exp: old / ref log-probabilities there may be anything (-inf padding), and
+        # inf * 0 would be NaN in the masked sums
+        log_ratio = torch.where(mr, lp - old, 0.0)
+        if importance_sampling_level == "sequence":
+            mfr = mr.to(lp.dtype)
+            log_ratio = ((log_ratio * mfr).sum(-1) / mfr.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (rows, 1)
+        ratio = torch.exp(log_ratio)
+        adv = adv_all[rows].to(lp.dtype)
+        if loss_type == "cispo":
+            per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * lp
+        else:
+            clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+            r1 = torch.clamp(ratio, max=delta) if delta is not None else ratio
+            per_token = -torch.min(r1 * adv, clipped * adv)
+        per_token_kl = None
+        if beta != 0.0:
+            d = torch.where(mr, ref_logps[rows].to(lp.dtype).detach() - lp, 0.0)
+            per_token_kl = torch.exp(d) - d - 1
+            per_token = per_token + beta * per_token_kl
+        return per_token, ratio, per_token_kl
+
+    def row_loss(lp: Tensor, rows: Tensor) -> Tensor:
+        return (terms(lp, rows)[0] * token_weight[rows].to(lp.dtype)).sum()
+
+    loss, lp = logprob_loss(hidden, weight, target, row_loss, bias=bias, temperature=temperature,
+                            chunk_size=chunk_size)  # fmt: skip
+    mf = mf.to(lp.dtype)
+    _, ratio, per_token_kl = terms(lp, torch.arange(B, device=lp.device))
+    adv = adv_all.to(lp.dtype)
     with torch.no_grad():
         metrics = {}
         if per_token_kl is not None:

@@ -361,14 +361,12 @@ def linear_cross_entropy(
     return loss.to(loss_dtype(input))
 
 
-def fused_linear_cross_entropy(
-    input, linear_weight, target, linear_bias, weight, reduction: str, ignore_index: int, label_smoothing: float,
-    chunk_size: int | None, backend: str,
-) -> Tensor:  # fmt: skip
-    """The fused path of :func:`linear_cross_entropy` on ``backend`` ("triton" or "cpu"; plain tensors, arguments
-    checked here): the loss in float32 (``linear_logprobs`` keeps it so)."""
+def check_head(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple:
+    """Checks an LM head's (input (*, H), linear_weight (V, H), linear_bias (V,) or None) for the fused paths and
+    returns them cast to the autocast dtype in force (as ``F.linear`` under autocast: the matmuls in that dtype,
+    autograd casts the gradients back)."""
     amp = autocast_dtype(input)
-    if amp is not None:  # as F.linear under autocast: the matmuls in the autocast dtype (autograd casts grads back)
+    if amp is not None:
         input, linear_weight = input.to(amp), linear_weight.to(amp)
         linear_bias = linear_bias.to(amp) if linear_bias is not None else None
     if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
@@ -386,6 +384,17 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"linear_bias must be a ({V},) tensor of {input.dtype}, got {list(linear_bias.shape)} {linear_bias.dtype}"
         )
+    return input, linear_weight, linear_bias
+
+
+def fused_linear_cross_entropy(
+    input, linear_weight, target, linear_bias, weight, reduction: str, ignore_index: int, label_smoothing: float,
+    chunk_size: int | None, backend: str,
+) -> Tensor:  # fmt: skip
+    """The fused path of :func:`linear_cross_entropy` on ``backend`` ("triton" or "cpu"; plain tensors, arguments
+    checked here): the loss in float32 (``linear_logprobs`` keeps it so)."""
+    input, linear_weight, linear_bias = check_head(input, linear_weight, linear_bias)
+    V = linear_weight.shape[0]
     if target.shape != input.shape[:-1]:
         raise ValueError(f"target must have shape {list(input.shape[:-1])}, got {list(target.shape)}")
     x = input.reshape(-1, input.shape[-1])

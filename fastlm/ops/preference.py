@@ -9,6 +9,11 @@ over the batch, ``sft``'s token mean) are exact here, unlike chunk-over-pairs im
 Batch layout (TRL's and Liger-Kernel's): ``2P`` rows, the ``P`` chosen completions first, then the ``P`` rejected
 ones in the same order; ``target`` holds the completion's next tokens (shifted, as ``linear_logprobs``) and
 ``ignore_index`` everywhere else (prompt, padding).
+
+Every loss takes ``return_rows``: then its metrics also hold per-row detached fp32 tensors, ``rows/logps`` (the
+per-sequence log-probabilities as the loss used them: sums, or means where the loss averages) and ``rows/rewards``
+(beta times the log-ratio, or times the log-probability without a reference), and for KTO ``rows/logits`` (the sum
+over each row's completion tokens of the mean logit): what fastlm.nn's Liger-compatible modules return.
 """
 
 import math
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from fastlm.ops.linear_logprobs import linear_logprobs
+from fastlm.ops.linear_logprobs import linear_logprobs, logprob_loss
 from fastlm.ops.sharded_params import row_mean
 
 # TRL DPOTrainer's loss types (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss)
@@ -100,7 +105,7 @@ def _sequence(lp: Tensor, mask: Tensor, average: bool) -> Tensor:
     return s / mask.sum(-1).clamp(min=1) if average else s
 
 
-def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll, average):
+def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, average):
     """Per-pair losses (P,) of TRL's loss types on the per-sequence log-ratios rho = S - R (fp32); ``average``: S and
     R are means already (ipo / sigmoid_norm then use them as they are, as TRL <= 0.28's averaged ipo)."""
     u = beta * (rho_c - rho_r)
@@ -141,8 +146,6 @@ def _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nl
         mo = torch.sigmoid(logits)
         # mo * exp(-u) as exp(-u + logsigmoid(u / tau)): TRL's exp(-u) * sigmoid(u / tau) is inf * 0 for u < -88
         return (1 - mo) * _sp(-u) + torch.exp(-u + TF.logsigmoid(logits))
-    if loss_type == "sft":
-        return nll.expand(P)
     raise AssertionError(loss_type)
 
 
@@ -164,6 +167,7 @@ def linear_dpo_loss(
     discopop_tau: float = 0.05,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Direct Preference Optimisation (and TRL's variants) on the LM head: ``(loss, metrics)``.
 
@@ -195,7 +199,7 @@ def linear_dpo_loss(
 
     Gradients reach ``hidden``, ``weight`` and ``bias`` (never the reference). Not supported (TRL has them): the
     f-divergence scores other than reverse KL, ``ld_alpha`` (LD-DPO), ``use_weighting`` (WPO), multiple loss types
-    with weights; TRL's ``mean_token_accuracy`` and ``entropy`` metrics.
+    with weights; TRL's ``mean_token_accuracy`` and ``entropy`` metrics. ``return_rows``: see the module's docstring.
     """
     name = "linear_dpo_loss"
     if loss_type not in DPO_LOSS_TYPES:
@@ -211,23 +215,35 @@ def linear_dpo_loss(
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
     P = _rows(hidden, target, name)
     mask = target != ignore_index
-    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
-    S = _sequence(lp, mask, average_log_prob)
+    n = mask.sum(-1)
+    n_chosen = n[:P].sum().clamp(min=1)
     R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index,
                    average_log_prob, chunk_size)  # fmt: skip
-    R = torch.zeros_like(S) if R is None else R.to(S.dtype)
-    rho = S - R
-    rho_c, rho_r = rho[:P], rho[P:]
-    n = mask.sum(-1)
-    n_chosen = n[:P].sum()
-    nll = -lp[:P].sum() / n_chosen.clamp(min=1)
-    losses = _dpo_losses(loss_type, rho_c, rho_r, S, R, n, P, beta, eps, discopop_tau, nll, average_log_prob)
-    loss = losses.mean()
-    if nll_weight:
-        loss = loss + nll_weight * nll
+    R = torch.zeros(2 * P, dtype=torch.float32, device=hidden.device) if R is None else R
+
+    def pair_loss(lp: Tensor, rows: Tensor) -> Tensor:  # the pairs of rows[:k] (chosen) and rows[k:] (rejected)
+        k = rows.numel() // 2
+        S = _sequence(lp, mask[rows], average_log_prob)
+        Rr = R[rows].to(S.dtype)
+        rho = S - Rr
+        nll = -lp[:k].sum() / n_chosen  # these pairs' share of the chosen tokens' mean NLL
+        if loss_type == "sft":
+            total = P * nll
+        else:
+            total = _dpo_losses(loss_type, rho[:k], rho[k:], S, Rr, n[rows], k, beta, eps, discopop_tau,
+                                average_log_prob).sum()  # fmt: skip
+        return total / P + nll_weight * nll if nll_weight else total / P
+
+    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True,
+                            separable=not loss_type.startswith("aot"), ignore_index=ignore_index,
+                            chunk_size=chunk_size)  # fmt: skip
     with torch.no_grad():
-        metrics = _pair_metrics(hidden, weight, bias, mask, P, beta * rho_c, beta * rho_r, S)
-        metrics["nll"] = nll.detach().float()
+        S = _sequence(lp, mask, average_log_prob)
+        rho = S - R.to(S.dtype)
+        metrics = _pair_metrics(hidden, weight, bias, mask, P, beta * rho[:P], beta * rho[P:], S)
+        metrics["nll"] = (-lp[:P].sum() / n_chosen).float()
+        if return_rows:
+            metrics |= {"rows/logps": S.float(), "rows/rewards": (beta * rho).float()}
     return loss, metrics
 
 
@@ -254,18 +270,9 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def _policy(name, hidden, weight, target, bias, ignore_index, chunk_size):
-    """The policy's token log-probabilities (2P, T) fp32, the completion mask, and P."""
-    P = _rows(hidden, target, name)
-    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
-    return lp, target != ignore_index, P
-
-
-def _nll(name, hidden, weight, bias, lp, mask, P, nll_target, ignore_index, chunk_size) -> Tensor:
-    """The mean negative log-probability of the chosen rows' tokens: the completion's (``lp``), or those of
-    ``nll_target`` ((P, T): e.g. prompt and completion, as TRL's ORPO) through one more pass over the chosen rows."""
-    if nll_target is None:
-        return -lp[:P].sum() / mask[:P].sum().clamp(min=1)
+def _nll_of(name, hidden, weight, bias, P, nll_target, ignore_index, chunk_size) -> Tensor:
+    """The mean negative log-probability of the chosen rows' ``nll_target`` tokens ((P, T): e.g. prompt and
+    completion, as TRL's ORPO), through one more pass over the chosen rows."""
     if nll_target.shape != (P, hidden.shape[1]):
         raise ValueError(f"{name}: nll_target must be (P, T) = ({P}, {hidden.shape[1]}), got {list(nll_target.shape)}")
     nl = linear_logprobs(hidden[:P], weight, nll_target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
@@ -292,6 +299,7 @@ def linear_orpo_loss(
     nll_target: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Odds-Ratio Preference Optimisation (TRL's ``ORPOTrainer``) on the LM head: ``(loss, metrics)``.
 
@@ -309,20 +317,45 @@ def linear_orpo_loss(
     name = "linear_orpo_loss"
     if not beta > 0:
         raise ValueError(f"{name}: beta must be positive, got {beta}")
-    lp, mask, P = _policy(name, hidden, weight, target, bias, ignore_index, chunk_size)
-    mean_lp = lp.sum(-1) / mask.sum(-1)
-    a, b = mean_lp[:P], mean_lp[P:]
-    log_odds = (a - b) - (_log1mexp(a) - _log1mexp(b))
-    ratio = TF.logsigmoid(log_odds)
-    nll = _nll(name, hidden, weight, bias, lp, mask, P, nll_target, ignore_index, chunk_size)
-    loss = nll - beta * ratio.mean()
+    P = _rows(hidden, target, name)
+    if nll_target is not None and nll_target.shape != (P, hidden.shape[1]):
+        raise ValueError(f"{name}: nll_target must be (P, T) = ({P}, {hidden.shape[1]}), got {list(nll_target.shape)}")
+    mask = target != ignore_index
+    n = mask.sum(-1)
+    n_chosen = n[:P].sum().clamp(min=1)
+
+    def odds(lp: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k = rows.numel() // 2
+        mean_lp = lp.sum(-1) / n[rows]
+        a, b = mean_lp[:k], mean_lp[k:]
+        log_odds = (a - b) - (_log1mexp(a) - _log1mexp(b))
+        return a, b, log_odds, TF.logsigmoid(log_odds)
+
+    def pair_loss(lp: Tensor, rows: Tensor) -> Tensor:
+        k = rows.numel() // 2
+        ratio = odds(lp, rows)[3]
+        nll = -lp[:k].sum() / n_chosen if nll_target is None else 0.0  # nll_target's NLL: its own pass below
+        return nll - beta * ratio.sum() / P
+
+    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True, ignore_index=ignore_index,
+                            chunk_size=chunk_size)  # fmt: skip
+    if nll_target is None:
+        nll = -lp[:P].sum() / n_chosen
+    else:
+        nll = _nll_of(name, hidden, weight, bias, P, nll_target, ignore_index, chunk_size)
+        loss = loss + nll
+    a, b, log_odds, ratio = odds(lp, torch.arange(2 * P, device=lp.device))
     lc, lr = _all_logits_mean(hidden, weight, bias, P)
     d = {
         "rewards/chosen": beta * a, "rewards/rejected": beta * b, "rewards/accuracies": (a > b).float(),
         "rewards/margins": beta * (a - b), "logps/chosen": a, "logps/rejected": b, "logits/chosen": lc,
         "logits/rejected": lr, "nll_loss": nll, "log_odds_ratio": ratio, "log_odds_chosen": log_odds,
     }  # fmt: skip
-    return loss, {k: v.detach().float().mean() for k, v in d.items()}
+    metrics = {k: v.detach().float().mean() for k, v in d.items()}
+    if return_rows:
+        x = torch.cat([a, b]).detach().float()
+        metrics |= {"rows/logps": x, "rows/rewards": beta * x}
+    return loss, metrics
 
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -341,6 +374,7 @@ def linear_cpo_loss(
     cpo_alpha: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Contrastive Preference Optimisation and SimPO (TRL's ``CPOTrainer``) on the LM head: ``(loss, metrics)``.
 
@@ -363,29 +397,42 @@ def linear_cpo_loss(
     eps = float(label_smoothing)
     if not 0 <= eps < 1:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
-    lp, mask, P = _policy(name, hidden, weight, target, bias, ignore_index, chunk_size)
-    x = _sequence(lp, mask, average=loss_type in ("ipo", "simpo"))
+    P = _rows(hidden, target, name)
+    mask = target != ignore_index
+    n_chosen = mask[:P].sum().clamp(min=1)
+    average = loss_type in ("ipo", "simpo")
+
+    def pair_loss(lp: Tensor, rows: Tensor) -> Tensor:
+        k = rows.numel() // 2
+        x = _sequence(lp, mask[rows], average)
+        xc, xr = x[:k], x[k:]
+        u = beta * (xc - xr)
+        if loss_type in ("sigmoid", "simpo"):
+            u = u - simpo_gamma if loss_type == "simpo" else u
+            losses = (1 - eps) * _sp(-u) + eps * _sp(u)
+        elif loss_type == "hinge":
+            losses = torch.relu(1 - u)
+        else:
+            losses = (xc - xr - 1 / (2 * beta)) ** 2
+        total = losses.sum() / P
+        return total + cpo_alpha * (-lp[:k].sum() / n_chosen) if cpo_alpha else total
+
+    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True, ignore_index=ignore_index,
+                            chunk_size=chunk_size)  # fmt: skip
+    x = _sequence(lp, mask, average)
     xc, xr = x[:P], x[P:]
-    u = beta * (xc - xr)
-    if loss_type in ("sigmoid", "simpo"):
-        u = u - simpo_gamma if loss_type == "simpo" else u
-        losses = (1 - eps) * _sp(-u) + eps * _sp(u)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - u)
-    else:
-        losses = (xc - xr - 1 / (2 * beta)) ** 2
-    if cpo_alpha:
-        nll = _nll(name, hidden, weight, bias, lp, mask, P, None, ignore_index, chunk_size)
-        loss = losses.mean() + cpo_alpha * nll
-    else:  # not computed, logged as 0 (TRL)
-        nll, loss = torch.zeros((), dtype=lp.dtype, device=lp.device), losses.mean()
+    # not computed when cpo_alpha is 0: logged as 0 (TRL)
+    nll = -lp[:P].sum() / n_chosen if cpo_alpha else torch.zeros((), dtype=lp.dtype, device=lp.device)
     lc, lr = _all_logits_mean(hidden, weight, bias, P)
     d = {
         "rewards/chosen": beta * xc, "rewards/rejected": beta * xr, "rewards/accuracies": (xc > xr).float(),
         "rewards/margins": beta * (xc - xr), "logps/chosen": xc, "logps/rejected": xr, "logits/chosen": lc,
         "logits/rejected": lr, "nll_loss": nll,
     }  # fmt: skip
-    return loss, {k: v.detach().float().mean() for k, v in d.items()}
+    metrics = {k: v.detach().float().mean() for k, v in d.items()}
+    if return_rows:
+        metrics |= {"rows/logps": x.detach().float(), "rows/rewards": beta * x.detach().float()}
+    return loss, metrics
 
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -409,6 +456,7 @@ def linear_kto_loss(
     undesirable_weight: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Kahneman-Tversky Optimisation (TRL's ``KTOTrainer``) on the LM head: ``(loss, metrics)``.
 
@@ -437,21 +485,28 @@ def linear_kto_loss(
     B = hidden.shape[0]
     if not isinstance(preference, Tensor) or preference.dtype != torch.bool or preference.shape != (B,):
         raise ValueError(f"{name}: preference must be a ({B},) bool tensor (True: desirable)")
-    lp = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
     mask = target != ignore_index
-    S = lp.sum(-1)
     R = _reference(
         name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, False, chunk_size
     )
-    rho = S - (R.to(S.dtype) if R is not None else 0.0)
-    z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=S.dtype, device=S.device)
+    R = torch.zeros(B, dtype=torch.float32, device=hidden.device) if R is None else R
+    z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=torch.float32, device=hidden.device)
     z0 = z0.detach().clamp(min=0)  # TRL's estimate is clamped at 0
-    if loss_type == "kto":
-        losses = torch.where(preference, 1 - torch.sigmoid(beta * (rho - z0)), 1 - torch.sigmoid(beta * (z0 - rho)))
-    else:
-        losses = torch.where(preference, 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
-    w = torch.where(preference, desirable_weight, undesirable_weight).to(losses.dtype)
-    loss = (w * losses).sum() / max(B, 1)
+    w = torch.where(preference, desirable_weight, undesirable_weight).float()
+
+    def row_loss(lp: Tensor, rows: Tensor) -> Tensor:
+        rho = lp.sum(-1) - R[rows].to(lp.dtype)
+        pref = preference[rows]
+        if loss_type == "kto":
+            losses = torch.where(pref, 1 - torch.sigmoid(beta * (rho - z0)), 1 - torch.sigmoid(beta * (z0 - rho)))
+        else:
+            losses = torch.where(pref, 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
+        return (w[rows].to(losses.dtype) * losses).sum() / max(B, 1)
+
+    loss, lp = logprob_loss(hidden, weight, target, row_loss, bias=bias, ignore_index=ignore_index,
+                            chunk_size=chunk_size)  # fmt: skip
+    S = lp.sum(-1)
+    rho = S - R.to(S.dtype)
     with torch.no_grad():
         m = hidden.float() @ row_mean(weight)
         if bias is not None:
@@ -464,4 +519,6 @@ def linear_kto_loss(
             tok = mask & rows[:, None]
             metrics[f"logits/{key}"] = (m * tok).sum() / tok.sum()
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        if return_rows:
+            metrics |= {"rows/logps": S.float(), "rows/rewards": (beta * rho).float(), "rows/logits": (m * mask).sum(-1)}
     return loss, metrics
