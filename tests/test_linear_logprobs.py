@@ -146,7 +146,7 @@ def test_one_pass_matches_two_pass(be, case, monkeypatch):
     b = torch.randn(V, device=DEVICE)
     calls = []
     apply = ll._OnePass.apply
-    monkeypatch.setattr(ll._OnePass, "apply", lambda *a: calls.append(len(a[4])) or apply(*a))
+    monkeypatch.setattr(ll._OnePass, "apply", lambda *a: calls.append(len(a[5])) or apply(*a))
     with fastlm.backend(be):
         one = _run(fn, h, w, b, rh, rw, 1 << 20)  # one group
         per_unit = _run(fn, h, w, b, rh, rw, 1)  # a group per row / pair
@@ -196,3 +196,85 @@ def test_losses_in_low_precision(be, dtype, case):
         assert got.dtype == dtype
         # the fused path rounds each logit's gradient to the dtype before the matmuls: two ulps of the largest
         assert err(got, r) <= 2 * err(base, r) + 2 * torch.finfo(dtype).eps * r.abs().max().item(), name
+
+
+# ---- packed (padding-free) batches: the same sequences packed (cu_seqlens, position_ids) and padded give the same
+# loss, metrics and gradients
+
+
+def _packed_cases(lengths, V, dev):
+    B = len(lengths)
+    g = torch.Generator().manual_seed(5)
+    T = max(lengths)
+    t = torch.randint(0, V, (B, T), generator=g).to(dev)
+    t[:, :2] = -100  # prompts
+    for i, n in enumerate(lengths):
+        t[i, n:] = -100  # padding
+    pref = torch.tensor([True, False] * (B // 2), device=dev)
+    adv = torch.randn(B, generator=g).to(dev)
+    old = (-torch.rand(B, T, generator=g) * 6).to(dev)
+    return t, {
+        "dpo": lambda h, w, t, b, rh, extra, **k: F.linear_dpo_loss(
+            h, w, t, bias=b, ref_hidden=rh, nll_weight=0.5, **k),
+        "dpo_aot": lambda h, w, t, b, rh, extra, **k: F.linear_dpo_loss(h, w, t, bias=b, loss_type="aot", **k),
+        "orpo": lambda h, w, t, b, rh, extra, **k: F.linear_orpo_loss(h, w, t, bias=b, **k),
+        "cpo": lambda h, w, t, b, rh, extra, **k: F.linear_cpo_loss(h, w, t, bias=b, loss_type="ipo", **k),
+        "kto": lambda h, w, t, b, rh, extra, **k: F.linear_kto_loss(
+            h, w, t, preference=pref, kl=0.02, bias=b, ref_hidden=rh, **k),
+        "grpo": lambda h, w, t, b, rh, extra, **k: F.linear_grpo_loss(
+            h, w, t.clamp(min=0), t != -100, adv, bias=b, old_logps=extra(old), loss_type="grpo", **k),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("case", ["dpo", "dpo_aot", "orpo", "cpo", "kto", "grpo"])
+@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids"])
+def test_packed_matches_padded(be, case, how):
+    lengths = [7, 4, 6, 5]
+    V, H = 70, 16
+    t, fns = _packed_cases(lengths, V, DEVICE)
+    fn = fns[case]
+    B, T = t.shape
+    h, rh = torch.randn(B, T, H, device=DEVICE), torch.randn(B, T, H, device=DEVICE)
+    w, b = torch.randn(V, H, device=DEVICE) * 0.3, torch.randn(V, device=DEVICE)
+    real = torch.arange(T, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+
+    def pack(x):
+        return x[real].unsqueeze(0)  # (1, N, ...)
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE)
+    kw = {"cu_seqlens": cu} if how == "cu_seqlens" else {"position_ids": pos}
+    with fastlm.backend(be):
+        hp, wp, bp = (x.clone().requires_grad_() for x in (h, w, b))
+        loss_p, met_p = fn(hp, wp, t, bp, rh, lambda x: x)
+        loss_p.backward()
+        hk, wk, bk = (x.clone().requires_grad_() for x in (h, w, b))
+        loss_k, met_k = fn(pack(hk), wk, pack(t), bk, pack(rh), pack, **kw)
+        loss_k.backward()
+    torch.testing.assert_close(loss_k, loss_p, rtol=1e-5, atol=1e-6)
+    assert met_k.keys() == met_p.keys()
+    for k in met_p:
+        if case in ("orpo", "cpo") and k.startswith("logits/"):
+            continue  # the mean logit over every position: padding counts in the padded batch only (documented)
+        torch.testing.assert_close(met_k[k], met_p[k], rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
+    torch.testing.assert_close(hk.grad[real], hp.grad[real], rtol=1e-4, atol=1e-5)
+    assert (hk.grad[~real] == 0).all()  # not in the packed batch
+    torch.testing.assert_close(wk.grad, wp.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bk.grad, bp.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_bad_input():
+    h, w = torch.randn(1, 10, 8, device=DEVICE), torch.randn(20, 8, device=DEVICE)
+    t = torch.randint(0, 20, (1, 10), device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        F.linear_dpo_loss(h, w, t, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
+    with pytest.raises(ValueError, match="odd batch"):
+        F.linear_dpo_loss(h, w, t, cu_seqlens=torch.tensor([0, 4, 6, 10], device=DEVICE))
+    with pytest.raises(ValueError, match="not both"):
+        F.linear_orpo_loss(h, w, t, cu_seqlens=torch.tensor([0, 5, 10]), position_ids=torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="position_ids must start at 0"):
+        F.linear_kto_loss(h, w, t, preference=torch.tensor([True]), position_ids=torch.arange(1, 11)[None])
+    with pytest.raises(ValueError, match="packed old_logps"):
+        F.linear_grpo_loss(h, w, t, t >= 0, torch.ones(2), old_logps=torch.zeros(1, 9),
+                           cu_seqlens=torch.tensor([0, 5, 10]))  # fmt: skip

@@ -187,7 +187,7 @@ def test_bad_input():
         F.linear_dpo_loss(h, w, t, ref_logps=torch.zeros(P))
     with pytest.raises(ValueError, match="ref_hidden must be"):
         F.linear_dpo_loss(h, w, t, ref_hidden=rh[:, :3], ref_weight=rw)
-    with pytest.raises(ValueError, match=r"\(2P, T, H\)"):
+    with pytest.raises(ValueError, match=r"\(B, T, H\)"):
         F.linear_dpo_loss(h[0], w, t[0])
     with pytest.raises(ValueError, match="beta"):
         F.linear_dpo_loss(h, w, t, beta=0.0)

@@ -173,7 +173,12 @@ class FusedLinearGRPOLoss(nn.Module):
                                       f"{', '.join(GRPO_LOSS_TYPES)})")  # fmt: skip
         if use_bias_correction_kl:
             raise NotImplementedError("FusedLinearGRPOLoss(use_bias_correction_kl=True) is not in fastlm")
-        self.beta, self.use_ref_model, self.epsilon_low, self.epsilon_high = beta, use_ref_model, epsilon_low, epsilon_high
+        self.beta, self.use_ref_model, self.epsilon_low, self.epsilon_high = (
+            beta,
+            use_ref_model,
+            epsilon_low,
+            epsilon_high,
+        )
         self.loss_type, self.max_completion_length = loss_type, max_completion_length
         self.importance_sampling_level, self.temperature, self.delta = importance_sampling_level, temperature, delta
 

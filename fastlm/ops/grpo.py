@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fastlm.ops.linear_logprobs import logprob_loss
+from fastlm.ops.packed import row_layout
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -38,6 +39,8 @@ def linear_grpo_loss(
     num_processes: int = 1,
     grad_accum_steps: int = 1,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO and its variants on the LM head: ``(loss, metrics)``, TRL's ``GRPOTrainer._compute_loss``.
 
@@ -61,6 +64,10 @@ def linear_grpo_loss(
         importance_sampling_level: ``token`` (a ratio per token) or ``sequence`` (GSPO: ``exp`` of the sequence's
             mean log-ratio).
         temperature: divides the logits (the sampling temperature).
+        cu_seqlens / position_ids: a packed (padding-free) batch: ``hidden`` ``(1, N, H)``, ``completion_ids``,
+            ``loss_mask``, ``old_logps``, ``ref_logps`` ``(1, N)`` holding ``B`` sequences (``cu_seqlens`` ``(B + 1,)``
+            offsets, or ``position_ids`` restarting at 0 at each sequence); ``advantages`` ``(B,)`` or ``(1, N)``;
+            the matmuls run on the N tokens only; grpo's per-sequence means and dr_grpo's ``B`` count sequences.
 
     Returns:
         The scalar loss (float32) and a dict of detached fp32 metrics, TRL's: ``kl`` (beta != 0: the masked mean of
@@ -77,12 +84,26 @@ def linear_grpo_loss(
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"{name}: importance_sampling_level must be 'token' or 'sequence', got "
                          f"{importance_sampling_level!r}")  # fmt: skip
-    if hidden.dim() != 3 or completion_ids.shape != hidden.shape[:2] or loss_mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"{name}: hidden must be (B, T, H), completion_ids and loss_mask (B, T); got {list(hidden.shape)}, "
-            f"{list(completion_ids.shape)}, {list(loss_mask.shape)}"
-        )
-    B, T = completion_ids.shape
+    x, ids, layout = row_layout(name, hidden, completion_ids, cu_seqlens, position_ids)
+    if loss_mask.shape != completion_ids.shape:
+        raise ValueError(f"{name}: loss_mask must have completion_ids' shape {list(completion_ids.shape)}, got "
+                         f"{list(loss_mask.shape)}")  # fmt: skip
+    B, T = layout.B, layout.T
+    mask_flat = loss_mask.reshape(-1).bool()
+    target = ids.masked_fill(~mask_flat, -100)
+    if layout.packed:  # the per-token inputs onto the (B, T) grid of the sequences
+        flat = ids.shape[0]
+
+        def grid(arg, val, per_row_ok=False):
+            if val is None or (per_row_ok and val.shape == (B,)):
+                return val
+            if val.numel() != flat or val.shape[-1] != flat:
+                raise ValueError(f"{name}: packed {arg} must be (1, {flat}) like completion_ids, got {list(val.shape)}")
+            return layout.pad(val.reshape(flat), 0.0)
+
+        old_logps, ref_logps = grid("old_logps", old_logps), grid("ref_logps", ref_logps)
+        advantages = grid("advantages", advantages, per_row_ok=True)
+    m = layout.pad(mask_flat, False)
     if advantages.shape not in ((B,), (B, T)):
         raise ValueError(f"{name}: advantages must be ({B},) or ({B}, {T}), got {list(advantages.shape)}")
     if importance_sampling_level == "sequence" and advantages.dim() != 1:
@@ -96,8 +117,6 @@ def linear_grpo_loss(
         )
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"{name}: beta = {beta} needs ref_logps (the reference's per-token log-probabilities)")
-    m = loss_mask.bool()
-    target = completion_ids.masked_fill(~m, -100)
     mf = m.float()
     adv_all = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).float()
     if loss_type == "grpo":  # each row's tokens mean, averaged over rows: a token's weight
@@ -140,7 +159,7 @@ def linear_grpo_loss(
     def row_loss(lp: Tensor, rows: Tensor) -> Tensor:
         return (terms(lp, rows)[0] * token_weight[rows].to(lp.dtype)).sum()
 
-    loss, lp = logprob_loss(hidden, weight, target, row_loss, bias=bias, temperature=temperature,
+    loss, lp = logprob_loss(x, weight, target, row_loss, layout=layout, bias=bias, temperature=temperature,
                             chunk_size=chunk_size)  # fmt: skip
     mf = mf.to(lp.dtype)
     _, ratio, per_token_kl = terms(lp, torch.arange(B, device=lp.device))

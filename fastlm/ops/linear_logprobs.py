@@ -20,13 +20,14 @@ from fastlm.dispatch import resolve
 from fastlm.ops import sharded_params, vocab_parallel
 from fastlm.ops.cross_entropy import check_target_range
 from fastlm.ops.linear_cross_entropy import (
-    check_head,
     ce_rows,
+    check_head,
     chunk_logits,
     chunk_size_for,
     fused_linear_cross_entropy,
     linear_cross_entropy,
 )
+from fastlm.ops.packed import RowLayout
 
 
 def _check(hidden: Tensor, weight: Tensor, target: Tensor, temperature: float) -> None:
@@ -124,37 +125,40 @@ class _OnePass(torch.autograd.Function):
     the gradients prepared in the forward."""
 
     @staticmethod
-    def forward(ctx, x, w, b, t, groups, group_loss, ignore_index, backend):
-        B, T, H = x.shape
-        V = w.shape[0]
+    def forward(ctx, x, w, b, t, layout, groups, group_loss, ignore_index, backend):
+        (N, H), V, B, T = x.shape, w.shape[0], layout.B, layout.T
         x, w = x.contiguous(), w.contiguous()
-        lp = torch.zeros(B, T, dtype=torch.float32, device=x.device)
+        lp = torch.zeros(B * T, dtype=torch.float32, device=x.device)  # the (B, T) grid
         gx = torch.zeros_like(x)
         gw = None
         gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        buf = x.new_empty((max((g.numel() for g in groups), default=0) * T, V))
-        for rows in groups:
-            n = rows.numel()
-            xg = x.index_select(0, rows).view(n * T, H)
-            tg = t.index_select(0, rows).view(n * T)
-            logits = chunk_logits(buf[: n * T], xg, w, b)
-            lpg = ce_rows(logits, tg, None, ignore_index, 0.0, backend, False).neg_().view(n, T)
-            lpg.requires_grad_()
+        cols = torch.arange(T, device=x.device)
+        parts = [(rows, *layout.tokens(rows)) for rows in groups]
+        buf = x.new_empty((max((p[1].numel() for p in parts), default=0), V))
+        for rows, toks, local in parts:
+            k, n = rows.numel(), toks.numel()
+            xg = x.index_select(0, toks)
+            tg = t.index_select(0, toks)
+            logits = chunk_logits(buf[:n], xg, w, b)
+            lp_tok = ce_rows(logits, tg, None, ignore_index, 0.0, backend, False).neg_()
+            lpg = lp_tok.new_zeros(k * T).index_put_((local,), lp_tok).view(k, T).requires_grad_()
             with torch.enable_grad():
                 lg = group_loss(lpg, rows)
             dlp = torch.autograd.grad(lg, lpg, allow_unused=True)[0] if lg.requires_grad else None
-            scale = torch.zeros_like(lpg) if dlp is None else dlp.neg()  # d loss / d nll = -d loss / d logp
-            ce_rows(logits, tg, None, ignore_index, 0.0, backend, True, scale.reshape(-1).float().contiguous())
-            gx.index_copy_(0, rows, torch.mm(logits, w).view(n, T, H))
+            # d loss / d nll = -d loss / d logp, per token
+            scale = torch.zeros_like(lp_tok) if dlp is None else dlp.reshape(-1).index_select(0, local).neg_()
+            ce_rows(logits, tg, None, ignore_index, 0.0, backend, True, scale.float().contiguous())
+            gx.index_copy_(0, toks, torch.mm(logits, w))
             gw = torch.mm(logits.T, xg) if gw is None else gw.addmm_(logits.T, xg)
             if gb is not None:
                 gb += logits.sum(0, dtype=torch.float32)
             loss += lg.detach().float()
-            lp.index_copy_(0, rows, lpg.detach())
+            lp.index_copy_(0, (rows[:, None] * T + cols).reshape(-1), lpg.detach().reshape(-1))
         if gw is None:
             gw = torch.zeros_like(w)
         ctx.save_for_backward(gx, gw, gb.to(b.dtype) if gb is not None else None)
+        lp = lp.view(B, T)
         ctx.mark_non_differentiable(lp)
         return loss, lp
 
@@ -163,23 +167,22 @@ class _OnePass(torch.autograd.Function):
         gx, gw, gb = ctx.saved_tensors
         s = dloss.float()
         gb = (gb.float() * s).to(gb.dtype) if gb is not None else None
-        return (gx.float() * s).to(gx.dtype), (gw.float() * s).to(gw.dtype), gb, None, None, None, None, None
+        return (gx.float() * s).to(gx.dtype), (gw.float() * s).to(gw.dtype), gb, None, None, None, None, None, None
 
 
-def _groups(B: int, T: int, V: int, H: int, paired: bool, chunk_size: int | None, x: Tensor) -> list[Tensor] | None:
+def _groups(layout: RowLayout, V: int, paired: bool, chunk_size: int | None, x: Tensor) -> list[Tensor] | None:
     """Row groups of the one-pass mode (index tensors; a pair's group holds its chosen rows, then the same pairs'
-    rejected rows), as many rows per group as the linear cross-entropy's chunk rule gives tokens; None when one
-    unit's logits exceed :data:`ONE_PASS_MAX_BYTES`."""
-    unit = 2 if paired else 1
+    rejected rows), as many rows per group as the linear cross-entropy's chunk rule gives tokens (rows counted at the
+    longest row's length); None when one unit's logits may exceed :data:`ONE_PASS_MAX_BYTES`."""
+    unit, B, T = (2 if paired else 1), layout.B, layout.T
     if unit * T * V * x.element_size() > ONE_PASS_MAX_BYTES or T == 0:
         return None
-    chunk = chunk_size or chunk_size_for(B * T, V, H, x.device)
+    chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1], x.device)
     per = max(1, chunk // (unit * T))  # units per group
     units = B // unit
     out = []
     for u0 in range(0, units, per):
-        u1 = min(units, u0 + per)
-        r = torch.arange(u0, u1, device=x.device)
+        r = torch.arange(u0, min(units, u0 + per), device=x.device)
         out.append(torch.cat([r, r + units]) if paired else r)
     return out
 
@@ -190,6 +193,7 @@ def logprob_loss(
     target: Tensor,
     group_loss,
     *,
+    layout: RowLayout | None = None,
     bias: Tensor | None = None,
     paired: bool = False,
     separable: bool = True,
@@ -197,8 +201,12 @@ def logprob_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A loss of the per-token log-probabilities ``lp = linear_logprobs(hidden, weight, target)`` ((B, T) fp32), and
-    ``lp`` detached (for metrics): ``(group_loss(lp, rows), lp)`` with ``rows`` all the batch's rows.
+    """A loss of the per-token log-probabilities ``lp = linear_logprobs(hidden, weight, target)`` laid out as
+    ``(B, T)`` rows ((B, T) fp32, 0 at ignored and padding positions), and ``lp`` detached (for metrics):
+    ``(group_loss(lp, rows), lp)`` with ``rows`` all the batch's rows.
+
+    ``hidden`` ``(B, T, H)`` and ``target`` ``(B, T)``; or flat ``(N, H)`` and ``(N,)`` with ``layout``
+    (fastlm/ops/packed.py: padded or packed rows).
 
     ``group_loss(lp_rows, rows)`` returns the scalar loss of the rows ``rows`` (an index tensor; ``lp_rows`` their
     log-probabilities): with ``separable``, the loss of the batch is the sum of those of disjoint row groups (units:
@@ -214,27 +222,34 @@ def logprob_loss(
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor) and isinstance(target, Tensor)):
         raise TypeError("hidden, weight and target must be tensors")
     _check(hidden, weight, target, temperature)
-    B = hidden.shape[0]
-    rows = None
+    if layout is None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be (B, T, H) without a layout, got {list(hidden.shape)}")
+        layout = RowLayout(hidden.shape[0], hidden.shape[1], None)
+        hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    groups = None
     backend = None
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     plain = not (
-        sharded_params.needs_gather(weight, bias) or vocab_parallel.is_dtensor(weight) or vocab_parallel.is_dtensor(hidden)
+        sharded_params.needs_gather(weight, bias)
+        or vocab_parallel.is_dtensor(weight)
+        or vocab_parallel.is_dtensor(hidden)
     )
-    if separable and needs_grad and plain and hidden.dim() == 3 and not torch.compiler.is_compiling():
+    if separable and needs_grad and plain and not torch.compiler.is_compiling():
         backend = resolve("linear_cross_entropy", hidden)
         if backend in ("cpu", "triton"):
-            rows = _groups(B, hidden.shape[1], weight.shape[0], hidden.shape[2], paired, chunk_size, hidden)
-    if rows is None:
+            groups = _groups(layout, weight.shape[0], paired, chunk_size, hidden)
+    if groups is None:
         lp = linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, ignore_index=ignore_index,
                              chunk_size=chunk_size)  # fmt: skip
-        return group_loss(lp, torch.arange(B, device=hidden.device)), lp.detach()
+        lp = layout.pad(lp, 0.0)
+        return group_loss(lp, torch.arange(layout.B, device=hidden.device)), lp.detach()
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = bias / temperature if bias is not None else None
     x, w, b = check_head(hidden, weight, bias)
     check_target_range(target, w.shape[0], ignore_index)
     with torch.autocast(x.device.type, enabled=False):
-        return _OnePass.apply(x, w, b, target.to(torch.int64), rows, group_loss, int(ignore_index), backend)
+        return _OnePass.apply(x, w, b, target.to(torch.int64), layout, groups, group_loss, int(ignore_index), backend)

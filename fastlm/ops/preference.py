@@ -12,17 +12,24 @@ ones in the same order; ``target`` holds the completion's next tokens (shifted, 
 
 Every loss takes ``return_rows``: then its metrics also hold per-row detached fp32 tensors, ``rows/logps`` (the
 per-sequence log-probabilities as the loss used them: sums, or means where the loss averages) and ``rows/rewards``
-(beta times the log-ratio, or times the log-probability without a reference), and for KTO ``rows/logits`` (the sum
-over each row's completion tokens of the mean logit): what fastlm.nn's Liger-compatible modules return.
+(beta times the log-ratio, or times the log-probability without a reference): what fastlm.nn's Liger-compatible
+modules return.
+
+Packed (padding-free) batches: every loss takes ``cu_seqlens`` (``(B + 1,)`` offsets) or ``position_ids`` (``(1,
+N)``, restarting at 0 at each sequence, TRL's padding-free collator) with ``hidden`` ``(1, N, H)`` and ``target``
+``(1, N)``: the ``B`` sequences in the batch order (paired losses: the chosen sequences first, then the rejected
+ones), ``ref_hidden`` packed alike; the matmuls run on the ``N`` tokens only (fastlm/ops/packed.py).
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
 from fastlm.ops.linear_logprobs import linear_logprobs, logprob_loss
+from fastlm.ops.packed import RowLayout, row_layout
 from fastlm.ops.sharded_params import row_mean
 
 # TRL DPOTrainer's loss types (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss)
@@ -50,25 +57,38 @@ def _sp(x: Tensor) -> Tensor:
     return TF.softplus(x)
 
 
-def _rows(hidden: Tensor, target: Tensor, name: str) -> int:
-    if hidden.dim() != 3 or target.dim() != 2 or target.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"{name}: hidden must be (2P, T, H) and target (2P, T), got {list(hidden.shape)} and {list(target.shape)}"
-        )
-    if hidden.shape[0] % 2:
-        raise ValueError(
-            f"{name}: the batch must hold chosen then rejected rows (2P rows), got an odd batch of {hidden.shape[0]}"
-        )
-    return hidden.shape[0] // 2
+class _Batch(NamedTuple):
+    x: Tensor  # (N, H) the policy's hidden states, flat
+    t: Tensor  # (N,) the targets, flat
+    layout: RowLayout
+    mask: Tensor  # (B, T) the completion tokens (False at ignored and padding positions)
+    P: int  # pairs (paired losses), else rows
+
+
+def _batch(name, hidden, target, cu_seqlens, position_ids, ignore_index, paired=True) -> _Batch:
+    x, t, layout = row_layout(name, hidden, target, cu_seqlens, position_ids)
+    if paired and layout.B % 2:
+        raise ValueError(f"{name}: the batch must hold chosen then rejected rows (2P rows), got an odd batch of "
+                         f"{layout.B}")  # fmt: skip
+    mask = layout.pad(t, ignore_index) != ignore_index
+    return _Batch(x, t, layout, mask, layout.B // 2 if paired else layout.B)
+
+
+def _mean_logits(b: _Batch, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(B, T) the mean over the vocabulary of each position's logits (0 at padding), without the logits: ``hidden @
+    weight.mean(0) + bias.mean()``; detached fp32."""
+    with torch.no_grad():
+        m = b.x.float() @ row_mean(weight)
+        return b.layout.pad(m + row_mean(bias) if bias is not None else m, 0.0)
 
 
 def _reference(
-    name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, average, chunk_size
+    name, b: _Batch, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, average, chunk_size
 ) -> Tensor | None:
-    """The reference's per-sequence log-probabilities (2P,) fp32, detached, or None (reference-free)."""
+    """The reference's per-sequence log-probabilities (B,) fp32, detached, or None (reference-free)."""
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError(f"{name}: pass the reference once: ref_logps (precomputed) or ref_hidden (and ref_weight)")
-    n = target.shape[0]
+    n = b.layout.B
     if ref_logps is not None:
         if isinstance(ref_logps, (tuple, list)):
             if len(ref_logps) != 2:
@@ -84,19 +104,22 @@ def _reference(
         if ref_weight is not None or ref_bias is not None:
             raise ValueError(f"{name}: ref_weight / ref_bias given without ref_hidden")
         return None
-    if ref_hidden.shape[:2] != target.shape:
-        raise ValueError(
-            f"{name}: ref_hidden must be ({target.shape[0]}, {target.shape[1]}, H_ref) like hidden, got "
-            f"{list(ref_hidden.shape)}"
-        )
+    want = (b.layout.B, b.layout.T) if not b.layout.packed else (b.x.shape[0],)
+    if (
+        ref_hidden.dim() < 2
+        or ref_hidden.shape[:-1].numel() != b.x.shape[0]
+        or (not b.layout.packed and ref_hidden.shape[:-1] != want)
+    ):
+        raise ValueError(f"{name}: ref_hidden must be ({', '.join(map(str, want))}, H_ref) like hidden, got "
+                         f"{list(ref_hidden.shape)}")  # fmt: skip
     if ref_weight is None:  # the policy's head (e.g. a PEFT adapter switched off): its bias too, unless given
         ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
     with torch.no_grad():
         lp = linear_logprobs(
-            ref_hidden, ref_weight.detach(), target, bias=ref_bias.detach() if ref_bias is not None else None,
-            ignore_index=ignore_index, chunk_size=chunk_size,
+            ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight.detach(), b.t,
+            bias=ref_bias.detach() if ref_bias is not None else None, ignore_index=ignore_index, chunk_size=chunk_size,
         )  # fmt: skip
-    return _sequence(lp, target != ignore_index, average)
+    return _sequence(b.layout.pad(lp, 0.0), b.mask, average)
 
 
 def _sequence(lp: Tensor, mask: Tensor, average: bool) -> Tensor:
@@ -167,6 +190,8 @@ def linear_dpo_loss(
     discopop_tau: float = 0.05,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
     return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Direct Preference Optimisation (and TRL's variants) on the LM head: ``(loss, metrics)``.
@@ -213,11 +238,11 @@ def linear_dpo_loss(
         raise ValueError(f"{name}: robust needs label_smoothing in [0, 0.5), got {eps}")
     if not 0 <= eps < 1:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
-    P = _rows(hidden, target, name)
-    mask = target != ignore_index
+    bt = _batch(name, hidden, target, cu_seqlens, position_ids, ignore_index)
+    P, mask = bt.P, bt.mask
     n = mask.sum(-1)
     n_chosen = n[:P].sum().clamp(min=1)
-    R = _reference(name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index,
+    R = _reference(name, bt, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index,
                    average_log_prob, chunk_size)  # fmt: skip
     R = torch.zeros(2 * P, dtype=torch.float32, device=hidden.device) if R is None else R
 
@@ -234,24 +259,21 @@ def linear_dpo_loss(
                                 average_log_prob).sum()  # fmt: skip
         return total / P + nll_weight * nll if nll_weight else total / P
 
-    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True,
+    loss, lp = logprob_loss(bt.x, weight, bt.t, pair_loss, layout=bt.layout, bias=bias, paired=True,
                             separable=not loss_type.startswith("aot"), ignore_index=ignore_index,
                             chunk_size=chunk_size)  # fmt: skip
     with torch.no_grad():
         S = _sequence(lp, mask, average_log_prob)
         rho = S - R.to(S.dtype)
-        metrics = _pair_metrics(hidden, weight, bias, mask, P, beta * rho[:P], beta * rho[P:], S)
+        metrics = _pair_metrics(_mean_logits(bt, weight, bias), mask, P, beta * rho[:P], beta * rho[P:], S)
         metrics["nll"] = (-lp[:P].sum() / n_chosen).float()
         if return_rows:
             metrics |= {"rows/logps": S.float(), "rows/rewards": (beta * rho).float()}
     return loss, metrics
 
 
-def _pair_metrics(hidden, weight, bias, mask, P, reward_c, reward_r, S) -> dict[str, Tensor]:
+def _pair_metrics(mean_logit, mask, P, reward_c, reward_r, S) -> dict[str, Tensor]:
     """TRL's DPO metrics (detached fp32): rewards, accuracies, margins, log-probabilities, mean logits."""
-    mean_logit = hidden.float() @ row_mean(weight)  # (2P, T): the mean over the vocabulary of each logit row
-    if bias is not None:
-        mean_logit = mean_logit + row_mean(bias)
     m = mask.to(mean_logit.dtype)
     return {
         "rewards/chosen": reward_c.mean().float(),
@@ -270,23 +292,28 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def _nll_of(name, hidden, weight, bias, P, nll_target, ignore_index, chunk_size) -> Tensor:
-    """The mean negative log-probability of the chosen rows' ``nll_target`` tokens ((P, T): e.g. prompt and
-    completion, as TRL's ORPO), through one more pass over the chosen rows."""
-    if nll_target.shape != (P, hidden.shape[1]):
-        raise ValueError(f"{name}: nll_target must be (P, T) = ({P}, {hidden.shape[1]}), got {list(nll_target.shape)}")
-    nl = linear_logprobs(hidden[:P], weight, nll_target, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
-    return -nl.sum() / (nll_target != ignore_index).sum().clamp(min=1)
+def _nll_of(name, bt: _Batch, weight, bias, nll_target, ignore_index, chunk_size) -> Tensor:
+    """The mean negative log-probability of the chosen rows' ``nll_target`` tokens ((P, T), or packed the chosen
+    sequences' (N_chosen,) tokens: e.g. prompt and completion, as TRL's ORPO), through one more pass over them."""
+    P, lay = bt.P, bt.layout
+    if lay.packed:
+        want = (lay.starts[P] if P < lay.B else bt.x.shape[0],)
+        nt = nll_target[0] if nll_target.dim() == 2 and nll_target.shape[0] == 1 else nll_target
+    else:
+        want, nt = (P, lay.T), nll_target
+    if tuple(nt.shape) != want:
+        raise ValueError(f"{name}: nll_target must be {want} (the chosen rows' tokens), got {list(nll_target.shape)}")
+    n = nt.numel()
+    nl = linear_logprobs(bt.x[:n], weight, nt.reshape(n), bias=bias, ignore_index=ignore_index, chunk_size=chunk_size)
+    return -nl.sum() / (nt != ignore_index).sum().clamp(min=1)
 
 
-def _all_logits_mean(hidden, weight, bias, P) -> tuple[Tensor, Tensor]:
-    """The mean logit over the vocabulary and every position (prompt and padding included) of the chosen and the
-    rejected rows (TRL's ORPO / CPO ``logits/*`` metrics), without the logits."""
-    with torch.no_grad():
-        m = hidden.float() @ row_mean(weight)
-        if bias is not None:
-            m = m + row_mean(bias)
-        return m[:P].mean(), m[P:].mean()
+def _all_logits_mean(bt: _Batch, weight, bias) -> tuple[Tensor, Tensor]:
+    """The mean logit over the vocabulary and every position (prompt and padding included; packed: the sequences'
+    tokens) of the chosen and the rejected rows (TRL's ORPO / CPO ``logits/*`` metrics), without the logits."""
+    m, P = _mean_logits(bt, weight, bias), bt.P
+    real = bt.layout.pad(torch.ones(bt.x.shape[0], device=m.device), 0.0)
+    return m[:P].sum() / real[:P].sum(), m[P:].sum() / real[P:].sum()
 
 
 def linear_orpo_loss(
@@ -299,6 +326,8 @@ def linear_orpo_loss(
     nll_target: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
     return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Odds-Ratio Preference Optimisation (TRL's ``ORPOTrainer``) on the LM head: ``(loss, metrics)``.
@@ -317,10 +346,8 @@ def linear_orpo_loss(
     name = "linear_orpo_loss"
     if not beta > 0:
         raise ValueError(f"{name}: beta must be positive, got {beta}")
-    P = _rows(hidden, target, name)
-    if nll_target is not None and nll_target.shape != (P, hidden.shape[1]):
-        raise ValueError(f"{name}: nll_target must be (P, T) = ({P}, {hidden.shape[1]}), got {list(nll_target.shape)}")
-    mask = target != ignore_index
+    bt = _batch(name, hidden, target, cu_seqlens, position_ids, ignore_index)
+    P, mask = bt.P, bt.mask
     n = mask.sum(-1)
     n_chosen = n[:P].sum().clamp(min=1)
 
@@ -337,15 +364,15 @@ def linear_orpo_loss(
         nll = -lp[:k].sum() / n_chosen if nll_target is None else 0.0  # nll_target's NLL: its own pass below
         return nll - beta * ratio.sum() / P
 
-    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True, ignore_index=ignore_index,
-                            chunk_size=chunk_size)  # fmt: skip
+    loss, lp = logprob_loss(bt.x, weight, bt.t, pair_loss, layout=bt.layout, bias=bias, paired=True,
+                            ignore_index=ignore_index, chunk_size=chunk_size)  # fmt: skip
     if nll_target is None:
         nll = -lp[:P].sum() / n_chosen
     else:
-        nll = _nll_of(name, hidden, weight, bias, P, nll_target, ignore_index, chunk_size)
+        nll = _nll_of(name, bt, weight, bias, nll_target, ignore_index, chunk_size)
         loss = loss + nll
     a, b, log_odds, ratio = odds(lp, torch.arange(2 * P, device=lp.device))
-    lc, lr = _all_logits_mean(hidden, weight, bias, P)
+    lc, lr = _all_logits_mean(bt, weight, bias)
     d = {
         "rewards/chosen": beta * a, "rewards/rejected": beta * b, "rewards/accuracies": (a > b).float(),
         "rewards/margins": beta * (a - b), "logps/chosen": a, "logps/rejected": b, "logits/chosen": lc,
@@ -374,6 +401,8 @@ def linear_cpo_loss(
     cpo_alpha: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
     return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Contrastive Preference Optimisation and SimPO (TRL's ``CPOTrainer``) on the LM head: ``(loss, metrics)``.
@@ -397,8 +426,8 @@ def linear_cpo_loss(
     eps = float(label_smoothing)
     if not 0 <= eps < 1:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {eps}")
-    P = _rows(hidden, target, name)
-    mask = target != ignore_index
+    bt = _batch(name, hidden, target, cu_seqlens, position_ids, ignore_index)
+    P, mask = bt.P, bt.mask
     n_chosen = mask[:P].sum().clamp(min=1)
     average = loss_type in ("ipo", "simpo")
 
@@ -417,13 +446,13 @@ def linear_cpo_loss(
         total = losses.sum() / P
         return total + cpo_alpha * (-lp[:k].sum() / n_chosen) if cpo_alpha else total
 
-    loss, lp = logprob_loss(hidden, weight, target, pair_loss, bias=bias, paired=True, ignore_index=ignore_index,
-                            chunk_size=chunk_size)  # fmt: skip
+    loss, lp = logprob_loss(bt.x, weight, bt.t, pair_loss, layout=bt.layout, bias=bias, paired=True,
+                            ignore_index=ignore_index, chunk_size=chunk_size)  # fmt: skip
     x = _sequence(lp, mask, average)
     xc, xr = x[:P], x[P:]
     # not computed when cpo_alpha is 0: logged as 0 (TRL)
     nll = -lp[:P].sum() / n_chosen if cpo_alpha else torch.zeros((), dtype=lp.dtype, device=lp.device)
-    lc, lr = _all_logits_mean(hidden, weight, bias, P)
+    lc, lr = _all_logits_mean(bt, weight, bias)
     d = {
         "rewards/chosen": beta * xc, "rewards/rejected": beta * xr, "rewards/accuracies": (xc > xr).float(),
         "rewards/margins": beta * (xc - xr), "logps/chosen": xc, "logps/rejected": xr, "logits/chosen": lc,
@@ -456,6 +485,8 @@ def linear_kto_loss(
     undesirable_weight: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
     return_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Kahneman-Tversky Optimisation (TRL's ``KTOTrainer``) on the LM head: ``(loss, metrics)``.
@@ -479,16 +510,11 @@ def linear_kto_loss(
         raise ValueError(f"{name}: loss_type must be one of {', '.join(KTO_LOSS_TYPES)}; got {loss_type!r}")
     if not beta > 0:
         raise ValueError(f"{name}: beta must be positive, got {beta}")
-    if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
-        raise ValueError(f"{name}: hidden must be (B, T, H) and target (B, T), got {list(hidden.shape)} and "
-                         f"{list(target.shape)}")  # fmt: skip
-    B = hidden.shape[0]
+    bt = _batch(name, hidden, target, cu_seqlens, position_ids, ignore_index, paired=False)
+    B, mask = bt.P, bt.mask
     if not isinstance(preference, Tensor) or preference.dtype != torch.bool or preference.shape != (B,):
         raise ValueError(f"{name}: preference must be a ({B},) bool tensor (True: desirable)")
-    mask = target != ignore_index
-    R = _reference(
-        name, target, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, False, chunk_size
-    )
+    R = _reference(name, bt, ref_hidden, ref_weight, ref_bias, ref_logps, weight, bias, ignore_index, False, chunk_size)
     R = torch.zeros(B, dtype=torch.float32, device=hidden.device) if R is None else R
     z0 = torch.as_tensor(0.0 if kl is None or loss_type != "kto" else kl, dtype=torch.float32, device=hidden.device)
     z0 = z0.detach().clamp(min=0)  # TRL's estimate is clamped at 0
@@ -503,14 +529,12 @@ def linear_kto_loss(
             losses = torch.where(pref, 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
         return (w[rows].to(losses.dtype) * losses).sum() / max(B, 1)
 
-    loss, lp = logprob_loss(hidden, weight, target, row_loss, bias=bias, ignore_index=ignore_index,
+    loss, lp = logprob_loss(bt.x, weight, bt.t, row_loss, layout=bt.layout, bias=bias, ignore_index=ignore_index,
                             chunk_size=chunk_size)  # fmt: skip
     S = lp.sum(-1)
     rho = S - R.to(S.dtype)
     with torch.no_grad():
-        m = hidden.float() @ row_mean(weight)
-        if bias is not None:
-            m = m + row_mean(bias)
+        m = _mean_logits(bt, weight, bias)
         metrics = {"kl": z0.float()}
         for key, rows in (("chosen", preference), ("rejected", ~preference)):  # NaN for a class the batch lacks
             r = rows.to(rho.dtype)
@@ -520,5 +544,5 @@ def linear_kto_loss(
             metrics[f"logits/{key}"] = (m * tok).sum() / tok.sum()
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         if return_rows:
-            metrics |= {"rows/logps": S.float(), "rows/rewards": (beta * rho).float(), "rows/logits": (m * mask).sum(-1)}
+            metrics |= {"rows/logps": S.float(), "rows/rewards": (beta * rho).float()}
     return loss, metrics
