@@ -123,7 +123,8 @@ class FusedLinearSimPOLoss(FusedLinearCPOLoss):
     _loss_type = "simpo"
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
-                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):  # fmt: skip
+                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5,
+                 chunk_size: int = 1):  # fmt: skip
         super().__init__(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, False, chunk_size,
                          gamma)  # fmt: skip
 

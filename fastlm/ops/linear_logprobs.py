@@ -126,7 +126,7 @@ class _OnePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, t, layout, groups, group_loss, ignore_index, backend):
-        (N, H), V, B, T = x.shape, w.shape[0], layout.B, layout.T
+        V, B, T = w.shape[0], layout.B, layout.T
         x, w = x.contiguous(), w.contiguous()
         lp = torch.zeros(B * T, dtype=torch.float32, device=x.device)  # the (B, T) grid
         gx = torch.zeros_like(x)
