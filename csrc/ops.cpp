@@ -179,6 +179,13 @@ void define_linear_loss_schemas(torch::stable::detail::StableLibrary& m) {
   m.def(
       "distillation_rows_cpu(Tensor student, Tensor teacher, Tensor? target, int kind, float beta, float temperature, "
       "int ignore_index, Tensor? grad_scale, Tensor(a!)? grad) -> Tensor");
+  // linear_logprobs(..., return_entropy=True)'s row kernel (csrc/cpu/linear_logprobs.cpp; the Triton twin is
+  // kernels/linear_logprobs.logprob_entropy_rows): per row (float32) the target's log-probability and the entropy
+  // (0 for ignored rows); with grad (and grad_lp, grad_ent: (N,) float32), the gradient of sum(grad_lp * lp +
+  // grad_ent * entropy) written into grad (the logits themselves allowed).
+  m.def(
+      "logprob_entropy_rows_cpu(Tensor input, Tensor target, int ignore_index, Tensor? grad_lp, Tensor? grad_ent, "
+      "Tensor(a!)? grad) -> (Tensor, Tensor)");
 }
 
 }  // namespace

@@ -64,6 +64,10 @@ CASES = {
         lambda h, w, t: F.linear_logprobs(h, w, t, temperature=0.7, chunk_size=4),
         lambda: (_x(2, 5, 16), _x(40, 16), _targets(10, 40).view(2, 5)),
     ),
+    "linear_logprobs_entropy": (
+        lambda h, w, b, t: torch.stack(F.linear_logprobs(h, w, t, bias=b, chunk_size=4, return_entropy=True)),
+        lambda: (_x(2, 5, 16), _x(40, 16), _x(40), _targets(10, 40).view(2, 5)),
+    ),
     "linear_dpo_loss": (
         lambda h, w, t, r: F.linear_dpo_loss(h, w, t, ref_logps=r, chunk_size=4)[0],
         lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),

@@ -5,7 +5,7 @@ through an arbitrary downstream loss (a random incoming gradient per token), on 
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import DEVICE, ON_GPU, compare_with_reference
+from helpers import DEVICE, ON_GPU, OPCHECK_TESTS, compare_with_reference
 
 import fastlm
 import fastlm.functional as F
@@ -49,6 +49,59 @@ def test_matches_full_logits(be, chunk, bias, temperature):
     assert (out[t == -100] == 0).all() and (out[t != -100] < 0).all()
 
 
+def _ref_entropy(h, w, t, b=None, temperature=1.0, ignore_index=-100):
+    ls = (TF.linear(h, w, b) / temperature).log_softmax(-1)
+    return torch.where(t != ignore_index, -(ls.exp() * ls).sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_entropy_matches_full_logits(be, chunk, bias):
+    """return_entropy: the log-probabilities and the entropies, and the gradients of hidden, weight and bias through
+    a loss on both (random incoming gradients per token), against float64 on the full logits."""
+    B, T, H, V = 2, 5, 16, 300  # one block of classes in the Triton kernel; the wide vocabulary is below
+    h = torch.randn(B, T, H, device=DEVICE)
+    w = torch.randn(V, H, device=DEVICE) * 0.4
+    b = torch.randn(V, device=DEVICE) if bias else None
+    t = _targets((B, T), V)
+    inputs = {"h": h, "w": w} | ({"b": b} if bias else {})
+    with fastlm.backend(be):
+        lp, ent = compare_with_reference(  # both outputs stacked: random incoming gradients on each
+            lambda h, w, b=None: torch.stack(
+                F.linear_logprobs(h, w, t, bias=b, temperature=0.9, chunk_size=chunk, return_entropy=True)),
+            lambda h, w, b=None: torch.stack((_ref(h, w, t, b, 0.9), _ref_entropy(h, w, t, b, 0.9))),
+            inputs,
+            torch.float32,
+        )  # fmt: skip
+    assert lp.dtype == ent.dtype == torch.float32
+    assert (ent[t == -100] == 0).all() and (ent[t != -100] > 0).all()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_entropy_wide_vocabulary_and_large_logits(be):
+    """A vocabulary over the Triton kernel's class block (several chunks of the online sweep) and logits of +-60,
+    where a naive sum p z loses every digit; the entropy's gradient alone (the log-probabilities unused)."""
+    V, H = 5000, 8
+    h = torch.randn(6, H, dtype=torch.float64) * 3
+    w = torch.randn(V, H, dtype=torch.float64)
+    w[:3] *= 20  # a few dominant classes: entropies near 0 for some rows
+    t = torch.randint(0, V, (6,))
+    t[2] = -100
+    hf, wf = h.float().to(DEVICE).requires_grad_(), w.float().to(DEVICE).requires_grad_()
+    with fastlm.backend(be):
+        _, ent = F.linear_logprobs(hf, wf, t.to(DEVICE), return_entropy=True, chunk_size=4)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = _ref_entropy(h64, w64, t)
+    gout = torch.rand(6, dtype=torch.float64) + 0.5
+    (ent * gout.float().to(DEVICE)).sum().backward()
+    (ref * gout).sum().backward()
+    torch.testing.assert_close(ent.double().cpu(), ref.detach(), rtol=1e-4, atol=1e-4)
+    for got, want in ((hf.grad, h64.grad), (wf.grad, w64.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_inputs_give_float32(be, dtype):
@@ -62,6 +115,35 @@ def test_low_precision_inputs_give_float32(be, dtype):
             lambda h, w: F.linear_logprobs(h, w, t, chunk_size=8), lambda h, w: _ref(h, w, t), {"h": h, "w": w}, dtype
         )
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_entropy_opcheck(be):
+    from fastlm.ops.linear_logprobs import linear_logprobs_entropy_bwd, linear_logprobs_entropy_fwd
+
+    x, w, b = torch.randn(7, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE), torch.randn(30, device=DEVICE)
+    t = _targets((7,), 30)
+    fwd_args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t, -100, 3, be)
+    torch.library.opcheck(linear_logprobs_entropy_fwd, fwd_args, test_utils=OPCHECK_TESTS)
+    g = torch.randn(7, device=DEVICE)
+    bwd_args = (x.detach(), w.detach(), b.detach(), t, g, g.clone(), -100, 3, be)
+    torch.library.opcheck(linear_logprobs_entropy_bwd, bwd_args, test_utils=OPCHECK_TESTS)
+    if be == "cpu":
+        from fastlm.ops.linear_logprobs import LOGPROB_ENTROPY_ROWS
+
+        lg = torch.randn(7, 30)
+        torch.library.opcheck(LOGPROB_ENTROPY_ROWS["cpu"], (lg, t, -100, g, g.clone(), lg.clone()))
+        with pytest.raises(RuntimeError, match="out of range"):
+            LOGPROB_ENTROPY_ROWS["cpu"](lg, torch.full((7,), 30), -100, None, None, None)
+
+
+def test_entropy_bad_input_and_torch_backend():
+    h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    t = torch.randint(0, 20, (4,))
+    with fastlm.backend("torch"):
+        lp, ent = F.linear_logprobs(h, w, t, return_entropy=True)
+    torch.testing.assert_close(ent, _ref_entropy(h, w, t))
+    torch.testing.assert_close(lp, _ref(h, w, t))
 
 
 def test_torch_backend_is_the_float64_reference():
@@ -86,8 +168,6 @@ def test_bad_input(be):
             F.linear_logprobs(h, w, t[:3])
         with pytest.raises(TypeError, match="class indices"):
             F.linear_logprobs(h, w, t.float())
-        with pytest.raises(NotImplementedError, match="entropy"):
-            F.linear_logprobs(h, w, t, return_entropy=True)
         if not ON_GPU:  # on CPU the range check is free (on GPU: NaN, as the cross-entropy documents)
             with pytest.raises(ValueError, match="outside"):
                 F.linear_logprobs(h, w, torch.full((4,), 20, device=DEVICE))

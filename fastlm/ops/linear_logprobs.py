@@ -28,6 +28,7 @@ from fastlm.ops.linear_cross_entropy import (
     linear_cross_entropy,
 )
 from fastlm.ops.packed import RowLayout
+from fastlm.ops.registry import register
 
 
 def _check(hidden: Tensor, weight: Tensor, target: Tensor, temperature: float) -> None:
@@ -66,12 +67,16 @@ def linear_logprobs(
         target: ``(*)`` token ids (int64 / int32), ``hidden``'s leading shape; ``ignore_index`` marks positions
             without a token (prompt, padding): their log-probability is 0 and they get no gradient.
         temperature: divides the logits (GRPO's sampling temperature); > 0.
-        return_entropy: not implemented yet (raises NotImplementedError).
+        return_entropy: also return the per-token entropy of the softmax, ``-sum_v p_v log p_v`` ((*) float32; 0
+            where target is ignore_index), differentiable like the log-probabilities (fused: one more row kernel,
+            fastlm/kernels/linear_logprobs.py and csrc/cpu/linear_logprobs.cpp; not for sharded or vocab-parallel
+            weights: NotImplementedError).
         chunk_size: tokens per chunk (default: the linear cross-entropy's rule for the device).
 
     Returns:
         ``(*)`` float32 log-probabilities (float64 for float64 inputs on the ``torch`` backend), whatever the input
-        dtype: per-sequence sums of bf16 log-probabilities lose about three significant digits.
+        dtype: per-sequence sums of bf16 log-probabilities lose about three significant digits. With
+        ``return_entropy``: ``(logps, entropy)``.
 
     Backends: ``cpu`` and ``triton`` (fused, as ``linear_cross_entropy``), ``torch`` (full logits, log_softmax,
     gather: the reference); the CUDA C++ backend has no linear kernels (``auto`` takes Triton's). FSDP2 / ZeRO-3
@@ -79,17 +84,14 @@ def linear_logprobs(
     cross-entropy, as :func:`fastlm.functional.linear_cross_entropy` (a plain tensor on every rank; computed in
     float32 but rounded to the input's dtype on those two paths before the cast back to float32).
     """
-    if return_entropy:
-        raise NotImplementedError(
-            "linear_logprobs(return_entropy=True) is not implemented yet: the per-token entropy needs a mode of the "
-            "fused row kernels that fastlm does not have yet (issue 27)"
-        )
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor) and isinstance(target, Tensor)):
         raise TypeError("hidden, weight and target must be tensors")
     _check(hidden, weight, target, temperature)
     if temperature != 1.0:
         hidden = hidden / temperature
         bias = bias / temperature if bias is not None else None
+    if return_entropy:
+        return _with_entropy(hidden, weight, target, bias, ignore_index, chunk_size)
     if (
         sharded_params.needs_gather(weight, bias)
         or vocab_parallel.is_dtensor(weight)
@@ -253,3 +255,132 @@ def logprob_loss(
     check_target_range(target, w.shape[0], ignore_index)
     with torch.autocast(x.device.type, enabled=False):
         return _OnePass.apply(x, w, b, target.to(torch.int64), layout, groups, group_loss, int(ignore_index), backend)
+
+
+# ---- return_entropy=True: the log-probabilities and the entropies from one more row kernel (the fused linear
+# cross-entropy's chunk loop, with fastlm/kernels/linear_logprobs.py or csrc/cpu/linear_logprobs.cpp per chunk), as a
+# registered op pair (forward; backward recomputing each chunk's logits) so that torch.compile traces it.
+
+
+def _rows_fake(input, target, ignore_index, grad_lp, grad_ent, grad):
+    rows = input.new_empty((input.shape[0],), dtype=torch.float32)
+    return rows, rows.clone()
+
+
+# fastlm::logprob_entropy_rows_cpu (schema and contract in csrc/ops.cpp)
+LOGPROB_ENTROPY_ROWS = register("logprob_entropy_rows", _rows_fake, backends=("cpu",))
+
+
+def entropy_rows(logits, t, ignore_index, backend, grad_lp=None, grad_ent=None):
+    """(lp, entropy) fp32 per row of a chunk's logits; with the incoming gradients ((rows,) fp32 each), the
+    gradient of ``sum(grad_lp * lp + grad_ent * entropy)`` written over ``logits``."""
+    if backend == "triton":
+        from fastlm.kernels import linear_logprobs as k
+
+        return k.logprob_entropy_rows(logits, t, ignore_index, grad_lp, grad_ent)
+    grad = logits if grad_lp is not None else None
+    return LOGPROB_ENTROPY_ROWS["cpu"](logits, t, ignore_index, grad_lp, grad_ent, grad)
+
+
+@torch.library.custom_op("fastlm::linear_logprobs_entropy_fwd", mutates_args=())
+def linear_logprobs_entropy_fwd(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, ignore_index: int,
+    chunk_size: int, backend: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per token (fp32): the target's log-probability and the softmax's entropy; input (T, H), target (T,) int64."""
+    T, V = input.shape[0], linear_weight.shape[0]
+    lp = torch.empty(T, dtype=torch.float32, device=input.device)
+    ent = torch.empty(T, dtype=torch.float32, device=input.device)
+    buf = input.new_empty((min(chunk_size, T), V))
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        logits = chunk_logits(buf[: e - s], input[s:e], linear_weight, linear_bias)
+        lp[s:e], ent[s:e] = entropy_rows(logits, target[s:e], ignore_index, backend)
+    return lp, ent
+
+
+@linear_logprobs_entropy_fwd.register_fake
+def _fwd_fake(input, linear_weight, linear_bias, target, ignore_index, chunk_size, backend):
+    lp = input.new_empty((input.shape[0],), dtype=torch.float32)
+    return lp, lp.clone()
+
+
+@torch.library.custom_op("fastlm::linear_logprobs_entropy_bwd", mutates_args=())
+def linear_logprobs_entropy_bwd(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, grad_lp: Tensor,
+    grad_ent: Tensor, ignore_index: int, chunk_size: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward: each chunk's logits recomputed, the row kernel writes the gradient of ``grad_lp * lp +
+    grad_ent * entropy`` over them, then the grad_input / grad_weight matmuls and the bias's column sums."""
+    T, V = input.shape[0], linear_weight.shape[0]
+    buf = input.new_empty((min(chunk_size, T), V))
+    gx = torch.empty_like(input)
+    gw = torch.zeros_like(linear_weight)
+    gb = torch.zeros(V, dtype=torch.float32, device=input.device) if linear_bias is not None else None
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        g = chunk_logits(buf[: e - s], input[s:e], linear_weight, linear_bias)
+        entropy_rows(g, target[s:e], ignore_index, backend, grad_lp[s:e], grad_ent[s:e])
+        torch.mm(g, linear_weight, out=gx[s:e])
+        gw.addmm_(g.T, input[s:e])
+        if gb is not None:
+            gb += g.sum(0, dtype=torch.float32)
+    return gx, gw, (gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,)))
+
+
+@linear_logprobs_entropy_bwd.register_fake
+def _bwd_fake(input, linear_weight, linear_bias, target, grad_lp, grad_ent, ignore_index, chunk_size, backend):
+    gb = linear_bias.new_empty(linear_bias.shape) if linear_bias is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), linear_weight.new_empty(linear_weight.shape), gb
+
+
+def _ent_setup(ctx, inputs, output):
+    x, w, b, t, ignore_index, chunk, backend = inputs
+    ctx.save_for_backward(x, w, b, t)
+    ctx.args = (ignore_index, chunk, backend)
+
+
+def _ent_backward(ctx, dlp, dent):
+    x, w, b, t = ctx.saved_tensors
+    ignore_index, chunk, backend = ctx.args
+    zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    dlp = zeros if dlp is None else dlp.float().contiguous()
+    dent = zeros if dent is None else dent.float().contiguous()
+    gx, gw, gb = linear_logprobs_entropy_bwd(x, w, b, t, dlp, dent, ignore_index, chunk, backend)
+    return gx, gw, (gb if b is not None else None), None, None, None, None
+
+
+torch.library.register_autograd("fastlm::linear_logprobs_entropy_fwd", _ent_backward, setup_context=_ent_setup)
+
+
+def _with_entropy(hidden, weight, target, bias, ignore_index, chunk_size) -> tuple[Tensor, Tensor]:
+    """linear_logprobs(..., return_entropy=True) once the temperature is applied."""
+    if (
+        sharded_params.needs_gather(weight, bias)
+        or vocab_parallel.is_dtensor(weight)
+        or vocab_parallel.is_dtensor(hidden)
+    ):
+        raise NotImplementedError(
+            "linear_logprobs(return_entropy=True) takes plain tensors: not FSDP2 / ZeRO-3 sharded or vocab-parallel "
+            "DTensor weights (the entropy needs statistics combined over the vocabulary shards)"
+        )
+    backend = resolve("linear_cross_entropy", hidden)
+    keep = target != ignore_index
+    if backend == "torch":
+        check_target_range(target, weight.shape[0], ignore_index)
+        logits = TF.linear(hidden, weight, bias)
+        ls = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        picked = ls.gather(-1, torch.where(keep, target, 0).unsqueeze(-1).to(torch.int64)).squeeze(-1)
+        ent = -(ls.exp() * ls).sum(-1)
+        return torch.where(keep, picked, 0.0), torch.where(keep, ent, 0.0)
+    x, w, b = check_head(hidden, weight, bias)
+    check_target_range(target, w.shape[0], ignore_index)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    chunk = chunk_size or chunk_size_for(x2.shape[0], w.shape[0], x2.shape[1], x2.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    with torch.autocast(x.device.type, enabled=False):
+        lp, ent = linear_logprobs_entropy_fwd(
+            x2, w.contiguous(), b, target.reshape(-1).to(torch.int64), int(ignore_index), int(chunk), backend
+        )
+    return lp.view(target.shape), ent.view(target.shape)
