@@ -136,7 +136,7 @@ class _OnePass(torch.autograd.Function):
         gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         cols = torch.arange(T, device=x.device)
-        parts = [(rows, *layout.tokens(rows)) for rows in groups]
+        parts = [(rows.to(x.device, non_blocking=True), *layout.tokens(rows, x.device)) for rows in groups]
         buf = x.new_empty((max((p[1].numel() for p in parts), default=0), V))
         for rows, toks, local in parts:
             k, n = rows.numel(), toks.numel()
@@ -184,7 +184,7 @@ def _groups(layout: RowLayout, V: int, paired: bool, chunk_size: int | None, x: 
     units = B // unit
     out = []
     for u0 in range(0, units, per):
-        r = torch.arange(u0, min(units, u0 + per), device=x.device)
+        r = torch.arange(u0, min(units, u0 + per))  # on the host: RowLayout.tokens builds the token indices there
         out.append(torch.cat([r, r + units]) if paired else r)
     return out
 

@@ -32,17 +32,17 @@ class RowLayout:
         out = flat.new_full((self.B * self.T, *flat.shape[1:]), fill)
         return out.index_put((self.index,), flat).view(self.B, self.T, *flat.shape[1:])
 
-    def tokens(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """The flat tokens of ``rows`` (an index tensor of k rows) in order, and their positions in a ``(k, T)``
-        grid of those rows."""
-        dev = rows.device
+    def tokens(self, rows: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The flat tokens of ``rows`` (a CPU index tensor of k rows) in order, and their positions in a ``(k, T)``
+        grid of those rows: built on the host, then copied to ``device`` (no device sync)."""
         if not self.packed:
-            cols = torch.arange(self.T, device=dev)
-            return (rows[:, None] * self.T + cols).reshape(-1), torch.arange(rows.numel() * self.T, device=dev)
-        r = rows.tolist()
-        toks = torch.cat([torch.arange(self.starts[i], self.starts[i] + self.lengths[i], device=dev) for i in r])
-        local = torch.cat([j * self.T + torch.arange(self.lengths[i], device=dev) for j, i in enumerate(r)])
-        return toks, local
+            toks = (rows[:, None] * self.T + torch.arange(self.T)).reshape(-1)
+            local = torch.arange(rows.numel() * self.T)
+        else:
+            r = rows.tolist()
+            toks = torch.cat([torch.arange(self.starts[i], self.starts[i] + self.lengths[i]) for i in r])
+            local = torch.cat([j * self.T + torch.arange(self.lengths[i]) for j, i in enumerate(r)])
+        return toks.to(device, non_blocking=True), local.to(device, non_blocking=True)
 
 
 def row_layout(name: str, hidden: Tensor, target: Tensor, cu_seqlens: Tensor | None, position_ids: Tensor | None):
