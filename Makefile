@@ -8,7 +8,10 @@ VENV       ?= .venv
 PY         := $(abspath $(VENV))/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS       := $(TORCH_SPEC) triton ninja numpy pytest pytest-benchmark pytest-xdist pytest-timeout hypothesis matplotlib \
-              ruff setuptools wheel build transformers
+              ruff setuptools wheel build transformers trl==1.16.0
+# Liger-Kernel's chunked losses (pure torch + torch.compile): the post-training tests and bench compare with them.
+# --no-deps: its requirements would move torch / triton off the pins above.
+TEST_NODEPS := liger-kernel==0.8.5
 STAMP      := $(VENV)/.fastlm-deps
 SOURCES    := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh fastlm/*.py fastlm/*/*.py \
               kernels/*.py kernels/*/*.py)
@@ -94,6 +97,7 @@ deps: $(STAMP)
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q --no-deps $(TEST_NODEPS)
 	@touch $@
 
 # The device's twin: the H200's software (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0, transformers 5.17.0) in a
