@@ -59,7 +59,7 @@ def cross_entropy_kernel(
     W,  # (C,) fp32 class weights (HAS_W)
     Loss,  # (n_rows,) fp32 per-row loss (weighted, not divided by the denominator)
     G,  # gradient, addressed like X with the g_* strides (WRITE_GRAD); may alias X
-    Denom,  # (1,) fp32 denominator of the mean (MEAN)
+    Denom,  # (1,) fp32 denominator of the mean (MEAN); ROW_SCALE: (n_rows,) fp32 per-row gradient factors
     WSum,  # (1,) fp32 sum of the class weights (HAS_W; C without weights)
     TGrad,  # SOFT: d loss / d target, addressed like G (WRITE_TGRAD)
     RowStats,  # STATS / EXT_GRAD: (3, n_rows) fp32 per-row statistics (see the module docstring)
@@ -83,6 +83,7 @@ def cross_entropy_kernel(
     WRITE_TGRAD: tl.constexpr,  # SOFT: write d loss / d target
     STATS: tl.constexpr,  # vocab-parallel pass 1: the local statistics into RowStats, nothing else
     EXT_GRAD: tl.constexpr,  # vocab-parallel pass 2: the gradient from RowStats' global statistics (no pass 1)
+    ROW_SCALE: tl.constexpr,  # the gradient of row r times Denom[r] (class-index targets; folded before the rounding)
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -187,6 +188,8 @@ def cross_entropy_kernel(
             tl.store(Loss + row, loss)
             if MEAN:
                 scale = 1.0 / tl.load(Denom)
+            elif ROW_SCALE:
+                scale = tl.load(Denom + row)
             else:
                 scale = 1.0
             coef = (1.0 - smoothing) * w_t * scale
@@ -221,11 +224,14 @@ def warps(C: int) -> int:
 
 
 @on_tensor_device
-def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: float, write_grad: bool, grad=None):
+def cross_entropy_rows(
+    x, target, weight, denom, ignore_index: int, smoothing: float, write_grad: bool, grad=None, row_scale=None
+):
     """Per-row losses (fp32) and, if ``write_grad``, the gradient (into ``grad`` if given, e.g. x itself).
 
     x: (N, C) with unit class stride, or contiguous (N, C, D); target: (rows,) int64; weight: (C,) fp32 or None;
-    denom: (1,) fp32 device scalar for the mean, or None.
+    denom: (1,) fp32 device scalar for the mean, or None; row_scale: (rows,) fp32 factors of each row's gradient
+    (folded into the fp32 gradient sweep, before the one rounding to x's dtype), or None; not with denom.
     """
     n_rows, C, inner, so, si, sc = row_view(x, 1)
     losses = empty((n_rows,), torch.float32, x.device)
@@ -242,7 +248,7 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         weight if weight is not None else x,
         losses,
         g,
-        denom if denom is not None else losses,
+        denom if denom is not None else (row_scale if row_scale is not None else losses),
         w_sum,
         x,
         losses,
@@ -266,6 +272,7 @@ def cross_entropy_rows(x, target, weight, denom, ignore_index: int, smoothing: f
         WRITE_TGRAD=False,
         STATS=False,
         EXT_GRAD=False,
+        ROW_SCALE=row_scale is not None and write_grad,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )
@@ -318,6 +325,7 @@ def soft_cross_entropy_rows(x, target, weight, denom, smoothing: float, write_gr
         WRITE_TGRAD=write_target_grad,
         STATS=False,
         EXT_GRAD=False,
+        ROW_SCALE=False,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )
@@ -359,6 +367,7 @@ def _vocab_parallel_launch(x, target, weight, w_sum, row_stats, grad, smoothing:
         WRITE_TGRAD=False,
         STATS=stats,
         EXT_GRAD=not stats,
+        ROW_SCALE=False,
         BLOCK_N=block_n(C),
         num_warps=warps(C),
     )

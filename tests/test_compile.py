@@ -60,12 +60,11 @@ CASES = {
         lambda h, w, t: F.linear_cross_entropy(h, w, t),
         lambda: (_x(10, 16), _x(40, 16), _targets(10, 40)),
     ),
-    "linear_logprobs": (
-        lambda h, w, t: F.linear_logprobs(h, w, t, temperature=0.7, chunk_size=4),
-        lambda: (_x(2, 5, 16), _x(40, 16), _targets(10, 40).view(2, 5)),
-    ),
-    "linear_logprobs_entropy": (
-        lambda h, w, b, t: torch.stack(F.linear_logprobs(h, w, t, bias=b, chunk_size=4, return_entropy=True)),
+    "linear_logprobs": (  # and with the entropy
+        lambda h, w, b, t: torch.stack(
+            [F.linear_logprobs(h, w, t, temperature=0.7, chunk_size=4)]
+            + list(F.linear_logprobs(h, w, t, bias=b, chunk_size=4, return_entropy=True))
+        ),
         lambda: (_x(2, 5, 16), _x(40, 16), _x(40), _targets(10, 40).view(2, 5)),
     ),
     "linear_dpo_loss": (

@@ -358,3 +358,87 @@ def test_packed_bad_input():
     with pytest.raises(ValueError, match="packed old_logps"):
         F.linear_grpo_loss(h, w, t, t >= 0, torch.ones(2), old_logps=torch.zeros(1, 9),
                            cu_seqlens=torch.tensor([0, 5, 10]))  # fmt: skip
+
+
+# ---- edge cases from the kernels' review: banned tokens (-inf logits), fp16 under a GradScaler, a frozen head,
+# double backward, an odd paired batch
+
+
+@pytest.mark.parametrize("be", BACKENDS + ["torch"])
+def test_entropy_with_banned_tokens(be):
+    """A -inf bias entry (a banned token): its p log p counts 0 in the entropy and every gradient stays finite, on
+    every backend, whether the entropy is used or not."""
+    V, H = 300, 8
+    h = torch.randn(3, 4, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * 0.5
+    b = torch.randn(V, dtype=torch.float64)
+    b[[7, 150]] = float("-inf")
+    t = torch.randint(0, V, (3, 4))
+    t[t == 7] = 8
+    t[t == 150] = 151
+    t[0, 0] = -100
+    keep = t != -100
+    ls = TF.linear(h, w, b).log_softmax(-1)
+    ref_lp = torch.where(keep, ls.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+    ref_ent = torch.where(keep, -torch.where(ls > float("-inf"), ls.exp() * ls, 0.0).sum(-1), 0.0)
+    for use_entropy in (False, True):
+        hf, wf = h.float().to(DEVICE).requires_grad_(), w.float().to(DEVICE).requires_grad_()
+        with fastlm.backend(be):
+            lp, ent = F.linear_logprobs(hf, wf, t.to(DEVICE), bias=b.float().to(DEVICE), return_entropy=True)
+        torch.testing.assert_close(lp.double().cpu(), ref_lp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ent.double().cpu(), ref_ent, rtol=1e-4, atol=1e-4)
+        (lp.sum() + (ent.sum() if use_entropy else 0)).backward()
+        assert hf.grad.isfinite().all() and wf.grad.isfinite().all()
+        assert (wf.grad[[7, 150]] == 0).all()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_fp16_runs_two_passes_and_keeps_small_gradients(be, monkeypatch):
+    """fp16: the losses take the two-pass mode (the incoming gradient, a GradScaler's factor, is folded into the row
+    kernel's fp32 gradient sweep before the one rounding to fp16; per-token factors too, ROW_SCALE on Triton): under
+    a loss scale of 65536 the weight's gradient keeps its small entries."""
+    import fastlm.ops.linear_logprobs as ll
+
+    calls = []
+    apply = ll._OnePass.apply
+    monkeypatch.setattr(ll._OnePass, "apply", lambda *a: calls.append(1) or apply(*a))
+    B, T, H, V = 4, 6, 16, 2000
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(B, T, H, generator=g) * 0.5).to(DEVICE)
+    w = (torch.randn(V, H, generator=g) * 0.05).to(DEVICE)
+    t = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    adv = torch.randn(B, generator=g).to(DEVICE)
+
+    def run(h, w, be_):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        with fastlm.backend(be_):
+            loss, _ = F.linear_grpo_loss(h, w, t, t >= 0, adv, num_items_in_batch=4096)
+        (loss * 65536).backward()
+        return w.grad.double() / 65536
+
+    got = run(h.half(), w.half(), be)
+    assert not calls
+    ref = run(h.half().double(), w.half().double(), "torch")
+    assert (got == 0).float().mean() < 0.01  # one pass: ~70% of the entries flushed to 0
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_one_pass_frozen_head_double_backward_odd_batch(be):
+    from fastlm.ops.linear_logprobs import logprob_loss
+
+    h = torch.randn(4, 5, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(30, 8, device=DEVICE)  # frozen (LoRA): no grad_weight
+    t = torch.randint(0, 30, (4, 5), device=DEVICE)
+    with fastlm.backend(be):
+        loss, _ = F.linear_dpo_loss(h, w, t)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(loss, h, create_graph=True)
+        (gh,) = torch.autograd.grad(loss, h)
+        h2 = h.detach().clone().requires_grad_()
+        with fastlm.backend("torch"):
+            ref, _ = F.linear_dpo_loss(h2.double(), w.double(), t)
+        ref.backward()
+        torch.testing.assert_close(gh.double(), h2.grad.double(), rtol=1e-4, atol=1e-6)
+        with pytest.raises(ValueError, match="odd batch"):
+            logprob_loss(h[:3], w, t[:3], lambda lp, rows: lp.sum(), paired=True)

@@ -82,6 +82,14 @@ MEMORY_TARGETS = {(device, "linear_distillation_loss", "fwd+bwd"): {"torch-eager
 MEMORY_TARGETS[("cpu", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.75}  # issue 25
 MEMORY_TARGETS[("cuda", "llama_train_step", "fwd+bwd")] = {"torch-eager": 0.5}
 MEMORY_TARGETS[("cpu", "linear_cross_entropy", "fwd+bwd")] = {"torch-eager": 0.5}  # issue 25
+# issue 27: the post-training losses (DPO with a reference, ORPO, KTO, GRPO) against TRL's unfused computation and
+# Liger-Kernel's chunked losses: CPU fp32 time <= 1.0x both, peak <= 0.25x TRL's; GPU bf16 time <= 0.9x Liger's,
+# peak <= Liger's
+for _loss in ("dpo", "orpo", "kto", "grpo"):
+    TARGETS[("cpu", f"linear_{_loss}_loss", "fwd+bwd")] = {"torch-eager": 1.0, "liger": 1.0}
+    TARGETS[("cuda", f"linear_{_loss}_loss", "fwd+bwd")] = {"liger": 1 / 0.9}
+    MEMORY_TARGETS[("cpu", f"linear_{_loss}_loss", "fwd+bwd")] = {"torch-eager": 0.25}
+    MEMORY_TARGETS[("cuda", f"linear_{_loss}_loss", "fwd+bwd")] = {"liger": 1.0}
 
 
 class SkipCase(Exception):

@@ -49,6 +49,7 @@ def shipped_configs():
     yield from cross_entropy_configs()
     yield from kl_div_configs()
     yield from distillation_configs()
+    yield from logprob_entropy_configs()
     yield from attention_configs()
     yield from decode_configs()
     yield from gated_mlp_configs()
@@ -148,7 +149,7 @@ def cross_entropy_configs():
     for C in (1024, 50304, 128256):  # widths a multiple of 16, as padded vocabularies are
         for soft in (False, True):  # class indices; class probabilities with both gradients (T: bf16)
             consts = dict(HAS_W=True, MEAN=True, WRITE_GRAD=True, SMOOTH=True, BLOCK_N=ce.block_n(C))
-            consts |= dict(SOFT=soft, WRITE_TGRAD=soft, STATS=False, EXT_GRAD=False)
+            consts |= dict(SOFT=soft, WRITE_TGRAD=soft, STATS=False, EXT_GRAD=False, ROW_SCALE=False)
             consts |= dict(inner=1, stride_col=1, g_stride_col=1)
             label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)}" + (" soft" if soft else "")
             sig = signature(ce.cross_entropy_kernel, consts, ptrs | ({"T": "*bf16"} if soft else {}), ("smoothing",))
@@ -159,10 +160,35 @@ def cross_entropy_configs():
     for mode in ("STATS", "EXT_GRAD"):
         consts = dict(HAS_W=True, MEAN=False, WRITE_GRAD=mode == "EXT_GRAD", SMOOTH=True, BLOCK_N=ce.block_n(C))
         consts |= dict(SOFT=False, WRITE_TGRAD=False, STATS=mode == "STATS", EXT_GRAD=mode == "EXT_GRAD")
+        consts |= dict(ROW_SCALE=False)
         consts |= dict(inner=1, stride_col=1, g_stride_col=1)
         label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)} {mode}"
         sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
         yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy_vocab_parallel", label)
+    # the linear losses' chunk kernel with per-token incoming gradients (linear_logprobs, reduction "none")
+    C = 128256
+    consts = dict(HAS_W=False, MEAN=False, WRITE_GRAD=True, SMOOTH=False, BLOCK_N=ce.block_n(C), SOFT=False)
+    consts |= dict(WRITE_TGRAD=False, STATS=False, EXT_GRAD=False, ROW_SCALE=True)
+    consts |= dict(inner=1, stride_col=1, g_stride_col=1)
+    sig = signature(ce.cross_entropy_kernel, consts, ptrs, ("smoothing",))
+    label = f"C={C} BLOCK_N={consts['BLOCK_N']} w={ce.warps(C)} ROW_SCALE"
+    yield Shipped(ce.cross_entropy_kernel, sig, consts, ce.warps(C), 3, "cross_entropy_row_scale", label)
+
+
+def logprob_entropy_configs():
+    """linear_logprobs(return_entropy=True)'s row kernel (kernels/linear_logprobs.py) at a small and at Llama-3's
+    vocabulary, forward and gradient."""
+    from fastlm.kernels import linear_logprobs as lk
+
+    ptrs = {"X": "*bf16", "T": "*i64", "LP": "*fp32", "ENT": "*fp32", "GA": "*fp32", "GC": "*fp32"}
+    for V in (1024, 128256):
+        block = min(lk.MAX_BLOCK, 1 << (V - 1).bit_length())
+        w = max(1, min(16, block // 256))
+        for grad in (False, True):
+            consts = dict(WRITE_GRAD=grad, BLOCK_N=block)
+            sig = signature(lk.logprob_entropy_kernel, consts, ptrs)
+            label = f"V={V} BLOCK_N={block} w={w}" + (" grad" if grad else "")
+            yield Shipped(lk.logprob_entropy_kernel, sig, consts, w, 3, "logprob_entropy", label)
 
 
 def kl_div_configs():

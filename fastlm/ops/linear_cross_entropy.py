@@ -99,17 +99,18 @@ def ce_rows(logits, t, weight, ignore_index, smoothing, backend, write_grad, gra
     """Per-row losses (fp32) of a chunk of logits and, if ``write_grad``, their gradient written over ``logits`` in
     place, times ``grad_scale`` where given: a (1,) or (rows,) fp32 tensor (1 / the whole batch's mean denominator,
     and / or the incoming gradients). The Triton kernel (backend "triton": a (1,) scale folded into its gradient
-    sweep as the reciprocal of its Denom; (rows,) scales multiply the stored gradient afterwards, in fp32) or the CPU
-    C++ kernel (backend "cpu": either folded into the kernel's gradient sweep). Folded means computed in fp32 before
+    sweep as the reciprocal of its Denom, (rows,) scales as its ROW_SCALE factors) or the CPU C++ kernel (backend
+    "cpu": either folded into the kernel's gradient sweep). Folded means computed in fp32 before
     the one rounding to the logits' dtype: in fp16 that keeps a GradScaler's factor ahead of the rounding."""
     per_row = grad_scale is not None and grad_scale.shape[0] > 1
     if backend == "triton":
         from fastlm.kernels import cross_entropy as k
 
         denom = 1.0 / grad_scale if write_grad and grad_scale is not None and not per_row else None
-        losses, _ = k.cross_entropy_rows(logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits)
-        if write_grad and per_row:
-            logits.mul_(grad_scale[:, None])  # computed in fp32 (grad_scale's dtype), stored in the logits' dtype
+        rows = grad_scale.float().contiguous() if write_grad and per_row else None  # folded: ROW_SCALE
+        losses, _ = k.cross_entropy_rows(
+            logits, t, weight, denom, ignore_index, smoothing, write_grad, grad=logits, row_scale=rows
+        )
         return losses
     if backend != "cpu":
         raise ValueError(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastlm.dispatch import resolve
 from fastlm.ops import sharded_params, vocab_parallel
-from fastlm.ops.cross_entropy import check_target_range
+from fastlm.ops.cross_entropy import check_target_range, first_backward, scale_saved_grad
 from fastlm.ops.linear_cross_entropy import (
     ce_rows,
     check_head,
@@ -28,7 +28,7 @@ from fastlm.ops.linear_cross_entropy import (
     linear_cross_entropy,
 )
 from fastlm.ops.packed import RowLayout
-from fastlm.ops.registry import register
+from fastlm.ops.registry import autocast_dtype, register
 
 
 def _check(hidden: Tensor, weight: Tensor, target: Tensor, temperature: float) -> None:
@@ -131,9 +131,10 @@ class _OnePass(torch.autograd.Function):
         V, B, T = w.shape[0], layout.B, layout.T
         x, w = x.contiguous(), w.contiguous()
         lp = torch.zeros(B * T, dtype=torch.float32, device=x.device)  # the (B, T) grid
-        gx = torch.zeros_like(x)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]  # a frozen head (LoRA): no grad_weight matmul, no (V, H)
+        gx = torch.zeros_like(x) if need_x else None
         gw = None
-        gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
+        gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None and need_b else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         cols = torch.arange(T, device=x.device)
         parts = [(rows.to(x.device, non_blocking=True), *layout.tokens(rows, x.device)) for rows in groups]
@@ -151,13 +152,15 @@ class _OnePass(torch.autograd.Function):
             # d loss / d nll = -d loss / d logp, per token
             scale = torch.zeros_like(lp_tok) if dlp is None else dlp.reshape(-1).index_select(0, local).neg_()
             ce_rows(logits, tg, None, ignore_index, 0.0, backend, True, scale.float().contiguous())
-            gx.index_copy_(0, toks, torch.mm(logits, w))
-            gw = torch.mm(logits.T, xg) if gw is None else gw.addmm_(logits.T, xg)
+            if gx is not None:
+                gx.index_copy_(0, toks, torch.mm(logits, w))
+            if need_w:
+                gw = torch.mm(logits.T, xg) if gw is None else gw.addmm_(logits.T, xg)
             if gb is not None:
                 gb += logits.sum(0, dtype=torch.float32)
             loss += lg.detach().float()
             lp.index_copy_(0, (rows[:, None] * T + cols).reshape(-1), lpg.detach().reshape(-1))
-        if gw is None:
+        if gw is None and need_w:
             gw = torch.zeros_like(w)
         ctx.save_for_backward(gx, gw, gb.to(b.dtype) if gb is not None else None)
         lp = lp.view(B, T)
@@ -166,18 +169,24 @@ class _OnePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, _dlp):
-        gx, gw, gb = ctx.saved_tensors
-        s = dloss.float()
-        gb = (gb.float() * s).to(gb.dtype) if gb is not None else None
-        return (gx.float() * s).to(gx.dtype), (gw.float() * s).to(gw.dtype), gb, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the gradients were formed in the forward, as constants
+            raise RuntimeError(
+                "the post-training losses' one-pass mode has no double backward (the gradients are formed in the "
+                "forward): use fastlm.backend('torch') for a gradient penalty through them"
+            )
+        first = first_backward(ctx)  # dloss 1 on the CPU: the saved gradients themselves, no copy at the peak
+        gx, gw, gb = (scale_saved_grad(g, dloss, 1, first) if g is not None else None for g in ctx.saved_tensors)
+        return gx, gw, gb, None, None, None, None, None, None
 
 
-def _groups(layout: RowLayout, V: int, paired: bool, chunk_size: int | None, x: Tensor) -> list[Tensor] | None:
+def _groups(
+    layout: RowLayout, V: int, paired: bool, chunk_size: int | None, x: Tensor, dtype: torch.dtype
+) -> list[Tensor] | None:
     """Row groups of the one-pass mode (index tensors; a pair's group holds its chosen rows, then the same pairs'
     rejected rows), as many rows per group as the linear cross-entropy's chunk rule gives tokens (rows counted at the
     longest row's length); None when one unit's logits may exceed :data:`ONE_PASS_MAX_BYTES`."""
     unit, B, T = (2 if paired else 1), layout.B, layout.T
-    if unit * T * V * x.element_size() > ONE_PASS_MAX_BYTES or T == 0:
+    if unit * T * V * dtype.itemsize > ONE_PASS_MAX_BYTES or T == 0:
         return None
     chunk = chunk_size or chunk_size_for(x.shape[0], V, x.shape[1], x.device)
     per = max(1, chunk // (unit * T))  # units per group
@@ -218,7 +227,8 @@ def logprob_loss(
     kernel's log-probabilities -> the group's loss and its gradient with respect to the log-probabilities (autograd
     on (rows, T) values) -> the row kernel's gradient sweep scaled by it -> grad_input rows and the grad_weight
     accumulation; the backward only scales them. Else (a loss that couples all rows, torch.compile, the torch
-    backend, sharded weights, a unit over :data:`ONE_PASS_MAX_BYTES` of logits, no gradient needed): two passes,
+    backend, sharded weights, fp16 matmuls, a unit over :data:`ONE_PASS_MAX_BYTES` of logits, no gradient
+    needed): two passes,
     ``group_loss(linear_logprobs(...), all rows)`` and the backward of ``linear_logprobs``.
     """
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor) and isinstance(target, Tensor)):
@@ -239,10 +249,17 @@ def logprob_loss(
         or vocab_parallel.is_dtensor(weight)
         or vocab_parallel.is_dtensor(hidden)
     )
-    if separable and needs_grad and plain and not torch.compiler.is_compiling():
+    if paired and layout.B % 2:
+        raise ValueError(f"a paired loss needs chosen then rejected rows (2P rows), got an odd batch of {layout.B}")
+    # the matmuls' dtype: fp16 runs the two passes, whose backward folds the incoming gradient (a GradScaler's
+    # factor) into the row kernel's fp32 gradient sweep before the one rounding to fp16 (linear_cross_entropy's
+    # `deferred`); one pass would round unscaled gradients (p / N underflows fp16)
+    dtype = autocast_dtype(hidden) or hidden.dtype
+    one_pass = separable and needs_grad and plain and dtype != torch.float16 and not torch.compiler.is_compiling()
+    if one_pass:
         backend = resolve("linear_cross_entropy", hidden)
         if backend in ("cpu", "triton"):
-            groups = _groups(layout, weight.shape[0], paired, chunk_size, hidden)
+            groups = _groups(layout, weight.shape[0], paired, chunk_size, hidden, dtype)
     if groups is None:
         lp = linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, ignore_index=ignore_index,
                              chunk_size=chunk_size)  # fmt: skip
@@ -371,7 +388,8 @@ def _with_entropy(hidden, weight, target, bias, ignore_index, chunk_size) -> tup
         logits = TF.linear(hidden, weight, bias)
         ls = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         picked = ls.gather(-1, torch.where(keep, target, 0).unsqueeze(-1).to(torch.int64)).squeeze(-1)
-        ent = -(ls.exp() * ls).sum(-1)
+        # p log p -> 0 for a -inf logit (log p masked before the product: a where after it has NaN gradients)
+        ent = -(ls.exp() * torch.where(ls > float("-inf"), ls, 0.0)).sum(-1)
         return torch.where(keep, picked, 0.0), torch.where(keep, ent, 0.0)
     x, w, b = check_head(hidden, weight, bias)
     check_target_range(target, w.shape[0], ignore_index)
