@@ -26,6 +26,8 @@ def _targets(n, C):
     return t
 
 
+_PREF4 = torch.tensor([True, False, False, True])  # KTO's preference: both classes (an empty one gives NaN metrics)
+
 # name -> (function of the inputs, inputs); every floating input that requires grad gets its gradient compared
 CASES = {
     "layer_norm": (lambda x, w, b: F.layer_norm(x, (48,), w, b), lambda: (_x(3, 5, 48), _x(48), _x(48))),
@@ -80,9 +82,13 @@ CASES = {
         lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3)),
     ),
     "linear_kto_loss": (
-        lambda h, w, t, r: torch.stack(
-            [F.linear_kto_loss(h, w, t, preference=r > 0, ref_logps=r, kl=0.1, chunk_size=4)[0]]
-            + list(F.linear_kto_loss(h, w, t, preference=r > 0, ref_logps=r, kl=0.1, chunk_size=4)[1].values())
+        lambda h, w, t, r: torch.stack(  # both classes present: a class without rows gives NaN metrics
+            [F.linear_kto_loss(h, w, t, preference=_PREF4.to(r.device), ref_logps=r, kl=0.1, chunk_size=4)[0]]
+            + list(
+                F.linear_kto_loss(h, w, t, preference=_PREF4.to(r.device), ref_logps=r, kl=0.1, chunk_size=4)[
+                    1
+                ].values()
+            )
         ),
         lambda: (_x(4, 3, 16), _x(40, 16), _targets(12, 40).view(4, 3), _x(4, grad=False)),
     ),

@@ -325,30 +325,35 @@ def _fwd_fake(input, linear_weight, linear_bias, target, ignore_index, chunk_siz
 @torch.library.custom_op("fastlm::linear_logprobs_entropy_bwd", mutates_args=())
 def linear_logprobs_entropy_bwd(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, grad_lp: Tensor,
-    grad_ent: Tensor, ignore_index: int, chunk_size: int, backend: str,
+    grad_ent: Tensor, ignore_index: int, chunk_size: int, backend: str, weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The backward: each chunk's logits recomputed, the row kernel writes the gradient of ``grad_lp * lp +
-    grad_ent * entropy`` over them, then the grad_input / grad_weight matmuls and the bias's column sums."""
+    grad_ent * entropy`` over them, then the grad_input / grad_weight matmuls and the bias's column sums. Without
+    ``weight_grad`` (a frozen head) no grad_weight matmul and an empty (0,) grad_weight."""
     T, V = input.shape[0], linear_weight.shape[0]
     buf = input.new_empty((min(chunk_size, T), V))
     gx = torch.empty_like(input)
-    gw = torch.zeros_like(linear_weight)
+    gw = torch.zeros_like(linear_weight) if weight_grad else linear_weight.new_empty((0,))
     gb = torch.zeros(V, dtype=torch.float32, device=input.device) if linear_bias is not None else None
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         g = chunk_logits(buf[: e - s], input[s:e], linear_weight, linear_bias)
         entropy_rows(g, target[s:e], ignore_index, backend, grad_lp[s:e], grad_ent[s:e])
         torch.mm(g, linear_weight, out=gx[s:e])
-        gw.addmm_(g.T, input[s:e])
+        if weight_grad:
+            gw.addmm_(g.T, input[s:e])
         if gb is not None:
             gb += g.sum(0, dtype=torch.float32)
     return gx, gw, (gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,)))
 
 
 @linear_logprobs_entropy_bwd.register_fake
-def _bwd_fake(input, linear_weight, linear_bias, target, grad_lp, grad_ent, ignore_index, chunk_size, backend):
+def _bwd_fake(
+    input, linear_weight, linear_bias, target, grad_lp, grad_ent, ignore_index, chunk_size, backend, weight_grad
+):
     gb = linear_bias.new_empty(linear_bias.shape) if linear_bias is not None else input.new_empty((0,))
-    return input.new_empty(input.shape), linear_weight.new_empty(linear_weight.shape), gb
+    gw = linear_weight.new_empty(linear_weight.shape if weight_grad else (0,))
+    return input.new_empty(input.shape), gw, gb
 
 
 def _ent_setup(ctx, inputs, output):
@@ -363,8 +368,9 @@ def _ent_backward(ctx, dlp, dent):
     zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     dlp = zeros if dlp is None else dlp.float().contiguous()
     dent = zeros if dent is None else dent.float().contiguous()
-    gx, gw, gb = linear_logprobs_entropy_bwd(x, w, b, t, dlp, dent, ignore_index, chunk, backend)
-    return gx, gw, (gb if b is not None else None), None, None, None, None
+    need_w = ctx.needs_input_grad[1]
+    gx, gw, gb = linear_logprobs_entropy_bwd(x, w, b, t, dlp, dent, ignore_index, chunk, backend, need_w)
+    return gx, (gw if need_w else None), (gb if b is not None else None), None, None, None, None
 
 
 torch.library.register_autograd("fastlm::linear_logprobs_entropy_fwd", _ent_backward, setup_context=_ent_setup)
