@@ -131,20 +131,37 @@ def lm_head_grads(x, w, b, t, weight, ignore_index, smoothing, chunk, backend, l
     x: (T, H) contiguous; w: (V, H) contiguous; b: (V,) or None; t: (T,) int64; weight: (V,) fp32 or None; losses:
     (T,) fp32, written; grad_scale: None, or a (1,) or (T,) fp32 factor of each token's gradient (1 / the mean's
     denominator, the incoming gradients)."""
+
+    def rows(g, s, e):
+        gs = grad_scale[s:e] if grad_scale is not None and grad_scale.shape[0] > 1 else grad_scale
+        losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, gs)
+
+    return chunk_grads(x, w, b, chunk, rows)
+
+
+def chunk_grads(x, w, b, chunk, write_grad, weight_grad=True):
+    """The chunk loop of the LM-head losses' gradients: per chunk of tokens [s, e), its logits into one reused
+    (chunk, V) buffer, ``write_grad(logits, s, e)`` (a row kernel) overwrites them with d loss / d logits, then
+    grad_input of the chunk (a matmul into its rows), grad_linear_weight (the first chunk's matmul writes it, the
+    others accumulate with addmm_; without ``weight_grad``, a frozen head: no matmul, an empty (0,) tensor) and the
+    fp32 grad_linear_bias (column sums). Returns (grad_input, grad_linear_weight, grad_linear_bias in b's dtype or
+    None)."""
     T, V = x.shape[0], w.shape[0]
     buf = x.new_empty((min(chunk, T), V))
     gx = torch.empty_like(x)
-    gw = torch.empty_like(w) if T > 0 else torch.zeros_like(w)
+    if not weight_grad:
+        gw = w.new_empty((0,))
+    else:
+        gw = torch.empty_like(w) if T > 0 else torch.zeros_like(w)
     gb = torch.zeros(V, dtype=torch.float32, device=x.device) if b is not None else None
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         g = chunk_logits(buf[: e - s], x[s:e], w, b)
-        gs = grad_scale[s:e] if grad_scale is not None and grad_scale.shape[0] > 1 else grad_scale
-        losses[s:e] = ce_rows(g, t[s:e], weight, ignore_index, smoothing, backend, True, gs)
+        write_grad(g, s, e)
         torch.mm(g, w, out=gx[s:e])
-        if s == 0:
+        if weight_grad and s == 0:
             torch.mm(g.T, x[s:e], out=gw)
-        else:
+        elif weight_grad:
             gw.addmm_(g.T, x[s:e])
         if gb is not None:
             gb += g.sum(0, dtype=torch.float32)

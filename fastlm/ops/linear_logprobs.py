@@ -22,6 +22,7 @@ from fastlm.ops.cross_entropy import check_target_range, first_backward, scale_s
 from fastlm.ops.linear_cross_entropy import (
     ce_rows,
     check_head,
+    chunk_grads,
     chunk_logits,
     chunk_size_for,
     fused_linear_cross_entropy,
@@ -330,21 +331,12 @@ def linear_logprobs_entropy_bwd(
     """The backward: each chunk's logits recomputed, the row kernel writes the gradient of ``grad_lp * lp +
     grad_ent * entropy`` over them, then the grad_input / grad_weight matmuls and the bias's column sums. Without
     ``weight_grad`` (a frozen head) no grad_weight matmul and an empty (0,) grad_weight."""
-    T, V = input.shape[0], linear_weight.shape[0]
-    buf = input.new_empty((min(chunk_size, T), V))
-    gx = torch.empty_like(input)
-    gw = torch.zeros_like(linear_weight) if weight_grad else linear_weight.new_empty((0,))
-    gb = torch.zeros(V, dtype=torch.float32, device=input.device) if linear_bias is not None else None
-    for s in range(0, T, chunk_size):
-        e = min(s + chunk_size, T)
-        g = chunk_logits(buf[: e - s], input[s:e], linear_weight, linear_bias)
+
+    def rows(g, s, e):
         entropy_rows(g, target[s:e], ignore_index, backend, grad_lp[s:e], grad_ent[s:e])
-        torch.mm(g, linear_weight, out=gx[s:e])
-        if weight_grad:
-            gw.addmm_(g.T, input[s:e])
-        if gb is not None:
-            gb += g.sum(0, dtype=torch.float32)
-    return gx, gw, (gb.to(linear_bias.dtype) if gb is not None else input.new_empty((0,)))
+
+    gx, gw, gb = chunk_grads(input, linear_weight, linear_bias, chunk_size, rows, weight_grad)
+    return gx, gw, (gb if gb is not None else input.new_empty((0,)))
 
 
 @linear_logprobs_entropy_bwd.register_fake
